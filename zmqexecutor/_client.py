@@ -1,0 +1,521 @@
+"""The client engine: one I/O thread per executor that owns every socket and resolves every future.
+
+Data flow::
+
+    user threads                                   I/O thread                                  workers
+    ------------                                   ----------                                  -------
+    submit(fn, *args)
+      pickle (in the caller's thread)
+      |
+      +--> Shared.submissions (deque) --+--> backlog (deque of _Task; Future.cancel() works here)
+      +--> Wakeup.wake() (a pipe byte)  |         |  dispatch: round-robin over endpoints with credit
+                                                  v
+                                        _Endpoint.inflight  ---- TASK ---->  DEALER per endpoint
+                                                  ^
+                                                  +--- RESULT / EXCEPTION / CRASHED <-- resolve Future
+
+The thread holds the executor only weakly: when the executor is shut down, garbage collected, or the
+interpreter exits, it finishes what was submitted, says BYE to the workers, closes its sockets, stops
+the local worker it owns, and exits. Anything that breaks the engine goes through ``_break``, the one
+place that fails every pending future.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+import weakref
+from concurrent.futures import Future
+from typing import Any, Callable, Optional, Union
+
+import zmq
+
+from . import _protocol as proto
+from ._errors import (
+    BrokenWorkerPool,
+    NoWorkersError,
+    TaskCrashedError,
+    VersionMismatchError,
+)
+from ._local import LocalWorker
+from ._protocol import Kind
+
+logger = logging.getLogger("zmqexecutor")
+
+# Tasks kept in flight on a worker beyond its slots, so that a slot that frees up finds its next task
+# already there instead of waiting a round trip. More hides latency better, but tasks sent ahead can
+# no longer be cancelled and may wait behind a slow task while another worker sits idle.
+PREFETCH_PER_SLOT = 1
+
+# Most messages read from one socket per loop turn, so that one busy worker cannot starve the others
+# or the submission queue.
+RECV_BATCH = 256
+
+# Times a task is sent again after a worker answered that it has no session for this client.
+MAX_REJECTIONS = 3
+
+# How long closing sockets may spend flushing the final BYE.
+CLOSE_LINGER_MS = 200
+
+# While the engine owns a local worker it looks at it at least this often.
+LOCAL_CHECK_INTERVAL = 1.0
+
+
+class Wakeup:
+    """Wakes the I/O thread from any thread without blocking, through a pipe the thread polls."""
+
+    def __init__(self) -> None:
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._read_fd, False)
+        os.set_blocking(self._write_fd, False)
+        # Reentrant: a weakref callback may run inside wake() on the same thread during GC.
+        self._lock = threading.RLock()
+        self._pending = False
+        self._closed = False
+
+    def fileno(self) -> int:
+        return self._read_fd
+
+    def wake(self) -> None:
+        with self._lock:
+            if self._pending or self._closed:
+                return
+            self._pending = True
+            try:
+                os.write(self._write_fd, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full, so the thread will wake anyway
+
+    def clear(self) -> None:
+        with self._lock:
+            self._pending = False
+            try:
+                while os.read(self._read_fd, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self._read_fd)
+                os.close(self._write_fd)
+
+
+class Shared:
+    """What user threads and the I/O thread both touch; guarded by ``lock``."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.submissions: collections.deque[Union[_Task, _ShutdownRequest]] = collections.deque()
+        self.wakeup = Wakeup()
+        self.shutdown = False
+        self.broken: Optional[BaseException] = None
+        self.exiting = False  # set at interpreter exit
+
+
+class _ShutdownRequest:
+    __slots__ = ("cancel_futures",)
+
+    def __init__(self, cancel_futures: bool) -> None:
+        self.cancel_futures = cancel_futures
+
+
+class _Task:
+    __slots__ = ("ident", "future", "frames", "queued_at", "started", "rejections")
+
+    def __init__(self, ident: int, future: Future[Any], frames: list[Any]) -> None:
+        self.ident = ident
+        self.future = future
+        self.frames = frames
+        self.queued_at = time.monotonic()
+        self.started = False
+        self.rejections = 0
+
+
+class _Endpoint:
+    __slots__ = ("address", "socket", "state", "slots", "capacity", "inflight", "instance", "info",
+                 "error", "in_ready_queue")
+
+    CONNECTING = "connecting"
+    READY = "ready"
+    INCOMPATIBLE = "incompatible"
+
+    def __init__(self, address: str, sock: zmq.Socket[Any]) -> None:
+        self.address = address
+        self.socket = sock
+        self.state = self.CONNECTING
+        self.slots = 0
+        self.capacity = 0
+        self.inflight: dict[int, _Task] = {}
+        self.instance: Optional[str] = None
+        self.info: dict[str, Any] = {}
+        self.error: Optional[BaseException] = None
+        self.in_ready_queue = False
+
+
+_task_ids = itertools.count(1)
+
+
+def next_task_id() -> int:
+    return next(_task_ids)
+
+
+class Engine(threading.Thread):
+    """The I/O thread of one executor."""
+
+    def __init__(
+        self,
+        executor_ref: Callable[[], Any],
+        shared: Shared,
+        endpoints: list[str],
+        *,
+        init_blob: bytes,
+        max_tasks_per_child: Optional[int],
+        max_in_flight: Optional[int],
+        connect_timeout: Optional[float],
+        local_worker: Optional[LocalWorker],
+    ) -> None:
+        super().__init__(name="zmqexecutor-io", daemon=True)
+        self.executor_ref = executor_ref
+        self.shared = shared
+        self.addresses = endpoints
+        self.init_blob = init_blob
+        self.max_tasks_per_child = max_tasks_per_child
+        self.max_in_flight = max_in_flight
+        self.connect_timeout = connect_timeout
+        self.local_worker = local_worker
+        self.client_id = f"zx-{uuid.uuid4().hex}".encode()
+        self.backlog: collections.deque[_Task] = collections.deque()
+        self.ready: collections.deque[_Endpoint] = collections.deque()
+        self.endpoints: list[_Endpoint] = []
+        self.by_socket: dict[zmq.Socket[Any], _Endpoint] = {}
+        self.in_flight = 0
+        self.shutting_down = False
+        self.versions = proto.local_versions()
+
+    # The loop -------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.context = zmq.Context()
+        try:
+            self.open_sockets()
+            poller = zmq.Poller()
+            for ep in self.endpoints:
+                poller.register(ep.socket, zmq.POLLIN)
+            poller.register(self.shared.wakeup.fileno(), zmq.POLLIN)
+            while True:
+                events = dict(poller.poll(self.poll_timeout()))
+                self.receive_replies([ep for ep in self.endpoints if ep.socket in events])
+                self.take_submissions()
+                self.dispatch_tasks()
+                self.expire_waiting_tasks()
+                self.watch_local_worker()
+                if self.is_finished():
+                    break
+        except BaseException as exc:
+            logger.exception("the zmqexecutor I/O thread failed")
+            self.break_executor(BrokenWorkerPool(f"the executor's I/O thread failed: {exc!r}"))
+        finally:
+            self.close()
+
+    def poll_timeout(self) -> Optional[int]:
+        timeouts: list[float] = []
+        if self.local_worker is not None:
+            timeouts.append(LOCAL_CHECK_INTERVAL)
+        if self.backlog and self.connect_timeout is not None and not self.ready_endpoints():
+            waited = time.monotonic() - self.backlog[0].queued_at
+            timeouts.append(max(0.0, self.connect_timeout - waited) + 0.001)
+        return int(min(timeouts) * 1000) if timeouts else None
+
+    # Steps ----------------------------------------------------------------------------------------
+
+    def open_sockets(self) -> None:
+        hello = proto.encode_hello(
+            dict(self.versions, host=socket.gethostname(), pid=os.getpid(),
+                 max_tasks_per_child=self.max_tasks_per_child),
+            self.init_blob,
+        )
+        for address in self.addresses:
+            sock = self.context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.ROUTING_ID, self.client_id)
+            # Credit bounds what is queued; a high-water mark would only drop or block silently.
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.RCVHWM, 0)
+            sock.connect(address)
+            ep = _Endpoint(address, sock)
+            self.endpoints.append(ep)
+            self.by_socket[sock] = ep
+            sock.send_multipart(hello)
+
+    def receive_replies(self, endpoints: list[_Endpoint]) -> None:
+        for ep in endpoints:
+            for _ in range(RECV_BATCH):
+                try:
+                    frames = ep.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                try:
+                    self.handle_reply(ep, frames)
+                except proto.ProtocolError as exc:
+                    logger.warning("dropped a malformed message from %s: %s", ep.address, exc)
+
+    def handle_reply(self, ep: _Endpoint, frames: list[Any]) -> None:
+        proto.expect_frames(frames, 1)
+        header = proto.decode_header(frames[0], any_version=True)
+        if header.kind == Kind.WELCOME or header.version != proto.PROTOCOL_VERSION:
+            self.handle_welcome(ep, header, frames)
+            return
+        task = ep.inflight.pop(header.ident, None)
+        if task is None:
+            logger.debug("ignored a late or duplicate %s for task %d from %s", header.kind.name, header.ident, ep.address)
+            return
+        self.in_flight -= 1
+        self.offer(ep)
+        if header.kind == Kind.RESULT:
+            self.resolve_result(task, frames[1:])
+        elif header.kind == Kind.EXCEPTION:
+            task.future.set_exception(proto.decode_exception(frames[1:], endpoint=ep.address))
+        elif header.kind == Kind.CRASHED:
+            task.future.set_exception(self.crash_error(ep, proto.decode_crash(frames[1:])))
+        elif header.kind == Kind.INIT_FAILED:
+            cause = proto.decode_exception(frames[1:], endpoint=ep.address)
+            error = BrokenWorkerPool("A task process initializer failed, the executor is not usable anymore")
+            error.__cause__ = cause
+            task.future.set_exception(error)
+            self.break_executor(error)
+        elif header.kind == Kind.REJECTED:
+            self.handle_rejection(ep, task, proto.decode_reason(frames[1:]))
+        else:
+            raise proto.ProtocolError(f"unexpected {header.kind.name} from a worker")
+
+    def handle_welcome(self, ep: _Endpoint, header: proto.Header, frames: list[Any]) -> None:
+        if header.version != proto.PROTOCOL_VERSION:
+            info: dict[str, Any] = {"protocol": header.version}
+        else:
+            info = proto.decode_welcome(frames)
+        problem = proto.version_mismatch(self.versions, info, us="client", them=f"worker {ep.address}")
+        if problem is None and not info.get("accepted", False):
+            problem = str(info.get("reason") or "the worker refused the handshake")
+        if problem is not None:
+            logger.error("cannot use worker %s: %s", ep.address, problem)
+            ep.state = _Endpoint.INCOMPATIBLE
+            ep.error = VersionMismatchError(f"cannot use worker {ep.address}: {problem}")
+            return
+        if ep.instance is not None and ep.instance != info["instance"]:
+            logger.warning("worker %s restarted (instance %s -> %s)", ep.address, ep.instance, info["instance"])
+        ep.info = info
+        ep.instance = info["instance"]
+        ep.slots = info["slots"]
+        ep.capacity = ep.slots * (1 + PREFETCH_PER_SLOT)
+        ep.state = _Endpoint.READY
+        ep.error = None
+        logger.debug("worker %s ready with %d slots", ep.address, ep.slots)
+        self.offer(ep)
+
+    def resolve_result(self, task: _Task, frames: list[Any]) -> None:
+        try:
+            value = proto.loads(frames)
+        except Exception as exc:
+            task.future.set_exception(exc)
+        else:
+            task.future.set_result(value)
+
+    def crash_error(self, ep: _Endpoint, info: dict[str, Any]) -> TaskCrashedError:
+        signal_name = info.get("signal")
+        exitcode = info.get("exitcode")
+        how = f"was killed by {signal_name}" if signal_name else f"exited with code {exitcode}"
+        host, pid = info.get("host", "?"), info.get("pid", 0)
+        message = (f"the task process (pid {pid} on host {host}, worker {ep.address}) {how} while running "
+                   "this task; the worker replaced it")
+        return TaskCrashedError(message, exitcode=exitcode, signal=signal_name, host=str(host),
+                                pid=int(pid) if isinstance(pid, int) else 0, endpoint=ep.address)
+
+    def handle_rejection(self, ep: _Endpoint, task: _Task, reason: str) -> None:
+        task.rejections += 1
+        if task.rejections > MAX_REJECTIONS:
+            task.future.set_exception(BrokenWorkerPool(f"worker {ep.address} rejected the task: {reason}"))
+            return
+        logger.warning("worker %s rejected task %d (%s); shaking hands again", ep.address, task.ident, reason)
+        self.backlog.appendleft(task)
+        if ep.state == _Endpoint.READY:
+            ep.state = _Endpoint.CONNECTING
+            ep.socket.send_multipart(proto.encode_hello(
+                dict(self.versions, host=socket.gethostname(), pid=os.getpid(),
+                     max_tasks_per_child=self.max_tasks_per_child),
+                self.init_blob,
+            ))
+
+    def take_submissions(self) -> None:
+        self.shared.wakeup.clear()
+        submissions = self.shared.submissions
+        while submissions:
+            item = submissions.popleft()
+            if isinstance(item, _Task):
+                self.backlog.append(item)
+            else:
+                self.shutting_down = True
+                if item.cancel_futures:
+                    self.cancel_backlog()
+        if not self.shutting_down and (self.shared.exiting or self.executor_ref() is None):
+            self.shutting_down = True
+
+    def cancel_backlog(self) -> None:
+        kept = collections.deque(task for task in self.backlog if task.started)
+        for task in self.backlog:
+            if not task.started:
+                task.future.cancel()
+        self.backlog = kept
+
+    def offer(self, ep: _Endpoint) -> None:
+        if ep.state == _Endpoint.READY and not ep.in_ready_queue and len(ep.inflight) < ep.capacity:
+            ep.in_ready_queue = True
+            self.ready.append(ep)
+
+    def ready_endpoints(self) -> bool:
+        return any(ep.state == _Endpoint.READY for ep in self.endpoints)
+
+    def dispatch_tasks(self) -> None:
+        while self.backlog and self.ready:
+            if self.max_in_flight is not None and self.in_flight >= self.max_in_flight:
+                return
+            ep = self.ready.popleft()
+            ep.in_ready_queue = False
+            if ep.state != _Endpoint.READY or len(ep.inflight) >= ep.capacity:
+                continue
+            task = self.backlog.popleft()
+            if not task.started:
+                if not task.future.set_running_or_notify_cancel():
+                    self.offer(ep)
+                    continue
+                task.started = True
+            try:
+                ep.socket.send_multipart([proto.encode_header(Kind.TASK, task.ident), *task.frames],
+                                         zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                self.backlog.appendleft(task)
+                continue
+            ep.inflight[task.ident] = task
+            self.in_flight += 1
+            self.offer(ep)
+
+    def expire_waiting_tasks(self) -> None:
+        if not self.backlog or self.ready_endpoints():
+            return
+        if self.endpoints and all(ep.state == _Endpoint.INCOMPATIBLE for ep in self.endpoints):
+            errors = "; ".join(str(ep.error) for ep in self.endpoints)
+            self.fail_backlog(lambda: VersionMismatchError(errors))
+            return
+        if self.connect_timeout is None:
+            return
+        if time.monotonic() - self.backlog[0].queued_at < self.connect_timeout:
+            return
+        message = (f"no worker became reachable within connect_timeout={self.connect_timeout} s "
+                   f"(endpoints: {', '.join(self.addresses)})")
+        now = time.monotonic()
+        expired = [task for task in self.backlog if now - task.queued_at >= self.connect_timeout]
+        self.backlog = collections.deque(task for task in self.backlog if now - task.queued_at < self.connect_timeout)
+        for task in expired:
+            self.fail_task(task, NoWorkersError(message))
+
+    def watch_local_worker(self) -> None:
+        if self.local_worker is None:
+            return
+        code = self.local_worker.exit_code()
+        if code is not None:
+            self.break_executor(BrokenWorkerPool(
+                f"the executor's local worker process (pid {self.local_worker.pid}) exited unexpectedly "
+                f"with code {code}; the executor is not usable anymore"))
+
+    def is_finished(self) -> bool:
+        if self.shared.broken is not None:
+            return True
+        return self.shutting_down and not self.backlog and self.in_flight == 0
+
+    # Failure -------------------------------------------------------------------------------------
+
+    def fail_task(self, task: _Task, error: BaseException) -> None:
+        if task.started or task.future.set_running_or_notify_cancel():
+            task.future.set_exception(error)
+
+    def fail_backlog(self, make_error: Callable[[], BaseException]) -> None:
+        backlog, self.backlog = self.backlog, collections.deque()
+        for task in backlog:
+            self.fail_task(task, make_error())
+
+    def break_executor(self, error: BaseException) -> None:
+        """Mark the executor broken and fail every future it still holds, queued or in flight."""
+        with self.shared.lock:
+            if self.shared.broken is None:
+                self.shared.broken = error
+        self.take_submissions()
+        self.fail_backlog(lambda: _copy_error(error))
+        for ep in self.endpoints:
+            inflight, ep.inflight = ep.inflight, {}
+            for task in inflight.values():
+                if not task.future.done():
+                    task.future.set_exception(_copy_error(error))
+        self.in_flight = 0
+
+    # Closing -------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        try:
+            for ep in self.endpoints:
+                if ep.state == _Endpoint.READY:
+                    try:
+                        ep.socket.send(proto.encode_header(Kind.BYE), zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        pass
+                ep.socket.close(linger=CLOSE_LINGER_MS)
+            self.context.term()
+        finally:
+            if self.local_worker is not None:
+                self.local_worker.stop()
+            self.shared.wakeup.close()
+            _live_engines.discard(self)
+
+
+def _copy_error(error: BaseException) -> BaseException:
+    # Each future gets its own exception object, so that tracebacks raised from one do not pile up
+    # on the others.
+    try:
+        copy = type(error)(*error.args)
+    except Exception:
+        return error
+    copy.__cause__ = error.__cause__
+    return copy
+
+
+# Interpreter exit: like the stdlib executors, finish submitted work before the interpreter goes away.
+_live_engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+_global_shutdown = False
+
+
+def register(engine: Engine) -> None:
+    _live_engines.add(engine)
+
+
+def is_interpreter_exiting() -> bool:
+    return _global_shutdown
+
+
+def _python_exit() -> None:
+    global _global_shutdown
+    _global_shutdown = True
+    engines = list(_live_engines)
+    for engine in engines:
+        engine.shared.exiting = True
+        engine.shared.wakeup.wake()
+    for engine in engines:
+        engine.join()
+
+
+threading._register_atexit(_python_exit)  # type: ignore[attr-defined]

@@ -1,0 +1,81 @@
+"""The exceptions a user of zmqexecutor can see."""
+
+from __future__ import annotations
+
+from concurrent.futures import BrokenExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+__all__ = [
+    "ZMQExecutorError",
+    "RemoteTraceback",
+    "RemoteError",
+    "TaskCrashedError",
+    "BrokenWorkerPool",
+    "NoWorkersError",
+    "VersionMismatchError",
+]
+
+
+class ZMQExecutorError(Exception):
+    """Raised as the base class of every error zmqexecutor defines itself."""
+
+
+class RemoteTraceback(Exception):
+    """Raised as the ``__cause__`` of a task's exception: the traceback text from the worker."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+class RemoteError(ZMQExecutorError):
+    """Raised when a task's exception cannot be pickled on the worker or unpickled on the client."""
+
+    def __init__(self, type_name: str, message: str, traceback_text: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+        self.traceback_text = traceback_text
+
+    def __reduce__(self) -> tuple[type[RemoteError], tuple[str, str, str]]:
+        return (type(self), (self.type_name, self.message, self.traceback_text))
+
+
+class TaskCrashedError(BrokenProcessPool, ZMQExecutorError):
+    """Raised when the process running a task died before replying (signal, ``os._exit``, OOM kill).
+
+    Only the one task's future fails; the worker replaces the process and the executor stays usable.
+    It subclasses ``BrokenProcessPool`` so that code written for ProcessPoolExecutor still catches it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        exitcode: int | None = None,
+        signal: str | None = None,
+        host: str = "",
+        pid: int = 0,
+        endpoint: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.exitcode = exitcode
+        self.signal = signal
+        self.host = host
+        self.pid = pid
+        self.endpoint = endpoint
+
+
+class BrokenWorkerPool(BrokenProcessPool, ZMQExecutorError):
+    """Raised when the executor cannot run tasks any more: an initializer failed or its local worker died."""
+
+
+class NoWorkersError(BrokenExecutor, ZMQExecutorError):
+    """Raised when a task waited longer than ``connect_timeout`` without any worker being reachable."""
+
+
+class VersionMismatchError(ZMQExecutorError):
+    """Raised when a worker speaks a different protocol, Python or cloudpickle version than the client."""

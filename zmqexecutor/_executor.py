@@ -1,0 +1,275 @@
+"""``ZMQExecutor``: the public class. It validates, pickles and queues; the engine does the rest."""
+
+from __future__ import annotations
+
+import collections
+import functools
+import itertools
+import os
+import threading
+import time
+import weakref
+from concurrent.futures import Executor, Future
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVar, Union
+
+from . import _client
+from . import _protocol as proto
+from ._endpoints import parse
+from ._local import LocalWorker
+
+_T = TypeVar("_T")
+
+#: How long, by default, a task waits for any worker to become reachable before it fails.
+DEFAULT_CONNECT_TIMEOUT = 60.0
+
+
+def _cpu_count() -> int:
+    counter = getattr(os, "process_cpu_count", None) or os.cpu_count
+    return counter() or 1
+
+
+def _process_chunk(fn: Callable[..., _T], chunk: Sequence[tuple[Any, ...]]) -> list[_T]:
+    return [fn(*args) for args in chunk]
+
+
+def _chunks(chunksize: int, iterables: tuple[Iterable[Any], ...]) -> Iterator[tuple[tuple[Any, ...], ...]]:
+    zipped = zip(*iterables)
+    while chunk := tuple(itertools.islice(zipped, chunksize)):
+        yield chunk
+
+
+def _result_or_cancel(future: Future[_T], timeout: Optional[float] = None) -> _T:
+    try:
+        try:
+            return future.result(timeout)
+        finally:
+            future.cancel()
+    finally:
+        del future  # do not keep the future alive through the traceback
+
+
+class ZMQExecutor(Executor):
+    """A ``concurrent.futures.Executor`` that runs calls on ZeroMQ workers, local or remote.
+
+    With no ``endpoints`` it starts and owns ``max_workers`` task processes on this machine, like
+    ``ProcessPoolExecutor``. With endpoints (``"tcp://host:port"`` or ``"ipc://path"``, one string or a
+    list) it sends tasks round-robin to the ``zmqexecutor worker`` processes listening there.
+
+    Callables and arguments are pickled with cloudpickle (lambdas, closures and functions defined in
+    ``__main__`` work); large buffers travel as separate frames. Futures are standard
+    ``concurrent.futures.Future`` objects.
+
+    Args:
+        endpoints: worker endpoints, or None for local workers owned by this executor.
+        max_workers: local task processes (default: CPU count); with endpoints, the most tasks this
+            executor keeps running at once across all workers (default: all their slots).
+        initializer: called as ``initializer(*initargs)`` in each task process before its first task
+            from this executor; if it raises, the executor becomes broken.
+        initargs: arguments for ``initializer``.
+        max_tasks_per_child: a task process is replaced after running this many of this executor's
+            tasks (default: never).
+        connect_timeout: seconds a task waits while no worker is reachable before it fails with
+            ``NoWorkersError``; None waits forever.
+    """
+
+    def __init__(
+        self,
+        endpoints: Union[str, Sequence[str], None] = None,
+        max_workers: Optional[int] = None,
+        *,
+        initializer: Optional[Callable[..., object]] = None,
+        initargs: tuple[Any, ...] = (),
+        max_tasks_per_child: Optional[int] = None,
+        connect_timeout: Optional[float] = DEFAULT_CONNECT_TIMEOUT,
+    ) -> None:
+        addresses = self._check_endpoints(endpoints)
+        if max_workers is not None:
+            if not isinstance(max_workers, int) or isinstance(max_workers, bool):
+                raise TypeError("max_workers must be an integer")
+            if max_workers <= 0:
+                raise ValueError("max_workers must be greater than 0")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if max_tasks_per_child is not None:
+            if not isinstance(max_tasks_per_child, int) or isinstance(max_tasks_per_child, bool):
+                raise TypeError("max_tasks_per_child must be an integer")
+            if max_tasks_per_child <= 0:
+                raise ValueError("max_tasks_per_child must be >= 1")
+        if connect_timeout is not None:
+            if not isinstance(connect_timeout, (int, float)) or isinstance(connect_timeout, bool):
+                raise TypeError("connect_timeout must be a number of seconds or None")
+            if connect_timeout <= 0:
+                raise ValueError("connect_timeout must be > 0 or None")
+        init_blob = proto.encode_initializer(initializer, tuple(initargs))
+
+        self._max_workers = max_workers if max_workers is not None or addresses else _cpu_count()
+        self._shared = _client.Shared()
+        local_worker = None
+        if not addresses:
+            local_worker = LocalWorker(self._max_workers)
+            addresses = [local_worker.endpoint]
+        self._endpoints = tuple(addresses)
+        wakeup = self._shared.wakeup
+        self._engine = _client.Engine(
+            weakref.ref(self, lambda _, wakeup=wakeup: wakeup.wake()),  # type: ignore[misc]
+            self._shared,
+            addresses,
+            init_blob=init_blob,
+            max_tasks_per_child=max_tasks_per_child,
+            max_in_flight=max_workers if local_worker is None else None,
+            connect_timeout=connect_timeout,
+            local_worker=local_worker,
+        )
+        _client.register(self._engine)
+        try:
+            self._engine.start()
+        except BaseException:
+            if local_worker is not None:
+                local_worker.stop()
+            raise
+
+    @staticmethod
+    def _check_endpoints(endpoints: Union[str, Sequence[str], None]) -> list[str]:
+        if endpoints is None:
+            return []
+        if isinstance(endpoints, str):
+            endpoints = [endpoints]
+        addresses = list(endpoints)
+        if not addresses:
+            raise ValueError("endpoints must not be empty; pass None to run on local worker processes")
+        for address in addresses:
+            parse(address)
+        duplicates = sorted({a for a in addresses if addresses.count(a) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate endpoints: {', '.join(duplicates)}")
+        return addresses
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """The worker endpoints this executor sends tasks to (the local worker's, when embedded)."""
+        return self._endpoints
+
+    def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
+        """Schedule ``fn(*args, **kwargs)`` on a worker and return a Future for its result.
+
+        An argument or callable that cannot be pickled fails the returned future, not this call.
+        """
+        self._check_open()
+        future: Future[_T] = Future()
+        try:
+            frames = proto.encode_call(fn, args, kwargs)
+        except Exception as exc:
+            frames = None
+            pickling_error: Optional[BaseException] = exc
+        else:
+            pickling_error = None
+        shared = self._shared
+        with shared.lock:
+            self._check_open()
+            if pickling_error is not None:
+                future.set_exception(pickling_error)
+                return future
+            assert frames is not None
+            shared.submissions.append(_client._Task(_client.next_task_id(), future, frames))
+        shared.wakeup.wake()
+        return future
+
+    def _check_open(self) -> None:
+        shared = self._shared
+        if shared.broken is not None:
+            raise _client._copy_error(shared.broken)
+        if shared.shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if _client.is_interpreter_exiting():
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    def map(
+        self,
+        fn: Callable[..., _T],
+        *iterables: Iterable[Any],
+        timeout: Optional[float] = None,
+        chunksize: int = 1,
+        buffersize: Optional[int] = None,
+    ) -> Iterator[_T]:
+        """Return an iterator equivalent to ``map(fn, *iterables)`` whose calls run on the workers.
+
+        Args:
+            timeout: seconds from this call after which ``__next__`` raises ``TimeoutError`` if the
+                next result is not ready; None waits forever.
+            chunksize: items sent together as one task, to amortize the round trip for small calls.
+            buffersize: at most this many tasks (chunks) are submitted but not yet yielded; the
+                iterables are read lazily as results are consumed. None submits everything at once.
+        """
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        if buffersize is not None and not isinstance(buffersize, int):
+            raise TypeError("buffersize must be an integer or None")
+        if buffersize is not None and buffersize < 1:
+            raise ValueError("buffersize must be None or > 0")
+        if chunksize == 1:
+            return self._map(fn, iter(zip(*iterables)), timeout, buffersize)
+        chunked = self._map(functools.partial(_process_chunk, fn), ((c,) for c in _chunks(chunksize, iterables)),
+                            timeout, buffersize)
+        return _flatten(chunked)
+
+    def _map(
+        self,
+        fn: Callable[..., _T],
+        arguments: Iterator[tuple[Any, ...]],
+        timeout: Optional[float],
+        buffersize: Optional[int],
+    ) -> Iterator[_T]:
+        end_time = None if timeout is None else timeout + time.monotonic()
+        if buffersize:
+            arguments = iter(arguments)
+            fs = collections.deque(self.submit(fn, *args) for args in itertools.islice(arguments, buffersize))
+        else:
+            fs = collections.deque(self.submit(fn, *args) for args in arguments)
+        executor_ref = weakref.ref(self)
+
+        def submit_next() -> None:
+            executor = executor_ref()
+            if executor is None:
+                return
+            args = next(arguments, None)
+            if args is not None:
+                fs.append(executor.submit(fn, *args))
+
+        def result_iterator() -> Iterator[_T]:
+            try:
+                while fs:
+                    if buffersize:
+                        submit_next()
+                    if end_time is None:
+                        yield _result_or_cancel(fs.popleft())
+                    else:
+                        yield _result_or_cancel(fs.popleft(), end_time - time.monotonic())
+            finally:
+                for future in fs:
+                    future.cancel()
+
+        return result_iterator()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting tasks and release the workers once submitted tasks are done.
+
+        Args:
+            wait: block until every submitted task has finished and the local workers have stopped.
+            cancel_futures: cancel tasks that have not been sent to a worker yet.
+        """
+        shared = self._shared
+        with shared.lock:
+            first = not shared.shutdown
+            shared.shutdown = True
+            if first or cancel_futures:
+                shared.submissions.append(_client._ShutdownRequest(cancel_futures))
+        shared.wakeup.wake()
+        if wait and self._engine is not threading.current_thread():
+            self._engine.join()
+
+
+def _flatten(chunks: Iterator[list[_T]]) -> Iterator[_T]:
+    for chunk in chunks:
+        chunk.reverse()
+        while chunk:
+            yield chunk.pop()

@@ -1,0 +1,468 @@
+"""The worker: a supervisor that owns one bound endpoint and N task processes.
+
+Data flow::
+
+    clients (DEALER, one per executor)
+        |  HELLO / TASK / BYE                         ^  WELCOME / RESULT / EXCEPTION / CRASHED
+        v                                             |
+    +---------------------------- supervisor (one thread, never unpickles) ----------------------+
+    | front ROUTER (the user's endpoint)                                                          |
+    |   sessions: client id -> handshake info + initializer pickle                                |
+    |   queue:    tasks waiting for an idle task process, first in first out                      |
+    |   idle:     task processes with nothing to do                                                |
+    | back ROUTER (ipc:// in a private folder)                                                     |
+    +---------------------------------------------------------------------------------------------+
+        |  TASK / STOP                                ^  READY / RESULT / EXCEPTION / INIT_FAILED
+        v                                             |
+    task processes (DEALER each): unpickle, run the user's code, pickle the reply
+
+The supervisor watches every task process's sentinel. A process that dies while running a task gets
+that task reported to its client as CRASHED, and a replacement is started; nothing else is disturbed.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+import uuid
+from typing import Any, Optional, Sequence
+
+import zmq
+
+from . import _protocol as proto
+from ._protocol import Kind
+
+logger = logging.getLogger("zmqexecutor.worker")
+
+# How often the supervisor and the task processes look for a vanished parent when nothing happens.
+PARENT_CHECK_INTERVAL = 0.5
+
+# Task processes that die before they ever report ready point at a broken installation; rather than
+# respawn them forever, the supervisor gives up after this many in a row.
+MAX_STARTUP_FAILURES = 5
+
+# On shutdown, task processes get this long to exit after SIGTERM before they are killed.
+STOP_GRACE = 2.0
+
+# Most messages taken from one socket per loop, so that one busy peer cannot starve the others.
+RECV_BATCH = 256
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: the poll loop's parent check still ends the process
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+
+# --- task process ---------------------------------------------------------------------------------
+
+
+def task_process_main(back_address: str, supervisor_pid: int) -> None:
+    _die_with_parent(supervisor_pid)
+    # Ctrl-C in a terminal reaches the whole process group; the supervisor decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    host = socket.gethostname()
+    pid = os.getpid()
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.ROUTING_ID, str(pid).encode())
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.connect(back_address)
+    sock.send(proto.encode_header(Kind.READY, pid))
+    runner = _TaskRunner(host, pid)
+    try:
+        while True:
+            if not sock.poll(int(PARENT_CHECK_INTERVAL * 1000)):
+                if os.getppid() != supervisor_pid:
+                    return
+                continue
+            frames = sock.recv_multipart(copy=False)
+            header = proto.decode_header(frames[0])
+            if header.kind == Kind.STOP:
+                return
+            reply = runner.run(header.ident, frames[1:])
+            del frames
+            sock.send_multipart(reply, copy=False)
+            del reply
+    finally:
+        sock.close()
+        context.term()
+
+
+class _TaskRunner:
+    def __init__(self, host: str, pid: int) -> None:
+        self.host = host
+        self.pid = pid
+
+    def run(self, task_id: int, frames: Sequence[Any]) -> list[Any]:
+        init_blob = frames[1]
+        if len(proto.as_buffer(init_blob)):
+            try:
+                initializer, initargs = proto.loads([init_blob])
+                initializer(*initargs)
+            except BaseException as exc:
+                return self.exception(Kind.INIT_FAILED, task_id, exc)
+        try:
+            fn, args, kwargs = proto.decode_call(frames[2:])
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            return self.exception(Kind.EXCEPTION, task_id, exc)
+        del fn, args, kwargs
+        try:
+            return [proto.encode_header(Kind.RESULT, task_id), *proto.encode_result(result)]
+        except BaseException as exc:
+            return self.exception(Kind.EXCEPTION, task_id, exc)
+
+    def exception(self, kind: Kind, task_id: int, exc: BaseException) -> list[Any]:
+        return [proto.encode_header(kind, task_id), *proto.encode_exception(exc, host=self.host, pid=self.pid)]
+
+
+# --- supervisor -----------------------------------------------------------------------------------
+
+
+class _Session:
+    __slots__ = ("client", "init_blob", "max_tasks_per_child")
+
+    def __init__(self, client: bytes, init_blob: bytes, max_tasks_per_child: Optional[int]) -> None:
+        self.client = client
+        self.init_blob = init_blob
+        self.max_tasks_per_child = max_tasks_per_child
+
+
+class _TaskProcess:
+    __slots__ = ("process", "ident", "ready", "current", "initialized", "counts", "retiring")
+
+    def __init__(self, process: Any) -> None:
+        self.process = process
+        self.ident = str(process.pid).encode()
+        self.ready = False
+        self.current: Optional[tuple[bytes, int]] = None
+        self.initialized: set[bytes] = set()
+        self.counts: dict[bytes, int] = {}
+        self.retiring = False
+
+
+class Supervisor:
+    """Owns the bound endpoint and the task processes; routes frames between them."""
+
+    def __init__(self, bind: str, processes: int, *, parent_pid: Optional[int] = None) -> None:
+        self.bind = bind
+        self.processes = processes
+        self.parent_pid = parent_pid
+        self.instance = uuid.uuid4().hex
+        self.host = socket.gethostname()
+        self.endpoint = bind
+        self.sessions: dict[bytes, _Session] = {}
+        self.queue: collections.deque[tuple[bytes, int, list[Any]]] = collections.deque()
+        self.idle: collections.deque[_TaskProcess] = collections.deque()
+        self.by_ident: dict[bytes, _TaskProcess] = {}
+        self.by_sentinel: dict[int, _TaskProcess] = {}
+        self.startup_failures = 0
+        self.stopping = False
+        self.mp = multiprocessing.get_context("spawn")
+        self.private_dir = tempfile.mkdtemp(prefix="zmqexecutor-worker-")
+        self.back_address = f"ipc://{self.private_dir}/tasks"
+        self.versions = proto.local_versions()
+
+    # The loop -------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        signal_r, signal_w = os.pipe()
+        os.set_blocking(signal_w, False)
+        old_wakeup = signal.set_wakeup_fd(signal_w)
+        old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.context = zmq.Context()
+        try:
+            self.open_sockets()
+            self.start_processes(self.processes)
+            logger.info(
+                "zmqexecutor worker ready: endpoint=%s processes=%d instance=%s pid=%d",
+                self.endpoint, self.processes, self.instance, os.getpid(),
+            )
+            poller = zmq.Poller()
+            poller.register(self.front, zmq.POLLIN)
+            poller.register(self.back, zmq.POLLIN)
+            poller.register(signal_r, zmq.POLLIN)
+            registered: set[int] = set()
+            while not self.stopping:
+                self.sync_sentinels(poller, registered)
+                events = dict(poller.poll(self.poll_timeout()))
+                if signal_r in events:
+                    os.read(signal_r, 4096)
+                self.receive_from_processes()
+                self.receive_from_clients()
+                self.reap_processes([fd for fd in events if fd in self.by_sentinel])
+                self.dispatch_tasks()
+                self.check_parent()
+            return 0
+        except _GiveUp as exc:
+            logger.error("%s", exc)
+            return 1
+        finally:
+            self.close()
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+            os.close(signal_r)
+            os.close(signal_w)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        logger.info("received %s, stopping", signal.Signals(signum).name)
+        self.stopping = True
+
+    def poll_timeout(self) -> Optional[int]:
+        return int(PARENT_CHECK_INTERVAL * 1000) if self.parent_pid is not None else None
+
+    def sync_sentinels(self, poller: zmq.Poller, registered: set[int]) -> None:
+        current = set(self.by_sentinel)
+        for fd in registered - current:
+            poller.unregister(fd)
+        for fd in current - registered:
+            poller.register(fd, zmq.POLLIN)
+        registered.clear()
+        registered.update(current)
+
+    # Steps ----------------------------------------------------------------------------------------
+
+    def open_sockets(self) -> None:
+        self.front = self.context.socket(zmq.ROUTER)
+        self.back = self.context.socket(zmq.ROUTER)
+        for sock in (self.front, self.back):
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.RCVHWM, 0)
+            sock.setsockopt(zmq.LINGER, 0)
+        self.front.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        try:
+            self.front.bind(self.bind)
+        except zmq.ZMQError as exc:
+            raise _GiveUp(f"cannot bind {self.bind}: {exc}") from None
+        self.endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.back.bind(self.back_address)
+
+    def start_processes(self, count: int) -> None:
+        for _ in range(count):
+            process = self.mp.Process(
+                target=task_process_main,
+                args=(self.back_address, os.getpid()),
+                name="zmqexecutor-task",
+                daemon=True,
+            )
+            process.start()
+            proc = _TaskProcess(process)
+            self.by_ident[proc.ident] = proc
+            self.by_sentinel[process.sentinel] = proc
+
+    def receive_from_clients(self) -> None:
+        for _ in range(RECV_BATCH):
+            try:
+                frames = self.front.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            client = frames[0].bytes
+            try:
+                self.handle_client_message(client, frames[1:])
+            except proto.ProtocolError as exc:
+                logger.warning("dropped a malformed message from client %r: %s", client, exc)
+
+    def handle_client_message(self, client: bytes, frames: list[Any]) -> None:
+        proto.expect_frames(frames, 1)
+        header = proto.decode_header(frames[0], any_version=True)
+        if header.kind == Kind.HELLO:
+            self.greet(client, header, frames)
+            return
+        if header.version != proto.PROTOCOL_VERSION:
+            raise proto.ProtocolError(f"protocol version {header.version}, expected {proto.PROTOCOL_VERSION}")
+        if header.kind == Kind.TASK:
+            proto.expect_frames(frames, 2)
+            if client not in self.sessions:
+                reason = "this worker has no session for the client (it restarted, or the handshake failed)"
+                self.send_to_client(client, [proto.encode_header(Kind.REJECTED, header.ident), *proto.encode_reason(reason)])
+                return
+            self.queue.append((client, header.ident, frames[1:]))
+        elif header.kind == Kind.BYE:
+            self.forget_session(client)
+        else:
+            raise proto.ProtocolError(f"unexpected {header.kind.name} from a client")
+
+    def greet(self, client: bytes, header: proto.Header, frames: list[Any]) -> None:
+        welcome: dict[str, Any] = dict(self.versions)
+        welcome.update(slots=self.processes, instance=self.instance, host=self.host, pid=os.getpid())
+        if header.version != proto.PROTOCOL_VERSION:
+            theirs: dict[str, Any] = {"protocol": header.version}
+            hello_info, init_blob = theirs, b""
+        else:
+            hello_info, init_blob = proto.decode_hello(frames)
+            theirs = hello_info
+        reason = proto.version_mismatch(self.versions, theirs, us="worker", them="client")
+        welcome.update(accepted=reason is None, reason=reason)
+        if reason is None:
+            self.sessions[client] = _Session(client, init_blob, hello_info.get("max_tasks_per_child"))
+            logger.info("client %s connected (host %s, pid %s)", client.decode(errors="replace"),
+                        hello_info.get("host"), hello_info.get("pid"))
+        else:
+            self.sessions.pop(client, None)
+            logger.warning("refused client %r: %s", client, reason)
+        self.send_to_client(client, proto.encode_welcome(welcome))
+
+    def forget_session(self, client: bytes) -> None:
+        if self.sessions.pop(client, None) is None:
+            return
+        logger.info("client %s said goodbye", client.decode(errors="replace"))
+        self.queue = collections.deque(item for item in self.queue if item[0] != client)
+        for proc in self.by_ident.values():
+            proc.initialized.discard(client)
+            proc.counts.pop(client, None)
+
+    def send_to_client(self, client: bytes, frames: list[Any]) -> None:
+        try:
+            self.front.send_multipart([client, *frames], copy=False)
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            logger.debug("client %r is gone; dropped its message", client)
+
+    def receive_from_processes(self) -> None:
+        for _ in range(RECV_BATCH):
+            try:
+                frames = self.back.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            proc = self.by_ident.get(frames[0].bytes)
+            if proc is None:
+                continue  # a process we already reaped
+            try:
+                proto.expect_frames(frames, 2)
+                header = proto.decode_header(frames[1])
+            except proto.ProtocolError as exc:
+                logger.error("dropped a malformed message from task process %s: %s", proc.process.pid, exc)
+                continue
+            if header.kind == Kind.READY:
+                proc.ready = True
+                self.startup_failures = 0
+                self.idle.append(proc)
+            elif header.kind in (Kind.RESULT, Kind.EXCEPTION, Kind.INIT_FAILED):
+                self.finish_task(proc, header, frames[1:])
+
+    def finish_task(self, proc: _TaskProcess, header: proto.Header, frames: list[Any]) -> None:
+        if proc.current is None or proc.current[1] != header.ident:
+            logger.error("task process %s replied for a task it was not running", proc.process.pid)
+            return
+        client = proc.current[0]
+        proc.current = None
+        self.send_to_client(client, frames)
+        count = proc.counts[client] = proc.counts.get(client, 0) + 1
+        session = self.sessions.get(client)
+        limit = session.max_tasks_per_child if session else None
+        if header.kind == Kind.INIT_FAILED or (limit is not None and count >= limit):
+            self.retire(proc)
+        else:
+            self.idle.append(proc)
+
+    def retire(self, proc: _TaskProcess) -> None:
+        proc.retiring = True
+        try:
+            self.back.send_multipart([proc.ident, proto.encode_header(Kind.STOP)])
+        except zmq.ZMQError:
+            proc.process.terminate()
+        self.start_processes(1)
+
+    def reap_processes(self, sentinels: list[int]) -> None:
+        for fd in sentinels:
+            proc = self.by_sentinel.pop(fd)
+            del self.by_ident[proc.ident]
+            proc.process.join()
+            code = proc.process.exitcode
+            if proc.retiring:
+                continue
+            signal_name = _signal_name(code)
+            how = f"was killed by {signal_name}" if signal_name else f"exited with code {code}"
+            if proc.current is not None:
+                client, task_id = proc.current
+                logger.warning("task process %d %s while running a task; replacing it", proc.process.pid, how)
+                crash = proto.encode_crash(exitcode=code, signal_name=signal_name, host=self.host, pid=proc.process.pid)
+                self.send_to_client(client, [proto.encode_header(Kind.CRASHED, task_id), *crash])
+            else:
+                logger.warning("idle task process %d %s; replacing it", proc.process.pid, how)
+            if not proc.ready:
+                self.startup_failures += 1
+                if self.startup_failures >= MAX_STARTUP_FAILURES:
+                    raise _GiveUp(f"{self.startup_failures} task processes in a row died before starting; giving up")
+            self.start_processes(1)
+
+    def dispatch_tasks(self) -> None:
+        while self.queue and self.idle:
+            proc = self.idle.popleft()
+            if self.by_ident.get(proc.ident) is not proc or proc.retiring:
+                continue
+            client, task_id, frames = self.queue.popleft()
+            session = self.sessions.get(client)
+            if session is None:
+                self.idle.appendleft(proc)
+                continue
+            init_blob = b""
+            if client not in proc.initialized:
+                init_blob = session.init_blob
+                proc.initialized.add(client)
+            message = [proc.ident, proto.encode_header(Kind.TASK, task_id), client, init_blob, *frames]
+            proc.current = (client, task_id)
+            try:
+                self.back.send_multipart(message, copy=False)
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EHOSTUNREACH:
+                    raise
+                # The process died before its sentinel was seen: the reaper reports this task as crashed.
+                logger.debug("task process %s unreachable", proc.process.pid)
+
+    def check_parent(self) -> None:
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            logger.info("parent process %d is gone; stopping", self.parent_pid)
+            self.stopping = True
+
+    def close(self) -> None:
+        procs = [proc.process for proc in self.by_ident.values()]
+        for process in procs:
+            if process.is_alive():
+                process.terminate()
+        deadline = time.monotonic() + STOP_GRACE
+        for process in procs:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join(1.0)
+        for sock_name in ("front", "back"):
+            sock = getattr(self, sock_name, None)
+            if sock is not None:
+                sock.close(linger=0)
+        self.context.term()
+        shutil.rmtree(self.private_dir, ignore_errors=True)
+        logger.info("zmqexecutor worker stopped")
+
+
+class _GiveUp(Exception):
+    pass
+
+
+def _signal_name(exitcode: Optional[int]) -> Optional[str]:
+    if exitcode is None or exitcode >= 0:
+        return None
+    try:
+        return signal.Signals(-exitcode).name
+    except ValueError:
+        return f"signal {-exitcode}"
