@@ -1,0 +1,521 @@
+"""The executor contract as the stdlib documents it, on the embedded local workers."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import gc
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import weakref
+from concurrent.futures.process import BrokenProcessPool
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, alive, children_of, wait_until
+from zmqexecutor import BrokenWorkerPool, RemoteError, RemoteTraceback, TaskCrashedError, ZMQExecutor
+
+
+@pytest.fixture(scope="module")
+def ex():
+    with ZMQExecutor(max_workers=2) as executor:
+        yield executor
+
+
+class CustomError(Exception):
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(code, detail)
+        self.code = code
+        self.detail = detail
+
+
+def raise_custom(code: int) -> None:
+    raise CustomError(code, "detail text")
+
+
+class Unpicklable(Exception):
+    def __reduce__(self):
+        raise TypeError("refuses to pickle")
+
+
+def raise_unpicklable() -> None:
+    raise Unpicklable("cannot travel")
+
+
+def explode_unless_in(pid: int) -> int:
+    if os.getpid() != pid:
+        raise ValueError(f"rebuilt in pid {os.getpid()}, not {pid}")
+    return pid
+
+
+class OnlyUnpicklesIn:
+    """Pickles anywhere; unpickles only in the process that pickled it."""
+
+    def __reduce__(self):
+        return (explode_unless_in, (os.getpid(),))
+
+
+def make_only_unpickles_here() -> OnlyUnpicklesIn:
+    return OnlyUnpicklesIn()
+
+
+class Payload:
+    pass
+
+
+def make_payload() -> Payload:
+    return Payload()
+
+
+INIT = {"value": None, "count": 0}
+
+
+def remember(value: str) -> None:
+    INIT["value"] = value
+    INIT["count"] += 1
+
+
+def init_state() -> tuple:
+    return INIT["value"], INIT["count"], os.getpid()
+
+
+def failing_initializer() -> None:
+    raise RuntimeError("initializer exploded")
+
+
+def slow_identity(x: float) -> float:
+    time.sleep(x)
+    return x
+
+
+# --- submit ---------------------------------------------------------------------------------------
+
+
+def test_submit_returns_a_standard_future(ex) -> None:
+    future = ex.submit(pow, 2, 10)
+    assert type(future) is cf.Future
+    assert future.result(timeout=30) == 1024
+
+
+def test_submit_passes_keyword_arguments_named_fn(ex) -> None:
+    assert ex.submit(dict, fn=1, self=2).result(timeout=30) == {"fn": 1, "self": 2}
+
+
+def test_lambdas_and_closures_from_the_test_module(ex) -> None:
+    base = 7
+    assert ex.submit(lambda x: x * base, 6).result(timeout=30) == 42
+
+    def make_adder(n):
+        return lambda x: x + n
+
+    assert list(ex.map(make_adder(100), [1, 2, 3])) == [101, 102, 103]
+
+
+def test_tasks_run_in_other_processes(ex) -> None:
+    pids = {f.result(timeout=30) for f in [ex.submit(os.getpid) for _ in range(20)]}
+    assert os.getpid() not in pids
+    assert 1 <= len(pids) <= 2
+
+
+def test_remote_exception_keeps_type_attributes_and_traceback(ex) -> None:
+    future = ex.submit(raise_custom, 7)
+    with pytest.raises(CustomError) as info:
+        future.result(timeout=30)
+    assert info.value.code == 7 and info.value.detail == "detail text"
+    cause = info.value.__cause__
+    assert isinstance(cause, RemoteTraceback)
+    text = str(cause)
+    assert "raise_custom" in text and "raise CustomError(code" in text
+    assert f"endpoint {ex.endpoints[0]}" in text and "pid " in text and "host " in text
+
+
+def test_unpicklable_exception_arrives_as_remote_error(ex) -> None:
+    with pytest.raises(RemoteError) as info:
+        ex.submit(raise_unpicklable).result(timeout=30)
+    assert info.value.type_name.endswith("Unpicklable")
+    assert info.value.message == "cannot travel"
+    assert "raise_unpicklable" in info.value.traceback_text
+
+
+def test_unpicklable_argument_fails_the_future_not_submit(ex) -> None:
+    future = ex.submit(len, threading.Lock())
+    assert isinstance(future.exception(timeout=30), TypeError)
+    assert ex.submit(len, "abc").result(timeout=30) == 3
+
+
+def test_unpicklable_result_fails_the_future(ex) -> None:
+    error = ex.submit(threading.Lock).exception(timeout=30)
+    assert isinstance(error, TypeError) and "pickle" in str(error)
+    assert ex.submit(abs, -1).result(timeout=30) == 1
+
+
+def test_argument_that_fails_to_unpickle_on_the_worker_fails_one_future(ex) -> None:
+    error = ex.submit(type, OnlyUnpicklesIn()).exception(timeout=30)
+    assert isinstance(error, ValueError) and "rebuilt in pid" in str(error)
+    assert ex.submit(abs, -2).result(timeout=30) == 2
+
+
+def test_result_that_fails_to_unpickle_on_the_client_fails_one_future(ex) -> None:
+    error = ex.submit(make_only_unpickles_here).exception(timeout=30)
+    assert isinstance(error, ValueError) and "rebuilt in pid" in str(error)
+    assert ex.submit(abs, -3).result(timeout=30) == 3
+
+
+def test_large_numpy_arrays_round_trip_unchanged(ex) -> None:
+    array = np.random.default_rng(0).random(4 * 1024 * 1024)  # 32 MiB
+    result = ex.submit(np.negative, array).result(timeout=60)
+    assert result.shape == array.shape and result.dtype == array.dtype
+    assert np.array_equal(result, -array)
+    assert result.flags.writeable
+    echoed = ex.submit(bytes, memoryview(array).cast("B")).result(timeout=60)
+    assert echoed == array.tobytes()
+
+
+# --- map ------------------------------------------------------------------------------------------
+
+
+def test_map(ex) -> None:
+    assert list(ex.map(pow, range(10), range(10))) == [pow(i, i) for i in range(10)]
+    assert list(ex.map(pow, range(10), [2] * 3)) == [0, 1, 4]
+    assert list(ex.map(abs, [])) == []
+
+
+@pytest.mark.parametrize("chunksize", [1, 2, 3, 7, 50])
+def test_map_chunksize(ex, chunksize: int) -> None:
+    assert list(ex.map(pow, range(20), range(20), chunksize=chunksize)) == [pow(i, i) for i in range(20)]
+
+
+def test_map_raises_at_the_failing_item(ex) -> None:
+    for chunksize in (1, 2):
+        results = ex.map(divmod, [1, 1, 1, 1], [2, 3, 0, 5], chunksize=chunksize)
+        assert next(results) == (0, 1)
+        assert next(results) == (0, 1)
+        with pytest.raises(ZeroDivisionError):
+            next(results)
+
+
+def test_map_rejects_bad_chunksize_and_buffersize(ex) -> None:
+    with pytest.raises(ValueError, match=r"chunksize must be >= 1\."):
+        ex.map(abs, [1], chunksize=0)
+    for bad in ("2", 2.0):
+        with pytest.raises(TypeError, match="buffersize must be an integer or None"):
+            ex.map(abs, [1], buffersize=bad)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=r"buffersize must be None or > 0"):
+            ex.map(abs, [1], buffersize=bad)
+
+
+def test_map_timeout_counts_from_the_call() -> None:
+    results = []
+    with ZMQExecutor(max_workers=2) as executor:
+        started = time.monotonic()
+        with pytest.raises(cf.TimeoutError):
+            for value in executor.map(slow_identity, [0, 0, 3], timeout=1):
+                results.append(value)
+        assert time.monotonic() - started < 2.5
+    assert results == [0, 0]
+
+
+def test_map_without_buffersize_collects_the_iterables_at_once(ex) -> None:
+    pulled = []
+
+    def source():
+        for i in range(10):
+            pulled.append(i)
+            yield i
+
+    results = ex.map(abs, source())
+    assert pulled == list(range(10))  # before the first next()
+    assert list(results) == list(range(10))
+
+
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_map_buffersize_reads_lazily(ex, chunksize: int) -> None:
+    pulled = []
+
+    def source():
+        for i in itertools.count():
+            pulled.append(i)
+            yield i
+
+    results = ex.map(abs, source(), buffersize=2, chunksize=chunksize)
+    assert len(pulled) == 2 * chunksize
+    assert [next(results) for _ in range(10)] == list(range(10))
+    assert len(pulled) <= 10 + 3 * chunksize + 1
+    results.close()
+
+
+def test_map_buffersize_with_short_and_multiple_iterables(ex) -> None:
+    assert list(ex.map(pow, range(4), range(4), buffersize=10)) == [1, 1, 4, 27]
+    assert list(ex.map(str, range(4), buffersize=1)) == ["0", "1", "2", "3"]
+    assert list(ex.map(str, iter([]), buffersize=2)) == []
+
+
+def test_closing_a_map_cancels_what_has_not_started() -> None:
+    with ZMQExecutor(max_workers=1) as executor:
+        results = executor.map(slow_identity, [0.3] * 10)
+        assert next(results) == 0.3
+        results.close()
+        # Only what was already sent to the worker (slot + prefetch) still runs.
+        started = time.monotonic()
+    assert time.monotonic() - started < 2.5
+
+
+# --- the futures API ------------------------------------------------------------------------------
+
+
+def test_as_completed_and_wait_across_executors(ex) -> None:
+    with cf.ThreadPoolExecutor(1) as threads:
+        ours = [ex.submit(slow_identity, d) for d in (0.4, 0.0)]
+        theirs = threads.submit(slow_identity, 0.2)
+        order = [f.result() for f in cf.as_completed([*ours, theirs], timeout=30)]
+        assert sorted(order) == [0.0, 0.2, 0.4]
+        assert order[0] == 0.0
+        done, not_done = cf.wait([*ours, theirs], timeout=30)
+        assert len(done) == 3 and not not_done
+        first = ex.submit(slow_identity, 1.0)
+        quick = ex.submit(abs, -1)
+        done, _ = cf.wait([first, quick], timeout=30, return_when=cf.FIRST_COMPLETED)
+        assert quick in done
+
+
+def test_asyncio_interop(ex) -> None:
+    async def main():
+        loop = asyncio.get_running_loop()
+        a = await loop.run_in_executor(ex, pow, 3, 4)
+        b = await asyncio.wrap_future(ex.submit(abs, -5))
+        c = await asyncio.gather(*(loop.run_in_executor(ex, abs, -i) for i in range(5)))
+        return a, b, c
+
+    assert asyncio.run(main()) == (81, 5, [0, 1, 2, 3, 4])
+
+
+def test_done_callbacks_run_once(ex) -> None:
+    calls = []
+    done = threading.Event()
+    future = ex.submit(abs, -9)
+    future.add_done_callback(lambda f: (calls.append(f.result()), done.set()))
+    assert done.wait(30)
+    time.sleep(0.1)
+    assert calls == [9]
+
+
+def test_a_pending_future_can_be_cancelled() -> None:
+    with ZMQExecutor(max_workers=1) as executor:
+        running = [executor.submit(slow_identity, 0.5) for _ in range(2)]  # the slot and its prefetch
+        waiting = executor.submit(slow_identity, 0.5)
+        time.sleep(0.2)
+        assert waiting.cancel()
+        assert waiting.cancelled()
+        assert not running[0].cancel()
+        assert [f.result(timeout=30) for f in running] == [0.5, 0.5]
+
+
+def test_no_references_kept_to_arguments_or_results(ex) -> None:
+    argument = Payload()
+    argument_ref = weakref.ref(argument)
+    future = ex.submit(type, argument)
+    del argument
+    gc.collect()
+    assert argument_ref() is None
+    assert future.result(timeout=30) is Payload or future.result().__name__ == "Payload"
+
+    future = ex.submit(make_payload)
+    result_ref = weakref.ref(future.result(timeout=30))
+    del future
+    gc.collect()
+    assert result_ref() is None
+
+
+# --- shutdown -------------------------------------------------------------------------------------
+
+
+def test_submit_and_map_after_shutdown_raise_the_stdlib_error() -> None:
+    executor = ZMQExecutor(max_workers=1)
+    executor.shutdown()
+    with pytest.raises(RuntimeError, match="^cannot schedule new futures after shutdown$"):
+        executor.submit(abs, 1)
+    with pytest.raises(RuntimeError, match="cannot schedule new futures after shutdown"):
+        executor.map(abs, [1])
+    executor.shutdown()  # again: harmless
+
+
+def test_shutdown_waits_for_everything_submitted() -> None:
+    executor = ZMQExecutor(max_workers=2)
+    futures = [executor.submit(slow_identity, 0.1) for _ in range(8)]
+    executor.shutdown(wait=True)
+    assert all(f.done() and f.result() == 0.1 for f in futures)
+
+
+def test_shutdown_cancel_futures_cancels_only_what_has_not_started() -> None:
+    executor = ZMQExecutor(max_workers=1)
+    futures = [executor.submit(slow_identity, 0.3) for _ in range(10)]
+    time.sleep(0.5)
+    executor.shutdown(wait=True, cancel_futures=True)
+    assert all(f.done() for f in futures)
+    cancelled = [f for f in futures if f.cancelled()]
+    finished = [f for f in futures if not f.cancelled()]
+    assert len(cancelled) >= 5
+    assert finished and all(f.result() == 0.3 for f in finished)
+
+
+def test_shutdown_without_wait_returns_at_once_and_still_finishes() -> None:
+    executor = ZMQExecutor(max_workers=1)
+    worker_pid = executor._engine.local_worker.pid
+    futures = [executor.submit(slow_identity, 0.3) for _ in range(3)]
+    started = time.monotonic()
+    executor.shutdown(wait=False)
+    assert time.monotonic() - started < 0.2
+    assert [f.result(timeout=30) for f in futures] == [0.3] * 3
+    assert wait_until(lambda: not alive(worker_pid), timeout=15)
+
+
+def test_shutdown_leaves_no_process_or_thread_behind() -> None:
+    before = children_of(os.getpid())
+    threads_before = set(threading.enumerate())
+    with ZMQExecutor(max_workers=3) as executor:
+        assert executor.submit(abs, -1).result(timeout=30) == 1
+        assert wait_until(lambda: len(children_of(os.getpid()) - before) >= 4)
+    assert children_of(os.getpid()) - before == set()
+    assert set(threading.enumerate()) - threads_before == set()
+
+
+def test_a_forgotten_executor_is_collected_and_its_workers_stop() -> None:
+    executor = ZMQExecutor(max_workers=1)
+    worker_pid = executor._engine.local_worker.pid
+    engine = executor._engine
+    executor_ref = weakref.ref(executor)
+    future = executor.submit(slow_identity, 0.2)
+    del executor
+    gc.collect()
+    assert executor_ref() is None
+    assert future.result(timeout=30) == 0.2
+    engine.join(30)
+    assert not engine.is_alive()
+    assert wait_until(lambda: not alive(worker_pid), timeout=15)
+
+
+def test_a_script_that_never_shuts_down_finishes_its_work_at_exit(tmp_path) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent("""
+        import os, time
+        from zmqexecutor import ZMQExecutor
+
+        def slow_square(x):
+            time.sleep(0.2)
+            return x * x
+
+        executor = ZMQExecutor(max_workers=2)
+        print("worker", executor._engine.local_worker.pid, flush=True)
+        futures = [executor.submit(slow_square, i) for i in range(4)]
+        futures[-1].add_done_callback(lambda f: print("last", f.result(), flush=True))
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                         cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0, out.stderr
+    assert "last 9" in out.stdout
+    worker_pid = int(out.stdout.split()[1])
+    assert wait_until(lambda: not alive(worker_pid), timeout=10)
+
+
+def test_functions_defined_in_a_scripts_main_module(tmp_path) -> None:
+    script = tmp_path / "main_script.py"
+    script.write_text(textwrap.dedent("""
+        from zmqexecutor import ZMQExecutor
+
+        class Point:
+            def __init__(self, x, y):
+                self.x, self.y = x, y
+
+        def norm2(p):
+            return p.x * p.x + p.y * p.y
+
+        with ZMQExecutor(max_workers=2) as ex:
+            print(sum(ex.map(norm2, [Point(i, i) for i in range(10)])))
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                         cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(sum(2 * i * i for i in range(10)))
+
+
+# --- initializer, max_tasks_per_child, crashes ----------------------------------------------------
+
+
+def test_initializer_runs_once_in_each_task_process() -> None:
+    with ZMQExecutor(max_workers=2, initializer=remember, initargs=("hello",)) as executor:
+        states = [f.result(timeout=30) for f in [executor.submit(init_state) for _ in range(20)]]
+    assert {(value, count) for value, count, _ in states} == {("hello", 1)}
+
+
+def test_a_failing_initializer_breaks_the_executor() -> None:
+    executor = ZMQExecutor(max_workers=1, initializer=failing_initializer)
+    try:
+        error = executor.submit(abs, 1).exception(timeout=30)
+        assert isinstance(error, BrokenWorkerPool)
+        assert isinstance(error, BrokenProcessPool) and isinstance(error, cf.BrokenExecutor)
+        assert isinstance(error.__cause__, RuntimeError) and "initializer exploded" in str(error.__cause__)
+        assert wait_until(lambda: executor._shared.broken is not None)
+        with pytest.raises(BrokenWorkerPool):
+            executor.submit(abs, 1)
+    finally:
+        executor.shutdown()
+
+
+def test_max_tasks_per_child_recycles_task_processes() -> None:
+    with ZMQExecutor(max_workers=1, max_tasks_per_child=2) as executor:
+        pids = [executor.submit(os.getpid).result(timeout=30) for _ in range(6)]
+    assert len(set(pids)) == 3
+    assert all(pids.count(pid) == 2 for pid in set(pids))
+
+
+def test_a_task_that_kills_its_process_fails_only_its_future() -> None:
+    with ZMQExecutor(max_workers=2) as executor:
+        slow = executor.submit(slow_identity, 1.0)
+        crashed = executor.submit(os._exit, 3)
+        error = crashed.exception(timeout=30)
+        assert isinstance(error, TaskCrashedError) and isinstance(error, BrokenProcessPool)
+        assert error.exitcode == 3 and "exited with code 3" in str(error)
+        assert slow.result(timeout=30) == 1.0
+        assert list(executor.map(abs, [-1, -2, -3])) == [1, 2, 3]
+
+
+# --- construction ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"max_workers": 0}, ValueError, "max_workers must be greater than 0"),
+        ({"max_workers": -1}, ValueError, "max_workers must be greater than 0"),
+        ({"max_workers": "2"}, TypeError, "max_workers must be an integer"),
+        ({"max_tasks_per_child": 0}, ValueError, "max_tasks_per_child must be >= 1"),
+        ({"max_tasks_per_child": 1.5}, TypeError, "max_tasks_per_child must be an integer"),
+        ({"initializer": 3}, TypeError, "initializer must be a callable"),
+        ({"connect_timeout": 0}, ValueError, "connect_timeout must be > 0 or None"),
+        ({"endpoints": "localhost:5555"}, ValueError, "malformed endpoint 'localhost:5555'"),
+        ({"endpoints": ["tcp://a:1", "udp://b:2"]}, ValueError, "unsupported transport in endpoint 'udp://b:2'"),
+        ({"endpoints": ["tcp://a:99999"]}, ValueError, "malformed port in endpoint 'tcp://a:99999'"),
+        ({"endpoints": ["tcp://*:1"]}, ValueError, "wildcard"),
+        ({"endpoints": []}, ValueError, "endpoints must not be empty"),
+        ({"endpoints": ["tcp://a:1", "tcp://a:1"]}, ValueError, "duplicate endpoints: tcp://a:1"),
+        ({"endpoints": [5555]}, TypeError, "an endpoint must be a string"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(kwargs: dict, error: type, message: str) -> None:
+    before = children_of(os.getpid())
+    with pytest.raises(error, match=message):
+        ZMQExecutor(**kwargs)
+    assert children_of(os.getpid()) - before == set()
+
+
+def test_an_unpicklable_initializer_is_an_error_at_construction() -> None:
+    lock = threading.Lock()
+    with pytest.raises(TypeError):
+        ZMQExecutor(max_workers=1, initializer=lambda: lock)
