@@ -1,0 +1,239 @@
+"""Workers started with the command line, named by endpoint, and faults inside them."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures.process import BrokenProcessPool
+
+import pytest
+import zmq
+
+from conftest import alive, children_of, wait_until
+from zmqexecutor import NoWorkersError, TaskCrashedError, VersionMismatchError, ZMQExecutor
+from zmqexecutor import _protocol as proto
+from zmqexecutor._protocol import Kind
+
+
+def whoami() -> tuple[int, int]:
+    return os.getppid(), os.getpid()
+
+
+def sleep_then_whoami(seconds: float) -> tuple[int, int]:
+    time.sleep(seconds)
+    return whoami()
+
+
+def kill_myself(signum: int) -> None:
+    os.kill(os.getpid(), signum)
+    time.sleep(10)
+
+
+def segfault() -> None:
+    ctypes.string_at(0)
+
+
+def test_worker_named_by_tcp_endpoint(start_worker) -> None:
+    worker = start_worker(processes=2)
+    with ZMQExecutor(worker.endpoint) as ex:
+        results = [f.result(timeout=30) for f in [ex.submit(whoami) for _ in range(10)]]
+    assert {parent for parent, _ in results} == {worker.pid}
+    assert len({pid for _, pid in results}) <= 2
+
+
+def test_worker_named_by_ipc_endpoint(start_worker, tmp_path) -> None:
+    worker = start_worker(f"ipc://{tmp_path}/w.sock", processes=1)
+    with ZMQExecutor([worker.endpoint]) as ex:
+        assert ex.submit(whoami).result(timeout=30)[0] == worker.pid
+
+
+def test_round_robin_over_two_workers(start_worker) -> None:
+    first, second = start_worker(processes=1), start_worker(processes=1)
+    with ZMQExecutor([first.endpoint, second.endpoint]) as ex:
+        parents = [f.result(timeout=30)[0] for f in [ex.submit(sleep_then_whoami, 0.2) for _ in range(8)]]
+    assert parents.count(first.pid) == 4 and parents.count(second.pid) == 4
+
+
+def test_max_workers_caps_tasks_in_flight_across_workers(start_worker) -> None:
+    worker = start_worker(processes=4)
+    with ZMQExecutor(worker.endpoint, max_workers=1) as ex:
+        started = time.monotonic()
+        list(ex.map(sleep_then_whoami, [0.2] * 4))
+        elapsed = time.monotonic() - started
+    assert elapsed >= 0.75  # one at a time, although the worker has four slots
+
+
+def test_two_executors_share_one_worker(start_worker) -> None:
+    worker = start_worker(processes=2)
+    with ZMQExecutor(worker.endpoint) as a, ZMQExecutor(worker.endpoint) as b:
+        fa = [a.submit(sleep_then_whoami, 0.1) for _ in range(6)]
+        fb = [b.submit(pow, i, 2) for i in range(6)]
+        assert [f.result(timeout=30)[0] for f in fa] == [worker.pid] * 6
+        assert [f.result(timeout=30) for f in fb] == [i * i for i in range(6)]
+        a.shutdown()
+        assert b.submit(abs, -4).result(timeout=30) == 4
+
+
+@pytest.mark.parametrize(
+    "fn, args, expect",
+    [
+        (kill_myself, (signal.SIGKILL,), "was killed by SIGKILL"),
+        (segfault, (), "was killed by SIGSEGV"),
+        (os._exit, (7,), "exited with code 7"),
+    ],
+    ids=["sigkill", "segfault", "os_exit"],
+)
+def test_a_dying_task_process_fails_one_future_and_is_replaced(start_worker, fn, args, expect) -> None:
+    worker = start_worker(processes=2)
+    with ZMQExecutor(worker.endpoint) as ex:
+        before = {pid for _, pid in (f.result(timeout=30) for f in [ex.submit(sleep_then_whoami, 0.3) for _ in range(2)])}
+        neighbour = ex.submit(sleep_then_whoami, 1.0)
+        error = ex.submit(fn, *args).exception(timeout=30)
+        assert isinstance(error, TaskCrashedError) and isinstance(error, BrokenProcessPool)
+        assert expect in str(error)
+        assert error.endpoint == worker.endpoint and error.pid in before and error.host
+        assert neighbour.result(timeout=30)[0] == worker.pid
+        after = {f.result(timeout=30)[1] for f in [ex.submit(sleep_then_whoami, 0.3) for _ in range(4)]}
+        assert len(after) == 2 and error.pid not in after
+    assert "replacing it" in worker.log()
+
+
+def test_worker_stops_cleanly_on_sigterm_and_sigint(start_worker) -> None:
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        worker = start_worker(processes=2)
+        with ZMQExecutor(worker.endpoint) as ex:
+            assert ex.submit(abs, -1).result(timeout=30) == 1
+        task_pids = children_of(worker.pid)
+        assert len(task_pids) >= 2
+        worker.process.send_signal(signum)
+        assert worker.process.wait(15) == 0
+        assert wait_until(lambda: not any(alive(p) for p in task_pids))
+        assert "worker stopped" in worker.log()
+
+
+def test_task_processes_die_with_a_killed_worker(start_worker) -> None:
+    worker = start_worker(processes=2)
+    assert wait_until(lambda: len(children_of(worker.pid)) >= 2)
+    task_pids = children_of(worker.pid)
+    worker.process.kill()
+    worker.process.wait(10)
+    assert wait_until(lambda: not any(alive(p) for p in task_pids))
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://0.0.0.0:5555", "tcp://*:5555", "tcp://10.1.2.3:5555", "tcp://eth0:5555"])
+def test_worker_refuses_non_loopback_tcp(endpoint) -> None:
+    out = subprocess.run([sys.executable, "-m", "zmqexecutor", "worker", "--bind", endpoint],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert f"refusing to bind {endpoint}" in out.stderr and "SSH tunnel" in out.stderr
+
+
+def test_worker_reports_a_port_in_use(start_worker) -> None:
+    first = start_worker(processes=1)
+    out = subprocess.run([sys.executable, "-m", "zmqexecutor", "worker", "--bind", first.endpoint, "--processes", "1"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and f"cannot bind {first.endpoint}" in out.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["worker"], "the following arguments are required: --bind"),
+    (["worker", "--bind", "tcp://127.0.0.1:1", "--processes", "0"], "must be at least 1"),
+    (["worker", "--bind", "nonsense"], "malformed endpoint 'nonsense'"),
+])
+def test_cli_usage_errors(argv, message) -> None:
+    out = subprocess.run([sys.executable, "-m", "zmqexecutor", *argv], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and message in out.stderr
+
+
+def test_an_endpoint_that_never_comes_up_fails_after_connect_timeout(tcp_endpoint) -> None:
+    with ZMQExecutor(tcp_endpoint, connect_timeout=1.0) as ex:
+        started = time.monotonic()
+        future = ex.submit(abs, 1)
+        error = future.exception(timeout=30)
+        assert isinstance(error, NoWorkersError) and tcp_endpoint in str(error)
+        assert 0.9 <= time.monotonic() - started < 5
+
+
+def test_a_worker_started_late_is_used(tcp_endpoint, start_worker) -> None:
+    with ZMQExecutor(tcp_endpoint, connect_timeout=30) as ex:
+        future = ex.submit(whoami)
+        time.sleep(0.5)
+        assert not future.done()
+        worker = start_worker(tcp_endpoint, processes=1)
+        assert future.result(timeout=30)[0] == worker.pid
+
+
+# --- handshake and version mismatch, with a raw socket on the other side --------------------------
+
+
+def test_client_refuses_a_worker_with_other_versions(tcp_endpoint) -> None:
+    context = zmq.Context()
+    fake = context.socket(zmq.ROUTER)
+    fake.bind(tcp_endpoint)
+    try:
+        with ZMQExecutor(tcp_endpoint, connect_timeout=30) as ex:
+            future = ex.submit(abs, 1)
+            assert fake.poll(10_000)
+            client, *frames = fake.recv_multipart()
+            assert proto.decode_header(frames[0]).kind == Kind.HELLO
+            hello, _ = proto.decode_hello(frames)
+            welcome = dict(proto.local_versions(), python="3.99", cloudpickle="0.0.0", slots=2,
+                           instance="x", accepted=True, reason=None)
+            fake.send_multipart([client, *proto.encode_welcome(welcome)])
+            error = future.exception(timeout=30)
+            assert isinstance(error, VersionMismatchError)
+            text = str(error)
+            assert f"python {hello['python']} on client vs 3.99 on worker {tcp_endpoint}" in text
+            assert f"cloudpickle {hello['cloudpickle']} on client vs 0.0.0" in text
+            assert not fake.poll(300)  # no task was sent
+    finally:
+        fake.close(0)
+        context.term()
+
+
+def test_worker_refuses_a_client_with_other_versions(start_worker) -> None:
+    worker = start_worker(processes=1)
+    context = zmq.Context()
+    client = context.socket(zmq.DEALER)
+    client.connect(worker.endpoint)
+    try:
+        hello = dict(proto.local_versions(), python="3.99", cloudpickle="0.0.0")
+        client.send_multipart(proto.encode_hello(hello, b""))
+        assert client.poll(10_000)
+        welcome = proto.decode_welcome(client.recv_multipart())
+        assert welcome["accepted"] is False
+        assert f"python {proto.local_versions()['python']} on worker vs 3.99 on client" in welcome["reason"]
+        # A task without an accepted handshake is refused, never run.
+        client.send_multipart([proto.encode_header(Kind.TASK, 5), *proto.encode_call(os.getpid, (), {})])
+        assert client.poll(10_000)
+        frames = client.recv_multipart()
+        assert proto.decode_header(frames[0]) == proto.Header(Kind.REJECTED, 5)
+    finally:
+        client.close(0)
+        context.term()
+
+
+def test_worker_answers_another_protocol_version_with_a_clear_refusal(start_worker) -> None:
+    worker = start_worker(processes=1)
+    context = zmq.Context()
+    client = context.socket(zmq.DEALER)
+    client.connect(worker.endpoint)
+    try:
+        client.send_multipart([b"ZX\x63\x01" + bytes(8), b"{}", b""])  # protocol version 99
+        assert client.poll(10_000)
+        welcome = proto.decode_welcome(client.recv_multipart())
+        assert welcome["accepted"] is False
+        assert f"protocol {proto.PROTOCOL_VERSION} on worker vs 99 on client" in welcome["reason"]
+        # Garbage does not hurt the worker.
+        client.send_multipart([b"garbage"])
+        client.send(b"")
+        with ZMQExecutor(worker.endpoint) as ex:
+            assert ex.submit(abs, -6).result(timeout=30) == 6
+        assert worker.process.poll() is None
+    finally:
+        client.close(0)
+        context.term()
