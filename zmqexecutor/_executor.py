@@ -102,10 +102,11 @@ class ZMQExecutor(Executor):
                 raise ValueError("connect_timeout must be > 0 or None")
         init_blob = proto.encode_initializer(initializer, tuple(initargs))
 
-        self._max_workers = max_workers if max_workers is not None or addresses else _cpu_count()
+        self._max_workers = max_workers
         self._shared = _client.Shared()
         local_worker = None
         if not addresses:
+            self._max_workers = max_workers or _cpu_count()
             local_worker = LocalWorker(self._max_workers)
             addresses = [local_worker.endpoint]
         self._endpoints = tuple(addresses)

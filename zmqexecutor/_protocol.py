@@ -212,7 +212,9 @@ class _LargeBytes:
 
 
 def _rebuild_memoryview(buf: memoryview, fmt: str, shape: tuple[int, ...]) -> memoryview:
-    return memoryview(buf).cast("B").cast(fmt, shape)
+    flat: Any = memoryview(buf).cast("B")
+    view: memoryview = flat.cast(fmt, shape)
+    return view
 
 
 class _LargeView:
@@ -222,9 +224,9 @@ class _LargeView:
         self.view = view
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        view = self.view
+        view: Any = self.view
         if not view.c_contiguous:
-            view = memoryview(view.tobytes()).cast(view.format, view.shape)
+            view = memoryview(view.tobytes()).cast("B").cast(view.format, view.shape)
         return (_rebuild_memoryview, (pickle.PickleBuffer(view), view.format, view.shape))
 
 
@@ -321,13 +323,15 @@ def decode_exception(frames: Sequence[Frame], *, endpoint: str) -> BaseException
     type_name = str(meta.get("type", "Exception"))
     message = str(meta.get("message", ""))
     text = str(meta.get("traceback", ""))
-    exc: Any = None
+    exc: BaseException | None = None
     if len(as_buffer(frames[1])):
         try:
-            exc = loads(frames[1:])
+            unpickled = loads(frames[1:])
+            if isinstance(unpickled, BaseException):
+                exc = unpickled
         except Exception as unpickling_error:
             text += f"\n(the exception could not be unpickled on the client: {_safe_str(unpickling_error)})\n"
-    if not isinstance(exc, BaseException):
+    if exc is None:
         exc = RemoteError(type_name, message, text)
     heading = f"Traceback from a task on host {meta.get('host')}, pid {meta.get('pid')}, endpoint {endpoint}:"
     exc.__cause__ = RemoteTraceback(f'\n"""\n{heading}\n{text}"""')
