@@ -310,7 +310,7 @@ def test_a_pending_future_can_be_cancelled() -> None:
     with ZMQExecutor(max_workers=1) as executor:
         running = [executor.submit(slow_identity, 0.5) for _ in range(2)]  # the slot and its prefetch
         waiting = executor.submit(slow_identity, 0.5)
-        time.sleep(0.2)
+        assert wait_until(lambda: running[1].running())
         assert waiting.cancel()
         assert waiting.cancelled()
         assert not running[0].cancel()
@@ -356,7 +356,7 @@ def test_shutdown_waits_for_everything_submitted() -> None:
 def test_shutdown_cancel_futures_cancels_only_what_has_not_started() -> None:
     executor = ZMQExecutor(max_workers=1)
     futures = [executor.submit(slow_identity, 0.3) for _ in range(10)]
-    time.sleep(0.5)
+    assert wait_until(lambda: futures[0].running())
     executor.shutdown(wait=True, cancel_futures=True)
     assert all(f.done() for f in futures)
     cancelled = [f for f in futures if f.cancelled()]
