@@ -80,6 +80,8 @@ class WorkerProcess:
         for line in self.process.stderr:
             self.lines.append(line)
             if "worker ready" in line:
+                # The worker may have been asked for any free port ("tcp://127.0.0.1:*").
+                self.endpoint = line.split("endpoint=", 1)[1].split()[0]
                 self._ready.set()
 
     def wait_ready(self, timeout: float = 20.0) -> "WorkerProcess":
@@ -110,7 +112,7 @@ def start_worker() -> Iterator:
     started: list[WorkerProcess] = []
 
     def start(endpoint: str | None = None, processes: int = 2, wait: bool = True, extra: list[str] | None = None) -> WorkerProcess:
-        worker = WorkerProcess(endpoint or f"tcp://127.0.0.1:{free_port()}", processes, extra)
+        worker = WorkerProcess(endpoint or "tcp://127.0.0.1:*", processes, extra)
         started.append(worker)
         return worker.wait_ready() if wait else worker
 

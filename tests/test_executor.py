@@ -94,6 +94,13 @@ def slow_identity(x: float) -> float:
     return x
 
 
+def _run_script(tmp_path, body: str, **kwargs) -> subprocess.CompletedProcess:
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(body))
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), **kwargs)
+
+
 # --- submit ---------------------------------------------------------------------------------------
 
 
@@ -214,6 +221,7 @@ def test_map_rejects_bad_chunksize_and_buffersize(ex) -> None:
 def test_map_timeout_counts_from_the_call() -> None:
     results = []
     with ZMQExecutor(max_workers=2) as executor:
+        list(executor.map(slow_identity, [0, 0]))  # both task processes up
         started = time.monotonic()
         with pytest.raises(cf.TimeoutError):
             for value in executor.map(slow_identity, [0, 0, 3], timeout=1):
@@ -402,8 +410,7 @@ def test_a_forgotten_executor_is_collected_and_its_workers_stop() -> None:
 
 
 def test_a_script_that_never_shuts_down_finishes_its_work_at_exit(tmp_path) -> None:
-    script = tmp_path / "script.py"
-    script.write_text(textwrap.dedent("""
+    out = _run_script(tmp_path, """
         import os, time
         from zmqexecutor import ZMQExecutor
 
@@ -415,9 +422,7 @@ def test_a_script_that_never_shuts_down_finishes_its_work_at_exit(tmp_path) -> N
         print("worker", executor._engine.local_worker.pid, flush=True)
         futures = [executor.submit(slow_square, i) for i in range(4)]
         futures[-1].add_done_callback(lambda f: print("last", f.result(), flush=True))
-    """))
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
-                         cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    """)
     assert out.returncode == 0, out.stderr
     assert "last 9" in out.stdout
     worker_pid = int(out.stdout.split()[1])
@@ -425,8 +430,7 @@ def test_a_script_that_never_shuts_down_finishes_its_work_at_exit(tmp_path) -> N
 
 
 def test_functions_defined_in_a_scripts_main_module(tmp_path) -> None:
-    script = tmp_path / "main_script.py"
-    script.write_text(textwrap.dedent("""
+    out = _run_script(tmp_path, """
         from zmqexecutor import ZMQExecutor
 
         class Point:
@@ -438,9 +442,7 @@ def test_functions_defined_in_a_scripts_main_module(tmp_path) -> None:
 
         with ZMQExecutor(max_workers=2) as ex:
             print(sum(ex.map(norm2, [Point(i, i) for i in range(10)])))
-    """))
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
-                         cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    """)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(sum(2 * i * i for i in range(10)))
 
@@ -519,3 +521,51 @@ def test_an_unpicklable_initializer_is_an_error_at_construction() -> None:
     lock = threading.Lock()
     with pytest.raises(TypeError):
         ZMQExecutor(max_workers=1, initializer=lambda: lock)
+
+
+# --- the local worker's life ----------------------------------------------------------------------
+
+
+def test_a_dead_local_worker_breaks_the_executor_with_a_clear_error() -> None:
+    executor = ZMQExecutor(max_workers=1)
+    try:
+        assert executor.submit(abs, -1).result(timeout=30) == 1
+        pending = executor.submit(slow_identity, 10)
+        os.kill(executor._engine.local_worker.pid, 9)
+        error = pending.exception(timeout=15)
+        assert isinstance(error, BrokenWorkerPool) and "local worker process" in str(error)
+        with pytest.raises(BrokenWorkerPool):
+            executor.submit(abs, 1)
+    finally:
+        executor.shutdown()
+
+
+def test_local_workers_exit_when_the_client_is_killed(tmp_path) -> None:
+    out = _run_script(tmp_path, """
+        import os, signal
+        from zmqexecutor import ZMQExecutor
+        ex = ZMQExecutor(max_workers=2)
+        ex.submit(abs, 1).result(timeout=30)
+        print(ex._engine.local_worker.pid, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    assert out.returncode == -9
+    supervisor = int(out.stdout.split()[0])
+    assert wait_until(lambda: not alive(supervisor), timeout=10)
+
+
+def test_ctrl_c_in_the_terminal_leaves_the_local_workers_running(tmp_path) -> None:
+    out = _run_script(tmp_path, """
+        import os, signal, time
+        from zmqexecutor import ZMQExecutor
+        with ZMQExecutor(max_workers=1) as ex:
+            ex.submit(abs, 1).result(timeout=30)
+            try:
+                os.killpg(os.getpgrp(), signal.SIGINT)  # what the terminal does on Ctrl-C
+                time.sleep(5)
+            except KeyboardInterrupt:
+                print("interrupted", flush=True)
+            print("after", ex.submit(abs, -42).result(timeout=30), flush=True)
+    """, start_new_session=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["interrupted", "after", "42"]
