@@ -238,7 +238,7 @@ class Engine(threading.Thread):
     # Steps ----------------------------------------------------------------------------------------
 
     def open_sockets(self) -> None:
-        hello = proto.encode_hello(
+        self.hello = proto.encode_hello(
             dict(self.versions, host=socket.gethostname(), pid=os.getpid(),
                  max_tasks_per_child=self.max_tasks_per_child),
             self.init_blob,
@@ -253,7 +253,7 @@ class Engine(threading.Thread):
             ep = _Endpoint(address, sock)
             self.endpoints.append(ep)
             self.by_socket[sock] = ep
-            sock.send_multipart(hello)
+            sock.send_multipart(self.hello)
 
     def receive_replies(self, endpoints: list[_Endpoint]) -> None:
         for ep in endpoints:
@@ -347,11 +347,7 @@ class Engine(threading.Thread):
         self.backlog.appendleft(task)
         if ep.state == _Endpoint.READY:
             ep.state = _Endpoint.CONNECTING
-            ep.socket.send_multipart(proto.encode_hello(
-                dict(self.versions, host=socket.gethostname(), pid=os.getpid(),
-                     max_tasks_per_child=self.max_tasks_per_child),
-                self.init_blob,
-            ))
+            ep.socket.send_multipart(self.hello)
 
     def take_submissions(self) -> None:
         self.shared.wakeup.clear()

@@ -160,17 +160,11 @@ class ZMQExecutor(Executor):
         try:
             frames = proto.encode_call(fn, args, kwargs)
         except Exception as exc:
-            frames = None
-            pickling_error: Optional[BaseException] = exc
-        else:
-            pickling_error = None
+            future.set_exception(exc)
+            return future
         shared = self._shared
         with shared.lock:
             self._check_open()
-            if pickling_error is not None:
-                future.set_exception(pickling_error)
-                return future
-            assert frames is not None
             shared.submissions.append(_client._Task(_client.next_task_id(), future, frames))
         shared.wakeup.wake()
         return future
