@@ -13,13 +13,21 @@ from ._errors import (  # noqa: E402
     RemoteTraceback,
     TaskCrashedError,
     VersionMismatchError,
+    WorkerLostError,
     ZMQExecutorError,
 )
-from ._executor import DEFAULT_CONNECT_TIMEOUT, ZMQExecutor  # noqa: E402
+from ._executor import (  # noqa: E402
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_WORKER_TIMEOUT,
+    ZMQExecutor,
+)
 
 __all__ = [
     "ZMQExecutor",
     "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_MAX_RETRIES",
+    "DEFAULT_WORKER_TIMEOUT",
     "ZMQExecutorError",
     "RemoteError",
     "RemoteTraceback",
@@ -27,6 +35,7 @@ __all__ = [
     "BrokenWorkerPool",
     "NoWorkersError",
     "VersionMismatchError",
+    "WorkerLostError",
     "__version__",
 ]
 

@@ -40,24 +40,27 @@ def build_parser() -> argparse.ArgumentParser:
                         help="endpoint to listen on: tcp://127.0.0.1:5555 or ipc:///path/to/socket")
     worker.add_argument("--processes", type=_positive_int, default=None, metavar="N",
                         help="task processes, i.e. tasks run at once (default: the CPU count)")
+    worker.add_argument("--insecure", action="store_true",
+                        help="allow binding a non-loopback TCP address without authentication: anyone "
+                             "who can reach the port can run code as this user")
     worker.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: INFO")
     worker.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 
-def check_bind(endpoint: str) -> Optional[str]:
+def check_bind(endpoint: str, insecure: bool = False) -> Optional[str]:
     """Return why the worker must not bind ``endpoint``, or None when it may."""
     try:
         parsed = parse(endpoint, bind=True)
     except (TypeError, ValueError) as exc:
         return str(exc)
-    if parsed.transport == "tcp" and not is_loopback(parsed.host):
+    if parsed.transport == "tcp" and not is_loopback(parsed.host) and not insecure:
         return (
             f"refusing to bind {endpoint}: a worker unpickles what it receives, so an open port is a "
-            "remote shell. Until CurveZMQ authentication is available, workers bind loopback addresses "
-            "only (tcp://127.0.0.1:PORT); reach other hosts through an SSH tunnel "
-            "(ssh -N -L PORT:127.0.0.1:PORT HOST)."
+            "remote shell. Until CurveZMQ authentication is available, bind a loopback address "
+            "(tcp://127.0.0.1:PORT) and reach other hosts through an SSH tunnel "
+            "(ssh -N -L PORT:127.0.0.1:PORT HOST), or pass --insecure on a network you trust entirely."
         )
     return None
 
@@ -70,10 +73,15 @@ def run_worker(args: argparse.Namespace) -> int:
         format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    problem = check_bind(args.bind)
+    log = logging.getLogger("zmqexecutor.worker")
+    problem = check_bind(args.bind, args.insecure)
     if problem:
-        logging.getLogger("zmqexecutor.worker").error("%s", problem)
+        log.error("%s", problem)
         return 2
+    bound = parse(args.bind, bind=True)
+    if args.insecure and bound.transport == "tcp" and not is_loopback(bound.host):
+        log.warning("INSECURE: %s accepts tasks from anyone who can reach it, without authentication or "
+                    "encryption; whoever connects can run any code as this user", args.bind)
     supervisor = Supervisor(args.bind, args.processes or _cpu_count(), parent_pid=args.parent_pid)
     return supervisor.run()
 

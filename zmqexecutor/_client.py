@@ -35,6 +35,7 @@ from concurrent.futures import Future
 from typing import Any, Callable, Optional, Union
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from . import _protocol as proto
 from ._errors import (
@@ -42,6 +43,7 @@ from ._errors import (
     NoWorkersError,
     TaskCrashedError,
     VersionMismatchError,
+    WorkerLostError,
 )
 from ._local import LocalWorker
 from ._protocol import Kind
@@ -57,8 +59,11 @@ PREFETCH_PER_SLOT = 1
 # or the submission queue.
 RECV_BATCH = 256
 
-# Times a task is sent again after a worker answered that it has no session for this client.
-MAX_REJECTIONS = 3
+# Heartbeats sent per worker_timeout: enough that a few lost or late ones never look like a dead worker.
+HEARTBEATS_PER_TIMEOUT = 4
+
+# Longest pause between reconnection attempts to a worker that is down (libzmq backs off up to it).
+RECONNECT_IVL_MAX_MS = 1000
 
 # How long closing sockets may spend flushing the final BYE.
 CLOSE_LINGER_MS = 200
@@ -114,7 +119,7 @@ class Shared:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.submissions: collections.deque[Union[_Task, _ShutdownRequest]] = collections.deque()
+        self.submissions: collections.deque[Union[_Task, _ShutdownRequest, _StopWorkersRequest]] = collections.deque()
         self.wakeup = Wakeup()
         self.shutdown = False
         self.broken: Optional[BaseException] = None
@@ -128,8 +133,15 @@ class _ShutdownRequest:
         self.cancel_futures = cancel_futures
 
 
+class _StopWorkersRequest:
+    __slots__ = ("signum",)
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+
 class _Task:
-    __slots__ = ("ident", "future", "frames", "queued_at", "started", "rejections")
+    __slots__ = ("ident", "future", "frames", "queued_at", "started", "lost_on")
 
     def __init__(self, ident: int, future: Future[Any], frames: list[Any]) -> None:
         self.ident = ident
@@ -137,20 +149,21 @@ class _Task:
         self.frames = frames
         self.queued_at = time.monotonic()
         self.started = False
-        self.rejections = 0
+        self.lost_on: list[str] = []
 
 
 class _Endpoint:
-    __slots__ = ("address", "socket", "state", "slots", "capacity", "inflight", "instance", "info",
-                 "error", "in_ready_queue")
+    __slots__ = ("address", "socket", "monitor", "state", "slots", "capacity", "inflight", "instance",
+                 "info", "error", "in_ready_queue", "awaiting_since", "next_beat")
 
     CONNECTING = "connecting"
     READY = "ready"
     INCOMPATIBLE = "incompatible"
 
-    def __init__(self, address: str, sock: zmq.Socket[Any]) -> None:
+    def __init__(self, address: str, sock: zmq.Socket[Any], monitor: zmq.Socket[Any]) -> None:
         self.address = address
         self.socket = sock
+        self.monitor = monitor
         self.state = self.CONNECTING
         self.slots = 0
         self.capacity = 0
@@ -159,6 +172,9 @@ class _Endpoint:
         self.info: dict[str, Any] = {}
         self.error: Optional[BaseException] = None
         self.in_ready_queue = False
+        # When the oldest unanswered heartbeat was sent; None while the worker has answered since.
+        self.awaiting_since: Optional[float] = None
+        self.next_beat = 0.0
 
 
 _task_ids = itertools.count(1)
@@ -166,6 +182,9 @@ _task_ids = itertools.count(1)
 
 def next_task_id() -> int:
     return next(_task_ids)
+
+
+_MONITORED_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 
 
 class Engine(threading.Thread):
@@ -181,6 +200,8 @@ class Engine(threading.Thread):
         max_tasks_per_child: Optional[int],
         max_in_flight: Optional[int],
         connect_timeout: Optional[float],
+        worker_timeout: float,
+        max_retries: int,
         local_worker: Optional[LocalWorker],
     ) -> None:
         super().__init__(name="zmqexecutor-io", daemon=True)
@@ -191,14 +212,19 @@ class Engine(threading.Thread):
         self.max_tasks_per_child = max_tasks_per_child
         self.max_in_flight = max_in_flight
         self.connect_timeout = connect_timeout
+        self.worker_timeout = worker_timeout
+        self.heartbeat = worker_timeout / HEARTBEATS_PER_TIMEOUT
+        self.max_retries = max_retries
         self.local_worker = local_worker
         self.client_id = f"zx-{uuid.uuid4().hex}".encode()
         self.backlog: collections.deque[_Task] = collections.deque()
         self.ready: collections.deque[_Endpoint] = collections.deque()
         self.endpoints: list[_Endpoint] = []
         self.by_socket: dict[zmq.Socket[Any], _Endpoint] = {}
+        self.by_monitor: dict[zmq.Socket[Any], _Endpoint] = {}
         self.in_flight = 0
         self.shutting_down = False
+        self.stopping_workers = False
         self.versions = proto.local_versions()
 
     # The loop -------------------------------------------------------------------------------------
@@ -210,11 +236,15 @@ class Engine(threading.Thread):
             poller = zmq.Poller()
             for ep in self.endpoints:
                 poller.register(ep.socket, zmq.POLLIN)
+                poller.register(ep.monitor, zmq.POLLIN)
             poller.register(self.shared.wakeup.fileno(), zmq.POLLIN)
             while True:
                 events = dict(poller.poll(self.poll_timeout()))
                 self.receive_replies([ep for ep in self.endpoints if ep.socket in events])
+                self.read_connection_events([ep for ep in self.endpoints if ep.monitor in events])
                 self.take_submissions()
+                self.check_liveness()
+                self.send_heartbeats()
                 self.dispatch_tasks()
                 self.expire_waiting_tasks()
                 self.watch_local_worker()
@@ -226,21 +256,21 @@ class Engine(threading.Thread):
         finally:
             self.close()
 
-    def poll_timeout(self) -> Optional[int]:
-        timeouts: list[float] = []
+    def poll_timeout(self) -> int:
+        now = time.monotonic()
+        timeouts = [min(ep.next_beat for ep in self.endpoints) - now]
         if self.local_worker is not None:
             timeouts.append(LOCAL_CHECK_INTERVAL)
         if self.backlog and self.connect_timeout is not None and not self.ready_endpoints():
-            waited = time.monotonic() - self.backlog[0].queued_at
-            timeouts.append(max(0.0, self.connect_timeout - waited) + 0.001)
-        return int(min(timeouts) * 1000) if timeouts else None
+            timeouts.append(self.connect_timeout - (now - self.backlog[0].queued_at))
+        return max(0, int(min(timeouts) * 1000) + 1)
 
     # Steps ----------------------------------------------------------------------------------------
 
     def open_sockets(self) -> None:
         self.hello = proto.encode_hello(
             dict(self.versions, host=socket.gethostname(), pid=os.getpid(),
-                 max_tasks_per_child=self.max_tasks_per_child),
+                 max_tasks_per_child=self.max_tasks_per_child, timeout=self.worker_timeout),
             self.init_blob,
         )
         for address in self.addresses:
@@ -249,11 +279,20 @@ class Engine(threading.Thread):
             # Credit bounds what is queued; a high-water mark would only drop or block silently.
             sock.setsockopt(zmq.SNDHWM, 0)
             sock.setsockopt(zmq.RCVHWM, 0)
+            # Queue nothing for a worker we are not connected to: a send then fails at once, and
+            # what would have waited in a dead connection's pipe stays in our backlog instead.
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            # libzmq's own heartbeats close a connection whose peer stopped answering (a cut link, a
+            # stopped process), so that it reconnects as soon as the peer is back.
+            sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(self.heartbeat * 1000)))
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(self.worker_timeout * 1000)))
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+            monitor = sock.get_monitor_socket(_MONITORED_EVENTS)
             sock.connect(address)
-            ep = _Endpoint(address, sock)
+            ep = _Endpoint(address, sock, monitor)
             self.endpoints.append(ep)
             self.by_socket[sock] = ep
-            sock.send_multipart(self.hello)
+            self.by_monitor[monitor] = ep
 
     def receive_replies(self, endpoints: list[_Endpoint]) -> None:
         for ep in endpoints:
@@ -262,6 +301,7 @@ class Engine(threading.Thread):
                     frames = ep.socket.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
+                ep.awaiting_since = None
                 try:
                     self.handle_reply(ep, frames)
                 except proto.ProtocolError as exc:
@@ -272,6 +312,12 @@ class Engine(threading.Thread):
         header = proto.decode_header(frames[0], any_version=True)
         if header.kind == Kind.WELCOME or header.version != proto.PROTOCOL_VERSION:
             self.handle_welcome(ep, header, frames)
+            return
+        if header.kind == Kind.PONG:
+            return
+        if header.kind == Kind.REJECTED:
+            if ep.state == _Endpoint.READY:
+                self.lose_endpoint(ep, proto.decode_reason(frames[1:]))
             return
         task = ep.inflight.pop(header.ident, None)
         if task is None:
@@ -291,8 +337,6 @@ class Engine(threading.Thread):
             error.__cause__ = cause
             task.future.set_exception(error)
             self.break_executor(error)
-        elif header.kind == Kind.REJECTED:
-            self.handle_rejection(ep, task, proto.decode_reason(frames[1:]))
         else:
             raise proto.ProtocolError(f"unexpected {header.kind.name} from a worker")
 
@@ -306,9 +350,15 @@ class Engine(threading.Thread):
             problem = str(info.get("reason") or "the worker refused the handshake")
         if problem is not None:
             logger.error("cannot use worker %s: %s", ep.address, problem)
+            if ep.state == _Endpoint.READY:
+                self.lose_endpoint(ep, "it was replaced by an incompatible worker")
             ep.state = _Endpoint.INCOMPATIBLE
             ep.error = VersionMismatchError(f"cannot use worker {ep.address}: {problem}")
             return
+        if ep.state == _Endpoint.READY:
+            if info["instance"] == ep.instance:
+                return  # the answer to a HELLO repeated while we waited
+            self.lose_endpoint(ep, "it restarted")
         if ep.instance is not None and ep.instance != info["instance"]:
             logger.warning("worker %s restarted (instance %s -> %s)", ep.address, ep.instance, info["instance"])
         ep.info = info
@@ -338,16 +388,66 @@ class Engine(threading.Thread):
         return TaskCrashedError(message, exitcode=exitcode, signal=signal_name, host=str(host),
                                 pid=int(pid) if isinstance(pid, int) else 0, endpoint=ep.address)
 
-    def handle_rejection(self, ep: _Endpoint, task: _Task, reason: str) -> None:
-        task.rejections += 1
-        if task.rejections > MAX_REJECTIONS:
-            task.future.set_exception(BrokenWorkerPool(f"worker {ep.address} rejected the task: {reason}"))
-            return
-        logger.warning("worker %s rejected task %d (%s); shaking hands again", ep.address, task.ident, reason)
-        self.backlog.appendleft(task)
-        if ep.state == _Endpoint.READY:
-            ep.state = _Endpoint.CONNECTING
-            ep.socket.send_multipart(self.hello)
+    def read_connection_events(self, endpoints: list[_Endpoint]) -> None:
+        for ep in endpoints:
+            while True:
+                try:
+                    event = recv_monitor_message(ep.monitor, zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    if ep.state == _Endpoint.CONNECTING:
+                        self.send(ep, self.hello)
+                elif event["event"] == zmq.EVENT_DISCONNECTED and ep.state == _Endpoint.READY:
+                    self.lose_endpoint(ep, "the connection closed")
+
+    def check_liveness(self) -> None:
+        now = time.monotonic()
+        for ep in self.endpoints:
+            if (ep.state == _Endpoint.READY and ep.awaiting_since is not None
+                    and now - ep.awaiting_since > self.worker_timeout):
+                self.lose_endpoint(ep, f"no answer for {self.worker_timeout:g} s")
+
+    def send_heartbeats(self) -> None:
+        now = time.monotonic()
+        for ep in self.endpoints:
+            if now < ep.next_beat:
+                continue
+            ep.next_beat = now + self.heartbeat
+            if ep.state == _Endpoint.READY:
+                if self.send(ep, [proto.encode_header(Kind.PING)]) and ep.awaiting_since is None:
+                    ep.awaiting_since = now
+            elif ep.state == _Endpoint.CONNECTING:
+                self.send(ep, self.hello)
+
+    def send(self, ep: _Endpoint, frames: list[Any]) -> bool:
+        try:
+            ep.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False  # not connected right now
+        return True
+
+    def lose_endpoint(self, ep: _Endpoint, why: str) -> None:
+        """Give up on the tasks in flight on ``ep``: retry them elsewhere, or fail those out of retries."""
+        inflight, ep.inflight = ep.inflight, {}
+        self.in_flight -= len(inflight)
+        ep.state = _Endpoint.CONNECTING
+        ep.awaiting_since = None
+        ep.next_beat = 0.0  # shake hands again at once
+        logger.warning("lost worker %s (%s) with %d task(s) in flight", ep.address, why, len(inflight))
+        now = time.monotonic()
+        retry = []
+        for task in sorted(inflight.values(), key=lambda t: t.ident):
+            task.lost_on.append(ep.address)
+            if self.stopping_workers or len(task.lost_on) > self.max_retries:
+                lost_on = tuple(task.lost_on)
+                task.future.set_exception(WorkerLostError(
+                    f"the task was lost with {len(lost_on)} worker(s): {', '.join(lost_on)} "
+                    f"(max_retries={self.max_retries}); last: {why}", lost_on))
+            else:
+                task.queued_at = now
+                retry.append(task)
+        self.backlog.extendleft(reversed(retry))
 
     def take_submissions(self) -> None:
         self.shared.wakeup.clear()
@@ -356,10 +456,12 @@ class Engine(threading.Thread):
             item = submissions.popleft()
             if isinstance(item, _Task):
                 self.backlog.append(item)
-            else:
+            elif isinstance(item, _ShutdownRequest):
                 self.shutting_down = True
                 if item.cancel_futures:
                     self.cancel_backlog()
+            else:
+                self.stop_workers(item.signum)
         if not self.shutting_down and (self.shared.exiting or self.executor_ref() is None):
             self.shutting_down = True
 
@@ -369,6 +471,13 @@ class Engine(threading.Thread):
             if not task.started:
                 task.future.cancel()
         self.backlog = kept
+
+    def stop_workers(self, signum: int) -> None:
+        self.stopping_workers = True
+        self.fail_backlog(lambda: WorkerLostError("the task was waiting for a retry when the workers were stopped"))
+        for ep in self.endpoints:
+            if ep.state == _Endpoint.READY:
+                self.send(ep, [proto.encode_header(Kind.TERMINATE, signum)])
 
     def offer(self, ep: _Endpoint) -> None:
         if ep.state == _Endpoint.READY and not ep.in_ready_queue and len(ep.inflight) < ep.capacity:
@@ -392,10 +501,8 @@ class Engine(threading.Thread):
                     self.offer(ep)
                     continue
                 task.started = True
-            try:
-                ep.socket.send_multipart([proto.encode_header(Kind.TASK, task.ident), *task.frames],
-                                         zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            if not self.send(ep, [proto.encode_header(Kind.TASK, task.ident), *task.frames]):
+                # Disconnected since its last message: the connection event will follow.
                 self.backlog.appendleft(task)
                 continue
             ep.inflight[task.ident] = task
@@ -411,15 +518,16 @@ class Engine(threading.Thread):
             return
         if self.connect_timeout is None:
             return
-        if time.monotonic() - self.backlog[0].queued_at < self.connect_timeout:
-            return
-        message = (f"no worker became reachable within connect_timeout={self.connect_timeout} s "
-                   f"(endpoints: {', '.join(self.addresses)})")
         now = time.monotonic()
-        expired = [task for task in self.backlog if now - task.queued_at >= self.connect_timeout]
-        self.backlog = collections.deque(task for task in self.backlog if now - task.queued_at < self.connect_timeout)
-        for task in expired:
-            self.fail_task(task, NoWorkersError(message))
+        if now - self.backlog[0].queued_at < self.connect_timeout:
+            return
+        message = (f"no worker became reachable within connect_timeout={self.connect_timeout:g} s "
+                   f"(endpoints: {', '.join(self.addresses)})")
+        waiting = self.backlog
+        self.backlog = collections.deque(task for task in waiting if now - task.queued_at < self.connect_timeout)
+        for task in waiting:
+            if now - task.queued_at >= self.connect_timeout:
+                self.fail_task(task, NoWorkersError(message))
 
     def watch_local_worker(self) -> None:
         if self.local_worker is None:
@@ -466,10 +574,9 @@ class Engine(threading.Thread):
         try:
             for ep in self.endpoints:
                 if ep.state == _Endpoint.READY:
-                    try:
-                        ep.socket.send(proto.encode_header(Kind.BYE), zmq.NOBLOCK)
-                    except zmq.ZMQError:
-                        pass
+                    self.send(ep, [proto.encode_header(Kind.BYE)])
+                ep.socket.disable_monitor()
+                ep.monitor.close(linger=0)
                 ep.socket.close(linger=CLOSE_LINGER_MS)
             self.context.term()
         finally:

@@ -12,6 +12,7 @@ __all__ = [
     "TaskCrashedError",
     "BrokenWorkerPool",
     "NoWorkersError",
+    "WorkerLostError",
     "VersionMismatchError",
 ]
 
@@ -75,6 +76,17 @@ class BrokenWorkerPool(BrokenProcessPool, ZMQExecutorError):
 
 class NoWorkersError(BrokenExecutor, ZMQExecutorError):
     """Raised when a task waited longer than ``connect_timeout`` without any worker being reachable."""
+
+
+class WorkerLostError(BrokenExecutor, ZMQExecutorError):
+    """Raised when a task was in flight on more lost workers than ``max_retries`` allows."""
+
+    def __init__(self, message: str, endpoints: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.endpoints = endpoints
+
+    def __reduce__(self) -> tuple[type[WorkerLostError], tuple[str, tuple[str, ...]]]:
+        return (type(self), (str(self), self.endpoints))
 
 
 class VersionMismatchError(ZMQExecutorError):

@@ -6,6 +6,7 @@ import collections
 import functools
 import itertools
 import os
+import signal
 import threading
 import time
 import weakref
@@ -22,10 +23,24 @@ _T = TypeVar("_T")
 #: How long, by default, a task waits for any worker to become reachable before it fails.
 DEFAULT_CONNECT_TIMEOUT = 60.0
 
+#: How long, by default, a connected worker may stay silent before it counts as lost. Heartbeats are
+#: answered by the worker's supervisor, which runs no user code, so a long task never looks like silence.
+DEFAULT_WORKER_TIMEOUT = 5.0
+
+#: How many times, by default, a task lost with its worker is sent to another one.
+DEFAULT_MAX_RETRIES = 2
+
 
 def _cpu_count() -> int:
     counter = getattr(os, "process_cpu_count", None) or os.cpu_count
     return counter() or 1
+
+
+def _check_seconds(name: str, value: object, *, none_ok: bool = False) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number of seconds{' or None' if none_ok else ''}")
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0{' or None' if none_ok else ''}")
 
 
 def _process_chunk(fn: Callable[..., _T], chunk: Sequence[tuple[Any, ...]]) -> list[_T]:
@@ -70,6 +85,10 @@ class ZMQExecutor(Executor):
             tasks (default: never).
         connect_timeout: seconds a task waits while no worker is reachable before it fails with
             ``NoWorkersError``; None waits forever.
+        worker_timeout: seconds a connected worker may stay silent (no answer to heartbeats) before
+            it counts as lost and its tasks are retried; a closed connection counts at once.
+        max_retries: how many times a task lost with its worker is sent again; a task lost more
+            often fails with ``WorkerLostError``. 0 gives at-most-once execution.
     """
 
     def __init__(
@@ -81,6 +100,8 @@ class ZMQExecutor(Executor):
         initargs: tuple[Any, ...] = (),
         max_tasks_per_child: Optional[int] = None,
         connect_timeout: Optional[float] = DEFAULT_CONNECT_TIMEOUT,
+        worker_timeout: float = DEFAULT_WORKER_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
     ) -> None:
         addresses = self._check_endpoints(endpoints)
         if max_workers is not None:
@@ -96,10 +117,12 @@ class ZMQExecutor(Executor):
             if max_tasks_per_child <= 0:
                 raise ValueError("max_tasks_per_child must be >= 1")
         if connect_timeout is not None:
-            if not isinstance(connect_timeout, (int, float)) or isinstance(connect_timeout, bool):
-                raise TypeError("connect_timeout must be a number of seconds or None")
-            if connect_timeout <= 0:
-                raise ValueError("connect_timeout must be > 0 or None")
+            _check_seconds("connect_timeout", connect_timeout, none_ok=True)
+        _check_seconds("worker_timeout", worker_timeout)
+        if not isinstance(max_retries, int) or isinstance(max_retries, bool):
+            raise TypeError("max_retries must be an integer")
+        if max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
         init_blob = proto.encode_initializer(initializer, tuple(initargs))
 
         self._max_workers = max_workers
@@ -119,6 +142,8 @@ class ZMQExecutor(Executor):
             max_tasks_per_child=max_tasks_per_child,
             max_in_flight=max_workers if local_worker is None else None,
             connect_timeout=connect_timeout,
+            worker_timeout=float(worker_timeout),
+            max_retries=max_retries,
             local_worker=local_worker,
         )
         _client.register(self._engine)
@@ -261,6 +286,27 @@ class ZMQExecutor(Executor):
         shared.wakeup.wake()
         if wait and self._engine is not threading.current_thread():
             self._engine.join()
+
+
+    def terminate_workers(self) -> None:
+        """Shut down at once and stop, with SIGTERM, the task processes running this executor's tasks.
+
+        As ``ProcessPoolExecutor.terminate_workers`` (Python 3.14): queued tasks are cancelled, running
+        ones fail with ``TaskCrashedError``, and the executor is shut down. Other clients' tasks on
+        shared workers are not touched; the local worker, when embedded, is stopped.
+        """
+        self._stop_workers(signal.SIGTERM)
+
+    def kill_workers(self) -> None:
+        """Like ``terminate_workers``, with SIGKILL."""
+        self._stop_workers(signal.SIGKILL)
+
+    def _stop_workers(self, signum: int) -> None:
+        self.shutdown(wait=False, cancel_futures=True)
+        shared = self._shared
+        with shared.lock:
+            shared.submissions.append(_client._StopWorkersRequest(signum))
+        shared.wakeup.wake()
 
 
 def _flatten(chunks: Iterator[list[_T]]) -> Iterator[_T]:

@@ -18,8 +18,17 @@ Client <-> worker supervisor (a DEALER per endpoint to the worker's bound ROUTER
     EXCEPTION    w -> c  [hdr(task id), json {type, message, traceback, host, pid}, exception pickle or b""]
     INIT_FAILED  w -> c  same frames as EXCEPTION: the initializer raised
     CRASHED      w -> c  [hdr(task id), json {exitcode, signal, host, pid}]
-    REJECTED     w -> c  [hdr(task id), json {reason}]: the worker has no session for this client
+    REJECTED     w -> c  [hdr(task id or 0), json {reason}]: the worker has no session for this client;
+                         the client treats its tasks there as lost and shakes hands again
+    PING         c -> w  [hdr(0)]: liveness, sent every heartbeat interval; refreshes the session
+    PONG         w -> c  [hdr(0)]: the answer to PING (REJECTED(0) instead when there is no session)
+    TERMINATE    c -> w  [hdr(signal number)]: send this signal to the task processes running this
+                         client's tasks, and drop its queued tasks (``terminate_workers()``)
     BYE          c -> w  [hdr(0)]: the client is done; the worker forgets its session
+
+A HELLO from a client the worker already knows starts a new session: the client sends it only after
+it has given up on every task it had there, so the tasks still queued for it are dropped. A session
+that hears nothing from its client for a few of the client's timeouts is dropped the same way.
 
 Worker supervisor <-> task process (a DEALER per task process to the supervisor's ROUTER)::
 
@@ -73,6 +82,9 @@ class Kind(enum.IntEnum):
     BYE = 9
     READY = 10
     STOP = 11
+    PING = 12
+    PONG = 13
+    TERMINATE = 14
 
 
 _KINDS = frozenset(int(k) for k in Kind)
@@ -178,6 +190,9 @@ def decode_hello(frames: Sequence[Frame]) -> tuple[dict[str, Any], bytes]:
     limit = info.get("max_tasks_per_child")
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         raise ProtocolError(f"bad max_tasks_per_child {limit!r}")
+    timeout = info.get("timeout")
+    if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0):
+        raise ProtocolError(f"bad timeout {timeout!r}")
     return info, as_bytes(frames[2])
 
 

@@ -55,6 +55,17 @@ STOP_GRACE = 2.0
 # Most messages taken from one socket per loop, so that one busy peer cannot starve the others.
 RECV_BATCH = 256
 
+# A session is dropped when its client has been silent for this many of the client's own timeouts
+# (the client sends heartbeats several times per timeout). Dropping a live client's session costs it
+# a new handshake and retries, so this errs on the long side.
+SESSION_TIMEOUT_FACTOR = 3
+DEFAULT_CLIENT_TIMEOUT = 5.0
+
+# libzmq heartbeats on the bound socket: a connection whose client stopped answering is closed, which
+# frees whatever libzmq still queued for it.
+HEARTBEAT_IVL_MS = 2000
+HEARTBEAT_TIMEOUT_MS = 20000
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -137,12 +148,14 @@ class _TaskRunner:
 
 
 class _Session:
-    __slots__ = ("client", "init_blob", "max_tasks_per_child")
+    __slots__ = ("client", "init_blob", "max_tasks_per_child", "expiry", "last_seen")
 
-    def __init__(self, client: bytes, init_blob: bytes, max_tasks_per_child: Optional[int]) -> None:
+    def __init__(self, client: bytes, init_blob: bytes, info: dict[str, Any]) -> None:
         self.client = client
         self.init_blob = init_blob
-        self.max_tasks_per_child = max_tasks_per_child
+        self.max_tasks_per_child: Optional[int] = info.get("max_tasks_per_child")
+        self.expiry = SESSION_TIMEOUT_FACTOR * float(info.get("timeout") or DEFAULT_CLIENT_TIMEOUT)
+        self.last_seen = time.monotonic()
 
 
 class _TaskProcess:
@@ -209,6 +222,7 @@ class Supervisor:
                 self.receive_from_clients()
                 self.reap_processes([fd for fd in events if fd in self.by_sentinel])
                 self.dispatch_tasks()
+                self.expire_sessions()
                 self.check_parent()
             return 0
         except _GiveUp as exc:
@@ -226,8 +240,9 @@ class Supervisor:
         logger.info("received %s, stopping", signal.Signals(signum).name)
         self.stopping = True
 
-    def poll_timeout(self) -> Optional[int]:
-        return int(PARENT_CHECK_INTERVAL * 1000) if self.parent_pid is not None else None
+    def poll_timeout(self) -> int:
+        # Parent checks and session expiry need no precision; one short period serves both.
+        return int(PARENT_CHECK_INTERVAL * 1000)
 
     def sync_sentinels(self, poller: zmq.Poller, registered: set[int]) -> None:
         current = set(self.by_sentinel)
@@ -248,7 +263,10 @@ class Supervisor:
             sock.setsockopt(zmq.SNDHWM, 0)
             sock.setsockopt(zmq.RCVHWM, 0)
             sock.setsockopt(zmq.LINGER, 0)
+        # A client that reconnects (after a cut link, say) takes its identity over from the old connection.
         self.front.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.front.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        self.front.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
         try:
             self.front.bind(self.bind)
         except zmq.ZMQError as exc:
@@ -289,17 +307,24 @@ class Supervisor:
             return
         if header.version != proto.PROTOCOL_VERSION:
             raise proto.ProtocolError(f"protocol version {header.version}, expected {proto.PROTOCOL_VERSION}")
+        if header.kind not in (Kind.TASK, Kind.PING, Kind.TERMINATE, Kind.BYE):
+            raise proto.ProtocolError(f"unexpected {header.kind.name} from a client")
+        session = self.sessions.get(client)
+        if session is None:
+            if header.kind != Kind.BYE:
+                reason = "this worker has no session for the client (it restarted, or the session expired)"
+                self.send_to_client(client, [proto.encode_header(Kind.REJECTED, header.ident), *proto.encode_reason(reason)])
+            return
+        session.last_seen = time.monotonic()
         if header.kind == Kind.TASK:
             proto.expect_frames(frames, 2)
-            if client not in self.sessions:
-                reason = "this worker has no session for the client (it restarted, or the handshake failed)"
-                self.send_to_client(client, [proto.encode_header(Kind.REJECTED, header.ident), *proto.encode_reason(reason)])
-                return
             self.queue.append((client, header.ident, frames[1:]))
-        elif header.kind == Kind.BYE:
-            self.forget_session(client)
+        elif header.kind == Kind.PING:
+            self.send_to_client(client, [proto.encode_header(Kind.PONG)])
+        elif header.kind == Kind.TERMINATE:
+            self.terminate_tasks_of(client, header.ident)
         else:
-            raise proto.ProtocolError(f"unexpected {header.kind.name} from a client")
+            self.forget_session(client, "said goodbye")
 
     def greet(self, client: bytes, header: proto.Header, frames: list[Any]) -> None:
         welcome: dict[str, Any] = dict(self.versions)
@@ -313,22 +338,43 @@ class Supervisor:
         reason = proto.version_mismatch(self.versions, theirs, us="worker", them="client")
         welcome.update(accepted=reason is None, reason=reason)
         if reason is None:
-            self.sessions[client] = _Session(client, init_blob, hello_info.get("max_tasks_per_child"))
+            # A client shakes hands again only after giving up on its tasks here: drop the old session.
+            self.forget_session(client, "started a new session")
+            self.sessions[client] = _Session(client, init_blob, hello_info)
             logger.info("client %s connected (host %s, pid %s)", client.decode(errors="replace"),
                         hello_info.get("host"), hello_info.get("pid"))
         else:
-            self.sessions.pop(client, None)
+            self.forget_session(client, "was refused")
             logger.warning("refused client %r: %s", client, reason)
         self.send_to_client(client, proto.encode_welcome(welcome))
 
-    def forget_session(self, client: bytes) -> None:
+    def forget_session(self, client: bytes, why: str) -> None:
         if self.sessions.pop(client, None) is None:
             return
-        logger.info("client %s said goodbye", client.decode(errors="replace"))
-        self.queue = collections.deque(item for item in self.queue if item[0] != client)
+        kept = collections.deque(item for item in self.queue if item[0] != client)
+        dropped = len(self.queue) - len(kept)
+        self.queue = kept
+        logger.info("client %s %s; dropped its session and %d queued task(s)",
+                    client.decode(errors="replace"), why, dropped)
         for proc in self.by_ident.values():
             proc.initialized.discard(client)
             proc.counts.pop(client, None)
+
+    def expire_sessions(self) -> None:
+        now = time.monotonic()
+        for session in [s for s in self.sessions.values() if now - s.last_seen > s.expiry]:
+            self.forget_session(session.client, f"was silent for {session.expiry:g} s")
+
+    def terminate_tasks_of(self, client: bytes, signum: int) -> None:
+        self.queue = collections.deque(item for item in self.queue if item[0] != client)
+        sig = signal.SIGKILL if signum == signal.SIGKILL else signal.SIGTERM
+        for proc in list(self.by_ident.values()):
+            if proc.current is not None and proc.current[0] == client and proc.process.pid is not None:
+                logger.info("stopping task process %d with %s at its client's request", proc.process.pid, sig.name)
+                try:
+                    os.kill(proc.process.pid, sig)
+                except ProcessLookupError:
+                    pass
 
     def send_to_client(self, client: bytes, frames: list[Any]) -> None:
         try:
@@ -366,7 +412,10 @@ class Supervisor:
             return
         client = proc.current[0]
         proc.current = None
-        self.send_to_client(client, frames)
+        if client in self.sessions:
+            self.send_to_client(client, frames)
+        else:
+            logger.debug("dropped the result of task %d: its client's session is gone", header.ident)
         count = proc.counts[client] = proc.counts.get(client, 0) + 1
         session = self.sessions.get(client)
         limit = session.max_tasks_per_child if session else None
