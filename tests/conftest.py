@@ -63,11 +63,12 @@ def alive(pid: int) -> bool:
 class WorkerProcess:
     """A real ``zmqexecutor worker`` started through the command line."""
 
-    def __init__(self, endpoint: str, processes: int = 2, extra: list[str] | None = None) -> None:
+    def __init__(self, endpoint: str, processes: int = 2, extra: list[str] | None = None,
+                 prefix: list[str] | None = None) -> None:
         self.endpoint = endpoint
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]))
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "zmqexecutor", "worker", "--bind", endpoint,
+            [*(prefix or []), sys.executable, "-m", "zmqexecutor", "worker", "--bind", endpoint,
              "--processes", str(processes), *(extra or [])],
             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, text=True,
         )

@@ -1,0 +1,385 @@
+"""Real faults: killed, stopped, restarted and partitioned workers, killed clients, poison tasks.
+
+Every test checks that each future reaches a final state exactly once within a bound, and that no
+I/O thread or process of ours is left behind.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from conftest import ROOT, WorkerProcess, alive, children_of, free_port, wait_until
+from zmqexecutor import NoWorkersError, TaskCrashedError, WorkerLostError, ZMQExecutor
+
+FAST = {"worker_timeout": 1.0, "connect_timeout": 20}
+
+
+def sleep_then_whoami(seconds: float, tag: object = None) -> tuple[int, int, object]:
+    time.sleep(seconds)
+    return os.getppid(), os.getpid(), tag
+
+
+def kill_my_worker() -> None:
+    os.kill(os.getppid(), signal.SIGKILL)
+    time.sleep(10)
+
+
+def busy_loop(seconds: float) -> int:
+    deadline = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < deadline:  # pure Python: holds the GIL of the task process
+        n += 1
+    return n
+
+
+class Resolutions:
+    """Counts how often each future is resolved."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counts: dict[int, int] = {}
+
+    def track(self, futures: list[cf.Future]) -> list[cf.Future]:
+        for future in futures:
+            future.add_done_callback(self._done)
+        return futures
+
+    def _done(self, future: cf.Future) -> None:
+        with self.lock:
+            self.counts[id(future)] = self.counts.get(id(future), 0) + 1
+
+    def assert_exactly_once(self, futures: list[cf.Future]) -> None:
+        assert all(self.counts.get(id(f)) == 1 for f in futures), self.counts
+
+
+def io_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "zmqexecutor-io"]
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind():
+    before = children_of(os.getpid())
+    yield
+    assert wait_until(lambda: not io_threads(), timeout=15), io_threads()
+    # Workers the test started are stopped by their fixture after this check, so only count new
+    # processes that are not workers or their task processes.
+    leftover = children_of(os.getpid()) - before
+    workers = {p for p in leftover if "zmqexecutor" in _cmdline(p) and "worker" in _cmdline(p)}
+    task_processes = {p for w in workers for p in children_of(w)}
+    assert wait_until(lambda: not ((children_of(os.getpid()) - before) - workers - task_processes), timeout=10)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def stop_processes(pids: set[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+# --- a worker dies --------------------------------------------------------------------------------
+
+
+def test_a_worker_killed_in_the_middle_of_a_map_loses_no_result(start_worker) -> None:
+    workers = [start_worker(processes=1) for _ in range(3)]
+    seen = Resolutions()
+    with ZMQExecutor([w.endpoint for w in workers], **FAST) as ex:
+        futures = seen.track([ex.submit(sleep_then_whoami, 0.1, i) for i in range(30)])
+        assert wait_until(lambda: sum(f.done() for f in futures) >= 3)
+        victim = workers[0]
+        victim.process.kill()
+        killed_at = time.monotonic()
+        ep = next(e for e in ex._engine.endpoints if e.address == victim.endpoint)
+        assert wait_until(lambda: ep.state != "ready", timeout=5)
+        detected = time.monotonic() - killed_at
+        results = [f.result(timeout=60) for f in futures]
+    assert [tag for _, _, tag in results] == list(range(30))
+    assert detected < 2.0  # the closed connection is seen at once, long before worker_timeout
+    seen.assert_exactly_once(futures)
+
+
+def test_a_stopped_worker_is_lost_then_its_late_results_are_ignored(start_worker, tmp_path) -> None:
+    stopped, healthy = start_worker(processes=1), start_worker(processes=1)
+    seen = Resolutions()
+    with ZMQExecutor([stopped.endpoint, healthy.endpoint], **FAST) as ex:
+        assert wait_until(lambda: all(ep.state == "ready" for ep in ex._engine.endpoints))
+        futures = seen.track([ex.submit(sleep_then_whoami, 1.0, i) for i in range(4)])
+        time.sleep(0.3)  # two tasks are now on each worker
+        frozen = {stopped.pid} | children_of(stopped.pid)
+        stop_processes(frozen, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        try:
+            ep = next(e for e in ex._engine.endpoints if e.address == stopped.endpoint)
+            assert wait_until(lambda: ep.state != "ready", timeout=10)
+            detected = time.monotonic() - stopped_at
+            results = [f.result(timeout=30) for f in futures]
+        finally:
+            stop_processes(frozen, signal.SIGCONT)
+        assert 0.9 <= detected < 3.0  # worker_timeout=1 plus up to a heartbeat
+        assert {parent for parent, _, _ in results} == {healthy.pid}
+        assert [tag for _, _, tag in results] == [0, 1, 2, 3]
+        # The resumed worker finishes its old copies; their replies must change nothing.
+        assert wait_until(lambda: ep.state == "ready", timeout=30)
+        time.sleep(1.5)
+        seen.assert_exactly_once(futures)
+        assert all(f.result() == r for f, r in zip(futures, results))
+        later = [f.result(timeout=30) for f in [ex.submit(sleep_then_whoami, 0.2) for _ in range(4)]]
+        assert stopped.pid in {parent for parent, _, _ in later}
+
+
+def test_a_worker_restarted_on_the_same_endpoint_is_used_again(start_worker) -> None:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    first = start_worker(endpoint, processes=1)
+    seen = Resolutions()
+    with ZMQExecutor(endpoint, **FAST) as ex:
+        assert ex.submit(abs, -1).result(timeout=30) == 1
+        instance = ex._engine.endpoints[0].instance
+        futures = seen.track([ex.submit(sleep_then_whoami, 0.3, i) for i in range(6)])
+        time.sleep(0.2)
+        first.process.kill()
+        first.process.wait()
+        second = start_worker(endpoint, processes=1)
+        results = [f.result(timeout=60) for f in futures]
+        assert [tag for _, _, tag in results] == list(range(6))
+        assert second.pid in {parent for parent, _, _ in results}
+        assert ex._engine.endpoints[0].instance not in (None, instance)
+    seen.assert_exactly_once(futures)
+
+
+def test_when_every_worker_is_dead_futures_fail_in_bounded_time_then_recover(start_worker) -> None:
+    workers = [start_worker(processes=1) for _ in range(2)]
+    seen = Resolutions()
+    with ZMQExecutor([w.endpoint for w in workers], worker_timeout=1.0, connect_timeout=2.0) as ex:
+        assert ex.submit(abs, -1).result(timeout=30) == 1
+        futures = seen.track([ex.submit(sleep_then_whoami, 0.5, i) for i in range(6)])
+        time.sleep(0.2)
+        for worker in workers:
+            worker.process.kill()
+        started = time.monotonic()
+        errors = [f.exception(timeout=30) for f in futures]
+        assert all(isinstance(e, NoWorkersError) for e in errors), errors
+        assert time.monotonic() - started < 6
+        assert all(w.endpoint in str(errors[0]) for w in workers)
+        # Usable again once a worker is back.
+        revived = start_worker(workers[1].endpoint, processes=1)
+        assert ex.submit(sleep_then_whoami, 0).result(timeout=30)[0] == revived.pid
+    seen.assert_exactly_once(futures)
+
+
+def test_a_poison_task_fails_after_max_retries_and_spares_the_rest(start_worker) -> None:
+    workers = [start_worker(processes=1) for _ in range(3)]
+    with ZMQExecutor([w.endpoint for w in workers], max_retries=1, **FAST) as ex:
+        assert wait_until(lambda: all(ep.state == "ready" for ep in ex._engine.endpoints))
+        error = ex.submit(kill_my_worker).exception(timeout=30)
+        assert isinstance(error, WorkerLostError) and isinstance(error, cf.BrokenExecutor)
+        assert len(error.endpoints) == 2 and len(set(error.endpoints)) == 2
+        assert all(e in str(error) for e in error.endpoints)
+        survivors = [w for w in workers if w.process.poll() is None]
+        assert len(survivors) == 1 and survivors[0].endpoint not in error.endpoints
+        assert ex.submit(sleep_then_whoami, 0).result(timeout=30)[0] == survivors[0].pid
+
+
+def test_max_retries_zero_gives_at_most_once(start_worker) -> None:
+    worker = start_worker(processes=1)
+    with ZMQExecutor(worker.endpoint, max_retries=0, connect_timeout=2.0, worker_timeout=1.0) as ex:
+        future = ex.submit(sleep_then_whoami, 5)
+        assert wait_until(future.running)
+        time.sleep(0.3)
+        worker.process.kill()
+        error = future.exception(timeout=10)
+        assert isinstance(error, WorkerLostError) and error.endpoints == (worker.endpoint,)
+
+
+def test_a_long_gil_holding_task_does_not_look_like_a_dead_worker(start_worker) -> None:
+    worker = start_worker(processes=1)
+    with ZMQExecutor(worker.endpoint, max_retries=0, worker_timeout=0.5) as ex:
+        assert ex.submit(busy_loop, 3.0).result(timeout=30) > 0
+
+
+# --- a client dies --------------------------------------------------------------------------------
+
+
+def test_a_killed_client_does_not_stop_the_worker_serving_others(start_worker, tmp_path) -> None:
+    worker = start_worker(processes=1)
+    script = tmp_path / "client.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, time
+        from zmqexecutor import ZMQExecutor
+        ex = ZMQExecutor({worker.endpoint!r}, worker_timeout=1.0)
+        futures = [ex.submit(time.sleep, 0.5) for _ in range(20)]
+        futures[0].result(timeout=30)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == -9
+    started = time.monotonic()
+    with ZMQExecutor(worker.endpoint) as ex:
+        assert ex.submit(sleep_then_whoami, 0).result(timeout=30)[0] == worker.pid
+    assert time.monotonic() - started < 8  # the dead client's session expires after 3 x its timeout
+    assert wait_until(lambda: "was silent for 3 s; dropped its session" in worker.log(), timeout=10), worker.log()
+    assert worker.process.poll() is None
+
+
+# --- stopping work on purpose ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, signame", [("terminate_workers", "SIGTERM"), ("kill_workers", "SIGKILL")])
+def test_terminate_and_kill_workers(method: str, signame: str) -> None:
+    executor = ZMQExecutor(max_workers=2)
+    worker_pid = executor._engine.local_worker.pid
+    running = [executor.submit(sleep_then_whoami, 30) for _ in range(2)]
+    assert wait_until(lambda: len(children_of(worker_pid)) >= 2 and all(f.running() for f in running))
+    time.sleep(0.5)  # the tasks have reached their processes
+    queued = [executor.submit(sleep_then_whoami, 30) for _ in range(5)]
+    started = time.monotonic()
+    getattr(executor, method)()
+    errors = [f.exception(timeout=15) for f in running]
+    assert all(isinstance(e, TaskCrashedError) and signame in str(e) for e in errors), errors
+    assert all(f.cancelled() or isinstance(f.exception(timeout=15), (TaskCrashedError, WorkerLostError)) for f in queued)
+    assert time.monotonic() - started < 10
+    with pytest.raises(RuntimeError, match="cannot schedule new futures after shutdown"):
+        executor.submit(abs, 1)
+    assert wait_until(lambda: not alive(worker_pid), timeout=15)
+
+
+def test_terminate_workers_spares_other_clients_of_a_shared_worker(start_worker) -> None:
+    worker = start_worker(processes=2)
+    with ZMQExecutor(worker.endpoint) as other:
+        theirs = other.submit(sleep_then_whoami, 2.0, "theirs")
+        ours_executor = ZMQExecutor(worker.endpoint)
+        ours = ours_executor.submit(sleep_then_whoami, 30)
+        assert wait_until(lambda: ours.running() and theirs.running())
+        time.sleep(0.5)
+        ours_executor.terminate_workers()
+        assert isinstance(ours.exception(timeout=15), TaskCrashedError)
+        assert theirs.result(timeout=30)[2] == "theirs"
+        ours_executor.shutdown()
+
+
+def test_shutdown_without_wait_and_with_cancel_returns_at_once() -> None:
+    executor = ZMQExecutor(max_workers=1)
+    worker_pid = executor._engine.local_worker.pid
+    futures = [executor.submit(sleep_then_whoami, 0.5) for _ in range(6)]
+    assert wait_until(futures[0].running)
+    started = time.monotonic()
+    executor.shutdown(wait=False, cancel_futures=True)
+    assert time.monotonic() - started < 0.1
+    assert wait_until(lambda: all(f.done() for f in futures), timeout=15)
+    assert sum(f.cancelled() for f in futures) >= 4
+    assert wait_until(lambda: not alive(worker_pid), timeout=15)
+
+
+def test_ctrl_c_during_map_cancels_the_rest_and_leaves_the_executor_usable(tmp_path) -> None:
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, threading, time
+        from zmqexecutor import ZMQExecutor
+        with ZMQExecutor(max_workers=1) as ex:
+            ex.submit(abs, 1).result(timeout=30)
+            threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+            done = []
+            try:
+                for value in ex.map(time.sleep, [0.3] * 40):
+                    done.append(value)
+            except KeyboardInterrupt:
+                interrupted = time.monotonic()
+            print("after", ex.submit(abs, -42).result(timeout=30), flush=True)
+            print("took", round(time.monotonic() - interrupted, 2), "done", len(done), flush=True)
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True)
+    assert out.returncode == 0, out.stderr
+    words = out.stdout.split()
+    assert words[:2] == ["after", "42"]
+    assert float(words[3]) < 1.5  # only what was already sent to the worker still ran
+    assert 1 <= int(words[5]) < 10
+
+
+# --- a network partition --------------------------------------------------------------------------
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)
+
+
+@pytest.fixture
+def namespace():
+    """A network namespace joined to this one by a veth pair: a second host on one machine."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and iproute2's ip")
+    tag = f"{os.getpid() % 100000}"
+    name, host_if, ns_if = f"zx{tag}", f"zxh{tag}", f"zxn{tag}"
+    subnet = f"10.{os.getpid() % 200 + 20}.{os.getpid() // 200 % 250}"
+    try:
+        _ip("netns", "add", name)
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"cannot create a network namespace here: {exc.stderr.strip()}")
+    try:
+        _ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+        _ip("link", "set", ns_if, "netns", name)
+        _ip("addr", "add", f"{subnet}.1/24", "dev", host_if)
+        _ip("link", "set", host_if, "up")
+        _ip("netns", "exec", name, "ip", "addr", "add", f"{subnet}.2/24", "dev", ns_if)
+        _ip("netns", "exec", name, "ip", "link", "set", ns_if, "up")
+        _ip("netns", "exec", name, "ip", "link", "set", "lo", "up")
+
+        def link(up: bool) -> None:
+            _ip("netns", "exec", name, "ip", "link", "set", ns_if, "up" if up else "down")
+
+        yield name, f"{subnet}.2", link
+    finally:
+        _ip("link", "del", host_if, check=False)
+        _ip("netns", "del", name, check=False)
+
+
+def test_a_network_partition_mid_task_is_survived_and_healed(namespace, start_worker) -> None:
+    name, address, link = namespace
+    local = start_worker(processes=1)
+    remote_endpoint = f"tcp://{address}:{free_port()}"
+    remote = WorkerProcess(remote_endpoint, processes=1, extra=["--insecure"], prefix=["ip", "netns", "exec", name])
+    try:
+        remote.wait_ready()
+        assert "INSECURE" in remote.log()
+        seen = Resolutions()
+        with ZMQExecutor([remote_endpoint, local.endpoint], **FAST) as ex:
+            assert wait_until(lambda: all(ep.state == "ready" for ep in ex._engine.endpoints), timeout=20)
+            futures = seen.track([ex.submit(sleep_then_whoami, 2.0, i) for i in range(4)])
+            time.sleep(0.5)  # two tasks run or wait on each worker
+            link(False)
+            cut_at = time.monotonic()
+            ep = next(e for e in ex._engine.endpoints if e.address == remote_endpoint)
+            try:
+                assert wait_until(lambda: ep.state != "ready", timeout=10)
+                detected = time.monotonic() - cut_at
+                results = [f.result(timeout=60) for f in futures]
+            finally:
+                link(True)
+            assert detected < 3.0
+            assert [tag for _, _, tag in results] == [0, 1, 2, 3]
+            assert local.pid in {parent for parent, _, _ in results}
+            # Healed: the worker across the link is used again, and its late results change nothing.
+            assert wait_until(lambda: ep.state == "ready", timeout=30)
+            later = [f.result(timeout=30) for f in [ex.submit(sleep_then_whoami, 0.3) for _ in range(6)]]
+            assert remote.pid in {parent for parent, _, _ in later}
+            seen.assert_exactly_once(futures)
+    finally:
+        remote.stop()
