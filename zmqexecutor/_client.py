@@ -337,6 +337,8 @@ class Engine(threading.Thread):
             error.__cause__ = cause
             task.future.set_exception(error)
             self.break_executor(error)
+        elif header.kind == Kind.DROPPED:
+            task.future.set_exception(BrokenWorkerPool(proto.decode_reason(frames[1:])))
         else:
             raise proto.ProtocolError(f"unexpected {header.kind.name} from a worker")
 

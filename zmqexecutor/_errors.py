@@ -71,7 +71,7 @@ class TaskCrashedError(BrokenProcessPool, ZMQExecutorError):
 
 
 class BrokenWorkerPool(BrokenProcessPool, ZMQExecutorError):
-    """Raised when the executor cannot run tasks any more: an initializer failed or its local worker died."""
+    """Raised when the executor can run no more tasks: a failed initializer, a dead local worker, a stop."""
 
 
 class NoWorkersError(BrokenExecutor, ZMQExecutorError):

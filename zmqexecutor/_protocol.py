@@ -24,6 +24,7 @@ Client <-> worker supervisor (a DEALER per endpoint to the worker's bound ROUTER
     PONG         w -> c  [hdr(0)]: the answer to PING (REJECTED(0) instead when there is no session)
     TERMINATE    c -> w  [hdr(signal number)]: send this signal to the task processes running this
                          client's tasks, and drop its queued tasks (``terminate_workers()``)
+    DROPPED      w -> c  [hdr(task id), json {reason}]: a queued task dropped, unstarted, on TERMINATE
     BYE          c -> w  [hdr(0)]: the client is done; the worker forgets its session
 
 A HELLO from a client the worker already knows starts a new session: the client sends it only after
@@ -85,6 +86,7 @@ class Kind(enum.IntEnum):
     PING = 12
     PONG = 13
     TERMINATE = 14
+    DROPPED = 15
 
 
 _KINDS = frozenset(int(k) for k in Kind)

@@ -366,6 +366,10 @@ class Supervisor:
             self.forget_session(session.client, f"was silent for {session.expiry:g} s")
 
     def terminate_tasks_of(self, client: bytes, signum: int) -> None:
+        reason = proto.encode_reason("the task was dropped before it started: its client stopped the workers")
+        for item in self.queue:
+            if item[0] == client:
+                self.send_to_client(client, [proto.encode_header(Kind.DROPPED, item[1]), *reason])
         self.queue = collections.deque(item for item in self.queue if item[0] != client)
         sig = signal.SIGKILL if signum == signal.SIGKILL else signal.SIGTERM
         for proc in list(self.by_ident.values()):
