@@ -29,6 +29,12 @@ def sleep_then_whoami(seconds: float, tag: object = None) -> tuple[int, int, obj
     return os.getppid(), os.getpid(), tag
 
 
+def mark_then_sleep(marker: str, seconds: float) -> int:
+    open(marker, "w").close()
+    time.sleep(seconds)
+    return os.getpid()
+
+
 def kill_my_worker() -> None:
     os.kill(os.getppid(), signal.SIGKILL)
     time.sleep(10)
@@ -244,12 +250,12 @@ def test_a_killed_client_does_not_stop_the_worker_serving_others(start_worker, t
 
 
 @pytest.mark.parametrize("method, signame", [("terminate_workers", "SIGTERM"), ("kill_workers", "SIGKILL")])
-def test_terminate_and_kill_workers(method: str, signame: str) -> None:
+def test_terminate_and_kill_workers(method: str, signame: str, tmp_path) -> None:
     executor = ZMQExecutor(max_workers=2)
     worker_pid = executor._engine.local_worker.pid
-    running = [executor.submit(sleep_then_whoami, 30) for _ in range(2)]
-    assert wait_until(lambda: len(children_of(worker_pid)) >= 2 and all(f.running() for f in running))
-    time.sleep(0.5)  # the tasks have reached their processes
+    markers = [tmp_path / f"started{i}" for i in range(2)]
+    running = [executor.submit(mark_then_sleep, str(m), 30) for m in markers]
+    assert wait_until(lambda: all(m.exists() for m in markers), timeout=20)
     queued = [executor.submit(sleep_then_whoami, 30) for _ in range(5)]
     started = time.monotonic()
     getattr(executor, method)()
@@ -264,17 +270,16 @@ def test_terminate_and_kill_workers(method: str, signame: str) -> None:
     assert wait_until(lambda: not alive(worker_pid), timeout=15)
 
 
-def test_terminate_workers_spares_other_clients_of_a_shared_worker(start_worker) -> None:
+def test_terminate_workers_spares_other_clients_of_a_shared_worker(start_worker, tmp_path) -> None:
     worker = start_worker(processes=2)
     with ZMQExecutor(worker.endpoint) as other:
-        theirs = other.submit(sleep_then_whoami, 2.0, "theirs")
+        theirs = other.submit(mark_then_sleep, str(tmp_path / "theirs"), 2.0)
         ours_executor = ZMQExecutor(worker.endpoint)
-        ours = ours_executor.submit(sleep_then_whoami, 30)
-        assert wait_until(lambda: ours.running() and theirs.running())
-        time.sleep(0.5)
+        ours = ours_executor.submit(mark_then_sleep, str(tmp_path / "ours"), 30)
+        assert wait_until(lambda: (tmp_path / "ours").exists() and (tmp_path / "theirs").exists(), timeout=20)
         ours_executor.terminate_workers()
         assert isinstance(ours.exception(timeout=15), TaskCrashedError)
-        assert theirs.result(timeout=30)[2] == "theirs"
+        assert theirs.exception(timeout=30) is None  # the other client's task finished normally
         ours_executor.shutdown()
 
 
