@@ -14,10 +14,18 @@ Data flow::
                                                   ^
                                                   +--- RESULT / EXCEPTION / CRASHED <-- resolve Future
 
+Liveness: every heartbeat interval the thread PINGs each ready worker (the worker's supervisor, which
+runs no user code, answers) and re-sends HELLO to each worker it is still waiting for. A worker is lost
+when its connection closes (a libzmq monitor event; libzmq's own heartbeats close a connection whose
+peer went silent) or when a PING stays unanswered for ``worker_timeout``. Its tasks in flight go back to
+the front of the backlog, to be sent again, unless they have been lost ``max_retries`` times already.
+A task is resolved only by the endpoint it is in flight on, once, so late and duplicate replies fall
+through.
+
 The thread holds the executor only weakly: when the executor is shut down, garbage collected, or the
 interpreter exits, it finishes what was submitted, says BYE to the workers, closes its sockets, stops
-the local worker it owns, and exits. Anything that breaks the engine goes through ``_break``, the one
-place that fails every pending future.
+the local worker it owns, and exits. Anything that breaks the engine goes through ``break_executor``,
+the one place that fails every pending future.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Measurements of zmqexecutor (the full suite comparing peers is a later milestone)."""
