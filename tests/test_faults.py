@@ -372,7 +372,7 @@ def test_a_network_partition_mid_task_is_survived_and_healed(namespace, start_wo
         remote.wait_ready()
         assert "INSECURE" in remote.log()
         seen = Resolutions()
-        with ZMQExecutor([remote_endpoint, local.endpoint], **FAST) as ex:
+        with ZMQExecutor([remote_endpoint, local.endpoint], insecure=True, **FAST) as ex:
             assert wait_until(lambda: all(ep.state == "ready" for ep in ex._engine.endpoints), timeout=20)
             futures = seen.track([ex.submit(sleep_then_whoami, 2.0, i) for i in range(4)])
             time.sleep(0.5)  # two tasks run or wait on each worker

@@ -8,9 +8,11 @@ __version__ = "0.1.0"
 
 from ._errors import (  # noqa: E402
     BrokenWorkerPool,
+    MessageTooLargeError,
     NoWorkersError,
     RemoteError,
     RemoteTraceback,
+    SecurityError,
     TaskCrashedError,
     VersionMismatchError,
     WorkerLostError,
@@ -18,6 +20,7 @@ from ._errors import (  # noqa: E402
 )
 from ._executor import (  # noqa: E402
     DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_MAX_RETRIES,
     DEFAULT_WORKER_TIMEOUT,
     ZMQExecutor,
@@ -26,6 +29,7 @@ from ._executor import (  # noqa: E402
 __all__ = [
     "ZMQExecutor",
     "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_MAX_RETRIES",
     "DEFAULT_WORKER_TIMEOUT",
     "ZMQExecutorError",
@@ -36,6 +40,8 @@ __all__ = [
     "NoWorkersError",
     "VersionMismatchError",
     "WorkerLostError",
+    "SecurityError",
+    "MessageTooLargeError",
     "__version__",
 ]
 

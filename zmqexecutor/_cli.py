@@ -40,32 +40,50 @@ def build_parser() -> argparse.ArgumentParser:
                         help="endpoint to listen on: tcp://127.0.0.1:5555 or ipc:///path/to/socket")
     worker.add_argument("--processes", type=_positive_int, default=None, metavar="N",
                         help="task processes, i.e. tasks run at once (default: the CPU count)")
+    worker.add_argument("--keys", metavar="DIR",
+                        help="CurveZMQ key folder made by 'zmqexecutor keygen' (its worker/ part): "
+                             "DIR/worker.key_secret is the worker's key, DIR/client.key the allowed client")
+    worker.add_argument("--secret-key", metavar="FILE", help="the worker's secret key file (overrides --keys)")
+    worker.add_argument("--allow", metavar="FILE_OR_DIR",
+                        help="allowed client public keys: a .key file or a folder of them (overrides --keys)")
+    worker.add_argument("--max-message-size", type=_positive_int, default=None, metavar="BYTES",
+                        help="largest message frame accepted; a peer sending more is disconnected "
+                             "(default: 1 GiB)")
     worker.add_argument("--insecure", action="store_true",
                         help="allow binding a non-loopback TCP address without authentication: anyone "
                              "who can reach the port can run code as this user")
     worker.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: INFO")
     worker.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    keygen = commands.add_parser(
+        "keygen",
+        help="make CurveZMQ key pairs for a worker and a client",
+        description="Write DIR/worker/ (for worker hosts) and DIR/client/ (for the client), each holding "
+                    "only its own secret key, readable by you alone.",
+    )
+    keygen.add_argument("dir", metavar="DIR")
+    keygen.add_argument("--force", action="store_true", help="replace existing keys")
     return parser
 
 
-def check_bind(endpoint: str, insecure: bool = False) -> Optional[str]:
+def check_bind(endpoint: str, insecure: bool = False, secured: bool = False) -> Optional[str]:
     """Return why the worker must not bind ``endpoint``, or None when it may."""
     try:
         parsed = parse(endpoint, bind=True)
     except (TypeError, ValueError) as exc:
         return str(exc)
-    if parsed.transport == "tcp" and not is_loopback(parsed.host) and not insecure:
+    if parsed.transport == "tcp" and not is_loopback(parsed.host) and not insecure and not secured:
         return (
-            f"refusing to bind {endpoint}: a worker unpickles what it receives, so an open port is a "
-            "remote shell. Until CurveZMQ authentication is available, bind a loopback address "
-            "(tcp://127.0.0.1:PORT) and reach other hosts through an SSH tunnel "
+            f"refusing to bind {endpoint} without keys: a worker unpickles what it receives, so an open "
+            "port is a remote shell. Secure it with CurveZMQ (zmqexecutor keygen DIR, then --keys "
+            "DIR/worker), or bind a loopback address and reach it through an SSH tunnel "
             "(ssh -N -L PORT:127.0.0.1:PORT HOST), or pass --insecure on a network you trust entirely."
         )
     return None
 
 
 def run_worker(args: argparse.Namespace) -> int:
+    from ._protocol import DEFAULT_MAX_MESSAGE_SIZE
     from ._worker import Supervisor
 
     logging.basicConfig(
@@ -74,20 +92,49 @@ def run_worker(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     log = logging.getLogger("zmqexecutor.worker")
-    problem = check_bind(args.bind, args.insecure)
+    secret_key = args.secret_key or (os.path.join(args.keys, "worker.key_secret") if args.keys else None)
+    allow = args.allow or (os.path.join(args.keys, "client.key") if args.keys else None)
+    if (secret_key is None) != (allow is None):
+        log.error("a secured worker needs both its secret key and the allowed client keys (--keys, or "
+                  "--secret-key and --allow)")
+        return 2
+    problem = check_bind(args.bind, args.insecure, secured=secret_key is not None)
     if problem:
         log.error("%s", problem)
         return 2
     bound = parse(args.bind, bind=True)
-    if args.insecure and bound.transport == "tcp" and not is_loopback(bound.host):
+    if secret_key is None and args.insecure and bound.transport == "tcp" and not is_loopback(bound.host):
         log.warning("INSECURE: %s accepts tasks from anyone who can reach it, without authentication or "
                     "encryption; whoever connects can run any code as this user", args.bind)
-    supervisor = Supervisor(args.bind, args.processes or _cpu_count(), parent_pid=args.parent_pid)
+    supervisor = Supervisor(
+        args.bind, args.processes or _cpu_count(), parent_pid=args.parent_pid,
+        secret_key_file=secret_key, allow=allow,
+        max_message_size=args.max_message_size or DEFAULT_MAX_MESSAGE_SIZE,
+    )
     return supervisor.run()
+
+
+def run_keygen(args: argparse.Namespace) -> int:
+    from ._errors import SecurityError
+    from ._security import keygen
+
+    try:
+        folders = keygen(args.dir, force=args.force)
+    except SecurityError as exc:
+        sys.stderr.write(f"zmqexecutor keygen: {exc}\n")
+        return 1
+    sys.stdout.write(
+        f"worker keys: {folders['worker']}  (copy to each worker host; run: zmqexecutor worker --keys DIR)\n"
+        f"client keys: {folders['client']}  (keep on the client; ZMQExecutor(..., keys=DIR) or "
+        "ZMQEXECUTOR_KEYS=DIR)\n"
+    )
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "worker":
         return run_worker(args)
+    if args.command == "keygen":
+        return run_keygen(args)
     return 2  # pragma: no cover - argparse rejects unknown commands

@@ -48,6 +48,8 @@ from zmq.utils.monitor import recv_monitor_message
 from . import _protocol as proto
 from ._errors import (
     BrokenWorkerPool,
+    MessageTooLargeError,
+    SecurityError,
     NoWorkersError,
     TaskCrashedError,
     VersionMismatchError,
@@ -55,6 +57,7 @@ from ._errors import (
 )
 from ._local import LocalWorker
 from ._protocol import Kind
+from ._security import ClientKeys, secure_client_socket
 
 logger = logging.getLogger("zmqexecutor")
 
@@ -149,12 +152,13 @@ class _StopWorkersRequest:
 
 
 class _Task:
-    __slots__ = ("ident", "future", "frames", "queued_at", "started", "lost_on")
+    __slots__ = ("ident", "future", "frames", "size", "queued_at", "started", "lost_on")
 
-    def __init__(self, ident: int, future: Future[Any], frames: list[Any]) -> None:
+    def __init__(self, ident: int, future: Future[Any], frames: list[Any], size: int) -> None:
         self.ident = ident
         self.future = future
         self.frames = frames
+        self.size = size
         self.queued_at = time.monotonic()
         self.started = False
         self.lost_on: list[str] = []
@@ -192,7 +196,16 @@ def next_task_id() -> int:
     return next(_task_ids)
 
 
+_HANDSHAKE_FAILURES: dict[int, str] = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the worker refused our key (it is not on the worker's allow list)",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the handshake failed: one side uses CurveZMQ keys and the other "
+                                         "does not",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the secure handshake failed: the worker's public key is not the "
+                                          "pinned one",
+}
 _MONITORED_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+for _event in _HANDSHAKE_FAILURES:
+    _MONITORED_EVENTS |= _event
 
 
 class Engine(threading.Thread):
@@ -210,6 +223,8 @@ class Engine(threading.Thread):
         connect_timeout: Optional[float],
         worker_timeout: float,
         max_retries: int,
+        max_message_size: int,
+        keys: Optional[ClientKeys],
         local_worker: Optional[LocalWorker],
     ) -> None:
         super().__init__(name="zmqexecutor-io", daemon=True)
@@ -223,6 +238,8 @@ class Engine(threading.Thread):
         self.worker_timeout = worker_timeout
         self.heartbeat = worker_timeout / HEARTBEATS_PER_TIMEOUT
         self.max_retries = max_retries
+        self.max_message_size = max_message_size
+        self.keys = keys
         self.local_worker = local_worker
         self.client_id = f"zx-{uuid.uuid4().hex}".encode()
         self.backlog: collections.deque[_Task] = collections.deque()
@@ -278,7 +295,8 @@ class Engine(threading.Thread):
     def open_sockets(self) -> None:
         self.hello = proto.encode_hello(
             dict(self.versions, host=socket.gethostname(), pid=os.getpid(),
-                 max_tasks_per_child=self.max_tasks_per_child, timeout=self.worker_timeout),
+                 max_tasks_per_child=self.max_tasks_per_child, timeout=self.worker_timeout,
+                 max_message_size=self.max_message_size),
             self.init_blob,
         )
         for address in self.addresses:
@@ -295,6 +313,10 @@ class Engine(threading.Thread):
             sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(self.heartbeat * 1000)))
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(self.worker_timeout * 1000)))
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+            # A worker (or an impostor) sending a bigger frame is disconnected by libzmq unread.
+            sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_size)
+            if self.keys is not None:
+                secure_client_socket(sock, self.keys, address)
             monitor = sock.get_monitor_socket(_MONITORED_EVENTS)
             sock.connect(address)
             ep = _Endpoint(address, sock, monitor)
@@ -408,6 +430,11 @@ class Engine(threading.Thread):
                 if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                     if ep.state == _Endpoint.CONNECTING:
                         self.send(ep, self.hello)
+                elif event["event"] in _HANDSHAKE_FAILURES:
+                    problem = _HANDSHAKE_FAILURES[event["event"]]
+                    if ep.error is None or str(ep.error) != problem:
+                        logger.error("cannot connect to worker %s: %s", ep.address, problem)
+                    ep.error = SecurityError(problem)
                 elif event["event"] == zmq.EVENT_DISCONNECTED and ep.state == _Endpoint.READY:
                     self.lose_endpoint(ep, "the connection closed")
 
@@ -506,6 +533,13 @@ class Engine(threading.Thread):
             if ep.state != _Endpoint.READY or len(ep.inflight) >= ep.capacity:
                 continue
             task = self.backlog.popleft()
+            limit = ep.info.get("max_message_size")
+            if isinstance(limit, int) and task.size > limit:
+                self.fail_task(task, MessageTooLargeError(
+                    f"the task is {task.size} bytes, more than worker {ep.address} accepts "
+                    f"(its --max-message-size is {limit})"))
+                self.offer(ep)
+                continue
             if not task.started:
                 if not task.future.set_running_or_notify_cancel():
                     self.offer(ep)
@@ -531,8 +565,9 @@ class Engine(threading.Thread):
         now = time.monotonic()
         if now - self.backlog[0].queued_at < self.connect_timeout:
             return
+        reasons = "".join(f"; {ep.address}: {ep.error}" for ep in self.endpoints if ep.error is not None)
         message = (f"no worker became reachable within connect_timeout={self.connect_timeout:g} s "
-                   f"(endpoints: {', '.join(self.addresses)})")
+                   f"(endpoints: {', '.join(self.addresses)}){reasons}")
         waiting = self.backlog
         self.backlog = collections.deque(task for task in waiting if now - task.queued_at < self.connect_timeout)
         for task in waiting:

@@ -14,6 +14,8 @@ __all__ = [
     "NoWorkersError",
     "WorkerLostError",
     "VersionMismatchError",
+    "SecurityError",
+    "MessageTooLargeError",
 ]
 
 
@@ -91,3 +93,11 @@ class WorkerLostError(BrokenExecutor, ZMQExecutorError):
 
 class VersionMismatchError(ZMQExecutorError):
     """Raised when a worker speaks a different protocol, Python or cloudpickle version than the client."""
+
+
+class SecurityError(ZMQExecutorError):
+    """Raised when security cannot be set up: a missing, malformed or exposed key, or an unsafe libzmq."""
+
+
+class MessageTooLargeError(ZMQExecutorError, ValueError):
+    """Raised when a task or its result is bigger than ``max_message_size`` allows."""

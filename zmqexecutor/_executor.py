@@ -11,11 +11,12 @@ import threading
 import time
 import weakref
 from concurrent.futures import Executor, Future
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVar, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar, Union
 
-from . import _client
+from . import _client, _security
 from . import _protocol as proto
-from ._endpoints import parse
+from ._endpoints import is_loopback, parse
+from ._errors import MessageTooLargeError, SecurityError
 from ._local import LocalWorker
 
 _T = TypeVar("_T")
@@ -30,10 +31,24 @@ DEFAULT_WORKER_TIMEOUT = 5.0
 #: How many times, by default, a task lost with its worker is sent to another one.
 DEFAULT_MAX_RETRIES = 2
 
+#: The largest task or result, in bytes, by default.
+DEFAULT_MAX_MESSAGE_SIZE = proto.DEFAULT_MAX_MESSAGE_SIZE
+
 
 def _cpu_count() -> int:
     counter = getattr(os, "process_cpu_count", None) or os.cpu_count
     return counter() or 1
+
+
+def _refuse_plain_text_to_other_hosts(addresses: list[str]) -> None:
+    for address in addresses:
+        parsed = parse(address)
+        if parsed.transport == "tcp" and not is_loopback(parsed.host):
+            raise SecurityError(
+                f"refusing to send tasks to {address} in plain text: anyone on the path could read them "
+                "or answer with a result that runs code here. Pass keys=FOLDER (made by 'zmqexecutor "
+                f"keygen'), set ${_security.KEYS_ENV}, or pass insecure=True on a network you trust entirely"
+            )
 
 
 def _check_seconds(name: str, value: object, *, none_ok: bool = False) -> None:
@@ -89,6 +104,13 @@ class ZMQExecutor(Executor):
             it counts as lost and its tasks are retried; a closed connection counts at once.
         max_retries: how many times a task lost with its worker is sent again; a task lost more
             often fails with ``WorkerLostError``. 0 gives at-most-once execution.
+        keys: the client's CurveZMQ key folder (``zmqexecutor keygen DIR`` makes ``DIR/client``):
+            ``client.key_secret`` is this client's key pair, ``worker.key`` the worker key it pins.
+            Defaults to ``$ZMQEXECUTOR_KEYS``. Ignored for the embedded local workers.
+        worker_keys: ``{endpoint: public key file or Z85 key}`` for workers with their own keys.
+        insecure: allow plain-text, unauthenticated connections to endpoints on other hosts.
+        max_message_size: the largest task (and result) in bytes; a bigger task fails its future
+            with ``MessageTooLargeError``.
     """
 
     def __init__(
@@ -102,6 +124,10 @@ class ZMQExecutor(Executor):
         connect_timeout: Optional[float] = DEFAULT_CONNECT_TIMEOUT,
         worker_timeout: float = DEFAULT_WORKER_TIMEOUT,
         max_retries: int = DEFAULT_MAX_RETRIES,
+        keys: Optional[Union[str, "os.PathLike[str]"]] = None,
+        worker_keys: Optional[Mapping[str, Union[str, "os.PathLike[str]", bytes]]] = None,
+        insecure: bool = False,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
         addresses = self._check_endpoints(endpoints)
         if max_workers is not None:
@@ -123,7 +149,20 @@ class ZMQExecutor(Executor):
             raise TypeError("max_retries must be an integer")
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
+        if not isinstance(max_message_size, int) or isinstance(max_message_size, bool):
+            raise TypeError("max_message_size must be an integer")
+        if max_message_size < 1:
+            raise ValueError("max_message_size must be >= 1")
+        if addresses:
+            client_keys = _security.client_keys(keys, worker_keys, addresses)
+            if client_keys is None and not insecure:
+                _refuse_plain_text_to_other_hosts(addresses)
+        elif keys is not None or worker_keys:
+            raise ValueError("keys apply to remote endpoints; the embedded local workers are private already")
+        else:
+            client_keys = None
         init_blob = proto.encode_initializer(initializer, tuple(initargs))
+        self._max_message_size = max_message_size
 
         self._max_workers = max_workers
         self._shared = _client.Shared()
@@ -144,6 +183,8 @@ class ZMQExecutor(Executor):
             connect_timeout=connect_timeout,
             worker_timeout=float(worker_timeout),
             max_retries=max_retries,
+            max_message_size=max_message_size,
+            keys=client_keys,
             local_worker=local_worker,
         )
         _client.register(self._engine)
@@ -187,10 +228,15 @@ class ZMQExecutor(Executor):
         except Exception as exc:
             future.set_exception(exc)
             return future
+        size = sum(memoryview(f).nbytes for f in frames)
+        if size > self._max_message_size:
+            future.set_exception(MessageTooLargeError(
+                f"the task pickles to {size} bytes, more than max_message_size={self._max_message_size}"))
+            return future
         shared = self._shared
         with shared.lock:
             self._check_open()
-            shared.submissions.append(_client._Task(_client.next_task_id(), future, frames))
+            shared.submissions.append(_client._Task(_client.next_task_id(), future, frames, size))
         shared.wakeup.wake()
         return future
 

@@ -65,6 +65,10 @@ HEADER_SIZE = _HEADER.size
 # buffer, while above it the saved memcpy dominates.
 OOB_MIN_BYTES = 64 * 1024
 
+# The largest task or result, in bytes, unless configured otherwise: big enough for real arrays,
+# small enough that a mistake (or a hostile peer) cannot make a process allocate without bound.
+DEFAULT_MAX_MESSAGE_SIZE = 1 << 30
+
 # JSON frames (handshakes, error metadata) are small by construction; anything bigger is hostile.
 MAX_JSON_BYTES = 1 << 20
 

@@ -38,7 +38,9 @@ from typing import Any, Optional, Sequence
 import zmq
 
 from . import _protocol as proto
+from ._errors import MessageTooLargeError, SecurityError
 from ._protocol import Kind
+from ._security import WorkerGuard
 
 logger = logging.getLogger("zmqexecutor.worker")
 
@@ -60,6 +62,9 @@ RECV_BATCH = 256
 # a new handshake and retries, so this errs on the long side.
 SESSION_TIMEOUT_FACTOR = 3
 DEFAULT_CLIENT_TIMEOUT = 5.0
+
+# A client that connects but does not finish the ZMTP/CurveZMQ handshake is dropped after this long.
+HANDSHAKE_IVL_MS = 10_000
 
 # libzmq heartbeats on the bound socket: a connection whose client stopped answering is closed, which
 # frees whatever libzmq still queued for it.
@@ -148,7 +153,7 @@ class _TaskRunner:
 
 
 class _Session:
-    __slots__ = ("client", "init_blob", "max_tasks_per_child", "expiry", "last_seen")
+    __slots__ = ("client", "init_blob", "max_tasks_per_child", "expiry", "last_seen", "max_message_size")
 
     def __init__(self, client: bytes, init_blob: bytes, info: dict[str, Any]) -> None:
         self.client = client
@@ -156,6 +161,8 @@ class _Session:
         self.max_tasks_per_child: Optional[int] = info.get("max_tasks_per_child")
         self.expiry = SESSION_TIMEOUT_FACTOR * float(info.get("timeout") or DEFAULT_CLIENT_TIMEOUT)
         self.last_seen = time.monotonic()
+        limit = info.get("max_message_size")
+        self.max_message_size: Optional[int] = limit if isinstance(limit, int) and limit > 0 else None
 
 
 class _TaskProcess:
@@ -174,8 +181,21 @@ class _TaskProcess:
 class Supervisor:
     """Owns the bound endpoint and the task processes; routes frames between them."""
 
-    def __init__(self, bind: str, processes: int, *, parent_pid: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        bind: str,
+        processes: int,
+        *,
+        parent_pid: Optional[int] = None,
+        secret_key_file: Optional[str] = None,
+        allow: Optional[str] = None,
+        max_message_size: int = proto.DEFAULT_MAX_MESSAGE_SIZE,
+    ) -> None:
         self.bind = bind
+        self.secret_key_file = secret_key_file
+        self.allow = allow
+        self.max_message_size = max_message_size
+        self.guard: Optional[WorkerGuard] = None
         self.processes = processes
         self.parent_pid = parent_pid
         self.instance = uuid.uuid4().hex
@@ -202,11 +222,16 @@ class Supervisor:
         old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         self.context = zmq.Context()
         try:
+            if self.secret_key_file is not None:
+                self.guard = WorkerGuard(self.context, self.secret_key_file, self.allow or "")
             self.open_sockets()
+            if self.guard is not None:
+                self.guard.prove_strangers_are_rejected(self.endpoint)
             self.start_processes(self.processes)
             logger.info(
-                "zmqexecutor worker ready: endpoint=%s processes=%d instance=%s pid=%d",
+                "zmqexecutor worker ready: endpoint=%s processes=%d instance=%s pid=%d security=%s",
                 self.endpoint, self.processes, self.instance, os.getpid(),
+                f"CurveZMQ ({len(self.guard.allowed)} allowed client keys)" if self.guard else "none",
             )
             poller = zmq.Poller()
             poller.register(self.front, zmq.POLLIN)
@@ -228,6 +253,9 @@ class Supervisor:
         except _GiveUp as exc:
             logger.error("%s", exc)
             return 1
+        except SecurityError as exc:
+            logger.error("refusing to run: %s", exc)
+            return 2
         finally:
             self.close()
             signal.set_wakeup_fd(old_wakeup)
@@ -267,6 +295,11 @@ class Supervisor:
         self.front.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.front.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         self.front.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        self.front.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
+        # libzmq disconnects a peer that sends a bigger frame, before we ever see it.
+        self.front.setsockopt(zmq.MAXMSGSIZE, self.max_message_size)
+        if self.guard is not None:
+            self.guard.secure(self.front)
         try:
             self.front.bind(self.bind)
         except zmq.ZMQError as exc:
@@ -328,7 +361,8 @@ class Supervisor:
 
     def greet(self, client: bytes, header: proto.Header, frames: list[Any]) -> None:
         welcome: dict[str, Any] = dict(self.versions)
-        welcome.update(slots=self.processes, instance=self.instance, host=self.host, pid=os.getpid())
+        welcome.update(slots=self.processes, instance=self.instance, host=self.host, pid=os.getpid(),
+                       max_message_size=self.max_message_size)
         if header.version != proto.PROTOCOL_VERSION:
             theirs: dict[str, Any] = {"protocol": header.version}
             hello_info, init_blob = theirs, b""
@@ -416,17 +450,25 @@ class Supervisor:
             return
         client = proc.current[0]
         proc.current = None
-        if client in self.sessions:
+        session = self.sessions.get(client)
+        if session is not None:
+            size = sum(len(f) for f in frames[1:])
+            if session.max_message_size is not None and size > session.max_message_size:
+                frames = self.too_large(header.ident, size, session.max_message_size)
             self.send_to_client(client, frames)
         else:
             logger.debug("dropped the result of task %d: its client's session is gone", header.ident)
         count = proc.counts[client] = proc.counts.get(client, 0) + 1
-        session = self.sessions.get(client)
         limit = session.max_tasks_per_child if session else None
         if header.kind == Kind.INIT_FAILED or (limit is not None and count >= limit):
             self.retire(proc)
         else:
             self.idle.append(proc)
+
+    def too_large(self, task_id: int, size: int, limit: int) -> list[Any]:
+        error = MessageTooLargeError(
+            f"the task's result is {size} bytes, more than the client's max_message_size={limit}")
+        return [proto.encode_header(Kind.EXCEPTION, task_id), *proto.encode_exception(error, host=self.host, pid=os.getpid())]
 
     def retire(self, proc: _TaskProcess) -> None:
         proc.retiring = True
@@ -503,6 +545,8 @@ class Supervisor:
             sock = getattr(self, sock_name, None)
             if sock is not None:
                 sock.close(linger=0)
+        if self.guard is not None:
+            self.guard.stop()
         self.context.term()
         shutil.rmtree(self.private_dir, ignore_errors=True)
         logger.info("zmqexecutor worker stopped")
