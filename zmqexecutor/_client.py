@@ -339,10 +339,14 @@ class Engine(threading.Thread):
 
     def handle_reply(self, ep: _Endpoint, frames: list[Any]) -> None:
         proto.expect_frames(frames, 1)
+        # Only the answer to our HELLO may speak another protocol version, before the session is up:
+        # that is how a worker of another version reports the mismatch. Anything else is malformed.
         header = proto.decode_header(frames[0], any_version=True)
-        if header.kind == Kind.WELCOME or header.version != proto.PROTOCOL_VERSION:
+        if header.kind == Kind.WELCOME and (header.version == proto.PROTOCOL_VERSION or ep.state != _Endpoint.READY):
             self.handle_welcome(ep, header, frames)
             return
+        if header.version != proto.PROTOCOL_VERSION:
+            raise proto.ProtocolError(f"protocol version {header.version} after the handshake")
         if header.kind == Kind.PONG:
             return
         if header.kind == Kind.REJECTED:

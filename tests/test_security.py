@@ -1,0 +1,236 @@
+"""CurveZMQ keys, authentication and bounds, with real workers, sockets and key files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from conftest import free_port
+from zmqexecutor import MessageTooLargeError, NoWorkersError, SecurityError, ZMQExecutor
+from zmqexecutor import _protocol as proto
+from zmqexecutor import _security
+from zmqexecutor._protocol import Kind
+
+
+def write_canary(path: str) -> str:
+    Path(path).write_text("ran")
+    return path
+
+
+def big_result(nbytes: int) -> bytes:
+    return b"x" * nbytes
+
+
+def run_cli(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "zmqexecutor", *argv], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def keys(tmp_path):
+    out = run_cli("keygen", str(tmp_path / "keys"))
+    assert out.returncode == 0, out.stderr
+    return tmp_path / "keys"
+
+
+@pytest.fixture
+def other_keys(tmp_path):
+    assert run_cli("keygen", str(tmp_path / "other")).returncode == 0
+    return tmp_path / "other"
+
+
+@pytest.fixture
+def secured_worker(start_worker, keys):
+    return start_worker("tcp://0.0.0.0:*", processes=1, extra=["--keys", str(keys / "worker")])
+
+
+def loopback(endpoint: str) -> str:
+    return endpoint.replace("0.0.0.0", "127.0.0.1")
+
+
+# --- keys ----------------------------------------------------------------------------------------
+
+
+def test_keygen_writes_private_secrets_and_splits_the_sides(keys) -> None:
+    assert sorted(p.name for p in (keys / "worker").iterdir()) == ["client.key", "worker.key", "worker.key_secret"]
+    assert sorted(p.name for p in (keys / "client").iterdir()) == ["client.key", "client.key_secret", "worker.key"]
+    for folder in (keys, keys / "worker", keys / "client"):
+        assert folder.stat().st_mode & 0o777 == 0o700
+    for secret in (keys / "worker" / "worker.key_secret", keys / "client" / "client.key_secret"):
+        assert secret.stat().st_mode & 0o777 == 0o600
+    worker_public, _ = _security.load_key_pair(keys / "worker" / "worker.key_secret")
+    assert _security.load_public_key(keys / "client" / "worker.key") == worker_public
+    again = run_cli("keygen", str(keys))
+    assert again.returncode == 1 and "already exists; pass --force" in again.stderr
+    assert run_cli("keygen", str(keys), "--force").returncode == 0
+    assert _security.load_public_key(keys / "client" / "worker.key") != worker_public
+
+
+@pytest.mark.parametrize("target, mode", [("file", 0o640), ("file", 0o604), ("folder", 0o750), ("folder", 0o705)])
+def test_loose_permissions_on_a_secret_key_are_refused(keys, target, mode) -> None:
+    secret = keys / "worker" / "worker.key_secret"
+    os.chmod(secret if target == "file" else secret.parent, mode)
+    out = run_cli("worker", "--bind", "tcp://127.0.0.1:0", "--keys", str(keys / "worker"))
+    assert out.returncode == 2
+    assert "is accessible by other users" in out.stderr and "chmod" in out.stderr
+    os.chmod(keys / "client", mode) if target == "folder" else os.chmod(keys / "client" / "client.key_secret", mode)
+    with pytest.raises(SecurityError, match="accessible by other users"):
+        ZMQExecutor("tcp://127.0.0.1:1", keys=keys / "client")
+
+
+def test_missing_and_malformed_keys_are_clear_errors(keys, tmp_path) -> None:
+    out = run_cli("worker", "--bind", "tcp://127.0.0.1:0", "--keys", str(tmp_path / "nowhere"))
+    assert out.returncode == 2 and "does not exist" in out.stderr
+    (keys / "worker" / "client.key").write_text('metadata\ncurve\n    public-key = "short"\n')
+    out = run_cli("worker", "--bind", "tcp://127.0.0.1:0", "--keys", str(keys / "worker"))
+    assert out.returncode == 2 and "malformed" in out.stderr
+    (keys / "client" / "client.key_secret").write_text("garbage")
+    with pytest.raises(SecurityError, match="malformed key file"):
+        ZMQExecutor("tcp://127.0.0.1:1", keys=keys / "client")
+    with pytest.raises(SecurityError, match="key folder .* does not exist"):
+        ZMQExecutor("tcp://127.0.0.1:1", keys=tmp_path / "nowhere")
+
+
+def test_old_or_curveless_libzmq_is_refused(monkeypatch) -> None:
+    monkeypatch.setattr(zmq, "zmq_version_info", lambda: (4, 3, 2))
+    with pytest.raises(SecurityError, match="known CurveZMQ vulnerabilities"):
+        _security.require_curve()
+    monkeypatch.setattr(zmq, "has", lambda capability: False)
+    with pytest.raises(SecurityError, match="without CurveZMQ"):
+        _security.require_curve()
+
+
+# --- authentication ------------------------------------------------------------------------------
+
+
+def test_a_secured_worker_serves_a_client_with_the_right_keys(secured_worker, keys) -> None:
+    assert "security=CurveZMQ (1 allowed client keys)" in secured_worker.log()
+    assert "rejected a client with unknown public key" in secured_worker.log()  # its own start-up check
+    with ZMQExecutor(loopback(secured_worker.endpoint), keys=keys / "client") as ex:
+        assert ex.submit(abs, -5).result(timeout=30) == 5
+
+
+def test_keys_from_the_environment(secured_worker, keys, monkeypatch) -> None:
+    monkeypatch.setenv("ZMQEXECUTOR_KEYS", str(keys / "client"))
+    with ZMQExecutor(loopback(secured_worker.endpoint)) as ex:
+        assert ex.submit(abs, -6).result(timeout=30) == 6
+
+
+def test_per_endpoint_worker_keys(secured_worker, keys, other_keys) -> None:
+    endpoint = loopback(secured_worker.endpoint)
+    # The client's own pair is on the allow list; the folder's default worker key is another worker's.
+    (other_keys / "client" / "client.key_secret").write_bytes((keys / "client" / "client.key_secret").read_bytes())
+    with ZMQExecutor(endpoint, keys=other_keys / "client",
+                     worker_keys={endpoint: keys / "client" / "worker.key"}) as ex:
+        assert ex.submit(abs, -7).result(timeout=30) == 7
+
+
+@pytest.mark.parametrize("case", ["no keys", "key not allowed", "wrong worker key"])
+def test_unauthenticated_clients_never_run_anything(secured_worker, keys, other_keys, tmp_path, case) -> None:
+    endpoint = loopback(secured_worker.endpoint)
+    canary = tmp_path / "canary"
+    options = {
+        "no keys": {},
+        "key not allowed": {"keys": other_keys / "client",
+                            "worker_keys": {endpoint: keys / "client" / "worker.key"}},
+        "wrong worker key": {"keys": keys / "client", "worker_keys": {endpoint: other_keys / "client" / "worker.key"}},
+    }[case]
+    expected = {
+        "no keys": "one side uses CurveZMQ keys and the other does not",
+        "key not allowed": "the worker refused our key",
+        "wrong worker key": "the worker's public key is not the pinned one",
+    }[case]
+    with ZMQExecutor(endpoint, connect_timeout=2, **options) as ex:
+        error = ex.submit(write_canary, str(canary)).exception(timeout=30)
+    assert isinstance(error, NoWorkersError) and expected in str(error)
+    assert not canary.exists()
+    if case == "key not allowed":
+        assert secured_worker.log().count("rejected a client with unknown public key") >= 2
+    # A raw peer without a session is not served either, even on a plain socket.
+    context = zmq.Context()
+    raw = context.socket(zmq.DEALER)
+    raw.connect(endpoint)
+    raw.send_multipart([proto.encode_header(Kind.TASK, 1), *proto.encode_call(write_canary, (str(canary),), {})])
+    time.sleep(1.0)
+    raw.close(0)
+    context.term()
+    assert not canary.exists()
+    assert secured_worker.process.poll() is None
+
+
+def test_a_public_bind_needs_keys_or_insecure(keys) -> None:
+    out = run_cli("worker", "--bind", f"tcp://0.0.0.0:{free_port()}")
+    assert out.returncode == 2 and "without keys" in out.stderr
+    with subprocess.Popen([sys.executable, "-m", "zmqexecutor", "worker", "--bind", f"tcp://0.0.0.0:{free_port()}",
+                           "--insecure", "--processes", "1"], stderr=subprocess.PIPE, text=True) as worker:
+        assert worker.stderr is not None
+        lines = []
+        for line in worker.stderr:
+            lines.append(line)
+            if "worker ready" in line:
+                break
+        worker.terminate()
+        worker.wait(15)
+    assert any("INSECURE" in line and "run any code" in line for line in lines)
+
+
+def test_the_client_refuses_plain_text_to_other_hosts() -> None:
+    with pytest.raises(SecurityError, match="refusing to send tasks to tcp://10.0.0.1:5555 in plain text"):
+        ZMQExecutor("tcp://10.0.0.1:5555")
+    with pytest.raises(SecurityError, match="plain text"):
+        ZMQExecutor(["tcp://127.0.0.1:5555", "tcp://node1.example:5555"])
+    ZMQExecutor("tcp://10.0.0.1:5555", insecure=True, connect_timeout=1).shutdown()
+    with pytest.raises(ValueError, match="embedded local workers are private"):
+        ZMQExecutor(keys="anything")
+
+
+# --- size bounds ---------------------------------------------------------------------------------
+
+
+def test_an_oversized_task_fails_its_future_at_submit() -> None:
+    with ZMQExecutor(max_workers=1, max_message_size=1 << 20) as ex:
+        future = ex.submit(len, b"x" * (2 << 20))
+        assert future.done()
+        with pytest.raises(MessageTooLargeError, match="more than max_message_size=1048576"):
+            future.result()
+        assert ex.submit(len, b"x" * 1000).result(timeout=30) == 1000
+
+
+def test_an_oversized_result_fails_its_future(start_worker) -> None:
+    worker = start_worker(processes=1)
+    with ZMQExecutor(worker.endpoint, max_message_size=1 << 20) as ex:
+        with pytest.raises(MessageTooLargeError, match="result is .* bytes, more than the client's max_message_size"):
+            ex.submit(big_result, 2 << 20).result(timeout=30)
+        assert len(ex.submit(big_result, 1000).result(timeout=30)) == 1000
+
+
+def test_a_task_bigger_than_the_workers_limit_is_not_sent(start_worker) -> None:
+    worker = start_worker(processes=1, extra=["--max-message-size", str(1 << 20)])
+    with ZMQExecutor(worker.endpoint) as ex:
+        with pytest.raises(MessageTooLargeError, match="more than worker .* accepts"):
+            ex.submit(len, b"x" * (2 << 20)).result(timeout=30)
+        assert ex.submit(len, b"x" * 10).result(timeout=30) == 10
+
+
+def test_a_peer_sending_an_oversized_frame_is_disconnected_and_the_worker_lives(start_worker) -> None:
+    worker = start_worker(processes=1, extra=["--max-message-size", str(1 << 16)])
+    context = zmq.Context()
+    raw = context.socket(zmq.DEALER)
+    monitor = raw.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    raw.connect(worker.endpoint)
+    try:
+        raw.send(b"x" * (1 << 17))
+        assert monitor.poll(10_000), "the worker did not drop the peer"
+        with ZMQExecutor(worker.endpoint) as ex:
+            assert ex.submit(abs, -3).result(timeout=30) == 3
+        assert worker.process.poll() is None
+    finally:
+        raw.disable_monitor()
+        monitor.close(0)
+        raw.close(0)
+        context.term()
