@@ -1,0 +1,100 @@
+"""Run the benchmark suite: ``python -m benchmarks [--quick] [--systems ...] [--workloads ...]``.
+
+Each measurement runs in a fresh process, several times; the report (Markdown table, JSON, PNG plots
+and the machine's description) goes to the results folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import report, workloads
+from benchmarks.systems import SYSTEMS
+
+DEFAULT_SYSTEMS = ["thread", "process", "loky", "dask", "zmq-ipc", "zmq-tcp", "zmq-curve", "pyzmq-floor", "ray", "mpi4py"]
+BASIC_WORKLOADS = ["throughput", "latency", "map", "payload", "cpu", "startup", "memory"]
+# Starting 64 workers of every peer on two cores takes minutes; scaling compares the pools that matter.
+SCALING_SYSTEMS = {"process", "loky", "zmq-tcp"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes, one run each: a smoke test")
+    parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                        help=f"comma-separated, from: {', '.join([*SYSTEMS, 'pyzmq-floor'])}")
+    parser.add_argument("--workloads", default=None,
+                        help=f"comma-separated, from: {', '.join(BASIC_WORKLOADS)}, scaling")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per measurement (default 5; 1 with --quick)")
+    parser.add_argument("--out", default="results", help="folder for the report (default: results)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds one run may take")
+    args = parser.parse_args(argv)
+
+    systems = [s for s in args.systems.split(",") if s]
+    unknown = [s for s in systems if s not in SYSTEMS and s != "pyzmq-floor"]
+    if unknown:
+        parser.error(f"unknown systems: {', '.join(unknown)}")
+    chosen = args.workloads.split(",") if args.workloads else [*BASIC_WORKLOADS, "scaling"]
+    names: list[str] = []
+    for w in chosen:
+        if w == "scaling":
+            names += [f"scaling-{n}" for n in (workloads.SCALING_WORKERS_QUICK if args.quick else workloads.SCALING_WORKERS)]
+        elif w in BASIC_WORKLOADS:
+            names.append(w)
+        else:
+            parser.error(f"unknown workload {w!r}")
+    repeats = args.repeats or (1 if args.quick else 5)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for workload in names:
+        for system in systems:
+            if workload.startswith("scaling-") and system not in SCALING_SYSTEMS:
+                continue
+            if system == "pyzmq-floor" and workload != "payload":
+                continue
+            runs = results.setdefault(workload, {}).setdefault(system, [])
+            for _ in range(repeats):
+                run = _run(system, workload, args.quick, args.timeout)
+                runs.append(run)
+                status = run.get("skipped") or run.get("error") or f"{run['value']:.4g} {run['unit']}"
+                print(f"{workload:<12} {system:<12} {status}", flush=True)
+                if "value" not in run:
+                    break
+
+    command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    (out / "results.json").write_text(json.dumps({"machine": report.machine(), "command": command,
+                                                  "results": results}, indent=1))
+    table = report.markdown(results, command.strip())
+    (out / "results.md").write_text(table)
+    plots = report.plot(results, out)
+    print(table)
+    print(f"report: {out / 'results.md'}; plots: {', '.join(str(p) for p in plots) or 'none (no matplotlib)'}")
+    return 0
+
+
+def _run(system: str, workload: str, quick: bool, timeout: float) -> dict[str, Any]:
+    command = [sys.executable, "-m", "benchmarks.run_one", system, workload, *(["--quick"] if quick else [])]
+    started = time.monotonic()
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:g} s"}
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        tail = out.stderr.strip().splitlines()[-1:] or [f"exit code {out.returncode}"]
+        return {"error": f"failed after {time.monotonic() - started:.0f} s: {tail[0]}"}
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""One measurement in a fresh process: ``python -m benchmarks.run_one SYSTEM WORKLOAD [--quick]``.
+
+Prints one JSON object: the measurement, or ``{"skipped": reason}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from benchmarks import systems, workloads
+
+
+def measure(system: str, workload: str, quick: bool) -> dict[str, object]:
+    if system == "pyzmq-floor":
+        if workload != "payload":
+            return {"skipped": "the pyzmq floor is measured for the payload workload only"}
+        return workloads.payload_floor(quick)
+    if workload == "startup":
+        started = time.perf_counter()
+        with systems.open_system(system, workloads.WORKERS) as ex:
+            ex.submit(workloads.noop).result()
+            elapsed = time.perf_counter() - started
+        return {"value": elapsed, "unit": "s to the first result", "better": "lower"}
+    if workload.startswith("scaling-"):
+        count = int(workload.split("-", 1)[1])
+        with systems.open_system(system, count, single_slot=True) as ex:
+            return workloads.scaling(ex, quick, system, count)
+    with systems.open_system(system, workloads.WORKERS) as ex:
+        workloads.warm_up(ex)
+        return workloads.WORKLOADS[workload](ex, quick, system)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("system")
+    parser.add_argument("workload")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    try:
+        result = measure(args.system, args.workload, args.quick)
+    except systems.Unavailable as exc:
+        result = {"skipped": str(exc)}
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

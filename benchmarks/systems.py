@@ -1,0 +1,148 @@
+"""The executors compared, each opened the same way: ``with open_system(name, workers) as ex``.
+
+A peer that is not installed raises ``Unavailable`` with the reason; the runner reports it and moves on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Unavailable(Exception):
+    """Raised when a system cannot be measured here (its package is not installed)."""
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+
+
+def _free_ports(count: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@contextlib.contextmanager
+def _workers(count: int, processes: int, extra: list[str]) -> Iterator[list[str]]:
+    """``count`` zmqexecutor workers on loopback TCP, ``processes`` task processes each."""
+    endpoints = [f"tcp://127.0.0.1:{port}" for port in _free_ports(count)]
+    started = [
+        subprocess.Popen(
+            [sys.executable, "-m", "zmqexecutor", "worker", "--bind", endpoint,
+             "--processes", str(processes), "--log-level", "ERROR", *extra],
+            stdin=subprocess.DEVNULL, env=_env(),
+        )
+        for endpoint in endpoints
+    ]
+    try:
+        yield endpoints  # the executor waits for each worker's handshake
+    finally:
+        for process in started:
+            process.terminate()
+        for process in started:
+            process.wait()
+
+
+@contextlib.contextmanager
+def _zmq_tcp(workers: int, slots_per_worker: int | None, secure: bool) -> Iterator[Executor]:
+    from zmqexecutor import ZMQExecutor
+
+    count, processes = (workers, 1) if slots_per_worker == 1 else (1, workers)
+    extra: list[str] = []
+    options: dict[str, Any] = {}
+    if secure:
+        keys = Path(tempfile.mkdtemp(prefix="zmqexecutor-bench-")) / "keys"
+        subprocess.run([sys.executable, "-m", "zmqexecutor", "keygen", str(keys)], check=True,
+                       capture_output=True, env=_env())
+        extra = ["--keys", str(keys / "worker")]
+        options["keys"] = keys / "client"
+    with _workers(count, processes, extra) as endpoints:
+        with ZMQExecutor(endpoints, **options) as ex:
+            yield ex
+
+
+@contextlib.contextmanager
+def _dask(workers: int) -> Iterator[Executor]:
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise Unavailable("dask.distributed is not installed (pip install '.[bench]')") from None
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            with client.get_executor(pure=False) as ex:
+                yield ex
+
+
+@contextlib.contextmanager
+def _loky(workers: int) -> Iterator[Executor]:
+    try:
+        from loky import get_reusable_executor
+    except ImportError:
+        raise Unavailable("loky is not installed (pip install '.[bench]')") from None
+    ex = get_reusable_executor(max_workers=workers, timeout=600)
+    try:
+        yield ex
+    finally:
+        ex.shutdown(wait=True, kill_workers=True)
+
+
+@contextlib.contextmanager
+def _ray(workers: int) -> Iterator[Executor]:
+    try:
+        from ray.util.multiprocessing import Pool  # noqa: F401
+        import ray  # noqa: F401
+    except ImportError:
+        raise Unavailable("ray is not installed") from None
+    raise Unavailable("ray has no concurrent.futures executor to compare like for like")
+
+
+@contextlib.contextmanager
+def _mpi4py(workers: int) -> Iterator[Executor]:
+    try:
+        from mpi4py.futures import MPIPoolExecutor
+    except ImportError:
+        raise Unavailable("mpi4py is not installed") from None
+    with MPIPoolExecutor(max_workers=workers) as ex:
+        yield ex
+
+
+@contextlib.contextmanager
+def _zmq_ipc(workers: int) -> Iterator[Executor]:
+    from zmqexecutor import ZMQExecutor
+
+    with ZMQExecutor(max_workers=workers) as ex:
+        yield ex
+
+
+SYSTEMS: dict[str, Callable[..., Any]] = {
+    "thread": lambda workers, **_: ThreadPoolExecutor(workers),
+    "process": lambda workers, **_: ProcessPoolExecutor(workers),
+    "loky": lambda workers, **_: _loky(workers),
+    "dask": lambda workers, **_: _dask(workers),
+    "zmq-ipc": lambda workers, **_: _zmq_ipc(workers),
+    "zmq-tcp": lambda workers, single_slot=False, **_: _zmq_tcp(workers, 1 if single_slot else None, False),
+    "zmq-curve": lambda workers, single_slot=False, **_: _zmq_tcp(workers, 1 if single_slot else None, True),
+    "ray": lambda workers, **_: _ray(workers),
+    "mpi4py": lambda workers, **_: _mpi4py(workers),
+}
+
+
+def open_system(name: str, workers: int, *, single_slot: bool = False) -> contextlib.AbstractContextManager[Executor]:
+    """An executor of the named system with ``workers`` workers (single-slot ones when asked)."""
+    return SYSTEMS[name](workers, single_slot=single_slot)  # type: ignore[no-any-return]

@@ -1,0 +1,219 @@
+"""The workloads: each takes an open executor and returns its measurement.
+
+Task functions live here, at module level, so every system can import them by reference.
+"""
+
+from __future__ import annotations
+
+import time
+import tracemalloc
+from concurrent.futures import Executor, wait
+from typing import Any, Callable
+
+WORKERS = 2
+
+# Full size, quick size.
+SIZES: dict[str, tuple[float, float]] = {
+    "throughput": (10_000, 500),
+    "latency": (1_000, 100),
+    "map": (100_000, 10_000),
+    "payload": (64 * 1024 * 1024, 8 * 1024 * 1024),
+    "cpu": (0.25, 0.05),
+    "memory": (100_000, 10_000),
+}
+SCALING_WORKERS = (1, 4, 16, 64)
+SCALING_WORKERS_QUICK = (1, 4)
+SCALING_TASK_SECONDS = 0.01
+
+
+def noop() -> None:
+    return None
+
+
+def echo(x: Any) -> Any:
+    return x
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def spin(iterations: int) -> int:
+    total = 0
+    for i in range(iterations):
+        total += i
+    return total
+
+
+def process_chunk(chunk: list[int]) -> list[int]:
+    return [square(x) for x in chunk]
+
+
+def warm_up(ex: Executor, workers: int = WORKERS) -> None:
+    """Make sure every worker process is up, so that start-up is not counted in other workloads."""
+    list(ex.map(sleep, [0.05] * (2 * workers)))
+
+
+def _size(name: str, quick: bool) -> float:
+    full, small = SIZES[name]
+    return small if quick else full
+
+
+def throughput(ex: Executor, quick: bool, system: str) -> dict[str, Any]:
+    n = int(_size("throughput", quick))
+    ex.submit(noop).result()
+    started = time.perf_counter()
+    done, _ = wait([ex.submit(noop) for _ in range(n)])
+    elapsed = time.perf_counter() - started
+    assert len(done) == n
+    return {"value": n / elapsed, "unit": "tasks/s", "better": "higher"}
+
+
+def latency(ex: Executor, quick: bool, system: str) -> dict[str, Any]:
+    n = int(_size("latency", quick))
+    for _ in range(10):
+        ex.submit(noop).result()
+    started = time.perf_counter()
+    for _ in range(n):
+        ex.submit(noop).result()
+    return {"value": (time.perf_counter() - started) / n * 1e6, "unit": "us/round trip", "better": "lower"}
+
+
+def map_small(ex: Executor, quick: bool, system: str) -> dict[str, Any]:
+    n = int(_size("map", quick))
+    items = range(n)
+    started = time.perf_counter()
+    if system == "dask":  # its executor ignores chunksize; send the same chunks by hand
+        chunks = [list(items[i:i + 1000]) for i in range(0, n, 1000)]
+        results = [x for chunk in ex.map(process_chunk, chunks) for x in chunk]
+    else:
+        results = list(ex.map(square, items, chunksize=1000))
+    elapsed = time.perf_counter() - started
+    assert results[-1] == (n - 1) ** 2 and len(results) == n
+    return {"value": n / elapsed, "unit": "items/s", "better": "higher"}
+
+
+def payload(ex: Executor, quick: bool, system: str) -> dict[str, Any]:
+    import numpy as np
+
+    nbytes = int(_size("payload", quick))
+    array = np.ones(nbytes // 8)
+    ex.submit(echo, np.ones(1024)).result()
+    started = time.perf_counter()
+    out = ex.submit(echo, array).result()
+    elapsed = time.perf_counter() - started
+    assert out.nbytes == nbytes
+    return {"value": elapsed, "unit": f"s for {nbytes >> 20} MiB in+out", "better": "lower"}
+
+
+def payload_floor(quick: bool) -> dict[str, Any]:
+    """The same bytes echoed by a plain pyzmq DEALER/ROUTER pair between two processes: the floor."""
+    import multiprocessing
+
+    import numpy as np
+    import zmq
+
+    nbytes = int(_size("payload", quick))
+    context = zmq.Context()
+    dealer = context.socket(zmq.DEALER)
+    port = dealer.bind_to_random_port("tcp://127.0.0.1")
+    child = multiprocessing.get_context("spawn").Process(target=_echo_router, args=(port,))
+    child.start()
+    try:
+        array = np.ones(nbytes // 8)
+        dealer.send(b"warm-up")
+        dealer.recv()
+        started = time.perf_counter()
+        dealer.send(array, copy=False)
+        out = dealer.recv(copy=False)
+        elapsed = time.perf_counter() - started
+        assert len(out.buffer) == nbytes
+        dealer.send(b"")
+    finally:
+        child.join(30)
+        dealer.close(0)
+        context.term()
+    return {"value": elapsed, "unit": f"s for {nbytes >> 20} MiB in+out", "better": "lower"}
+
+
+def _echo_router(port: int) -> None:
+    import zmq
+
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.connect(f"tcp://127.0.0.1:{port}")
+    while True:
+        peer, message = router.recv_multipart(copy=False)
+        if not len(message.buffer):
+            break
+        router.send_multipart([peer, message], copy=False)
+    router.close(0)
+    context.term()
+
+
+def calibrate_spin(seconds: float) -> int:
+    iterations = 100_000
+    while True:
+        started = time.perf_counter()
+        spin(iterations)
+        elapsed = time.perf_counter() - started
+        if elapsed > 0.05:
+            return int(iterations * seconds / elapsed)
+        iterations *= 2
+
+
+def cpu_bound(ex: Executor, quick: bool, system: str) -> dict[str, Any]:
+    seconds = _size("cpu", quick)
+    tasks = 4 if quick else 8
+    iterations = calibrate_spin(seconds)
+    started = time.perf_counter()
+    list(ex.map(spin, [iterations] * tasks))
+    elapsed = time.perf_counter() - started
+    ideal = tasks * seconds / WORKERS
+    return {"value": ideal / elapsed, "unit": "efficiency (ideal/actual)", "better": "higher"}
+
+
+def memory(ex: Executor, quick: bool, system: str) -> dict[str, Any]:
+    n = int(_size("memory", quick))
+    blockers = [ex.submit(sleep, 3.0 if quick else 8.0) for _ in range(4 * WORKERS)]
+    time.sleep(0.5)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    pending = [ex.submit(noop) for _ in range(n)]
+    time.sleep(0.2)  # let the I/O thread take them in
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    for future in pending:
+        future.cancel()
+    wait(blockers)
+    payload_bytes = 0
+    if system.startswith("zmq"):
+        from zmqexecutor import _protocol
+
+        payload_bytes = sum(memoryview(f).nbytes for f in _protocol.encode_call(noop, (), {}))
+    return {"value": used / n - payload_bytes, "unit": "bytes/pending future beyond its payload",
+            "better": "lower", "payload_bytes": payload_bytes}
+
+
+def scaling(ex: Executor, quick: bool, system: str, workers: int) -> dict[str, Any]:
+    warm_up(ex, workers)
+    tasks = 20 * workers
+    started = time.perf_counter()
+    list(ex.map(sleep, [SCALING_TASK_SECONDS] * tasks))
+    elapsed = time.perf_counter() - started
+    ideal = workers / SCALING_TASK_SECONDS
+    return {"value": (tasks / elapsed) / ideal, "unit": "fraction of the ideal rate", "better": "higher"}
+
+
+WORKLOADS: dict[str, Callable[..., dict[str, Any]]] = {
+    "throughput": throughput,
+    "latency": latency,
+    "map": map_small,
+    "payload": payload,
+    "cpu": cpu_bound,
+    "memory": memory,
+}
