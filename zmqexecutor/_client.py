@@ -43,7 +43,6 @@ from concurrent.futures import Future
 from typing import Any, Callable, Optional, Union
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from . import _protocol as proto
 from ._errors import (
@@ -73,8 +72,12 @@ RECV_BATCH = 256
 # Heartbeats sent per worker_timeout: enough that a few lost or late ones never look like a dead worker.
 HEARTBEATS_PER_TIMEOUT = 4
 
-# Longest pause between reconnection attempts to a worker that is down (libzmq backs off up to it).
+# Reconnection attempts to a worker that is down start this often and back off up to the maximum.
+RECONNECT_IVL_MS = 100
 RECONNECT_IVL_MAX_MS = 1000
+# The local worker binds a moment after we connect: retry often, without backing off, so the first
+# task does not wait out a long back-off interval.
+LOCAL_RECONNECT_IVL_MS = 10
 
 # How long closing sockets may spend flushing the final BYE.
 CLOSE_LINGER_MS = 200
@@ -312,7 +315,12 @@ class Engine(threading.Thread):
             # stopped process), so that it reconnects as soon as the peer is back.
             sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(self.heartbeat * 1000)))
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(self.worker_timeout * 1000)))
-            sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+            if self.local_worker is not None:
+                sock.setsockopt(zmq.RECONNECT_IVL, LOCAL_RECONNECT_IVL_MS)
+                sock.setsockopt(zmq.RECONNECT_IVL_MAX, 0)
+            else:
+                sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+                sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
             # A worker (or an impostor) sending a bigger frame is disconnected by libzmq unread.
             sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_size)
             if self.keys is not None:
@@ -428,18 +436,18 @@ class Engine(threading.Thread):
         for ep in endpoints:
             while True:
                 try:
-                    event = recv_monitor_message(ep.monitor, zmq.NOBLOCK)
+                    event = proto.read_monitor_event(ep.monitor, zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                     if ep.state == _Endpoint.CONNECTING:
                         self.send(ep, self.hello)
-                elif event["event"] in _HANDSHAKE_FAILURES:
-                    problem = _HANDSHAKE_FAILURES[event["event"]]
+                elif event in _HANDSHAKE_FAILURES:
+                    problem = _HANDSHAKE_FAILURES[event]
                     if ep.error is None or str(ep.error) != problem:
                         logger.error("cannot connect to worker %s: %s", ep.address, problem)
                     ep.error = SecurityError(problem)
-                elif event["event"] == zmq.EVENT_DISCONNECTED and ep.state == _Endpoint.READY:
+                elif event == zmq.EVENT_DISCONNECTED and ep.state == _Endpoint.READY:
                     self.lose_endpoint(ep, "the connection closed")
 
     def check_liveness(self) -> None:

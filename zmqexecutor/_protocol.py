@@ -142,6 +142,15 @@ def expect_frames(frames: Sequence[Frame], minimum: int, maximum: int | None = N
         raise ProtocolError(f"{len(frames)} frames, expected {wanted}")
 
 
+_MONITOR_EVENT = struct.Struct("=HI")
+
+
+def read_monitor_event(monitor: zmq.Socket[Any], flags: int = 0) -> int:
+    """The event number of one libzmq socket-monitor message (frames: event+value, endpoint)."""
+    frames = monitor.recv_multipart(flags)
+    return int(_MONITOR_EVENT.unpack_from(frames[0])[0])
+
+
 def encode_json(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
@@ -277,7 +286,9 @@ def dumps(obj: Any) -> list[Any]:
 
     stream = io.BytesIO()
     cloudpickle.Pickler(stream, protocol=5, buffer_callback=keep_out_of_band).dump(obj)
-    return [stream.getbuffer(), *buffers]
+    # A small pickle is cheaper kept as bytes (copied once) than as a view pinning its BytesIO.
+    head = stream.getvalue() if stream.tell() < OOB_MIN_BYTES else stream.getbuffer()
+    return [head, *buffers]
 
 
 def loads(frames: Sequence[Frame]) -> Any:

@@ -15,10 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple, Optional, Union
 
 import zmq
-import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
-from zmq.utils.monitor import recv_monitor_message
-
+from . import _protocol as proto
 from ._errors import SecurityError
 
 logger = logging.getLogger("zmqexecutor")
@@ -125,6 +122,8 @@ def load_key_pair(path: PathLike) -> tuple[bytes, bytes]:
 def _load(path: Path) -> tuple[bytes, Optional[bytes]]:
     if not path.is_file():
         raise SecurityError(f"key file {path} does not exist")
+    import zmq.auth
+
     try:
         public, secret = zmq.auth.load_certificate(path)
     except Exception as exc:
@@ -226,6 +225,8 @@ class WorkerGuard:
         require_curve()
         self.public, self.secret = load_key_pair(secret_key_file)
         self.allowed = load_allow_list(allow)
+        from zmq.auth.thread import ThreadAuthenticator
+
         self.authenticator = ThreadAuthenticator(context, log=logging.getLogger("zmqexecutor.worker.zap"))
         self.authenticator.start()
         self.authenticator.configure_curve_callback(ZAP_DOMAIN, _AllowList(self.allowed))
@@ -249,7 +250,7 @@ class WorkerGuard:
             while time.monotonic() < end:
                 if not monitor.poll(int((end - time.monotonic()) * 1000) + 1):
                     break
-                event = recv_monitor_message(monitor)["event"]
+                event = proto.read_monitor_event(monitor)
                 if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                     return
                 if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:

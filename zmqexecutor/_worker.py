@@ -30,6 +30,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
 import uuid
@@ -72,6 +73,9 @@ HEARTBEAT_IVL_MS = 2000
 HEARTBEAT_TIMEOUT_MS = 20000
 
 _PR_SET_PDEATHSIG = 1
+
+# Forking is only known to be safe on Linux (macOS frameworks break in forked children).
+_CAN_FORK_EARLY = sys.platform.startswith("linux")
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -209,6 +213,7 @@ class Supervisor:
         self.startup_failures = 0
         self.stopping = False
         self.mp = multiprocessing.get_context("spawn")
+        self.fork_context = multiprocessing.get_context("fork") if _CAN_FORK_EARLY else None
         self.private_dir = tempfile.mkdtemp(prefix="zmqexecutor-worker-")
         self.back_address = f"ipc://{self.private_dir}/tasks"
         self.versions = proto.local_versions()
@@ -216,6 +221,11 @@ class Supervisor:
     # The loop -------------------------------------------------------------------------------------
 
     def run(self) -> int:
+        # The first task processes are forked before this process has any thread (libzmq's come with
+        # the context below), which is safe and saves each of them the interpreter start-up and imports
+        # that spawn costs. Replacements, started once threads exist, are spawned.
+        if _CAN_FORK_EARLY:
+            self.start_processes(self.processes, self.fork_context)
         signal_r, signal_w = os.pipe()
         os.set_blocking(signal_w, False)
         old_wakeup = signal.set_wakeup_fd(signal_w)
@@ -227,7 +237,8 @@ class Supervisor:
             self.open_sockets()
             if self.guard is not None:
                 self.guard.prove_strangers_are_rejected(self.endpoint)
-            self.start_processes(self.processes)
+            if not _CAN_FORK_EARLY:
+                self.start_processes(self.processes)
             logger.info(
                 "zmqexecutor worker ready: endpoint=%s processes=%d instance=%s pid=%d security=%s",
                 self.endpoint, self.processes, self.instance, os.getpid(),
@@ -307,9 +318,9 @@ class Supervisor:
         self.endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
         self.back.bind(self.back_address)
 
-    def start_processes(self, count: int) -> None:
+    def start_processes(self, count: int, mp: Any = None) -> None:
         for _ in range(count):
-            process = self.mp.Process(
+            process = (mp or self.mp).Process(
                 target=task_process_main,
                 args=(self.back_address, os.getpid()),
                 name="zmqexecutor-task",
