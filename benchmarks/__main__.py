@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   "results": results}, indent=1))
     table = report.markdown(results, command.strip())
     (out / "results.md").write_text(table)
+    (out / "summary.rst").write_text(report.rst_summary(results) + "\n")
     plots = report.plot(results, out)
     print(table)
     print(f"report: {out / 'results.md'}; plots: {', '.join(str(p) for p in plots) or 'none (no matplotlib)'}")

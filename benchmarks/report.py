@@ -117,3 +117,30 @@ def plot(results: dict[str, dict[str, list[dict[str, Any]]]], folder: Path) -> l
         plt.close(fig)
         written.append(path)
     return written
+
+
+def rst_summary(results: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
+    """One table, a row per workload and a column per system: median, and ratio against the baseline."""
+    systems: list[str] = []
+    for by_system in results.values():
+        systems += [s for s, runs in by_system.items() if s not in systems and "median" in summarize(runs)]
+    header = ["workload", *systems]
+    rows = []
+    for workload, by_system in results.items():
+        summaries = {system: summarize(runs) for system, runs in by_system.items()}
+        base = summaries.get(BASELINE, {}).get("median")
+        unit = next((v["unit"] for v in summaries.values() if "unit" in v), "")
+        cells = [f"{workload} ({unit})"]
+        for system in systems:
+            value = summaries.get(system, {})
+            if "median" not in value:
+                cells.append("–")
+            elif base and system != BASELINE:
+                cells.append(f"{_fmt(value['median'])} ({value['median'] / base:.2f}×)")
+            else:
+                cells.append(_fmt(value["median"]))
+        rows.append(cells)
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    rule = "  ".join("=" * w for w in widths)
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([rule, line(header), rule, *(line(r) for r in rows), rule])

@@ -1,0 +1,46 @@
+"""The benchmark suite runs end to end (its --quick smoke); no test here asserts a speed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+@pytest.mark.timeout(600)
+def test_the_quick_suite_writes_a_report(tmp_path) -> None:
+    out = tmp_path / "results"
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--systems", "process,zmq-ipc,zmq-tcp,pyzmq-floor,ray",
+         "--workloads", "throughput,latency,payload,startup,scaling", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=580,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads((out / "results.json").read_text())
+    results = report["results"]
+    assert set(results) == {"throughput", "latency", "payload", "startup", "scaling-1", "scaling-4"}
+    for workload in ("throughput", "latency", "payload", "startup"):
+        for system in ("process", "zmq-ipc", "zmq-tcp"):
+            (run_result,) = results[workload][system]
+            assert run_result["value"] > 0, (workload, system, run_result)
+    assert results["payload"]["pyzmq-floor"][0]["value"] > 0
+    assert set(results["scaling-4"]) == {"process", "zmq-tcp"}
+    table = (out / "results.md").read_text()
+    assert "| zmq-ipc |" in table and "vs process" in table and "Machine:" in table
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        assert "| ray | skipped: ray is not installed" in table
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        assert (out / "workloads.png").stat().st_size > 1000
+        assert (out / "scaling.png").stat().st_size > 1000
