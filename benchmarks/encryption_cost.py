@@ -20,17 +20,7 @@ import numpy as np
 
 from zmqexecutor import ZMQExecutor
 
-
-def _start_worker(extra: list[str]) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "zmqexecutor", "worker", "--bind", "tcp://127.0.0.1:*", "--processes", "1", *extra],
-        stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-    )
-    assert process.stderr is not None
-    for line in process.stderr:
-        if "worker ready" in line:
-            return process, line.split("endpoint=", 1)[1].split()[0]
-    raise RuntimeError("the worker did not start")
+from benchmarks.systems import start_worker
 
 
 def echo(x: object) -> object:
@@ -56,8 +46,8 @@ def main() -> None:
     args = parser.parse_args()
     keys = Path(tempfile.mkdtemp(prefix="zmqexecutor-bench-")) / "keys"
     subprocess.run([sys.executable, "-m", "zmqexecutor", "keygen", str(keys)], check=True, capture_output=True)
-    plain, plain_endpoint = _start_worker([])
-    secure, secure_endpoint = _start_worker(["--keys", str(keys / "worker")])
+    plain, plain_endpoint = start_worker(1, [])
+    secure, secure_endpoint = start_worker(1, ["--keys", str(keys / "worker")])
     array = np.ones(64 * 1024 * 1024 // 8)
     results: dict[str, list[tuple[float, float]]] = {"plain": [], "CurveZMQ": []}
     try:

@@ -12,23 +12,11 @@ import argparse
 import os
 import signal
 import statistics
-import subprocess
-import sys
 import time
 
 from zmqexecutor import ZMQExecutor
 
-
-def _start_worker() -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "zmqexecutor", "worker", "--bind", "tcp://127.0.0.1:*", "--processes", "1"],
-        stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-    )
-    assert process.stderr is not None
-    for line in process.stderr:
-        if "worker ready" in line:
-            return process, line.split("endpoint=", 1)[1].split()[0]
-    raise RuntimeError("the worker did not start")
+from benchmarks.systems import start_worker
 
 
 def _children(pid: int) -> list[int]:
@@ -40,7 +28,7 @@ def _children(pid: int) -> list[int]:
 
 
 def measure(fault: str, worker_timeout: float) -> float:
-    process, endpoint = _start_worker()
+    process, endpoint = start_worker(1, [])
     frozen: list[int] = []
     try:
         with ZMQExecutor(endpoint, worker_timeout=worker_timeout, connect_timeout=5) as ex:

@@ -38,24 +38,27 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
+def start_worker(processes: int, extra: list[str], endpoint: str | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """A zmqexecutor worker on loopback TCP; clients wait for its handshake, so no need to wait here."""
+    endpoint = endpoint or f"tcp://127.0.0.1:{_free_ports(1)[0]}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "zmqexecutor", "worker", "--bind", endpoint,
+         "--processes", str(processes), "--log-level", "ERROR", *extra],
+        stdin=subprocess.DEVNULL, env=_env(),
+    )
+    return process, endpoint
+
+
 @contextlib.contextmanager
 def _workers(count: int, processes: int, extra: list[str]) -> Iterator[list[str]]:
     """``count`` zmqexecutor workers on loopback TCP, ``processes`` task processes each."""
-    endpoints = [f"tcp://127.0.0.1:{port}" for port in _free_ports(count)]
-    started = [
-        subprocess.Popen(
-            [sys.executable, "-m", "zmqexecutor", "worker", "--bind", endpoint,
-             "--processes", str(processes), "--log-level", "ERROR", *extra],
-            stdin=subprocess.DEVNULL, env=_env(),
-        )
-        for endpoint in endpoints
-    ]
+    started = [start_worker(processes, extra, f"tcp://127.0.0.1:{port}") for port in _free_ports(count)]
     try:
-        yield endpoints  # the executor waits for each worker's handshake
+        yield [endpoint for _, endpoint in started]
     finally:
-        for process in started:
+        for process, _ in started:
             process.terminate()
-        for process in started:
+        for process, _ in started:
             process.wait()
 
 
@@ -102,14 +105,32 @@ def _loky(workers: int) -> Iterator[Executor]:
         ex.shutdown(wait=True, kill_workers=True)
 
 
+class _RayExecutor(Executor):
+    """Ray tasks behind the Executor API: ``ObjectRef.future()`` is a concurrent.futures.Future."""
+
+    def __init__(self) -> None:
+        self._remotes: dict[Any, Any] = {}
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        import ray
+
+        remote = self._remotes.get(fn)
+        if remote is None:
+            remote = self._remotes[fn] = ray.remote(fn)
+        return remote.remote(*args, **kwargs).future()
+
+
 @contextlib.contextmanager
 def _ray(workers: int) -> Iterator[Executor]:
     try:
-        from ray.util.multiprocessing import Pool  # noqa: F401
-        import ray  # noqa: F401
+        import ray
     except ImportError:
         raise Unavailable("ray is not installed") from None
-    raise Unavailable("ray has no concurrent.futures executor to compare like for like")
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    try:
+        yield _RayExecutor()
+    finally:
+        ray.shutdown()
 
 
 @contextlib.contextmanager
