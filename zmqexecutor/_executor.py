@@ -51,6 +51,13 @@ def _refuse_plain_text_to_other_hosts(addresses: list[str]) -> None:
             )
 
 
+def _check_int(name: str, value: object, minimum: int, too_small: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer")
+    if value < minimum:
+        raise ValueError(too_small)
+
+
 def _check_seconds(name: str, value: object, *, none_ok: bool = False) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number of seconds{' or None' if none_ok else ''}")
@@ -106,7 +113,7 @@ class ZMQExecutor(Executor):
             often fails with ``WorkerLostError``. 0 gives at-most-once execution.
         keys: the client's CurveZMQ key folder (``zmqexecutor keygen DIR`` makes ``DIR/client``):
             ``client.key_secret`` is this client's key pair, ``worker.key`` the worker key it pins.
-            Defaults to ``$ZMQEXECUTOR_KEYS``. Ignored for the embedded local workers.
+            Defaults to ``$ZMQEXECUTOR_KEYS``. The embedded local workers need none.
         worker_keys: ``{endpoint: public key file or Z85 key}`` for workers with their own keys.
         insecure: allow plain-text, unauthenticated connections to endpoints on other hosts.
         max_message_size: the largest task (and result) in bytes; a bigger task fails its future
@@ -131,28 +138,16 @@ class ZMQExecutor(Executor):
     ) -> None:
         addresses = self._check_endpoints(endpoints)
         if max_workers is not None:
-            if not isinstance(max_workers, int) or isinstance(max_workers, bool):
-                raise TypeError("max_workers must be an integer")
-            if max_workers <= 0:
-                raise ValueError("max_workers must be greater than 0")
+            _check_int("max_workers", max_workers, 1, "max_workers must be greater than 0")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         if max_tasks_per_child is not None:
-            if not isinstance(max_tasks_per_child, int) or isinstance(max_tasks_per_child, bool):
-                raise TypeError("max_tasks_per_child must be an integer")
-            if max_tasks_per_child <= 0:
-                raise ValueError("max_tasks_per_child must be >= 1")
+            _check_int("max_tasks_per_child", max_tasks_per_child, 1, "max_tasks_per_child must be >= 1")
         if connect_timeout is not None:
             _check_seconds("connect_timeout", connect_timeout, none_ok=True)
         _check_seconds("worker_timeout", worker_timeout)
-        if not isinstance(max_retries, int) or isinstance(max_retries, bool):
-            raise TypeError("max_retries must be an integer")
-        if max_retries < 0:
-            raise ValueError("max_retries must be >= 0")
-        if not isinstance(max_message_size, int) or isinstance(max_message_size, bool):
-            raise TypeError("max_message_size must be an integer")
-        if max_message_size < 1:
-            raise ValueError("max_message_size must be >= 1")
+        _check_int("max_retries", max_retries, 0, "max_retries must be >= 0")
+        _check_int("max_message_size", max_message_size, 1, "max_message_size must be >= 1")
         if addresses:
             client_keys = _security.client_keys(keys, worker_keys, addresses)
             if client_keys is None and not insecure:
@@ -163,11 +158,11 @@ class ZMQExecutor(Executor):
             client_keys = None
         init_blob = proto.encode_initializer(initializer, tuple(initargs))
         self._max_message_size = max_message_size
-
-        self._max_workers = max_workers
         self._shared = _client.Shared()
         local_worker = None
-        if not addresses:
+        if addresses:
+            self._max_workers = max_workers
+        else:
             self._max_workers = max_workers or _cpu_count()
             local_worker = LocalWorker(self._max_workers)
             addresses = [local_worker.endpoint]
