@@ -124,6 +124,7 @@ def test_a_worker_killed_in_the_middle_of_a_map_loses_no_result(start_worker, ca
     assert re.search(rf"lost worker {re.escape(victim.endpoint)} \(the connection closed\) with [1-9]\d* task", caplog.text)
     assert {parent for parent, _, _ in results} - {victim.pid}  # the others did the rest
     seen.assert_exactly_once(tracked)
+    assert [w.lost for w in ex.workers()] == [1, 0, 0]
 
 
 def test_a_stopped_worker_is_lost_then_its_late_results_are_ignored(start_worker, tmp_path) -> None:

@@ -69,6 +69,21 @@ def test_max_workers_caps_tasks_in_flight_across_workers(start_worker) -> None:
     assert elapsed >= 0.75  # one at a time, although the worker has four slots
 
 
+def test_workers_view_reports_state_and_counts(start_worker, tcp_endpoint) -> None:
+    worker = start_worker(processes=2)
+    with ZMQExecutor([worker.endpoint, tcp_endpoint], connect_timeout=30) as ex:
+        assert [w.endpoint for w in ex.workers()] == [worker.endpoint, tcp_endpoint]
+        assert [f.result(timeout=30) for f in [ex.submit(abs, -i) for i in range(5)]] == list(range(5))
+        ready, down = ex.workers()
+        assert (ready.state, ready.slots, ready.completed, ready.in_flight, ready.lost) == ("ready", 2, 5, 0, 0)
+        assert ready.pid == worker.pid and ready.host and ready.instance and ready.error is None
+        assert (down.state, down.slots, down.completed, down.pid) == ("connecting", 0, 0, None)
+        slow = ex.submit(sleep_then_whoami, 0.5)
+        assert wait_until(lambda: ex.workers()[0].in_flight == 1)
+        slow.result(timeout=30)
+        assert ex.workers()[0].in_flight == 0 and ex.workers()[0].completed == 6
+
+
 def test_two_executors_share_one_worker(start_worker) -> None:
     worker = start_worker(processes=2)
     with ZMQExecutor(worker.endpoint) as a, ZMQExecutor(worker.endpoint) as b:

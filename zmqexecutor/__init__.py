@@ -25,9 +25,11 @@ from ._executor import (  # noqa: E402
     DEFAULT_WORKER_TIMEOUT,
     ZMQExecutor,
 )
+from ._client import WorkerInfo  # noqa: E402
 
 __all__ = [
     "ZMQExecutor",
+    "WorkerInfo",
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_MAX_RETRIES",

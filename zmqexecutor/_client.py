@@ -40,7 +40,7 @@ import time
 import uuid
 import weakref
 from concurrent.futures import Future
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import zmq
 
@@ -167,9 +167,24 @@ class _Task:
         self.lost_on: list[str] = []
 
 
+class WorkerInfo(NamedTuple):
+    """A snapshot of one worker endpoint as this executor sees it (``ZMQExecutor.workers()``)."""
+
+    endpoint: str
+    state: str  # "connecting", "ready" or "incompatible"
+    slots: int
+    in_flight: int
+    completed: int
+    lost: int
+    host: Optional[str]
+    pid: Optional[int]
+    instance: Optional[str]
+    error: Optional[str]
+
+
 class _Endpoint:
     __slots__ = ("address", "socket", "monitor", "state", "slots", "capacity", "inflight", "instance",
-                 "info", "error", "in_ready_queue", "awaiting_since", "next_beat")
+                 "info", "error", "in_ready_queue", "awaiting_since", "next_beat", "completed", "lost")
 
     CONNECTING = "connecting"
     READY = "ready"
@@ -190,6 +205,14 @@ class _Endpoint:
         # When the oldest unanswered heartbeat was sent; None while the worker has answered since.
         self.awaiting_since: Optional[float] = None
         self.next_beat = 0.0
+        self.completed = 0
+        self.lost = 0
+
+    def snapshot(self) -> WorkerInfo:
+        host, pid = self.info.get("host"), self.info.get("pid")
+        return WorkerInfo(self.address, self.state, self.slots, len(self.inflight), self.completed, self.lost,
+                          host if isinstance(host, str) else None, pid if isinstance(pid, int) else None,
+                          self.instance, None if self.error is None else str(self.error))
 
 
 _task_ids = itertools.count(1)
@@ -366,6 +389,7 @@ class Engine(threading.Thread):
             logger.debug("ignored a late or duplicate %s for task %d from %s", header.kind.name, header.ident, ep.address)
             return
         self.in_flight -= 1
+        ep.completed += 1
         self.offer(ep)
         if header.kind == Kind.RESULT:
             self.resolve_result(task, frames[1:])
@@ -480,6 +504,7 @@ class Engine(threading.Thread):
         """Give up on the tasks in flight on ``ep``: retry them elsewhere, or fail those out of retries."""
         inflight, ep.inflight = ep.inflight, {}
         self.in_flight -= len(inflight)
+        ep.lost += 1
         ep.state = _Endpoint.CONNECTING
         ep.awaiting_since = None
         ep.next_beat = 0.0  # shake hands again at once

@@ -17,6 +17,7 @@ from . import _client, _security
 from . import _protocol as proto
 from ._endpoints import is_loopback, parse
 from ._errors import MessageTooLargeError, SecurityError
+from ._client import WorkerInfo
 from ._local import LocalWorker
 
 _T = TypeVar("_T")
@@ -210,6 +211,20 @@ class ZMQExecutor(Executor):
     def endpoints(self) -> tuple[str, ...]:
         """The worker endpoints this executor sends tasks to (the local worker's, when embedded)."""
         return self._endpoints
+
+    def workers(self) -> tuple[WorkerInfo, ...]:
+        """A read-only snapshot of every worker endpoint: state, slots, tasks in flight, completed, lost.
+
+        ``state`` is ``"connecting"`` (no handshake yet, or lost and reconnecting), ``"ready"`` or
+        ``"incompatible"`` (another version; ``error`` says why). Meant for dashboards and tests.
+        """
+        # Taken from the I/O thread's live objects; each field is read atomically, which is all a
+        # snapshot for display needs. Until the thread has opened its sockets, all are connecting.
+        seen = {info.endpoint: info for info in (ep.snapshot() for ep in list(self._engine.endpoints))}
+        return tuple(
+            seen.get(address) or WorkerInfo(address, "connecting", 0, 0, 0, 0, None, None, None, None)
+            for address in self._endpoints
+        )
 
     def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
         """Schedule ``fn(*args, **kwargs)`` on a worker and return a Future for its result.
