@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -254,3 +255,35 @@ def test_worker_answers_another_protocol_version_with_a_clear_refusal(start_work
     finally:
         client.close(0)
         context.term()
+
+
+# --- zmqexecutor status / ping --------------------------------------------------------------------
+
+
+def test_status_and_ping_report_each_worker(start_worker, tcp_endpoint) -> None:
+    worker = start_worker(processes=2)
+    with ZMQExecutor(worker.endpoint) as ex:
+        assert [f.result(timeout=30) for f in [ex.submit(abs, -i) for i in range(3)]] == [0, 1, 2]
+        assert isinstance(ex.submit(os._exit, 3).exception(timeout=30), TaskCrashedError)
+        ex.submit(divmod, 1, 0).exception(timeout=30)
+        out = subprocess.run([sys.executable, "-m", "zmqexecutor", "status", worker.endpoint],
+                             capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert f"{worker.endpoint}  ok" in out.stdout and "security none" in out.stdout
+    assert f"pid {worker.pid}" in out.stdout and "slots 2" in out.stdout and "clients 1" in out.stdout
+    assert "tasks done 3  failed 1  crashed 1" in out.stdout
+    ping = subprocess.run([sys.executable, "-m", "zmqexecutor", "ping", worker.endpoint, tcp_endpoint,
+                           "--timeout", "1"], capture_output=True, text=True, timeout=60)
+    assert ping.returncode == 1
+    assert re.search(rf"{re.escape(worker.endpoint)}  ok  [\d.]+ ms", ping.stdout)
+    assert f"{tcp_endpoint}  unreachable: no answer within 1 s" in ping.stdout
+
+
+def test_status_of_a_secured_worker_needs_the_keys(start_worker, tmp_path) -> None:
+    assert subprocess.run([sys.executable, "-m", "zmqexecutor", "keygen", str(tmp_path / "k")]).returncode == 0
+    worker = start_worker("tcp://127.0.0.1:*", processes=1, extra=["--keys", str(tmp_path / "k" / "worker")])
+    base = [sys.executable, "-m", "zmqexecutor", "status", worker.endpoint, "--timeout", "2"]
+    secured = subprocess.run([*base, "--keys", str(tmp_path / "k" / "client")], capture_output=True, text=True, timeout=60)
+    assert secured.returncode == 0 and "security CurveZMQ" in secured.stdout
+    plain = subprocess.run(base, capture_output=True, text=True, timeout=60, env={**os.environ, "ZMQEXECUTOR_KEYS": ""})
+    assert plain.returncode == 1 and "unreachable: the secure handshake failed" in plain.stdout

@@ -55,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: INFO")
     worker.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    for name, text in (("status", "show each worker's versions, slots, load, counts, clients and uptime"),
+                       ("ping", "check that each worker answers, and how fast")):
+        command = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + "; exit "
+                                      "status 0 only when every worker answers.")
+        command.add_argument("endpoints", nargs="+", metavar="ENDPOINT")
+        command.add_argument("--keys", metavar="DIR", help="the client key folder for secured workers "
+                             "(default: $ZMQEXECUTOR_KEYS)")
+        command.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each (default 5)")
     keygen = commands.add_parser(
         "keygen",
         help="make CurveZMQ key pairs for a worker and a client",
@@ -114,6 +122,52 @@ def run_worker(args: argparse.Namespace) -> int:
     return supervisor.run()
 
 
+def run_status(args: argparse.Namespace) -> int:
+    from ._errors import SecurityError
+    from ._security import client_keys
+    from ._status import query
+
+    for endpoint in args.endpoints:
+        try:
+            parse(endpoint)
+        except (TypeError, ValueError) as exc:
+            sys.stderr.write(f"zmqexecutor {args.command}: {exc}\n")
+            return 2
+    try:
+        keys = client_keys(args.keys, None, args.endpoints)
+    except SecurityError as exc:
+        sys.stderr.write(f"zmqexecutor {args.command}: {exc}\n")
+        return 2
+    answered = 0
+    for endpoint in args.endpoints:
+        status, seconds, problem = query(endpoint, keys, args.timeout)
+        if status is None:
+            sys.stdout.write(f"{endpoint}  unreachable: {problem}\n")
+            continue
+        answered += 1
+        if args.command == "ping":
+            sys.stdout.write(f"{endpoint}  ok  {seconds * 1000:.1f} ms\n")
+            continue
+        sys.stdout.write(
+            f"{endpoint}  ok  zmqexecutor {status.get('zmqexecutor')}, Python {status.get('python')}, "
+            f"cloudpickle {status.get('cloudpickle')}, security {status.get('security')}\n"
+            f"    host {status.get('host')} pid {status.get('pid')} instance {status.get('instance')} "
+            f"up {_duration(status.get('uptime'))}\n"
+            f"    slots {status.get('slots')}  busy {status.get('busy')}  queued {status.get('queued')}  "
+            f"clients {status.get('clients')}\n"
+            f"    tasks done {status.get('done')}  failed {status.get('failed')}  crashed {status.get('crashed')}\n"
+        )
+    return 0 if answered == len(args.endpoints) else 1
+
+
+def _duration(seconds: object) -> str:
+    if not isinstance(seconds, (int, float)):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
 def run_keygen(args: argparse.Namespace) -> int:
     from ._errors import SecurityError
     from ._security import keygen
@@ -137,4 +191,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run_worker(args)
     if args.command == "keygen":
         return run_keygen(args)
+    if args.command in ("status", "ping"):
+        return run_status(args)
     return 2  # pragma: no cover - argparse rejects unknown commands

@@ -25,6 +25,9 @@ Client <-> worker supervisor (a DEALER per endpoint to the worker's bound ROUTER
     TERMINATE    c -> w  [hdr(signal number)]: send this signal to the task processes running this
                          client's tasks, and drop its queued tasks (``terminate_workers()``)
     DROPPED      w -> c  [hdr(task id), json {reason}]: a queued task dropped, unstarted, on TERMINATE
+    STATUS       c -> w  [hdr(0)]: ``zmqexecutor status``; needs no session and unpickles nothing
+    STATUS_REPLY w -> c  [hdr(0), json {versions, slots, busy, queued, done, failed, crashed, clients,
+                         uptime, instance, host, pid}]
     BYE          c -> w  [hdr(0)]: the client is done; the worker forgets its session
 
 A HELLO from a client the worker already knows starts a new session: the client sends it only after
@@ -91,6 +94,8 @@ class Kind(enum.IntEnum):
     PONG = 13
     TERMINATE = 14
     DROPPED = 15
+    STATUS = 16
+    STATUS_REPLY = 17
 
 
 _KINDS = frozenset(int(k) for k in Kind)

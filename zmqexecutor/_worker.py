@@ -217,6 +217,8 @@ class Supervisor:
         self.private_dir = tempfile.mkdtemp(prefix="zmqexecutor-worker-")
         self.back_address = f"ipc://{self.private_dir}/tasks"
         self.versions = proto.local_versions()
+        self.started = time.monotonic()
+        self.tally = {"done": 0, "failed": 0, "crashed": 0}
 
     # The loop -------------------------------------------------------------------------------------
 
@@ -349,6 +351,9 @@ class Supervisor:
         if header.kind == Kind.HELLO:
             self.greet(client, header, frames)
             return
+        if header.kind == Kind.STATUS:
+            self.send_to_client(client, [proto.encode_header(Kind.STATUS_REPLY), proto.encode_json(self.status())])
+            return
         if header.version != proto.PROTOCOL_VERSION:
             raise proto.ProtocolError(f"protocol version {header.version}, expected {proto.PROTOCOL_VERSION}")
         if header.kind not in (Kind.TASK, Kind.PING, Kind.TERMINATE, Kind.BYE):
@@ -392,6 +397,23 @@ class Supervisor:
             self.forget_session(client, "was refused")
             logger.warning("refused client %r: %s", client, reason)
         self.send_to_client(client, proto.encode_welcome(welcome))
+
+    def status(self) -> dict[str, Any]:
+        return dict(
+            self.versions,
+            slots=self.processes,
+            busy=sum(proc.current is not None for proc in self.by_ident.values()),
+            queued=len(self.queue),
+            done=self.tally["done"],
+            failed=self.tally["failed"],
+            crashed=self.tally["crashed"],
+            clients=len(self.sessions),
+            uptime=time.monotonic() - self.started,
+            instance=self.instance,
+            host=self.host,
+            pid=os.getpid(),
+            security="CurveZMQ" if self.guard is not None else "none",
+        )
 
     def forget_session(self, client: bytes, why: str) -> None:
         if self.sessions.pop(client, None) is None:
@@ -461,6 +483,7 @@ class Supervisor:
             return
         client = proc.current[0]
         proc.current = None
+        self.tally["done" if header.kind == Kind.RESULT else "failed"] += 1
         session = self.sessions.get(client)
         if session is not None:
             size = sum(len(f) for f in frames[1:])
@@ -500,6 +523,7 @@ class Supervisor:
             signal_name = _signal_name(code)
             how = f"was killed by {signal_name}" if signal_name else f"exited with code {code}"
             if proc.current is not None:
+                self.tally["crashed"] += 1
                 client, task_id = proc.current
                 logger.warning("task process %d %s while running a task; replacing it", proc.process.pid, how)
                 crash = proto.encode_crash(exitcode=code, signal_name=signal_name, host=self.host, pid=proc.process.pid)

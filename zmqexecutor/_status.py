@@ -1,0 +1,59 @@
+"""Asking workers how they are: the client side of ``zmqexecutor status`` and ``zmqexecutor ping``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import zmq
+
+from . import _protocol as proto
+from ._protocol import Kind
+from ._security import ClientKeys, secure_client_socket
+
+
+def query(endpoint: str, keys: Optional[ClientKeys], timeout: float) -> tuple[Optional[dict[str, Any]], float, str]:
+    """(status, round-trip seconds, problem): status is None and problem says why when no answer came."""
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+    problem = f"no answer within {timeout:g} s"
+    try:
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, proto.MAX_JSON_BYTES + proto.HEADER_SIZE)
+        if keys is not None:
+            secure_client_socket(sock, keys, endpoint)
+        sock.connect(endpoint)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        started = time.monotonic()
+        deadline = started + timeout
+        sent = False
+        while time.monotonic() < deadline:
+            if not sent:
+                try:
+                    sock.send(proto.encode_header(Kind.STATUS), zmq.NOBLOCK)
+                    sent, started = True, time.monotonic()
+                except zmq.Again:
+                    pass  # not connected yet
+            events = dict(poller.poll(10 if not sent else max(1, int((deadline - time.monotonic()) * 1000))))
+            if monitor in events:
+                proto.read_monitor_event(monitor)
+                problem = "the secure handshake failed (wrong keys, or keys on one side only)"
+            if sock in events:
+                frames = sock.recv_multipart()
+                try:
+                    proto.expect_frames(frames, 2, 2)
+                    if proto.decode_header(frames[0]).kind != Kind.STATUS_REPLY:
+                        raise proto.ProtocolError("not a status reply")
+                    return proto.decode_json(frames[1]), time.monotonic() - started, ""
+                except proto.ProtocolError as exc:
+                    return None, 0.0, f"malformed answer: {exc}"
+        return None, 0.0, problem
+    finally:
+        sock.disable_monitor()
+        monitor.close(0)
+        sock.close(0)
+        context.term()
