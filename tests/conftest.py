@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import zmq
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -58,6 +60,19 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def raw_dealer(endpoint: str) -> Iterator[zmq.Socket]:
+    """A bare DEALER socket connected to ``endpoint``: a peer that speaks the protocol by hand."""
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.connect(endpoint)
+    try:
+        yield sock
+    finally:
+        sock.close(0)
+        context.term()
 
 
 class WorkerProcess:

@@ -14,7 +14,7 @@ from concurrent.futures.process import BrokenProcessPool
 import pytest
 import zmq
 
-from conftest import alive, children_of, wait_until
+from conftest import alive, children_of, raw_dealer, wait_until
 from zmqexecutor import NoWorkersError, TaskCrashedError, VersionMismatchError, ZMQExecutor
 from zmqexecutor import _protocol as proto
 from zmqexecutor._protocol import Kind
@@ -215,10 +215,7 @@ def test_client_refuses_a_worker_with_other_versions(tcp_endpoint) -> None:
 
 def test_worker_refuses_a_client_with_other_versions(start_worker) -> None:
     worker = start_worker(processes=1)
-    context = zmq.Context()
-    client = context.socket(zmq.DEALER)
-    client.connect(worker.endpoint)
-    try:
+    with raw_dealer(worker.endpoint) as client:
         hello = dict(proto.local_versions(), python="3.99", cloudpickle="0.0.0")
         client.send_multipart(proto.encode_hello(hello, b""))
         assert client.poll(10_000)
@@ -230,17 +227,11 @@ def test_worker_refuses_a_client_with_other_versions(start_worker) -> None:
         assert client.poll(10_000)
         frames = client.recv_multipart()
         assert proto.decode_header(frames[0]) == proto.Header(Kind.REJECTED, 5)
-    finally:
-        client.close(0)
-        context.term()
 
 
 def test_worker_answers_another_protocol_version_with_a_clear_refusal(start_worker) -> None:
     worker = start_worker(processes=1)
-    context = zmq.Context()
-    client = context.socket(zmq.DEALER)
-    client.connect(worker.endpoint)
-    try:
+    with raw_dealer(worker.endpoint) as client:
         client.send_multipart([b"ZX\x63\x01" + bytes(8), b"{}", b""])  # protocol version 99
         assert client.poll(10_000)
         welcome = proto.decode_welcome(client.recv_multipart())
@@ -252,9 +243,6 @@ def test_worker_answers_another_protocol_version_with_a_clear_refusal(start_work
         with ZMQExecutor(worker.endpoint) as ex:
             assert ex.submit(abs, -6).result(timeout=30) == 6
         assert worker.process.poll() is None
-    finally:
-        client.close(0)
-        context.term()
 
 
 # --- zmqexecutor status / ping --------------------------------------------------------------------
