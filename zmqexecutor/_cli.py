@@ -10,11 +10,7 @@ from typing import Optional, Sequence
 
 from . import __version__
 from ._endpoints import is_loopback, parse
-
-
-def _cpu_count() -> int:
-    counter = getattr(os, "process_cpu_count", None) or os.cpu_count
-    return counter() or 1
+from ._executor import _cpu_count
 
 
 def _positive_int(text: str) -> int:
