@@ -569,3 +569,31 @@ def test_ctrl_c_in_the_terminal_leaves_the_local_workers_running(tmp_path) -> No
     """, start_new_session=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["interrupted", "after", "42"]
+
+
+def noisy(x: int) -> int:
+    print("printed", x)
+    print("to stderr", x, file=sys.stderr)
+    import logging
+
+    logging.getLogger("user.code").warning("logged %d", x)
+    return x
+
+
+def chatty(n: int) -> int:
+    print("x" * n)
+    return n
+
+
+def test_task_output_is_forwarded_to_the_client_log(caplog) -> None:
+    caplog.set_level("INFO", logger="zmqexecutor.task")
+    with ZMQExecutor(max_workers=1) as executor:
+        assert executor.submit(noisy, 7).result(timeout=30) == 7
+        endpoint = executor.endpoints[0]
+        assert executor.submit(chatty, 200_000).result(timeout=30) == 200_000
+    records = [r.getMessage() for r in caplog.records if r.name == "zmqexecutor.task"]
+    stdout = next(m for m in records if "stdout" in m and "printed" in m)
+    stderr = next(m for m in records if "stderr" in m and "to stderr 7" in m)
+    assert f"[{endpoint} pid " in stdout and stdout.endswith("printed 7")
+    assert "logged 7" in stderr
+    assert any("stdout (truncated)" in m for m in records)

@@ -59,6 +59,8 @@ from ._protocol import Kind
 from ._security import ClientKeys, secure_client_socket
 
 logger = logging.getLogger("zmqexecutor")
+# What tasks print on their workers, forwarded here (INFO); configure this logger to see it.
+task_logger = logging.getLogger("zmqexecutor.task")
 
 # Tasks kept in flight on a worker beyond its slots, so that a slot that frees up finds its next task
 # already there instead of waiting a round trip. More hides latency better, but tasks sent ahead can
@@ -384,6 +386,10 @@ class Engine(threading.Thread):
             if ep.state == _Endpoint.READY:
                 self.lose_endpoint(ep, proto.decode_reason(frames[1:]))
             return
+        if header.kind == Kind.OUTPUT:
+            if header.ident in ep.inflight:
+                self.log_output(ep, header.ident, proto.decode_output(frames[1:]))
+            return
         task = ep.inflight.pop(header.ident, None)
         if task is None:
             logger.debug("ignored a late or duplicate %s for task %d from %s", header.kind.name, header.ident, ep.address)
@@ -437,6 +443,15 @@ class Engine(threading.Thread):
         ep.error = None
         logger.debug("worker %s ready with %d slots", ep.address, ep.slots)
         self.offer(ep)
+
+    def log_output(self, ep: _Endpoint, task_id: int, output: dict[str, Any]) -> None:
+        tag = f"[{ep.address} pid {output.get('pid')}]"
+        for stream in ("stdout", "stderr"):
+            text = output[stream].rstrip("\n")
+            if text:
+                lines = "\n".join(f"{tag} {line}" for line in text.split("\n"))
+                more = " (truncated)" if output.get("truncated") else ""
+                task_logger.info("task %d %s%s:\n%s", task_id, stream, more, lines)
 
     def resolve_result(self, task: _Task, frames: list[Any]) -> None:
         try:

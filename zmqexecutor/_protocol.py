@@ -25,6 +25,8 @@ Client <-> worker supervisor (a DEALER per endpoint to the worker's bound ROUTER
     TERMINATE    c -> w  [hdr(signal number)]: send this signal to the task processes running this
                          client's tasks, and drop its queued tasks (``terminate_workers()``)
     DROPPED      w -> c  [hdr(task id), json {reason}]: a queued task dropped, unstarted, on TERMINATE
+    OUTPUT       w -> c  [hdr(task id), json {stdout, stderr, truncated, host, pid}]: what the task
+                         printed, sent just before its reply (task process -> supervisor -> client)
     STATUS       c -> w  [hdr(0)]: ``zmqexecutor status``; needs no session and unpickles nothing
     STATUS_REPLY w -> c  [hdr(0), json {versions, slots, busy, queued, done, failed, crashed, clients,
                          uptime, instance, host, pid}]
@@ -96,6 +98,7 @@ class Kind(enum.IntEnum):
     DROPPED = 15
     STATUS = 16
     STATUS_REPLY = 17
+    OUTPUT = 18
 
 
 _KINDS = frozenset(int(k) for k in Kind)
@@ -382,6 +385,19 @@ def encode_crash(*, exitcode: int | None, signal_name: str | None, host: str, pi
 def decode_crash(frames: Sequence[Frame]) -> dict[str, Any]:
     expect_frames(frames, 1, 1)
     return decode_json(frames[0])
+
+
+def encode_output(task_id: int, *, stdout: str, stderr: str, truncated: bool, host: str, pid: int) -> list[bytes]:
+    meta = {"stdout": stdout, "stderr": stderr, "truncated": truncated, "host": host, "pid": pid}
+    return [encode_header(Kind.OUTPUT, task_id), encode_json(meta)]
+
+
+def decode_output(frames: Sequence[Frame]) -> dict[str, Any]:
+    expect_frames(frames, 1, 1)
+    output = decode_json(frames[0])
+    if not all(isinstance(output.get(key), str) for key in ("stdout", "stderr")):
+        raise ProtocolError("task output without stdout and stderr text")
+    return output
 
 
 def encode_reason(reason: str) -> list[bytes]:

@@ -88,7 +88,46 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
+# Most text of each stream kept per task for the client; the rest still reaches the worker's own
+# stdout and stderr.
+OUTPUT_LIMIT = 64 * 1024
+
+
 # --- task process ---------------------------------------------------------------------------------
+
+
+class _Capture:
+    """Stands in for sys.stdout or sys.stderr: writes through, and keeps the current task's text."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.parts: list[str] = []
+        self.size = 0
+        self.truncated = False
+
+    def write(self, text: str) -> int:
+        if self.stream is not None:
+            self.stream.write(text)
+        room = OUTPUT_LIMIT - self.size
+        if len(text) > room:
+            self.truncated = True
+            text = text[:room]
+        if text:
+            self.parts.append(text)
+            self.size += len(text)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.stream is not None:
+            self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+    def take(self) -> str:
+        text = "".join(self.parts)
+        self.parts, self.size = [], 0
+        return text
 
 
 def task_process_main(back_address: str, supervisor_pid: int) -> None:
@@ -106,6 +145,11 @@ def task_process_main(back_address: str, supervisor_pid: int) -> None:
     sock.connect(back_address)
     sock.send(proto.encode_header(Kind.READY, pid))
     runner = _TaskRunner(host, pid)
+    # A forked task process inherits the supervisor's log handlers, which write to the real stderr;
+    # without them, the tasks' own logging goes through sys.stderr and is captured with their prints.
+    logging.root.handlers.clear()
+    stdout, stderr = _Capture(sys.stdout), _Capture(sys.stderr)
+    sys.stdout, sys.stderr = stdout, stderr  # type: ignore[assignment]
     try:
         while True:
             if not sock.poll(int(PARENT_CHECK_INTERVAL * 1000)):
@@ -118,6 +162,12 @@ def task_process_main(back_address: str, supervisor_pid: int) -> None:
                 return
             reply = runner.run(header.ident, frames[1:])
             del frames
+            out, err = stdout.take(), stderr.take()
+            if out or err:
+                sock.send_multipart(proto.encode_output(
+                    header.ident, stdout=out, stderr=err, truncated=stdout.truncated or stderr.truncated,
+                    host=host, pid=pid))
+                stdout.truncated = stderr.truncated = False
             sock.send_multipart(reply, copy=False)
             del reply
     finally:
@@ -476,6 +526,9 @@ class Supervisor:
                 self.idle.append(proc)
             elif header.kind in (Kind.RESULT, Kind.EXCEPTION, Kind.INIT_FAILED):
                 self.finish_task(proc, header, frames[1:])
+            elif header.kind == Kind.OUTPUT and proc.current is not None and proc.current[1] == header.ident:
+                if proc.current[0] in self.sessions:
+                    self.send_to_client(proc.current[0], frames[1:])
 
     def finish_task(self, proc: _TaskProcess, header: proto.Header, frames: list[Any]) -> None:
         if proc.current is None or proc.current[1] != header.ident:
