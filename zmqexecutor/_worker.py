@@ -149,7 +149,7 @@ def task_process_main(back_address: str, supervisor_pid: int) -> None:
     # without them, the tasks' own logging goes through sys.stderr and is captured with their prints.
     logging.root.handlers.clear()
     stdout, stderr = _Capture(sys.stdout), _Capture(sys.stderr)
-    sys.stdout, sys.stderr = stdout, stderr  # type: ignore[assignment]
+    sys.stdout, sys.stderr = stdout, stderr
     try:
         while True:
             if not sock.poll(int(PARENT_CHECK_INTERVAL * 1000)):
