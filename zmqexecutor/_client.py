@@ -226,10 +226,11 @@ def next_task_id() -> int:
 
 _HANDSHAKE_FAILURES: dict[int, str] = {
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the worker refused our key (it is not on the worker's allow list)",
-    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the handshake failed: one side uses CurveZMQ keys and the other "
-                                         "does not",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the secure handshake failed: one side uses CurveZMQ keys and the "
+                                         "other does not",
+    # libzmq reports a key mismatch this way, and sometimes a missing key on one side too.
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the secure handshake failed: the worker's public key is not the "
-                                          "pinned one",
+                                          "pinned one, or only one side uses keys",
 }
 _MONITORED_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 for _event in _HANDSHAKE_FAILURES:
