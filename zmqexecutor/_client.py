@@ -56,7 +56,7 @@ from ._errors import (
 )
 from ._local import LocalWorker
 from ._protocol import Kind
-from ._security import ClientKeys, secure_client_socket
+from ._security import HANDSHAKE_FAILURE_EVENTS, HANDSHAKE_FAILURES, ClientKeys, secure_client_socket
 
 logger = logging.getLogger("zmqexecutor")
 # What tasks print on their workers, forwarded here (INFO); configure this logger to see it.
@@ -224,17 +224,7 @@ def next_task_id() -> int:
     return next(_task_ids)
 
 
-_HANDSHAKE_FAILURES: dict[int, str] = {
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the worker refused our key (it is not on the worker's allow list)",
-    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the secure handshake failed: one side uses CurveZMQ keys and the "
-                                         "other does not",
-    # libzmq reports a key mismatch this way, and sometimes a missing key on one side too.
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the secure handshake failed: the worker's public key is not the "
-                                          "pinned one, or only one side uses keys",
-}
-_MONITORED_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
-for _event in _HANDSHAKE_FAILURES:
-    _MONITORED_EVENTS |= _event
+_MONITORED_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILURE_EVENTS
 
 
 class Engine(threading.Thread):
@@ -482,8 +472,8 @@ class Engine(threading.Thread):
                 if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                     if ep.state == _Endpoint.CONNECTING:
                         self.send(ep, self.hello)
-                elif event in _HANDSHAKE_FAILURES:
-                    problem = _HANDSHAKE_FAILURES[event]
+                elif event in HANDSHAKE_FAILURES:
+                    problem = HANDSHAKE_FAILURES[event]
                     if ep.error is None or str(ep.error) != problem:
                         logger.error("cannot connect to worker %s: %s", ep.address, problem)
                     ep.error = SecurityError(problem)

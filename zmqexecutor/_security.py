@@ -161,6 +161,19 @@ def load_allow_list(source: PathLike) -> set[bytes]:
 
 # --- the client's view ----------------------------------------------------------------------------
 
+# How a client's libzmq reports a refused handshake (socket-monitor events), in words for the user.
+HANDSHAKE_FAILURES: dict[int, str] = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the worker refused our key (it is not on the worker's allow list)",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the secure handshake failed: one side uses CurveZMQ keys and the "
+                                         "other does not",
+    # libzmq reports a key mismatch this way, and sometimes a missing key on one side too.
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the secure handshake failed: the worker's public key is not the "
+                                          "pinned one, or only one side uses keys",
+}
+HANDSHAKE_FAILURE_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | \
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+
+
 
 class ClientKeys(NamedTuple):
     public: bytes

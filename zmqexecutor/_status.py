@@ -9,15 +9,14 @@ import zmq
 
 from . import _protocol as proto
 from ._protocol import Kind
-from ._security import ClientKeys, secure_client_socket
+from ._security import HANDSHAKE_FAILURE_EVENTS, HANDSHAKE_FAILURES, ClientKeys, secure_client_socket
 
 
 def query(endpoint: str, keys: Optional[ClientKeys], timeout: float) -> tuple[Optional[dict[str, Any]], float, str]:
     """(status, round-trip seconds, problem): status is None and problem says why when no answer came."""
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
-    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+    monitor = sock.get_monitor_socket(HANDSHAKE_FAILURE_EVENTS)
     problem = f"no answer within {timeout:g} s"
     try:
         sock.setsockopt(zmq.IMMEDIATE, 1)
@@ -40,8 +39,7 @@ def query(endpoint: str, keys: Optional[ClientKeys], timeout: float) -> tuple[Op
                     pass  # not connected yet
             events = dict(poller.poll(10 if not sent else max(1, int((deadline - time.monotonic()) * 1000))))
             if monitor in events:
-                proto.read_monitor_event(monitor)
-                problem = "the secure handshake failed (wrong keys, or keys on one side only)"
+                problem = HANDSHAKE_FAILURES.get(proto.read_monitor_event(monitor), problem)
             if sock in events:
                 frames = sock.recv_multipart()
                 try:
