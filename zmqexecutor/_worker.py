@@ -108,14 +108,13 @@ class _Capture:
     def write(self, text: str) -> int:
         if self.stream is not None:
             self.stream.write(text)
-        room = OUTPUT_LIMIT - self.size
-        if len(text) > room:
+        kept = text[:OUTPUT_LIMIT - self.size]
+        if len(kept) < len(text):
             self.truncated = True
-            text = text[:room]
-        if text:
-            self.parts.append(text)
-            self.size += len(text)
-        return len(text)
+        if kept:
+            self.parts.append(kept)
+            self.size += len(kept)
+        return len(text)  # all of it was written through; a short count would make callers retry
 
     def flush(self) -> None:
         if self.stream is not None:
