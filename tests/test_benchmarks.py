@@ -11,6 +11,9 @@ import pytest
 
 from conftest import ROOT
 
+# Run once, on the default interpreter; .ci/run skips these on the other Pythons (see pyproject.toml).
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.timeout(600)
 def test_the_quick_suite_writes_a_report(tmp_path) -> None:

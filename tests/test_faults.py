@@ -22,6 +22,9 @@ import pytest
 from conftest import ROOT, WorkerProcess, alive, children_of, free_port, wait_until
 from zmqexecutor import BrokenWorkerPool, NoWorkersError, TaskCrashedError, WorkerLostError, ZMQExecutor
 
+# Run once, on the default interpreter; .ci/run skips these on the other Pythons (see pyproject.toml).
+pytestmark = pytest.mark.slow
+
 FAST = {"worker_timeout": 1.0, "connect_timeout": 20}
 
 

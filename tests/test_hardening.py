@@ -21,6 +21,9 @@ from zmqexecutor import ZMQExecutor
 from zmqexecutor import _protocol as proto
 from zmqexecutor._protocol import Kind
 
+# Run once, on the default interpreter; .ci/run skips these on the other Pythons (see pyproject.toml).
+pytestmark = pytest.mark.slow
+
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 
 

@@ -9,6 +9,9 @@ import pytest
 
 from conftest import ROOT
 
+# Run once, on the default interpreter; .ci/run skips these on the other Pythons (see pyproject.toml).
+pytestmark = pytest.mark.slow
+
 
 def test_py_typed_marker_ships() -> None:
     assert (ROOT / "zmqexecutor" / "py.typed").is_file()
