@@ -9,7 +9,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -331,40 +330,6 @@ def test_ctrl_c_during_map_cancels_the_rest_and_leaves_the_executor_usable(tmp_p
 
 
 # --- a network partition --------------------------------------------------------------------------
-
-
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)
-
-
-@pytest.fixture
-def namespace():
-    """A network namespace joined to this one by a veth pair: a second host on one machine."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("network namespaces need root and iproute2's ip")
-    tag = f"{os.getpid() % 100000}"
-    name, host_if, ns_if = f"zx{tag}", f"zxh{tag}", f"zxn{tag}"
-    subnet = f"10.{os.getpid() % 200 + 20}.{os.getpid() // 200 % 250}"
-    try:
-        _ip("netns", "add", name)
-    except subprocess.CalledProcessError as exc:
-        pytest.skip(f"cannot create a network namespace here: {exc.stderr.strip()}")
-    try:
-        _ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
-        _ip("link", "set", ns_if, "netns", name)
-        _ip("addr", "add", f"{subnet}.1/24", "dev", host_if)
-        _ip("link", "set", host_if, "up")
-        _ip("netns", "exec", name, "ip", "addr", "add", f"{subnet}.2/24", "dev", ns_if)
-        _ip("netns", "exec", name, "ip", "link", "set", ns_if, "up")
-        _ip("netns", "exec", name, "ip", "link", "set", "lo", "up")
-
-        def link(up: bool) -> None:
-            _ip("netns", "exec", name, "ip", "link", "set", ns_if, "up" if up else "down")
-
-        yield name, f"{subnet}.2", link
-    finally:
-        _ip("link", "del", host_if, check=False)
-        _ip("netns", "del", name, check=False)
 
 
 def test_a_network_partition_mid_task_is_survived_and_healed(namespace, start_worker) -> None:

@@ -199,7 +199,7 @@ def client_keys(
             raise SecurityError("worker_keys needs the client's own key pair: pass keys=FOLDER")
         return None
     require_curve()
-    root = Path(folder)
+    root = Path(folder).expanduser()
     if not root.is_dir():
         raise SecurityError(f"key folder {root} does not exist (make one with: zmqexecutor keygen DIR)")
     public, secret = load_key_pair(root / "client.key_secret")

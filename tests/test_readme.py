@@ -1,0 +1,321 @@
+"""Every example in README.rst, run.
+
+Each code block in the README is preceded by a ``.. test: HOW`` comment naming how it is run here; a
+block without one (other than ``text`` output) fails the first test, so no example goes unchecked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+from conftest import ROOT, alive, children_of, free_port, wait_until
+from zmqexecutor import ZMQExecutor
+
+README = ROOT / "README.rst"
+RUN = "python"
+RUN_WITH_WORKERS = "python, with a worker at each tcp://127.0.0.1 endpoint"
+TAGS = {
+    RUN, RUN_WITH_WORKERS, "two-commands", "the command-line synopsis", "systemd unit", "dockerfile",
+    "docker run", "walk-through, on the client", "walk-through, on the worker", "walk-through, client.py",
+    "walk-through, on the client again",
+}
+
+
+class Block(NamedTuple):
+    tag: str | None
+    language: str
+    text: str
+    line: int
+
+
+def _blocks() -> list[Block]:
+    lines = README.read_text().splitlines()
+    found = []
+    for number, line in enumerate(lines):
+        directive = re.match(r"(\s*)\.\. code-block:: (\S+)\s*$", line)
+        if not directive:
+            continue
+        indent = len(directive.group(1))
+        previous = [text for text in lines[:number] if text.strip()]
+        comment = re.match(r"\s*\.\. test: (.+)$", previous[-1]) if previous else None
+        body = []
+        for text in lines[number + 1:]:
+            if text.strip() and len(text) - len(text.lstrip()) <= indent:
+                break
+            body.append(text)
+        found.append(Block(comment.group(1).strip() if comment else None, directive.group(2),
+                           textwrap.dedent("\n".join(body)).strip() + "\n", number + 1))
+    return found
+
+
+BLOCKS = _blocks()
+
+
+def _only(tag: str) -> Block:
+    (block,) = [b for b in BLOCKS if b.tag == tag]
+    return block
+
+
+def test_every_code_block_says_how_it_is_tested() -> None:
+    assert len(BLOCKS) > 10
+    untested = [f"line {b.line}" for b in BLOCKS if b.tag is None and b.language != "text"]
+    assert not untested, f"README code blocks without a '.. test:' comment: {untested}"
+    unknown = [f"line {b.line}: {b.tag}" for b in BLOCKS if b.tag is not None and b.tag not in TAGS]
+    assert not unknown, f"README code blocks tagged with no known test: {unknown}"
+
+
+def _run_example(text: str, tmp_path: Path, env: dict[str, str] | None = None) -> str:
+    script = tmp_path / "example.py"
+    script.write_text(text)
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=100, env=env)
+    assert done.returncode == 0, f"{text}\n--- stdout:\n{done.stdout}\n--- stderr:\n{done.stderr}"
+    return done.stdout
+
+
+@pytest.mark.parametrize("block", [b for b in BLOCKS if b.tag == RUN], ids=lambda b: f"line {b.line}")
+def test_python_example_runs(block: Block, tmp_path: Path) -> None:
+    _run_example(block.text, tmp_path)
+
+
+@pytest.mark.parametrize("block", [b for b in BLOCKS if b.tag == RUN_WITH_WORKERS], ids=lambda b: f"line {b.line}")
+def test_python_example_runs_against_real_workers(block: Block, tmp_path: Path, start_worker) -> None:
+    text = block.text
+    ports = sorted(set(re.findall(r"tcp://127\.0\.0\.1:(\d+)", text)))
+    assert ports
+    for port in ports:
+        # The README's fixed ports may be taken on a shared machine: each gets a worker on a free one.
+        text = text.replace(f"tcp://127.0.0.1:{port}", start_worker().endpoint)
+    _run_example(text, tmp_path)
+
+
+def test_the_two_commands(tmp_path: Path) -> None:
+    block = _only("two-commands")
+    commands = [line for line in block.text.splitlines() if line and not line.startswith("#")]
+    assert commands == ["pip install . && python examples/demo.py", "pip install '.[test]' && python -m pytest"]
+    assert commands[1] in (ROOT / ".ci" / "run").read_text().splitlines(), "CI must run the README's test command"
+    # The package is installed (these tests run under it); the demo is the rest of command 1.
+    done = subprocess.run([sys.executable, "examples/demo.py"], cwd=ROOT, capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, done.stderr
+    assert "identical on every executor" in done.stdout
+
+
+def test_the_command_line_synopsis_lists_every_option() -> None:
+    block = _only("the command-line synopsis")
+    documented: dict[str, set[str]] = {}
+    command = None
+    for line in block.text.splitlines():
+        start = re.match(r"zmqexecutor (\w+)", line)
+        if start:
+            command = start.group(1)
+        elif not line.startswith(" "):
+            command = None  # "python -m zmqexecutor worker ...": the same command, another spelling
+        if command:
+            documented.setdefault(command, set()).update(re.findall(r"--[a-z][a-z-]*", line))
+    assert set(documented) == {"worker", "keygen", "status", "ping"}
+    for command, options in documented.items():
+        usage = subprocess.run([sys.executable, "-m", "zmqexecutor", command, "--help"], capture_output=True,
+                               text=True, timeout=30).stdout
+        actual = set(re.findall(r"--[a-z][a-z-]*", usage)) - {"--help"}
+        assert options == actual, f"zmqexecutor {command}: README {sorted(options)}, --help {sorted(actual)}"
+
+
+# --- deployment: systemd and a container ----------------------------------------------------------
+
+
+def _keygen(tmp_path: Path) -> Path:
+    done = subprocess.run([sys.executable, "-m", "zmqexecutor", "keygen", str(tmp_path / "keys")],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return tmp_path / "keys"
+
+
+def _zmqexecutor_script(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "zmqexecutor"
+    script.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m zmqexecutor \"$@\"\n")
+    script.chmod(0o755)
+    return script
+
+
+def _serve_then_stop(argv: list[str], client_keys: Path, stop_timeout: float) -> None:
+    """Start a worker the way a service manager would, use it, stop it with SIGTERM: it must exit 0."""
+    port = free_port()
+    argv = [arg.replace("tcp://0.0.0.0:5555", f"tcp://0.0.0.0:{port}") for arg in argv]
+    worker = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    log: list[str] = []
+    threading.Thread(target=lambda: log.extend(worker.stderr), daemon=True).start()  # type: ignore[arg-type]
+    try:
+        assert wait_until(lambda: "worker ready" in "".join(log), timeout=30), "".join(log)
+        assert "security=CurveZMQ (1 allowed client keys)" in "".join(log)
+        with ZMQExecutor(f"tcp://127.0.0.1:{port}", keys=client_keys, connect_timeout=20) as ex:
+            assert list(ex.map(abs, range(-3, 3))) == [3, 2, 1, 0, 1, 2]
+        task_processes = children_of(worker.pid)
+        assert task_processes
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            code = worker.wait(stop_timeout)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            raise
+    assert code == 0, "".join(log)
+    assert wait_until(lambda: not any(alive(pid) for pid in task_processes), timeout=5)
+
+
+def _unit_settings(unit: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#"))
+
+
+def test_the_systemd_unit(tmp_path: Path) -> None:
+    unit = _only("systemd unit").text
+    settings = _unit_settings(unit)
+    assert settings["KillMode"] == "mixed" and settings["Restart"] == "on-failure"
+    home = tmp_path / "home" / "zx"
+    _zmqexecutor_script(home / "zx" / "bin")
+    keys = _keygen(tmp_path)
+    shutil.copytree(keys / "worker", home / "zx-keys")
+    local_unit = unit.replace("/home/zx", str(home)).replace("User=zx", "User=root")
+    if shutil.which("systemd-analyze"):
+        path = tmp_path / "zmqexecutor-worker.service"
+        path.write_text(local_unit)
+        checked = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+    # What systemd runs, run here: it serves a secured client, and SIGTERM to the main process alone
+    # (KillMode=mixed) stops it cleanly within TimeoutStopSec, with no task process left behind.
+    _serve_then_stop(shlex.split(_unit_settings(local_unit)["ExecStart"]), keys / "client",
+                     stop_timeout=float(settings["TimeoutStopSec"]))
+
+
+def test_the_container_entrypoint_and_run_command(tmp_path: Path) -> None:
+    dockerfile = _only("dockerfile").text
+    run = _only("docker run").text.replace("\\\n", " ")
+    entrypoint = re.search(r"^ENTRYPOINT (\[.*\])$", dockerfile, re.M)
+    assert entrypoint
+    argv = json.loads(entrypoint.group(1))
+    run_line = next(line for line in run.splitlines() if line.startswith("docker run"))
+    words = shlex.split(run_line.replace('"$(id -u):$(id -g)"', f"{os.getuid()}:{os.getgid()}"))
+    image = words.index("zmqexecutor-worker")
+    argv += words[image + 1:]
+    volume = words[words.index("-v") + 1]
+    source, target, mode = volume.split(":")
+    assert (target, mode) == ("/keys", "ro") and source == "~/zx-keys/worker"
+    assert "--user" in words and "tcp://0.0.0.0:5555" in argv
+    # No Docker daemon here: run what the container runs, with /keys pointing at a copy of the keys.
+    keys = _keygen(tmp_path)
+    argv = [arg.replace("/keys", str(keys / "worker")) for arg in argv]
+    argv[0] = str(_zmqexecutor_script(tmp_path / "bin"))
+    _serve_then_stop(argv, keys / "client", stop_timeout=10)
+
+
+# --- the two-host walk-through, verbatim, with the worker host in its own network namespace -----
+
+SCP = """#!{python}
+# scp to the test's worker host: "HOST:PATH" is PATH under that host's home folder.
+import os, shutil, sys
+args = [a for a in sys.argv[1:] if not a.startswith("-")]
+*sources, target = args
+host, _, path = target.partition(":")
+assert host == os.environ["WORKER"], f"scp to an unknown host {{host!r}}"
+destination = os.path.join({worker_home!r}, path)
+for source in sources:
+    if os.path.isdir(source):
+        shutil.copytree(source, destination if not os.path.isdir(destination)
+                        else os.path.join(destination, os.path.basename(source)))
+    else:
+        shutil.copy2(source, destination)
+"""
+
+
+def _copy_of_the_clone(into: Path) -> Path:
+    clone = into / "zmqexecutor"
+    clone.mkdir(parents=True)
+    for name in ("setup.cfg", "pyproject.toml", "README.rst"):
+        shutil.copy2(ROOT / name, clone / name)
+    shutil.copytree(ROOT / "zmqexecutor", clone / "zmqexecutor", ignore=shutil.ignore_patterns("__pycache__"))
+    return clone
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_the_two_host_walk_through(namespace, tmp_path: Path) -> None:
+    name, address, _ = namespace
+    client_home, worker_home, bin_dir = tmp_path / "client", tmp_path / "worker", tmp_path / "bin"
+    worker_home.mkdir()
+    bin_dir.mkdir()
+    clone = _copy_of_the_clone(client_home)
+    scp = bin_dir / "scp"
+    scp.write_text(SCP.format(python=sys.executable, worker_home=str(worker_home)))
+    scp.chmod(scp.stat().st_mode | stat.S_IXUSR)
+    python_dir = str(Path(sys.executable).parent)
+    path = os.pathsep.join([str(bin_dir), python_dir, os.environ["PATH"]])
+    base = {"PATH": path, "LANG": "C.UTF-8", **{k: v for k, v in os.environ.items() if k.startswith("PIP_")}}
+
+    step1 = _only("walk-through, on the client").text
+    assert "export WORKER=192.0.2.10 " in step1
+    step1 = step1.replace("export WORKER=192.0.2.10 ", f"export WORKER={address} ")
+    (clone / "client.py").write_text(_only("walk-through, client.py").text)
+    step3 = _only("walk-through, on the client again").text
+    step1_done, worker_ready = tmp_path / "step1.done", tmp_path / "worker.ready"
+    # One shell, as a reader would have: step 1, then (once the worker is up) step 3.
+    client_script = (f"set -euo pipefail\ncd {shlex.quote(str(clone))}\n{step1}\ntouch {step1_done}\n"
+                     f"while [ ! -e {worker_ready} ]; do sleep 0.2; done\n{step3}")
+    client = subprocess.Popen(["bash", "-c", client_script], env=dict(base, HOME=str(client_home)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client_output: list[str] = []
+    threading.Thread(target=lambda: client_output.extend(client.stdout), daemon=True).start()  # type: ignore[arg-type]
+    worker = None
+    try:
+        assert wait_until(lambda: step1_done.exists() or client.poll() is not None, timeout=300), "step 1 hangs"
+        assert step1_done.exists(), "".join(client_output)
+        *install, serve = _only("walk-through, on the worker").text.strip().splitlines()
+        assert serve.startswith("zmqexecutor worker ")
+        worker_env = dict(base, HOME=str(worker_home))
+        # Installing needs the package index, which the namespace cannot reach; serving runs in it.
+        installed = subprocess.run(["bash", "-c", "set -euo pipefail\ncd\n" + "\n".join(install)],
+                                   env=worker_env, capture_output=True, text=True, timeout=300)
+        assert installed.returncode == 0, installed.stdout + installed.stderr
+        worker = subprocess.Popen(
+            ["ip", "netns", "exec", name, "bash", "-c", f"cd && . ~/zx/bin/activate && exec {serve}"],
+            env=worker_env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        worker_log: list[str] = []
+        threading.Thread(target=lambda: worker_log.extend(worker.stderr), daemon=True).start()  # type: ignore[arg-type, union-attr]
+        assert wait_until(lambda: "worker ready" in "".join(worker_log), timeout=60), "".join(worker_log)
+        worker_ready.touch()
+        assert client.wait(120) == 0, "".join(client_output)
+        output = "".join(client_output)
+        assert f"tcp://{address}:5555  ok" in output and "security CurveZMQ" in output
+        assert len(re.findall(r"^\S+: (\d+)$", output, re.M)) == 8
+        assert [int(n) for n in re.findall(r"^\S+: (\d+)$", output, re.M)] == [x * x for x in range(8)]
+        # The tasks ran on the worker in the other namespace: ask it.
+        status = subprocess.run(
+            [str(client_home / "zx" / "bin" / "zmqexecutor"), "status", f"tcp://{address}:5555"],
+            env=dict(base, HOME=str(client_home), ZMQEXECUTOR_KEYS=str(client_home / "zx-keys" / "client")),
+            capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert re.search(r"tasks done 8\b", status.stdout), status.stdout
+    finally:
+        if client.poll() is None:
+            client.kill()
+        if worker is not None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                assert worker.wait(20) == 0
+            finally:
+                if worker.poll() is None:
+                    worker.kill()
