@@ -121,6 +121,14 @@ def test_keys_from_the_environment(secured_worker, keys, monkeypatch) -> None:
         assert ex.submit(abs, -6).result(timeout=30) == 6
 
 
+def test_a_key_folder_under_home_may_be_written_with_a_tilde(secured_worker, keys, monkeypatch) -> None:
+    # "~/keys" from a config file or a quoted $ZMQEXECUTOR_KEYS is not expanded by any shell.
+    monkeypatch.setenv("HOME", str(keys.parent))
+    monkeypatch.setenv("ZMQEXECUTOR_KEYS", "~/keys/client")
+    with ZMQExecutor(loopback(secured_worker.endpoint)) as ex:
+        assert ex.submit(abs, -7).result(timeout=30) == 7
+
+
 def test_per_endpoint_worker_keys(secured_worker, keys, other_keys) -> None:
     endpoint = loopback(secured_worker.endpoint)
     # The client's own pair is on the allow list; the folder's default worker key is another worker's.
