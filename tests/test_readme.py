@@ -78,6 +78,21 @@ def test_every_code_block_says_how_it_is_tested() -> None:
     assert not unknown, f"README code blocks tagged with no known test: {unknown}"
 
 
+def test_the_api_reference_names_every_public_name_and_option() -> None:
+    import inspect
+
+    import zmqexecutor
+
+    text = README.read_text()
+    missing = [name for name in zmqexecutor.__all__ if f"``{name}``" not in text]
+    assert not missing, f"public names the README does not document: {missing}"
+    signature = inspect.signature(ZMQExecutor)
+    options = [name for name in signature.parameters if not re.search(rf"``{name}\b", text)]
+    assert not options, f"ZMQExecutor options the README does not document: {options}"
+    for method in ("submit", "map", "shutdown", "terminate_workers", "kill_workers", "workers", "endpoints"):
+        assert f"``{method}" in text, method
+
+
 def _run_example(text: str, tmp_path: Path, env: dict[str, str] | None = None) -> str:
     script = tmp_path / "example.py"
     script.write_text(text)
