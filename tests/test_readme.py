@@ -118,6 +118,7 @@ def test_python_example_runs_against_real_workers(block: Block, tmp_path: Path, 
     _run_example(text, tmp_path)
 
 
+@pytest.mark.slow  # the demo: ten seconds of prime counting, the same on every Python
 def test_the_two_commands(tmp_path: Path) -> None:
     block = _only("two-commands")
     commands = [line for line in block.text.splitlines() if line and not line.startswith("#")]

@@ -138,6 +138,7 @@ def test_per_endpoint_worker_keys(secured_worker, keys, other_keys) -> None:
         assert ex.submit(abs, -7).result(timeout=30) == 7
 
 
+@pytest.mark.slow  # each waits out a refused handshake; libzmq decides, not Python
 @pytest.mark.parametrize("case", ["no keys", "key not allowed", "wrong worker key"])
 def test_unauthenticated_clients_never_run_anything(secured_worker, keys, other_keys, tmp_path, case) -> None:
     endpoint = loopback(secured_worker.endpoint)

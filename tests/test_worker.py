@@ -96,6 +96,7 @@ def test_two_executors_share_one_worker(start_worker) -> None:
         assert b.submit(abs, -4).result(timeout=30) == 4
 
 
+@pytest.mark.slow  # the executor tests keep one crash on every Python
 @pytest.mark.parametrize(
     "fn, args, expect",
     [
@@ -267,6 +268,7 @@ def test_status_and_ping_report_each_worker(start_worker, tcp_endpoint) -> None:
     assert f"{tcp_endpoint}  unreachable: no answer within 1 s" in ping.stdout
 
 
+@pytest.mark.slow  # waits out a refused handshake
 def test_status_of_a_secured_worker_needs_the_keys(start_worker, tmp_path) -> None:
     assert subprocess.run([sys.executable, "-m", "zmqexecutor", "keygen", str(tmp_path / "k")]).returncode == 0
     worker = start_worker("tcp://127.0.0.1:*", processes=1, extra=["--keys", str(tmp_path / "k" / "worker")])
