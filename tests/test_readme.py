@@ -170,12 +170,13 @@ def _zmqexecutor_script(folder: Path) -> Path:
 
 def _serve_then_stop(argv: list[str], client_keys: Path, stop_timeout: float) -> None:
     """Start a worker the way a service manager would, use it, stop it with SIGTERM: it must exit 0."""
+    assert "tcp://0.0.0.0:5555" in argv
     port = free_port()
     argv = [arg.replace("tcp://0.0.0.0:5555", f"tcp://0.0.0.0:{port}") for arg in argv]
     worker = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               env=dict(os.environ, PYTHONPATH=str(ROOT)))
     log: list[str] = []
-    threading.Thread(target=lambda: log.extend(worker.stderr), daemon=True).start()  # type: ignore[arg-type]
+    threading.Thread(target=lambda: log.extend(worker.stderr), daemon=True).start()
     try:
         assert wait_until(lambda: "worker ready" in "".join(log), timeout=30), "".join(log)
         assert "security=CurveZMQ (1 allowed client keys)" in "".join(log)
@@ -294,7 +295,7 @@ def test_the_two_host_walk_through(namespace, tmp_path: Path) -> None:
     client = subprocess.Popen(["bash", "-c", client_script], env=dict(base, HOME=str(client_home)),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     client_output: list[str] = []
-    threading.Thread(target=lambda: client_output.extend(client.stdout), daemon=True).start()  # type: ignore[arg-type]
+    threading.Thread(target=lambda: client_output.extend(client.stdout), daemon=True).start()
     worker = None
     try:
         assert wait_until(lambda: step1_done.exists() or client.poll() is not None, timeout=300), "step 1 hangs"
@@ -310,13 +311,12 @@ def test_the_two_host_walk_through(namespace, tmp_path: Path) -> None:
             ["ip", "netns", "exec", name, "bash", "-c", f"cd && . ~/zx/bin/activate && exec {serve}"],
             env=worker_env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         worker_log: list[str] = []
-        threading.Thread(target=lambda: worker_log.extend(worker.stderr), daemon=True).start()  # type: ignore[arg-type, union-attr]
+        threading.Thread(target=lambda: worker_log.extend(worker.stderr), daemon=True).start()
         assert wait_until(lambda: "worker ready" in "".join(worker_log), timeout=60), "".join(worker_log)
         worker_ready.touch()
         assert client.wait(120) == 0, "".join(client_output)
         output = "".join(client_output)
         assert f"tcp://{address}:5555  ok" in output and "security CurveZMQ" in output
-        assert len(re.findall(r"^\S+: (\d+)$", output, re.M)) == 8
         assert [int(n) for n in re.findall(r"^\S+: (\d+)$", output, re.M)] == [x * x for x in range(8)]
         # The tasks ran on the worker in the other namespace: ask it.
         status = subprocess.run(
