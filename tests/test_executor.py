@@ -585,6 +585,36 @@ def chatty(n: int) -> int:
     return n
 
 
+def print_then_wait_for(path: str) -> str:
+    print("started")
+    print("a line not yet finished: ", end="")
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print("finished")
+    return "done"
+
+
+def test_a_running_tasks_output_reaches_the_client_while_it_runs(caplog, tmp_path) -> None:
+    caplog.set_level("INFO", logger="zmqexecutor.task")
+    release = tmp_path / "release"
+
+    def forwarded() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "zmqexecutor.task"]
+
+    with ZMQExecutor(max_workers=1) as executor:
+        future = executor.submit(print_then_wait_for, str(release))
+        assert wait_until(lambda: any("started" in m for m in forwarded()), timeout=20)
+        assert not future.done()
+        early = forwarded()
+        release.touch()
+        assert future.result(timeout=30) == "done"
+    # Only whole lines go early; the unfinished one waits for its end, and nothing comes twice.
+    assert len(early) == 1 and early[0].endswith("] started")
+    rest = forwarded()[1:]
+    assert len(rest) == 1 and rest[0].endswith("] a line not yet finished: finished")
+
+
 def test_task_output_is_forwarded_to_the_client_log(caplog) -> None:
     caplog.set_level("INFO", logger="zmqexecutor.task")
     with ZMQExecutor(max_workers=1) as executor:

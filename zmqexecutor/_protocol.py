@@ -26,7 +26,8 @@ Client <-> worker supervisor (a DEALER per endpoint to the worker's bound ROUTER
                          client's tasks, and drop its queued tasks (``terminate_workers()``)
     DROPPED      w -> c  [hdr(task id), json {reason}]: a queued task dropped, unstarted, on TERMINATE
     OUTPUT       w -> c  [hdr(task id), json {stdout, stderr, truncated, host, pid}]: what the task
-                         printed, sent just before its reply (task process -> supervisor -> client)
+                         printed: whole lines while it runs, the rest just before its reply
+                         (task process -> supervisor -> client)
     STATUS       c -> w  [hdr(0)]: ``zmqexecutor status``; needs no session and unpickles nothing
     STATUS_REPLY w -> c  [hdr(0), json {versions, slots, busy, queued, done, failed, crashed, clients,
                          uptime, instance, host, pid}]

@@ -32,6 +32,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from typing import Any, Optional, Sequence
@@ -92,6 +93,10 @@ def _die_with_parent(parent_pid: int) -> None:
 # stdout and stderr.
 OUTPUT_LIMIT = 64 * 1024
 
+# Seconds between forwarding the new, complete lines a running task wrote. Shorter shows them to the
+# client sooner, at the cost of one more message per interval for every task that keeps printing.
+OUTPUT_INTERVAL = 0.5
+
 
 # --- task process ---------------------------------------------------------------------------------
 
@@ -101,19 +106,21 @@ class _Capture:
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
+        self.lock = threading.Lock()  # the task's own threads may print while its output is forwarded
         self.parts: list[str] = []
-        self.size = 0
+        self.size = 0  # kept for the current task so far, forwarded or not
         self.truncated = False
 
     def write(self, text: str) -> int:
         if self.stream is not None:
             self.stream.write(text)
-        kept = text[:OUTPUT_LIMIT - self.size]
-        if len(kept) < len(text):
-            self.truncated = True
-        if kept:
-            self.parts.append(kept)
-            self.size += len(kept)
+        with self.lock:
+            kept = text[:OUTPUT_LIMIT - self.size]
+            if len(kept) < len(text):
+                self.truncated = True
+            if kept:
+                self.parts.append(kept)
+                self.size += len(kept)
         return len(text)  # all of it was written through; a short count would make callers retry
 
     def flush(self) -> None:
@@ -123,17 +130,85 @@ class _Capture:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.stream, name)
 
-    def take(self) -> str:
-        text = "".join(self.parts)
-        self.parts, self.size = [], 0
-        return text
+    def begin(self) -> None:
+        with self.lock:
+            self.parts, self.size, self.truncated = [], 0, False
+
+    def take(self, whole_lines: bool) -> str:
+        """The text not yet taken; with ``whole_lines``, a last unfinished line stays for later."""
+        with self.lock:
+            text = "".join(self.parts)
+            end = text.rfind("\n") + 1 if whole_lines else len(text)
+            self.parts = [text[end:]] if end < len(text) else []
+        return text[:end]
+
+
+class _TaskLoop:
+    """The loop of one task process: receive a task, run it, reply; stream its output meanwhile."""
+
+    def __init__(self, sock: zmq.Socket[Any], host: str, pid: int) -> None:
+        self.sock = sock
+        self.host = host
+        self.pid = pid
+        self.runner = _TaskRunner(host, pid)
+        self.stdout, self.stderr = _Capture(sys.stdout), _Capture(sys.stderr)
+        # The socket belongs to the main thread, except while a task runs: then the forwarder may send
+        # that task's output on it. The lock hands it over (ZeroMQ sockets need that memory barrier).
+        self.socket_lock = threading.Lock()
+        self.running: Optional[int] = None
+        self.forwarder: Optional[threading.Thread] = None
+
+    def serve(self, supervisor_pid: int) -> None:
+        sys.stdout, sys.stderr = self.stdout, self.stderr
+        self.socket_lock.acquire()
+        while True:
+            if not self.sock.poll(int(PARENT_CHECK_INTERVAL * 1000)):
+                if os.getppid() != supervisor_pid:
+                    return
+                continue
+            frames = self.sock.recv_multipart(copy=False)
+            header = proto.decode_header(frames[0])
+            if header.kind == Kind.STOP:
+                return
+            reply = self.run(header.ident, frames[1:])
+            del frames
+            self.send_output(header.ident, whole_lines=False)
+            self.sock.send_multipart(reply, copy=False)
+            del reply
+
+    def run(self, task_id: int, frames: Sequence[Any]) -> list[Any]:
+        self.stdout.begin()
+        self.stderr.begin()
+        if self.forwarder is None:
+            self.forwarder = threading.Thread(target=self.forward_output, name="zmqexecutor-output", daemon=True)
+            self.forwarder.start()
+        self.running = task_id
+        self.socket_lock.release()
+        try:
+            return self.runner.run(task_id, frames)
+        finally:
+            self.socket_lock.acquire()
+            self.running = None
+
+    def forward_output(self) -> None:
+        while True:
+            time.sleep(OUTPUT_INTERVAL)
+            with self.socket_lock:
+                if self.running is not None:
+                    self.send_output(self.running, whole_lines=True)
+
+    def send_output(self, task_id: int, *, whole_lines: bool) -> None:
+        out, err = self.stdout.take(whole_lines), self.stderr.take(whole_lines)
+        if out or err:
+            self.sock.send_multipart(proto.encode_output(
+                task_id, stdout=out, stderr=err, truncated=self.stdout.truncated or self.stderr.truncated,
+                host=self.host, pid=self.pid))
 
 
 def task_process_main(back_address: str, supervisor_pid: int) -> None:
     _die_with_parent(supervisor_pid)
     # Ctrl-C in a terminal reaches the whole process group; the supervisor decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    host = socket.gethostname()
     pid = os.getpid()
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
@@ -143,32 +218,11 @@ def task_process_main(back_address: str, supervisor_pid: int) -> None:
     sock.setsockopt(zmq.LINGER, 1000)
     sock.connect(back_address)
     sock.send(proto.encode_header(Kind.READY, pid))
-    runner = _TaskRunner(host, pid)
     # A forked task process inherits the supervisor's log handlers, which write to the real stderr;
     # without them, the tasks' own logging goes through sys.stderr and is captured with their prints.
     logging.root.handlers.clear()
-    stdout, stderr = _Capture(sys.stdout), _Capture(sys.stderr)
-    sys.stdout, sys.stderr = stdout, stderr
     try:
-        while True:
-            if not sock.poll(int(PARENT_CHECK_INTERVAL * 1000)):
-                if os.getppid() != supervisor_pid:
-                    return
-                continue
-            frames = sock.recv_multipart(copy=False)
-            header = proto.decode_header(frames[0])
-            if header.kind == Kind.STOP:
-                return
-            reply = runner.run(header.ident, frames[1:])
-            del frames
-            out, err = stdout.take(), stderr.take()
-            if out or err:
-                sock.send_multipart(proto.encode_output(
-                    header.ident, stdout=out, stderr=err, truncated=stdout.truncated or stderr.truncated,
-                    host=host, pid=pid))
-                stdout.truncated = stderr.truncated = False
-            sock.send_multipart(reply, copy=False)
-            del reply
+        _TaskLoop(sock, socket.gethostname(), pid).serve(supervisor_pid)
     finally:
         sock.close()
         context.term()
