@@ -7,6 +7,7 @@ import concurrent.futures as cf
 import gc
 import itertools
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -526,14 +527,38 @@ def test_an_unpicklable_initializer_is_an_error_at_construction() -> None:
 # --- the local worker's life ----------------------------------------------------------------------
 
 
-def test_a_dead_local_worker_breaks_the_executor_with_a_clear_error() -> None:
+def _kill_local_worker(executor: ZMQExecutor) -> int:
+    pid = executor._engine.local_worker.pid
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def test_a_dead_local_worker_is_started_again_and_its_task_retried(caplog) -> None:
+    with ZMQExecutor(max_workers=1) as executor:
+        assert executor.submit(abs, -1).result(timeout=30) == 1
+        pending = executor.submit(slow_identity, 1.5)
+        time.sleep(0.3)  # running in the worker
+        old = _kill_local_worker(executor)
+        assert pending.result(timeout=30) == 1.5
+        assert executor._engine.local_worker.pid != old and not alive(old)
+        (info,) = executor.workers()
+        assert info.state == "ready" and info.lost == 1
+        assert executor.submit(abs, -2).result(timeout=30) == 2
+    assert "exited unexpectedly with code -9; starting it again" in caplog.text
+
+
+def test_a_local_worker_that_keeps_dying_breaks_the_executor_with_a_clear_error() -> None:
     executor = ZMQExecutor(max_workers=1)
     try:
         assert executor.submit(abs, -1).result(timeout=30) == 1
+        for _ in range(3):
+            old = _kill_local_worker(executor)
+            assert wait_until(lambda: executor._engine.local_worker.pid != old, timeout=15)
         pending = executor.submit(slow_identity, 10)
-        os.kill(executor._engine.local_worker.pid, 9)
+        _kill_local_worker(executor)
         error = pending.exception(timeout=15)
-        assert isinstance(error, BrokenWorkerPool) and "local worker process" in str(error)
+        assert isinstance(error, BrokenWorkerPool), error
+        assert "local worker process" in str(error) and "(4 times in 60 s)" in str(error)
         with pytest.raises(BrokenWorkerPool):
             executor.submit(abs, 1)
     finally:

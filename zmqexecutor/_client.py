@@ -87,6 +87,12 @@ CLOSE_LINGER_MS = 200
 # While the engine owns a local worker it looks at it at least this often.
 LOCAL_CHECK_INTERVAL = 1.0
 
+# A local worker that dies is started again, its tasks retried like those of any lost worker; but one
+# that died this many times within the window is being killed on purpose or cannot run here, and
+# restarting it forever would hide that: the executor breaks instead.
+LOCAL_RESTARTS = 3
+LOCAL_RESTART_WINDOW = 60.0
+
 
 class Wakeup:
     """Wakes the I/O thread from any thread without blocking, through a pipe the thread polls."""
@@ -260,6 +266,7 @@ class Engine(threading.Thread):
         self.max_message_size = max_message_size
         self.keys = keys
         self.local_worker = local_worker
+        self.local_restarts: list[float] = []
         self.client_id = f"zx-{uuid.uuid4().hex}".encode()
         self.backlog: collections.deque[_Task] = collections.deque()
         self.ready: collections.deque[_Endpoint] = collections.deque()
@@ -618,13 +625,30 @@ class Engine(threading.Thread):
                 self.fail_task(task, NoWorkersError(message))
 
     def watch_local_worker(self) -> None:
-        if self.local_worker is None:
+        worker = self.local_worker
+        if worker is None:
             return
-        code = self.local_worker.exit_code()
-        if code is not None:
+        code = worker.exit_code()
+        if code is None:
+            return
+        now = time.monotonic()
+        self.local_restarts = [t for t in self.local_restarts if now - t < LOCAL_RESTART_WINDOW]
+        if self.stopping_workers or len(self.local_restarts) >= LOCAL_RESTARTS:
+            often = f" ({len(self.local_restarts) + 1} times in {LOCAL_RESTART_WINDOW:g} s)" \
+                if self.local_restarts else ""
             self.break_executor(BrokenWorkerPool(
-                f"the executor's local worker process (pid {self.local_worker.pid}) exited unexpectedly "
-                f"with code {code}; the executor is not usable anymore"))
+                f"the executor's local worker process (pid {worker.pid}) exited unexpectedly with code "
+                f"{code}{often}; the executor is not usable anymore"))
+            return
+        logger.warning("the local worker process (pid %d) exited unexpectedly with code %s; starting it again",
+                       worker.pid, code)
+        self.local_restarts.append(now)
+        try:
+            worker.start()
+        except OSError as exc:
+            self.break_executor(BrokenWorkerPool(
+                f"the executor's local worker process exited with code {code} and could not be started "
+                f"again: {exc}; the executor is not usable anymore"))
 
     def is_finished(self) -> bool:
         if self.shared.broken is not None:

@@ -28,22 +28,26 @@ class LocalWorker:
         # so functions from the user's own modules unpickle there.
         env["PYTHONPATH"] = os.pathsep.join(p or os.getcwd() for p in sys.path)
         level = "DEBUG" if logger.isEnabledFor(logging.DEBUG) else "WARNING"
-        command = [
+        self.command = [
             sys.executable, "-m", "zmqexecutor", "worker",
             "--bind", self.endpoint,
             "--processes", str(processes),
             "--parent-pid", str(os.getpid()),
             "--log-level", level,
         ]
+        self.env = env
+        self.process: Optional[subprocess.Popen[bytes]] = None
         try:
-            # A session of its own: Ctrl-C in the user's terminal must not kill the worker under a
-            # running executor; the executor stops it, and it stops itself if we die.
-            self.process: Optional[subprocess.Popen[bytes]] = subprocess.Popen(
-                command, env=env, stdin=subprocess.DEVNULL, start_new_session=True
-            )
+            self.start()
         except BaseException:
             shutil.rmtree(self.private_dir, ignore_errors=True)
             raise
+
+    def start(self) -> None:
+        """Start the worker process, again after it died: on the same endpoint, which it binds anew."""
+        # A session of its own: Ctrl-C in the user's terminal must not kill the worker under a running
+        # executor; the executor stops it, and it stops itself if we die.
+        self.process = subprocess.Popen(self.command, env=self.env, stdin=subprocess.DEVNULL, start_new_session=True)
         self.pid = self.process.pid
 
     def exit_code(self) -> Optional[int]:
