@@ -7,6 +7,7 @@ import concurrent.futures as cf
 import gc
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -563,6 +564,31 @@ def test_a_local_worker_that_keeps_dying_breaks_the_executor_with_a_clear_error(
             executor.submit(abs, 1)
     finally:
         executor.shutdown()
+
+
+def test_a_local_worker_that_cannot_start_is_not_started_again(monkeypatch, caplog) -> None:
+    monkeypatch.setattr(sys, "executable", shutil.which("false"))
+    executor = ZMQExecutor(max_workers=1)
+    try:
+        error = executor.submit(abs, 1).exception(timeout=15)
+        assert isinstance(error, BrokenWorkerPool) and "exited unexpectedly with code 1;" in str(error)
+    finally:
+        executor.shutdown()
+    assert "starting it again" not in caplog.text
+
+
+def fork_a_child_that_prints() -> int:
+    import multiprocessing
+
+    child = multiprocessing.get_context("fork").Process(target=print, args=("from a forked child",))
+    child.start()
+    child.join(20)
+    return child.exitcode
+
+
+def test_a_task_may_fork_a_child_that_prints() -> None:
+    with ZMQExecutor(max_workers=1) as executor:
+        assert [f.result(timeout=60) for f in [executor.submit(fork_a_child_that_prints) for _ in range(5)]] == [0] * 5
 
 
 def test_local_workers_exit_when_the_client_is_killed(tmp_path) -> None:

@@ -633,7 +633,9 @@ class Engine(threading.Thread):
             return
         now = time.monotonic()
         self.local_restarts = [t for t in self.local_restarts if now - t < LOCAL_RESTART_WINDOW]
-        if self.stopping_workers or len(self.local_restarts) >= LOCAL_RESTARTS:
+        # One that never answered is not going to: its start-up fails, and its log on stderr says why.
+        never_ready = all(ep.instance is None for ep in self.endpoints)
+        if self.stopping_workers or never_ready or len(self.local_restarts) >= LOCAL_RESTARTS:
             often = f" ({len(self.local_restarts) + 1} times in {LOCAL_RESTART_WINDOW:g} s)" \
                 if self.local_restarts else ""
             self.break_executor(BrokenWorkerPool(

@@ -157,6 +157,12 @@ class _TaskLoop:
         self.socket_lock = threading.Lock()
         self.running: Optional[int] = None
         self.forwarder: Optional[threading.Thread] = None
+        # A task may fork (multiprocessing): the child must not inherit a lock the forwarder held.
+        os.register_at_fork(after_in_child=self.forget_locks)
+
+    def forget_locks(self) -> None:
+        self.stdout.lock = threading.Lock()
+        self.stderr.lock = threading.Lock()
 
     def serve(self, supervisor_pid: int) -> None:
         sys.stdout, sys.stderr = self.stdout, self.stderr
@@ -209,6 +215,9 @@ def task_process_main(back_address: str, supervisor_pid: int) -> None:
     _die_with_parent(supervisor_pid)
     # Ctrl-C in a terminal reaches the whole process group; the supervisor decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The supervisor starts us as daemons (reaped with it); tasks may still start processes of their
+    # own, as they can in ProcessPoolExecutor's workers, which multiprocessing forbids to daemons.
+    multiprocessing.current_process().daemon = False
     pid = os.getpid()
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
