@@ -73,7 +73,7 @@ class TaskCrashedError(BrokenProcessPool, ZMQExecutorError):
 
 
 class BrokenWorkerPool(BrokenProcessPool, ZMQExecutorError):
-    """Raised when the executor can run no more tasks: a failed initializer, a local worker that keeps dying, a stop."""
+    """Raised when the executor can run no more tasks: failed initializer, local worker that keeps dying, stop."""
 
 
 class NoWorkersError(BrokenExecutor, ZMQExecutorError):
