@@ -139,6 +139,15 @@ def start_worker() -> Iterator:
 
 
 @pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    """A fresh ``zmqexecutor keygen`` folder: ``keys/worker`` and ``keys/client``."""
+    done = subprocess.run([sys.executable, "-m", "zmqexecutor", "keygen", str(tmp_path / "keys")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return tmp_path / "keys"
+
+
+@pytest.fixture
 def tcp_endpoint() -> str:
     return f"tcp://127.0.0.1:{free_port()}"
 

@@ -153,13 +153,6 @@ def test_the_command_line_synopsis_lists_every_option() -> None:
 # --- deployment: systemd and a container ----------------------------------------------------------
 
 
-def _keygen(tmp_path: Path) -> Path:
-    done = subprocess.run([sys.executable, "-m", "zmqexecutor", "keygen", str(tmp_path / "keys")],
-                          capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0, done.stderr
-    return tmp_path / "keys"
-
-
 def _zmqexecutor_script(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     script = folder / "zmqexecutor"
@@ -199,13 +192,12 @@ def _unit_settings(unit: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#"))
 
 
-def test_the_systemd_unit(tmp_path: Path) -> None:
+def test_the_systemd_unit(tmp_path: Path, keys: Path) -> None:
     unit = _only("systemd unit").text
     settings = _unit_settings(unit)
     assert settings["KillMode"] == "mixed" and settings["Restart"] == "on-failure"
     home = tmp_path / "home" / "zx"
     _zmqexecutor_script(home / "zx" / "bin")
-    keys = _keygen(tmp_path)
     shutil.copytree(keys / "worker", home / "zx-keys")
     local_unit = unit.replace("/home/zx", str(home)).replace("User=zx", "User=root")
     if shutil.which("systemd-analyze"):
@@ -219,7 +211,7 @@ def test_the_systemd_unit(tmp_path: Path) -> None:
                      stop_timeout=float(settings["TimeoutStopSec"]))
 
 
-def test_the_container_entrypoint_and_run_command(tmp_path: Path) -> None:
+def test_the_container_entrypoint_and_run_command(tmp_path: Path, keys: Path) -> None:
     dockerfile = _only("dockerfile").text
     run = _only("docker run").text.replace("\\\n", " ")
     entrypoint = re.search(r"^ENTRYPOINT (\[.*\])$", dockerfile, re.M)
@@ -234,7 +226,6 @@ def test_the_container_entrypoint_and_run_command(tmp_path: Path) -> None:
     assert (target, mode) == ("/keys", "ro") and source == "~/zx-keys/worker"
     assert "--user" in words and "tcp://0.0.0.0:5555" in argv
     # No Docker daemon here: run what the container runs, with /keys pointing at a copy of the keys.
-    keys = _keygen(tmp_path)
     argv = [arg.replace("/keys", str(keys / "worker")) for arg in argv]
     argv[0] = str(_zmqexecutor_script(tmp_path / "bin"))
     _serve_then_stop(argv, keys / "client", stop_timeout=10)

@@ -32,13 +32,6 @@ def run_cli(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def keys(tmp_path):
-    out = run_cli("keygen", str(tmp_path / "keys"))
-    assert out.returncode == 0, out.stderr
-    return tmp_path / "keys"
-
-
-@pytest.fixture
 def other_keys(tmp_path):
     assert run_cli("keygen", str(tmp_path / "other")).returncode == 0
     return tmp_path / "other"

@@ -269,11 +269,10 @@ def test_status_and_ping_report_each_worker(start_worker, tcp_endpoint) -> None:
 
 
 @pytest.mark.slow  # waits out a refused handshake
-def test_status_of_a_secured_worker_needs_the_keys(start_worker, tmp_path) -> None:
-    assert subprocess.run([sys.executable, "-m", "zmqexecutor", "keygen", str(tmp_path / "k")]).returncode == 0
-    worker = start_worker("tcp://127.0.0.1:*", processes=1, extra=["--keys", str(tmp_path / "k" / "worker")])
+def test_status_of_a_secured_worker_needs_the_keys(start_worker, keys) -> None:
+    worker = start_worker("tcp://127.0.0.1:*", processes=1, extra=["--keys", str(keys / "worker")])
     base = [sys.executable, "-m", "zmqexecutor", "status", worker.endpoint, "--timeout", "2"]
-    secured = subprocess.run([*base, "--keys", str(tmp_path / "k" / "client")], capture_output=True, text=True, timeout=60)
+    secured = subprocess.run([*base, "--keys", str(keys / "client")], capture_output=True, text=True, timeout=60)
     assert secured.returncode == 0 and "security CurveZMQ" in secured.stdout
     plain = subprocess.run(base, capture_output=True, text=True, timeout=60, env={**os.environ, "ZMQEXECUTOR_KEYS": ""})
     assert plain.returncode == 1 and "unreachable: the secure handshake failed" in plain.stdout
