@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 import pytest
 import zmq
@@ -247,6 +248,44 @@ def test_worker_answers_another_protocol_version_with_a_clear_refusal(start_work
 
 
 # --- zmqexecutor status / ping --------------------------------------------------------------------
+
+
+def _default_process_count(prefix: list[str]) -> int:
+    worker = subprocess.Popen([*prefix, sys.executable, "-m", "zmqexecutor", "worker", "--bind", "tcp://127.0.0.1:*"],
+                              stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert worker.stderr is not None
+        for line in worker.stderr:
+            ready = re.search(r"worker ready: .* processes=(\d+) ", line)
+            if ready:
+                return int(ready.group(1))
+        raise AssertionError("the worker exited before it was ready")
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == 0
+
+
+def test_the_default_process_count_stays_within_a_cgroup_cpu_quota() -> None:
+    cpu = Path("/sys/fs/cgroup/cpu")
+    if os.geteuid() != 0 or not (cpu / "cpu.cfs_quota_us").exists():
+        pytest.skip("needs root and a cgroup v1 cpu controller")
+    uncapped = _default_process_count([])
+    assert uncapped == len(os.sched_getaffinity(0))
+    if uncapped < 2:
+        pytest.skip("one CPU: a quota of half of it changes nothing")
+    group = cpu / f"zxtest{os.getpid()}"
+    try:
+        group.mkdir()
+    except OSError as exc:
+        pytest.skip(f"cannot make a cgroup here: {exc}")
+    try:
+        (group / "cpu.cfs_quota_us").write_text(str(int((group / "cpu.cfs_period_us").read_text()) // 2))
+        # As in a container started with --cpus 0.5: the worker runs one task process, not one per CPU.
+        join = ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$0" "$@"']
+        assert _default_process_count(join) == 1
+    finally:
+        assert wait_until(lambda: not (group / "cgroup.procs").read_text().strip(), timeout=10)
+        group.rmdir()
 
 
 def test_status_and_ping_report_each_worker(start_worker, tcp_endpoint) -> None:

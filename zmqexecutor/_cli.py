@@ -10,7 +10,6 @@ from typing import Optional, Sequence
 
 from . import __version__
 from ._endpoints import is_loopback, parse
-from ._executor import _cpu_count
 
 
 def _positive_int(text: str) -> int:
@@ -35,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--bind", required=True, metavar="ENDPOINT",
                         help="endpoint to listen on: tcp://127.0.0.1:5555 or ipc:///path/to/socket")
     worker.add_argument("--processes", type=_positive_int, default=None, metavar="N",
-                        help="task processes, i.e. tasks run at once (default: the CPU count)")
+                        help="task processes, i.e. tasks run at once (default: the CPUs this process may use, "
+                             "within any container or cgroup CPU quota)")
     worker.add_argument("--keys", metavar="DIR",
                         help="CurveZMQ key folder made by 'zmqexecutor keygen' (its worker/ part): "
                              "DIR/worker.key_secret is the worker's key, DIR/client.key the allowed client")
@@ -88,7 +88,7 @@ def check_bind(endpoint: str, insecure: bool = False, secured: bool = False) -> 
 
 def run_worker(args: argparse.Namespace) -> int:
     from ._protocol import DEFAULT_MAX_MESSAGE_SIZE
-    from ._worker import Supervisor
+    from ._worker import Supervisor, available_cpus
 
     logging.basicConfig(
         level=getattr(logging, args.log_level),
@@ -111,7 +111,7 @@ def run_worker(args: argparse.Namespace) -> int:
         log.warning("INSECURE: %s accepts tasks from anyone who can reach it, without authentication or "
                     "encryption; whoever connects can run any code as this user", args.bind)
     supervisor = Supervisor(
-        args.bind, args.processes or _cpu_count(), parent_pid=args.parent_pid,
+        args.bind, args.processes or available_cpus(), parent_pid=args.parent_pid,
         secret_key_file=secret_key, allow=allow,
         max_message_size=args.max_message_size or DEFAULT_MAX_MESSAGE_SIZE,
     )

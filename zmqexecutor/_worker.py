@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import logging
+import math
 import multiprocessing
 import os
 import shutil
@@ -96,6 +97,63 @@ OUTPUT_LIMIT = 64 * 1024
 # Seconds between forwarding the new, complete lines a running task wrote. Shorter shows them to the
 # client sooner, at the cost of one more message per interval for every task that keeps printing.
 OUTPUT_INTERVAL = 0.5
+
+
+# --- how many task processes by default -----------------------------------------------------------
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def available_cpus() -> int:
+    """The CPUs this process may use: its CPU affinity, capped by any CPU quota on its cgroup.
+
+    A container started with ``--cpus 2`` on a 64-core host should run 2 task processes, not 64: more
+    would only time-slice the quota (loky's ``cpu_count`` reasons the same way).
+    """
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        count = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return max(1, min(count, quota)) if quota is not None else count
+
+
+def _cgroup_cpu_quota() -> Optional[int]:
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in lines:
+        _, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if controllers == "":  # cgroup v2: "max PERIOD" or "QUOTA PERIOD" in cpu.max
+            for folder in _ancestors(CGROUP_ROOT, path):
+                fields = _read(os.path.join(folder, "cpu.max")).split()
+                if len(fields) == 2 and fields[0] != "max":
+                    quotas.append(int(fields[0]) / int(fields[1]))
+        elif "cpu" in controllers.split(","):  # cgroup v1: a quota of -1 means none
+            mount = os.path.join(CGROUP_ROOT, controllers)
+            for folder in _ancestors(mount if os.path.isdir(mount) else os.path.join(CGROUP_ROOT, "cpu"), path):
+                quota, period = _read(os.path.join(folder, "cpu.cfs_quota_us")), \
+                    _read(os.path.join(folder, "cpu.cfs_period_us"))
+                if quota.lstrip("-").isdigit() and period.isdigit() and int(quota) > 0 and int(period) > 0:
+                    quotas.append(int(quota) / int(period))
+    return math.ceil(min(quotas)) if quotas else None
+
+
+def _ancestors(mount: str, path: str) -> list[str]:
+    parts = [p for p in path.split("/") if p]
+    return [os.path.join(mount, *parts[:depth]) for depth in range(len(parts), -1, -1)]
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except (OSError, ValueError):
+        return ""
 
 
 # --- task process ---------------------------------------------------------------------------------
