@@ -128,19 +128,24 @@ def _cgroup_cpu_quota() -> Optional[int]:
     for line in lines:
         _, _, rest = line.partition(":")
         controllers, _, path = rest.partition(":")
-        if controllers == "":  # cgroup v2: "max PERIOD" or "QUOTA PERIOD" in cpu.max
+        if controllers == "":  # cgroup v2: "QUOTA PERIOD", or "max PERIOD" for none, in cpu.max
             for folder in _ancestors(CGROUP_ROOT, path):
                 fields = _read(os.path.join(folder, "cpu.max")).split()
-                if len(fields) == 2 and fields[0] != "max":
-                    quotas.append(int(fields[0]) / int(fields[1]))
+                quotas.append(_cpus(*fields) if len(fields) == 2 else None)
         elif "cpu" in controllers.split(","):  # cgroup v1: a quota of -1 means none
             mount = os.path.join(CGROUP_ROOT, controllers)
             for folder in _ancestors(mount if os.path.isdir(mount) else os.path.join(CGROUP_ROOT, "cpu"), path):
-                quota, period = _read(os.path.join(folder, "cpu.cfs_quota_us")), \
-                    _read(os.path.join(folder, "cpu.cfs_period_us"))
-                if quota.lstrip("-").isdigit() and period.isdigit() and int(quota) > 0 and int(period) > 0:
-                    quotas.append(int(quota) / int(period))
-    return math.ceil(min(quotas)) if quotas else None
+                quotas.append(_cpus(_read(os.path.join(folder, "cpu.cfs_quota_us")),
+                                    _read(os.path.join(folder, "cpu.cfs_period_us"))))
+    found = [q for q in quotas if q is not None]
+    return math.ceil(min(found)) if found else None
+
+
+def _cpus(quota: str, period: str) -> Optional[float]:
+    # Anything but two positive integers ("max", "-1", an unreadable file) is no quota.
+    if quota.isdigit() and period.isdigit() and int(quota) > 0 and int(period) > 0:
+        return int(quota) / int(period)
+    return None
 
 
 def _ancestors(mount: str, path: str) -> list[str]:
