@@ -55,6 +55,26 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool
     return predicate()
 
 
+def local_worker_pid(executor) -> int:
+    """The embedded local worker's pid, as ``workers()`` reports it once the worker has answered."""
+    assert wait_until(lambda: executor.workers()[0].pid is not None, timeout=30)
+    return executor.workers()[0].pid
+
+
+def state_of(executor, endpoint: str) -> str:
+    return next(w.state for w in executor.workers() if w.endpoint == endpoint)
+
+
+def is_broken(executor) -> bool:
+    from zmqexecutor import BrokenWorkerPool
+
+    try:
+        executor.submit(abs, 1)
+    except BrokenWorkerPool:
+        return True
+    return False
+
+
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:

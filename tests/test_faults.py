@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, WorkerProcess, alive, children_of, free_port, wait_until
+from conftest import ROOT, WorkerProcess, alive, children_of, free_port, local_worker_pid, state_of, wait_until
 from zmqexecutor import BrokenWorkerPool, NoWorkersError, TaskCrashedError, WorkerLostError, ZMQExecutor
 
 # Run once, on the default interpreter; .ci/run skips these on the other Pythons (see pyproject.toml).
@@ -112,7 +112,7 @@ def test_a_worker_killed_in_the_middle_of_a_map_loses_no_result(start_worker, ca
     victim = workers[0]
     seen = Resolutions()
     with ZMQExecutor([w.endpoint for w in workers], **FAST) as ex:
-        assert wait_until(lambda: all(ep.state == "ready" for ep in ex._engine.endpoints))
+        assert wait_until(lambda: all(w.state == "ready" for w in ex.workers()))
         tracked = seen.track([ex.submit(sleep_then_whoami, 0.3, i) for i in range(6)])
         killer = threading.Timer(0.5, victim.process.kill)
         killer.start()
@@ -133,15 +133,14 @@ def test_a_stopped_worker_is_lost_then_its_late_results_are_ignored(start_worker
     stopped, healthy = start_worker(processes=1), start_worker(processes=1)
     seen = Resolutions()
     with ZMQExecutor([stopped.endpoint, healthy.endpoint], **FAST) as ex:
-        assert wait_until(lambda: all(ep.state == "ready" for ep in ex._engine.endpoints))
+        assert wait_until(lambda: all(w.state == "ready" for w in ex.workers()))
         futures = seen.track([ex.submit(sleep_then_whoami, 1.0, i) for i in range(4)])
         time.sleep(0.3)  # two tasks are now on each worker
         frozen = {stopped.pid} | children_of(stopped.pid)
         stop_processes(frozen, signal.SIGSTOP)
         stopped_at = time.monotonic()
         try:
-            ep = next(e for e in ex._engine.endpoints if e.address == stopped.endpoint)
-            assert wait_until(lambda: ep.state != "ready", timeout=10)
+            assert wait_until(lambda: state_of(ex, stopped.endpoint) != "ready", timeout=10)
             detected = time.monotonic() - stopped_at
             results = [f.result(timeout=30) for f in futures]
         finally:
@@ -150,7 +149,7 @@ def test_a_stopped_worker_is_lost_then_its_late_results_are_ignored(start_worker
         assert {parent for parent, _, _ in results} == {healthy.pid}
         assert [tag for _, _, tag in results] == [0, 1, 2, 3]
         # The resumed worker finishes its old copies; their replies must change nothing.
-        assert wait_until(lambda: ep.state == "ready", timeout=30)
+        assert wait_until(lambda: state_of(ex, stopped.endpoint) == "ready", timeout=30)
         time.sleep(1.5)
         seen.assert_exactly_once(futures)
         assert all(f.result() == r for f, r in zip(futures, results))
@@ -164,7 +163,7 @@ def test_a_worker_restarted_on_the_same_endpoint_is_used_again(start_worker) -> 
     seen = Resolutions()
     with ZMQExecutor(endpoint, **FAST) as ex:
         assert ex.submit(abs, -1).result(timeout=30) == 1
-        instance = ex._engine.endpoints[0].instance
+        instance = ex.workers()[0].instance
         futures = seen.track([ex.submit(sleep_then_whoami, 0.3, i) for i in range(6)])
         time.sleep(0.2)
         first.process.kill()
@@ -173,7 +172,7 @@ def test_a_worker_restarted_on_the_same_endpoint_is_used_again(start_worker) -> 
         results = [f.result(timeout=60) for f in futures]
         assert [tag for _, _, tag in results] == list(range(6))
         assert second.pid in {parent for parent, _, _ in results}
-        assert ex._engine.endpoints[0].instance not in (None, instance)
+        assert ex.workers()[0].instance not in (None, instance)
     seen.assert_exactly_once(futures)
 
 
@@ -200,7 +199,7 @@ def test_when_every_worker_is_dead_futures_fail_in_bounded_time_then_recover(sta
 def test_a_poison_task_fails_after_max_retries_and_spares_the_rest(start_worker) -> None:
     workers = [start_worker(processes=1) for _ in range(3)]
     with ZMQExecutor([w.endpoint for w in workers], max_retries=1, **FAST) as ex:
-        assert wait_until(lambda: all(ep.state == "ready" for ep in ex._engine.endpoints))
+        assert wait_until(lambda: all(w.state == "ready" for w in ex.workers()))
         error = ex.submit(kill_my_worker).exception(timeout=30)
         assert isinstance(error, WorkerLostError) and isinstance(error, cf.BrokenExecutor)
         assert len(error.endpoints) == 2 and len(set(error.endpoints)) == 2
@@ -259,7 +258,7 @@ def test_a_killed_client_does_not_stop_the_worker_serving_others(start_worker, t
 @pytest.mark.parametrize("method, signame", [("terminate_workers", "SIGTERM"), ("kill_workers", "SIGKILL")])
 def test_terminate_and_kill_workers(method: str, signame: str, tmp_path) -> None:
     executor = ZMQExecutor(max_workers=2)
-    worker_pid = executor._engine.local_worker.pid
+    worker_pid = local_worker_pid(executor)
     markers = [tmp_path / f"started{i}" for i in range(2)]
     running = [executor.submit(mark_then_sleep, str(m), 30) for m in markers]
     assert wait_until(lambda: all(m.exists() for m in markers), timeout=20)
@@ -292,7 +291,7 @@ def test_terminate_workers_spares_other_clients_of_a_shared_worker(start_worker,
 
 def test_shutdown_without_wait_and_with_cancel_returns_at_once() -> None:
     executor = ZMQExecutor(max_workers=1)
-    worker_pid = executor._engine.local_worker.pid
+    worker_pid = local_worker_pid(executor)
     futures = [executor.submit(sleep_then_whoami, 0.5) for _ in range(6)]
     assert wait_until(futures[0].running)
     started = time.monotonic()
@@ -342,14 +341,13 @@ def test_a_network_partition_mid_task_is_survived_and_healed(namespace, start_wo
         assert "INSECURE" in remote.log()
         seen = Resolutions()
         with ZMQExecutor([remote_endpoint, local.endpoint], insecure=True, **FAST) as ex:
-            assert wait_until(lambda: all(ep.state == "ready" for ep in ex._engine.endpoints), timeout=20)
+            assert wait_until(lambda: all(w.state == "ready" for w in ex.workers()), timeout=20)
             futures = seen.track([ex.submit(sleep_then_whoami, 2.0, i) for i in range(4)])
             time.sleep(0.5)  # two tasks run or wait on each worker
             link(False)
             cut_at = time.monotonic()
-            ep = next(e for e in ex._engine.endpoints if e.address == remote_endpoint)
             try:
-                assert wait_until(lambda: ep.state != "ready", timeout=10)
+                assert wait_until(lambda: state_of(ex, remote_endpoint) != "ready", timeout=10)
                 detected = time.monotonic() - cut_at
                 results = [f.result(timeout=60) for f in futures]
             finally:
@@ -358,7 +356,7 @@ def test_a_network_partition_mid_task_is_survived_and_healed(namespace, start_wo
             assert [tag for _, _, tag in results] == [0, 1, 2, 3]
             assert local.pid in {parent for parent, _, _ in results}
             # Healed: the worker across the link is used again, and its late results change nothing.
-            assert wait_until(lambda: ep.state == "ready", timeout=30)
+            assert wait_until(lambda: state_of(ex, remote_endpoint) == "ready", timeout=30)
             later = [f.result(timeout=30) for f in [ex.submit(sleep_then_whoami, 0.3) for _ in range(6)]]
             assert remote.pid in {parent for parent, _, _ in later}
             seen.assert_exactly_once(futures)

@@ -27,7 +27,7 @@ def test_header_round_trip() -> None:
         (b"", "header of 0 bytes"),
         (b"ZX" + b"\0" * 11, "header of 13 bytes"),
         (struct.pack("!2sBBQ", b"AB", 1, 3, 7), "bad magic"),
-        (struct.pack("!2sBBQ", b"ZX", 1, 99, 7), "unknown message kind 99"),
+        (struct.pack("!2sBBQ", b"ZX", proto.PROTOCOL_VERSION, 99, 7), "unknown message kind 99"),
         (struct.pack("!2sBBQ", b"ZX", 9, 3, 7), "protocol version 9"),
     ],
 )

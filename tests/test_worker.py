@@ -56,7 +56,7 @@ def test_worker_named_by_ipc_endpoint(start_worker, tmp_path) -> None:
 def test_round_robin_over_two_workers(start_worker) -> None:
     first, second = start_worker(processes=1), start_worker(processes=1)
     with ZMQExecutor([first.endpoint, second.endpoint]) as ex:
-        assert wait_until(lambda: all(ep.state == "ready" for ep in ex._engine.endpoints))
+        assert wait_until(lambda: all(w.state == "ready" for w in ex.workers()))
         # Four tasks fit the credit of the two single-slot workers (slot + prefetch each): two apiece.
         parents = [f.result(timeout=30)[0] for f in [ex.submit(sleep_then_whoami, 0.2) for _ in range(4)]]
     assert parents.count(first.pid) == 2 and parents.count(second.pid) == 2

@@ -25,7 +25,7 @@ from ._executor import (  # noqa: E402
     DEFAULT_WORKER_TIMEOUT,
     ZMQExecutor,
 )
-from ._client import WorkerInfo  # noqa: E402
+from ._connection import WorkerInfo  # noqa: E402
 
 __all__ = [
     "ZMQExecutor",

@@ -88,7 +88,8 @@ def check_bind(endpoint: str, insecure: bool = False, secured: bool = False) -> 
 
 def run_worker(args: argparse.Namespace) -> int:
     from ._protocol import DEFAULT_MAX_MESSAGE_SIZE
-    from ._worker import Supervisor, available_cpus
+    from ._supervisor import Supervisor
+    from ._worker import available_cpus
 
     logging.basicConfig(
         level=getattr(logging, args.log_level),

@@ -101,3 +101,7 @@ class SecurityError(ZMQExecutorError):
 
 class MessageTooLargeError(ZMQExecutorError, ValueError):
     """Raised when a task or its result is bigger than ``max_message_size`` allows."""
+
+
+class ProtocolError(ValueError):
+    """Raised when a message does not follow the wire protocol; it is logged and dropped."""

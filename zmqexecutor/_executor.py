@@ -13,12 +13,15 @@ import weakref
 from concurrent.futures import Executor, Future
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar, Union
 
-from . import _client, _security
 from . import _protocol as proto
+from . import _security
+from ._connection import WorkerInfo
 from ._endpoints import is_loopback, parse
+from ._engine import Handle, Settings
 from ._errors import MessageTooLargeError, SecurityError
-from ._client import WorkerInfo
 from ._local import LocalWorker
+from ._scheduler import Task, next_task_id
+from ._serialize import CallEncoder
 
 _T = TypeVar("_T")
 
@@ -157,9 +160,18 @@ class ZMQExecutor(Executor):
             raise ValueError("keys apply to remote endpoints; the embedded local workers are private already")
         else:
             client_keys = None
-        init_blob = proto.encode_initializer(initializer, tuple(initargs))
+        settings = Settings(
+            init_blob=proto.encode_initializer(initializer, tuple(initargs)),
+            max_tasks_per_child=max_tasks_per_child,
+            max_in_flight=max_workers if addresses else None,
+            connect_timeout=connect_timeout,
+            worker_timeout=float(worker_timeout),
+            max_retries=max_retries,
+            max_message_size=max_message_size,
+            keys=client_keys,
+        )
         self._max_message_size = max_message_size
-        self._shared = _client.Shared()
+        self._calls = CallEncoder()
         local_worker = None
         if addresses:
             self._max_workers = max_workers
@@ -168,24 +180,8 @@ class ZMQExecutor(Executor):
             local_worker = LocalWorker(self._max_workers)
             addresses = [local_worker.endpoint]
         self._endpoints = tuple(addresses)
-        wakeup = self._shared.wakeup
-        self._engine = _client.Engine(
-            weakref.ref(self, lambda _, wakeup=wakeup: wakeup.wake()),  # type: ignore[misc]
-            self._shared,
-            addresses,
-            init_blob=init_blob,
-            max_tasks_per_child=max_tasks_per_child,
-            max_in_flight=max_workers if local_worker is None else None,
-            connect_timeout=connect_timeout,
-            worker_timeout=float(worker_timeout),
-            max_retries=max_retries,
-            max_message_size=max_message_size,
-            keys=client_keys,
-            local_worker=local_worker,
-        )
-        _client.register(self._engine)
         try:
-            self._engine.start()
+            self._handle = Handle(self, addresses, settings, local_worker)
         except BaseException:
             if local_worker is not None:
                 local_worker.stop()
@@ -218,23 +214,17 @@ class ZMQExecutor(Executor):
         ``state`` is ``"connecting"`` (no handshake yet, or lost and reconnecting), ``"ready"`` or
         ``"incompatible"`` (another version; ``error`` says why). Meant for dashboards and tests.
         """
-        # Taken from the I/O thread's live objects; each field is read atomically, which is all a
-        # snapshot for display needs. Until the thread has opened its sockets, all are connecting.
-        seen = {info.endpoint: info for info in (ep.snapshot() for ep in list(self._engine.endpoints))}
-        return tuple(
-            seen.get(address) or WorkerInfo(address, "connecting", 0, 0, 0, 0, None, None, None, None)
-            for address in self._endpoints
-        )
+        return self._handle.snapshot()
 
     def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
         """Schedule ``fn(*args, **kwargs)`` on a worker and return a Future for its result.
 
         An argument or callable that cannot be pickled fails the returned future, not this call.
         """
-        self._check_open()
+        self._handle.check_open()
         future: Future[_T] = Future()
         try:
-            frames = proto.encode_call(fn, args, kwargs)
+            frames = self._calls.encode(fn, args, kwargs)
         except Exception as exc:
             future.set_exception(exc)
             return future
@@ -243,21 +233,8 @@ class ZMQExecutor(Executor):
             future.set_exception(MessageTooLargeError(
                 f"the task pickles to {size} bytes, more than max_message_size={self._max_message_size}"))
             return future
-        shared = self._shared
-        with shared.lock:
-            self._check_open()
-            shared.submissions.append(_client._Task(_client.next_task_id(), future, frames, size))
-        shared.wakeup.wake()
+        self._handle.push(Task(next_task_id(), future, frames, size))
         return future
-
-    def _check_open(self) -> None:
-        shared = self._shared
-        if shared.broken is not None:
-            raise _client._copy_error(shared.broken)
-        if shared.shutdown:
-            raise RuntimeError("cannot schedule new futures after shutdown")
-        if _client.is_interpreter_exiting():
-            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
 
     def map(
         self,
@@ -333,16 +310,7 @@ class ZMQExecutor(Executor):
             wait: block until every submitted task has finished and the local workers have stopped.
             cancel_futures: cancel tasks that have not been sent to a worker yet.
         """
-        shared = self._shared
-        with shared.lock:
-            first = not shared.shutdown
-            shared.shutdown = True
-            if first or cancel_futures:
-                shared.submissions.append(_client._ShutdownRequest(cancel_futures))
-        shared.wakeup.wake()
-        if wait and self._engine is not threading.current_thread():
-            self._engine.join()
-
+        self._handle.shutdown(wait=wait, cancel_futures=cancel_futures)
 
     def terminate_workers(self) -> None:
         """Shut down at once and stop, with SIGTERM, the task processes running this executor's tasks.
@@ -358,11 +326,7 @@ class ZMQExecutor(Executor):
         self._stop_workers(signal.SIGKILL)
 
     def _stop_workers(self, signum: int) -> None:
-        self.shutdown(wait=False, cancel_futures=True)
-        shared = self._shared
-        with shared.lock:
-            shared.submissions.append(_client._StopWorkersRequest(signum))
-        shared.wakeup.wake()
+        self._handle.stop_workers(signum)
 
 
 def _flatten(chunks: Iterator[list[_T]]) -> Iterator[_T]:

@@ -17,7 +17,7 @@ Client <-> worker supervisor (a DEALER per endpoint to the worker's bound ROUTER
     RESULT       w -> c  [hdr(task id), result pickle, *out-of-band buffers]
     EXCEPTION    w -> c  [hdr(task id), json {type, message, traceback, host, pid}, exception pickle or b""]
     INIT_FAILED  w -> c  same frames as EXCEPTION: the initializer raised
-    CRASHED      w -> c  [hdr(task id), json {exitcode, signal, host, pid}]
+    CRASHED      w -> c  [hdr(task id), json {exitcode, signal, host, pid, finished?}]
     REJECTED     w -> c  [hdr(task id or 0), json {reason}]: the worker has no session for this client;
                          the client treats its tasks there as lost and shakes hands again
     PING         c -> w  [hdr(0)]: liveness, sent every heartbeat interval; refreshes the session
@@ -32,44 +32,48 @@ Client <-> worker supervisor (a DEALER per endpoint to the worker's bound ROUTER
     STATUS_REPLY w -> c  [hdr(0), json {versions, slots, busy, queued, done, failed, crashed, clients,
                          uptime, instance, host, pid}]
     BYE          c -> w  [hdr(0)]: the client is done; the worker forgets its session
+    BATCH        both    [hdr(count), index, *the frames of each message but its header, in order]:
+                         several TASKs (c -> w) or replies (w -> c) in one message. ``index`` holds, per
+                         message, its kind (u8), id (u64) and frame count (u32). A lone message goes
+                         as itself; every receiver takes both forms (``split``).
 
 A HELLO from a client the worker already knows starts a new session: the client sends it only after
 it has given up on every task it had there, so the tasks still queued for it are dropped. A session
 that hears nothing from its client for a few of the client's timeouts is dropped the same way.
 
-Worker supervisor <-> task process (a DEALER per task process to the supervisor's ROUTER)::
+Worker supervisor <-> task process (a DEALER per task process to the supervisor's ROUTER; every
+message may be a BATCH as above)::
 
     READY        t -> s  [hdr(pid)]
-    TASK         s -> t  [hdr(task id), session id, initializer pickle or b"", call pickle, *buffers]
-    RESULT, EXCEPTION, INIT_FAILED
+    TASK         s -> t  [hdr(task id), client id, initializer pickle or b"", call pickle, *buffers]
+    RESULT, EXCEPTION, INIT_FAILED, OUTPUT
                  t -> s  as above; the supervisor forwards them to the client untouched
-    STOP         s -> t  [hdr(0)]: exit after the current task
+    STOP         s -> t  [hdr(0)]: exit after the tasks already sent
 """
 
 from __future__ import annotations
 
 import enum
-import io
 import json
-import pickle
+import signal
 import struct
 import sys
 import traceback
-from typing import Any, Callable, NamedTuple, Sequence, Union
+from typing import Any, Callable, Iterator, NamedTuple, Sequence, Union
 
 import cloudpickle
 import zmq
 
-from ._errors import RemoteError, RemoteTraceback
+from ._errors import ProtocolError, RemoteError, RemoteTraceback
+from ._serialize import OOB_MIN_BYTES, CallEncoder, decode_call, dumps, encode_initializer, encode_result, loads
 
-PROTOCOL_VERSION = 1
+__all__ = ["ProtocolError", "OOB_MIN_BYTES", "decode_call", "dumps", "encode_initializer", "encode_result", "loads"]
+
+# 2: BATCH, and calls carry their function as a pickle of its own.
+PROTOCOL_VERSION = 2
 MAGIC = b"ZX"
 _HEADER = struct.Struct("!2sBBQ")
 HEADER_SIZE = _HEADER.size
-
-# Buffers below this size are pickled in-band: a frame of its own costs more than copying a small
-# buffer, while above it the saved memcpy dominates.
-OOB_MIN_BYTES = 64 * 1024
 
 # The largest task or result, in bytes, unless configured otherwise: big enough for real arrays,
 # small enough that a mistake (or a hostile peer) cannot make a process allocate without bound.
@@ -100,13 +104,10 @@ class Kind(enum.IntEnum):
     STATUS = 16
     STATUS_REPLY = 17
     OUTPUT = 18
+    BATCH = 19
 
 
 _KINDS = frozenset(int(k) for k in Kind)
-
-
-class ProtocolError(ValueError):
-    """Raised when a message does not follow the wire protocol; it is logged and dropped."""
 
 
 class Header(NamedTuple):
@@ -149,15 +150,6 @@ def expect_frames(frames: Sequence[Frame], minimum: int, maximum: int | None = N
     if len(frames) < minimum or (maximum is not None and len(frames) > maximum):
         wanted = f"{minimum}" if maximum == minimum else f"{minimum}..{maximum if maximum else 'n'}"
         raise ProtocolError(f"{len(frames)} frames, expected {wanted}")
-
-
-_MONITOR_EVENT = struct.Struct("=HI")
-
-
-def read_monitor_event(monitor: zmq.Socket[Any], flags: int = 0) -> int:
-    """The event number of one libzmq socket-monitor message (frames: event+value, endpoint)."""
-    frames = monitor.recv_multipart(flags)
-    return int(_MONITOR_EVENT.unpack_from(frames[0])[0])
 
 
 def encode_json(obj: dict[str, Any]) -> bytes:
@@ -235,99 +227,12 @@ def decode_welcome(frames: Sequence[Frame]) -> dict[str, Any]:
     return info
 
 
-# --- pickling with out-of-band buffers -----------------------------------------------------------
-
-
-class _LargeBytes:
-    """A top-level ``bytes`` argument or result, sent as its own frame instead of inside the pickle."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        return (bytes, (pickle.PickleBuffer(self.data),))
-
-
-def _rebuild_memoryview(buf: memoryview, fmt: str, shape: tuple[int, ...]) -> memoryview:
-    flat: Any = memoryview(buf).cast("B")
-    view: memoryview = flat.cast(fmt, shape)
-    return view
-
-
-class _LargeView:
-    __slots__ = ("view",)
-
-    def __init__(self, view: memoryview) -> None:
-        self.view = view
-
-    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        view: Any = self.view
-        if not view.c_contiguous:
-            view = memoryview(view.tobytes()).cast("B").cast(view.format, view.shape)
-        return (_rebuild_memoryview, (pickle.PickleBuffer(view), view.format, view.shape))
-
-
-def _wrap(obj: Any) -> Any:
-    # Pickle's C fast path serializes bytes in-band, and memoryviews not at all: give the top-level
-    # ones a reducer that sends their memory as a frame of its own.
-    if type(obj) is bytes and len(obj) >= OOB_MIN_BYTES:
-        return _LargeBytes(obj)
-    if type(obj) is memoryview:
-        return _LargeView(obj)
-    return obj
-
-
-def dumps(obj: Any) -> list[Any]:
-    """Pickle ``obj`` into frames: the pickle, then each large buffer uncopied."""
-    buffers: list[Any] = []
-
-    def keep_out_of_band(buf: pickle.PickleBuffer) -> bool:
-        try:
-            raw = buf.raw()
-        except BufferError:
-            return True
-        if raw.nbytes < OOB_MIN_BYTES:
-            return True
-        buffers.append(raw)
-        return False
-
-    stream = io.BytesIO()
-    cloudpickle.Pickler(stream, protocol=5, buffer_callback=keep_out_of_band).dump(obj)
-    # A small pickle is cheaper kept as bytes (copied once) than as a view pinning its BytesIO.
-    head = stream.getvalue() if stream.tell() < OOB_MIN_BYTES else stream.getbuffer()
-    return [head, *buffers]
-
-
-def loads(frames: Sequence[Frame]) -> Any:
-    if not frames:
-        raise ProtocolError("no pickle frame")
-    return pickle.loads(as_buffer(frames[0]), buffers=[as_buffer(f) for f in frames[1:]])
+# --- calls and results (the pickling itself lives in _serialize) ----------------------------------
 
 
 def encode_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
-    wrapped_args = tuple(_wrap(a) for a in args)
-    wrapped_kwargs = {k: _wrap(v) for k, v in kwargs.items()}
-    return dumps((fn, wrapped_args, wrapped_kwargs))
-
-
-def decode_call(frames: Sequence[Frame]) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
-    call = loads(frames)
-    if not (isinstance(call, tuple) and len(call) == 3):
-        raise ProtocolError("task payload is not (fn, args, kwargs)")
-    fn, args, kwargs = call
-    return fn, tuple(args), dict(kwargs)
-
-
-def encode_result(value: Any) -> list[Any]:
-    return dumps(_wrap(value))
-
-
-def encode_initializer(initializer: Callable[..., Any] | None, initargs: tuple[Any, ...]) -> bytes:
-    if initializer is None:
-        return b""
-    return bytes(cloudpickle.dumps((initializer, tuple(initargs)), protocol=5))
+    """One call's frames, with nothing cached: for peers and tests; executors keep a ``CallEncoder``."""
+    return CallEncoder().encode(fn, args, kwargs)
 
 
 # --- exceptions -----------------------------------------------------------------------------------
@@ -379,8 +284,13 @@ def decode_exception(frames: Sequence[Frame], *, endpoint: str) -> BaseException
     return exc
 
 
-def encode_crash(*, exitcode: int | None, signal_name: str | None, host: str, pid: int) -> list[bytes]:
-    return [encode_json({"exitcode": exitcode, "signal": signal_name, "host": host, "pid": pid})]
+def encode_crash(*, exitcode: int | None, signal_name: str | None, host: str, pid: int,
+                 finished: bool = False) -> list[bytes]:
+    """``finished``: the task had run to its end, and its reply died with the process."""
+    info = {"exitcode": exitcode, "signal": signal_name, "host": host, "pid": pid}
+    if finished:
+        info["finished"] = True
+    return [encode_json(info)]
 
 
 def decode_crash(frames: Sequence[Frame]) -> dict[str, Any]:
@@ -408,3 +318,109 @@ def encode_reason(reason: str) -> list[bytes]:
 def decode_reason(frames: Sequence[Frame]) -> str:
     expect_frames(frames, 1, 1)
     return str(decode_json(frames[0]).get("reason", ""))
+
+
+# --- batches ----------------------------------------------------------------------------------------
+
+_INDEX = struct.Struct("!BQI")
+
+# The kinds a BATCH may carry: tasks and their replies. Control messages always go alone.
+BATCHED_KINDS = frozenset({Kind.TASK, Kind.RESULT, Kind.EXCEPTION, Kind.INIT_FAILED, Kind.CRASHED,
+                           Kind.OUTPUT, Kind.DROPPED})
+
+# The most messages one BATCH may carry; a bigger count is malformed (senders stay far below).
+MAX_BATCH = 65536
+
+
+class Item(NamedTuple):
+    """One message: its kind and id from the header, and the frames after it."""
+
+    kind: Kind
+    ident: int
+    frames: Sequence[Any]
+
+
+def encode_messages(items: Sequence[Item]) -> list[Any]:
+    """One message for a lone item; a BATCH for several."""
+    if len(items) == 1:
+        kind, ident, frames = items[0]
+        return [encode_header(kind, ident), *frames]
+    index = b"".join(_INDEX.pack(kind, ident, len(frames)) for kind, ident, frames in items)
+    out: list[Any] = [encode_header(Kind.BATCH, len(items)), index]
+    for item in items:
+        out.extend(item.frames)
+    return out
+
+
+def split(header: Header, frames: Sequence[Any]) -> list[Item]:
+    """The messages in ``frames`` (the header frame included): itself, or every item of a BATCH."""
+    if header.kind != Kind.BATCH:
+        return [Item(header.kind, header.ident, frames[1:])]
+    count = header.ident
+    expect_frames(frames, 2)
+    index = as_bytes(frames[1])
+    if not 2 <= count <= MAX_BATCH or len(index) != count * _INDEX.size:
+        raise ProtocolError(f"batch of {count} messages with an index of {len(index)} bytes")
+    items = []
+    position = 2
+    for kind, ident, nframes in _INDEX.iter_unpack(index):
+        if kind not in _KINDS or Kind(kind) not in BATCHED_KINDS:
+            raise ProtocolError(f"message kind {kind} inside a batch")
+        items.append(Item(Kind(kind), ident, frames[position:position + nframes]))
+        position += nframes
+    if position != len(frames):
+        raise ProtocolError(f"batch index names {position - 2} frames, the message has {len(frames) - 2}")
+    return items
+
+
+# --- the handshake, both sides ------------------------------------------------------------------------
+
+
+def answer_hello(header: Header, frames: Sequence[Frame], worker_info: dict[str, Any]
+                 ) -> tuple[list[bytes], dict[str, Any] | None, bytes]:
+    """The worker's WELCOME for a HELLO, and the client's info and initializer when it is accepted."""
+    if header.version != PROTOCOL_VERSION:
+        theirs: dict[str, Any] = {"protocol": header.version}
+        init_blob = b""
+    else:
+        theirs, init_blob = decode_hello(frames)
+    reason = version_mismatch(local_versions(), theirs, us="worker", them="client")
+    welcome = dict(worker_info, **local_versions(), accepted=reason is None, reason=reason)
+    return encode_welcome(welcome), (theirs if reason is None else None), init_blob
+
+
+def read_welcome(header: Header, frames: Sequence[Frame], *, them: str) -> tuple[dict[str, Any], str | None]:
+    """The worker's info from its WELCOME, and why this client cannot use it (None when it can)."""
+    info = {"protocol": header.version} if header.version != PROTOCOL_VERSION else decode_welcome(frames)
+    problem = version_mismatch(local_versions(), info, us="client", them=them)
+    if problem is None and not info.get("accepted", False):
+        problem = str(info.get("reason") or "the worker refused the handshake")
+    return info, problem
+
+
+# --- supervisor <-> task process ------------------------------------------------------------------------
+
+
+def encode_ready(pid: int) -> list[bytes]:
+    return [encode_header(Kind.READY, pid)]
+
+
+def process_task(task_id: int, client: bytes, init_blob: bytes, call: Sequence[Any]) -> Item:
+    return Item(Kind.TASK, task_id, [client, init_blob, *call])
+
+
+def decode_process_task(frames: Sequence[Any]) -> tuple[bytes, Any, Sequence[Any]]:
+    """A task process's TASK frames after the header: client id, initializer pickle, call frames."""
+    expect_frames(frames, 3)
+    return as_bytes(frames[0]), frames[1], frames[2:]
+
+
+def describe_exit(exitcode: int | None) -> tuple[str | None, str]:
+    """The signal that ended a process (or None), and "was killed by SIGKILL" / "exited with code 3"."""
+    signal_name = None
+    if exitcode is not None and exitcode < 0:
+        try:
+            signal_name = signal.Signals(-exitcode).name
+        except ValueError:
+            signal_name = f"signal {-exitcode}"
+    return signal_name, f"was killed by {signal_name}" if signal_name else f"exited with code {exitcode}"

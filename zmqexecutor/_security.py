@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple, Optional, Union
 
 import zmq
-from . import _protocol as proto
+from ._sockets import monitor_events
 from ._errors import SecurityError
 
 logger = logging.getLogger("zmqexecutor")
@@ -263,7 +263,7 @@ class WorkerGuard:
             while time.monotonic() < end:
                 if not monitor.poll(int((end - time.monotonic()) * 1000) + 1):
                     break
-                event = proto.read_monitor_event(monitor)
+                event = monitor_events(monitor, 0)[0]
                 if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                     return
                 if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:

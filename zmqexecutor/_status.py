@@ -9,6 +9,7 @@ import zmq
 
 from . import _protocol as proto
 from ._protocol import Kind
+from ._sockets import monitor_events
 from ._security import HANDSHAKE_FAILURE_EVENTS, HANDSHAKE_FAILURES, ClientKeys, secure_client_socket
 
 
@@ -39,7 +40,7 @@ def query(endpoint: str, keys: Optional[ClientKeys], timeout: float) -> tuple[Op
                     pass  # not connected yet
             events = dict(poller.poll(10 if not sent else max(1, int((deadline - time.monotonic()) * 1000))))
             if monitor in events:
-                problem = HANDSHAKE_FAILURES.get(proto.read_monitor_event(monitor), problem)
+                problem = HANDSHAKE_FAILURES.get(monitor_events(monitor, 0)[0], problem)
             if sock in events:
                 frames = sock.recv_multipart()
                 try:

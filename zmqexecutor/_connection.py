@@ -1,0 +1,169 @@
+"""One worker endpoint as the client sees it: its socket and monitor, handshake state and heartbeats."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NamedTuple, Optional
+
+import zmq
+
+from . import _protocol as proto
+from . import _sockets
+from ._errors import SecurityError, VersionMismatchError
+from ._protocol import Kind
+from ._scheduler import Load
+from ._security import HANDSHAKE_FAILURE_EVENTS, HANDSHAKE_FAILURES, ClientKeys, secure_client_socket
+
+logger = logging.getLogger("zmqexecutor")
+
+# Reconnection attempts to a worker that is down start this often and back off up to the maximum.
+RECONNECT_IVL_MS = 100
+RECONNECT_IVL_MAX_MS = 1000
+# The local worker binds a moment after we connect: retry often, without backing off, so the first
+# task does not wait out a long back-off interval.
+LOCAL_RECONNECT_IVL_MS = 10
+
+# How long closing sockets may spend flushing the final BYE.
+CLOSE_LINGER_MS = 200
+
+_MONITORED_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILURE_EVENTS
+
+
+class WorkerInfo(NamedTuple):
+    """A snapshot of one worker endpoint as this executor sees it (``ZMQExecutor.workers()``)."""
+
+    endpoint: str
+    state: str  # "connecting", "ready" or "incompatible"
+    slots: int
+    in_flight: int
+    completed: int
+    lost: int
+    host: Optional[str]
+    pid: Optional[int]
+    instance: Optional[str]
+    error: Optional[str]
+
+
+class WorkerConnection:
+    CONNECTING = "connecting"
+    READY = "ready"
+    INCOMPATIBLE = "incompatible"
+
+    def __init__(self, address: str, context: zmq.Context[Any], *, hello: list[bytes], heartbeat: float,
+                 worker_timeout: float, max_message_size: int, keys: Optional[ClientKeys],
+                 client_id: bytes, local: bool) -> None:
+        self.address = address
+        self.hello = hello
+        self.state = self.CONNECTING
+        self.load = Load(address)
+        self.instance: Optional[str] = None
+        self.info: dict[str, Any] = {}
+        self.error: Optional[BaseException] = None
+        # When the oldest unanswered heartbeat was sent; None while the worker has answered since.
+        self.awaiting_since: Optional[float] = None
+        self.socket = _sockets.unbounded(context.socket(zmq.DEALER))
+        self.socket.setsockopt(zmq.ROUTING_ID, client_id)
+        # Queue nothing for a worker we are not connected to: a send then fails at once, and what
+        # would have waited in a dead connection's pipe stays in our backlog instead.
+        self.socket.setsockopt(zmq.IMMEDIATE, 1)
+        # libzmq's own heartbeats close a connection whose peer stopped answering (a cut link, a
+        # stopped process), so that it reconnects as soon as the peer is back.
+        self.socket.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(heartbeat * 1000)))
+        self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(worker_timeout * 1000)))
+        self.socket.setsockopt(zmq.RECONNECT_IVL, LOCAL_RECONNECT_IVL_MS if local else RECONNECT_IVL_MS)
+        self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, 0 if local else RECONNECT_IVL_MAX_MS)
+        # A worker (or an impostor) sending a bigger frame is disconnected by libzmq unread.
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+        if keys is not None:
+            secure_client_socket(self.socket, keys, address)
+        self.monitor = self.socket.get_monitor_socket(_MONITORED_EVENTS)
+        self.socket.connect(address)
+
+    @property
+    def ready(self) -> bool:
+        return self.state == self.READY
+
+    def snapshot(self) -> WorkerInfo:
+        host, pid = self.info.get("host"), self.info.get("pid")
+        return WorkerInfo(self.address, self.state, self.load.slots, len(self.load.inflight), self.load.completed,
+                          self.load.lost, host if isinstance(host, str) else None,
+                          pid if isinstance(pid, int) else None, self.instance,
+                          None if self.error is None else str(self.error))
+
+    def send(self, frames: list[Any]) -> bool:
+        try:
+            self.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False  # not connected right now
+        return True
+
+    # The handshake ------------------------------------------------------------------------------------
+
+    def welcome(self, header: proto.Header, frames: list[Any]) -> Optional[str]:
+        """Take a WELCOME. Returns why the tasks in flight here are lost (the worker restarted or
+        became incompatible), or None."""
+        info, problem = proto.read_welcome(header, frames, them=f"worker {self.address}")
+        lost = None
+        if problem is not None:
+            logger.error("cannot use worker %s: %s", self.address, problem)
+            if self.ready:
+                lost = "it was replaced by an incompatible worker"
+            self.state = self.INCOMPATIBLE
+            self.error = VersionMismatchError(f"cannot use worker {self.address}: {problem}")
+            return lost
+        if self.ready:
+            if info["instance"] == self.instance:
+                return None  # the answer to a HELLO repeated while we waited
+            lost = "it restarted"
+        if self.instance is not None and self.instance != info["instance"]:
+            logger.warning("worker %s restarted (instance %s -> %s)", self.address, self.instance, info["instance"])
+        self.info = info
+        self.instance = info["instance"]
+        self.state = self.READY
+        self.error = None
+        self.awaiting_since = None
+        logger.debug("worker %s ready with %d slots", self.address, info["slots"])
+        return lost
+
+    def connection_events(self) -> Optional[str]:
+        """Read the monitor; returns why the session is lost when the connection closed, else None."""
+        lost = None
+        for event in _sockets.monitor_events(self.monitor):
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                if self.state == self.CONNECTING:
+                    self.send(self.hello)
+            elif event in HANDSHAKE_FAILURES:
+                problem = HANDSHAKE_FAILURES[event]
+                if self.error is None or str(self.error) != problem:
+                    logger.error("cannot connect to worker %s: %s", self.address, problem)
+                self.error = SecurityError(problem)
+            elif event == zmq.EVENT_DISCONNECTED and self.ready:
+                lost = "the connection closed"
+        return lost
+
+    def lost(self) -> None:
+        """Forget the session; shake hands again at once (the handshake also repeats every beat)."""
+        self.state = self.CONNECTING
+        self.awaiting_since = None
+        self.send(self.hello)
+
+    # Liveness -----------------------------------------------------------------------------------------
+
+    def beat(self, now: float, worker_timeout: float) -> Optional[str]:
+        """One heartbeat: PING a ready worker, repeat HELLO to one we wait for. Returns why the
+        worker counts as lost (silent for ``worker_timeout``), or None."""
+        if self.state == self.READY:
+            if self.awaiting_since is not None and now - self.awaiting_since > worker_timeout:
+                return f"no answer for {worker_timeout:g} s"
+            if self.send([proto.encode_header(Kind.PING)]) and self.awaiting_since is None:
+                self.awaiting_since = now
+        elif self.state == self.CONNECTING:
+            self.send(self.hello)
+        return None
+
+    def close(self) -> None:
+        if self.ready:
+            self.send([proto.encode_header(Kind.BYE)])
+        self.socket.disable_monitor()
+        self.monitor.close(linger=0)
+        self.socket.close(linger=CLOSE_LINGER_MS)

@@ -1,0 +1,572 @@
+"""The client engine: one I/O thread per executor that owns every socket and resolves every future.
+
+Data flow::
+
+    user threads                          I/O thread (Engine)                              workers
+    ------------                          -------------------                              -------
+    submit(fn, *args)
+      pickle (in the caller's thread)
+      |
+      +--> Handle.push --> submissions --+--> Scheduler.backlog (Future.cancel() works here)
+      |    (deque)         + a pipe byte |        | next_batches: round-robin over workers with credit,
+      |                                  v        v  several tasks per message when several wait
+      |                              WorkerConnection (DEALER) ---- TASK or BATCH of TASKs ---->
+      |                                           ^
+      +<-- Future.set_result / set_exception -----+---- RESULT EXCEPTION CRASHED INIT_FAILED DROPPED
+                                                  |     OUTPUT (alone or in a BATCH), WELCOME, PONG,
+                                                  |     REJECTED
+                                                  +---- monitor: handshake done/failed, disconnected
+
+Each loop turn waits once (epoll over the sockets' descriptors, so a turn costs the same however many
+workers there are), reads every socket that has input until it would block (bounded per socket),
+takes every submission, sends every batch there is credit for, and expires what waited too long.
+Heartbeats, liveness and the local worker are looked at once per tick, not per message.
+
+A worker is lost when its connection closes (a libzmq monitor event; libzmq's own heartbeats close a
+connection whose peer went silent) or when a PING stays unanswered for ``worker_timeout``. The
+scheduler puts its tasks in flight back at the front of the backlog, unless they were lost
+``max_retries`` times already. A task is resolved only by the worker it is in flight on, once, so
+late and duplicate replies fall through.
+
+The thread holds the executor only weakly: when the executor is shut down, garbage collected, or the
+interpreter exits, it finishes what was submitted, says BYE, closes its sockets, stops the local
+worker it owns, and exits. ``break_executor`` is the one place that fails every pending future.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import selectors
+import socket
+import threading
+import time
+import uuid
+import weakref
+from typing import Any, Callable, Optional, Union
+
+import zmq
+
+from . import _protocol as proto
+from ._connection import WorkerConnection, WorkerInfo
+from ._errors import BrokenWorkerPool, MessageTooLargeError, NoWorkersError, TaskCrashedError, VersionMismatchError, \
+    WorkerLostError
+from ._local import LocalWorker
+from ._protocol import Kind
+from ._scheduler import Scheduler, Task
+from ._security import ClientKeys
+from ._sockets import DRAIN_LIMIT, drain, fileno, readable
+
+logger = logging.getLogger("zmqexecutor")
+# What tasks print on their workers, forwarded here (INFO); configure this logger to see it.
+task_logger = logging.getLogger("zmqexecutor.task")
+
+# Heartbeats sent per worker_timeout: enough that a few lost or late ones never look like a dead worker.
+HEARTBEATS_PER_TIMEOUT = 4
+
+# While the engine owns a local worker it looks at it at least this often.
+LOCAL_CHECK_INTERVAL = 1.0
+
+# A local worker that dies is started again, its tasks retried like those of any lost worker; but one
+# that died this many times within the window is being killed on purpose or cannot run here, and
+# restarting it forever would hide that: the executor breaks instead.
+LOCAL_RESTARTS = 3
+LOCAL_RESTART_WINDOW = 60.0
+
+_REPLIES = frozenset({Kind.RESULT, Kind.EXCEPTION, Kind.CRASHED, Kind.INIT_FAILED, Kind.DROPPED})
+
+
+class Settings:
+    """What the executor configured, for the engine."""
+
+    def __init__(self, *, init_blob: bytes, max_tasks_per_child: Optional[int], max_in_flight: Optional[int],
+                 connect_timeout: Optional[float], worker_timeout: float, max_retries: int,
+                 max_message_size: int, keys: Optional[ClientKeys]) -> None:
+        self.init_blob = init_blob
+        self.max_tasks_per_child = max_tasks_per_child
+        self.max_in_flight = max_in_flight
+        self.connect_timeout = connect_timeout
+        self.worker_timeout = worker_timeout
+        self.heartbeat = worker_timeout / HEARTBEATS_PER_TIMEOUT
+        self.max_retries = max_retries
+        self.max_message_size = max_message_size
+        self.keys = keys
+
+
+class Engine(threading.Thread):
+    """The I/O thread of one executor."""
+
+    def __init__(self, handle: "Handle", addresses: list[str], settings: Settings,
+                 local_worker: Optional[LocalWorker]) -> None:
+        super().__init__(name="zmqexecutor-io", daemon=True)
+        self.handle = handle
+        self.addresses = addresses
+        self.settings = settings
+        self.local_worker = local_worker
+        self.local_restarts: list[float] = []
+        self.scheduler = Scheduler(max_retries=settings.max_retries, max_in_flight=settings.max_in_flight)
+        self.connections: list[WorkerConnection] = []
+        self.by_name: dict[str, WorkerConnection] = {}
+        self.unread: set[WorkerConnection] = set()
+        self.unread_events: set[WorkerConnection] = set()
+        self.sent_to: set[WorkerConnection] = set()
+        self.next_tick = 0.0
+        self.shutting_down = False
+        self.stopping_workers = False
+
+    # The loop -------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.context = zmq.Context()
+        self.selector = selectors.DefaultSelector()
+        try:
+            self.open_connections()
+            while True:
+                self.wait_for_input()
+                self.receive_replies()
+                self.read_connection_events()
+                self.take_submissions()
+                self.dispatch_tasks()
+                self.tick()
+                self.expire_waiting_tasks()
+                if self.is_finished():
+                    break
+        except BaseException as exc:
+            logger.exception("the zmqexecutor I/O thread failed")
+            self.break_executor(BrokenWorkerPool(f"the executor's I/O thread failed: {exc!r}"))
+        finally:
+            self.close()
+
+    def wait_for_input(self) -> None:
+        for conn in self.sent_to:
+            if readable(conn.socket):
+                self.unread.add(conn)
+        self.sent_to.clear()
+        timeout = 0.0
+        if not self.unread and not self.unread_events:
+            deadlines = [self.next_tick]
+            expiry = self.scheduler.next_expiry(self.settings.connect_timeout)
+            if expiry is not None:
+                deadlines.append(expiry)
+            timeout = max(0.0, min(deadlines) - time.monotonic())
+        for key, _ in self.selector.select(timeout):
+            if key.data is not None:
+                which, conn = key.data
+                (self.unread if which == "socket" else self.unread_events).add(conn)
+
+    # Steps ----------------------------------------------------------------------------------------
+
+    def open_connections(self) -> None:
+        s = self.settings
+        hello = proto.encode_hello(
+            dict(proto.local_versions(), host=socket.gethostname(), pid=os.getpid(),
+                 max_tasks_per_child=s.max_tasks_per_child, timeout=s.worker_timeout,
+                 max_message_size=s.max_message_size),
+            s.init_blob,
+        )
+        client_id = f"zx-{uuid.uuid4().hex}".encode()
+        self.selector.register(self.handle.wakeup.fileno(), selectors.EVENT_READ, None)
+        for address in self.addresses:
+            conn = WorkerConnection(address, self.context, hello=hello, heartbeat=s.heartbeat,
+                                    worker_timeout=s.worker_timeout, max_message_size=s.max_message_size,
+                                    keys=s.keys, client_id=client_id, local=self.local_worker is not None)
+            self.connections.append(conn)
+            self.by_name[address] = conn
+            self.selector.register(fileno(conn.socket), selectors.EVENT_READ, ("socket", conn))
+            self.selector.register(fileno(conn.monitor), selectors.EVENT_READ, ("events", conn))
+            self.unread_events.add(conn)
+
+    def receive_replies(self) -> None:
+        for conn in list(self.unread):
+            messages = drain(conn.socket)
+            if len(messages) < DRAIN_LIMIT:
+                self.unread.discard(conn)
+            if messages:
+                conn.awaiting_since = None
+            for frames in messages:
+                try:
+                    self.handle_message(conn, frames)
+                except proto.ProtocolError as exc:
+                    logger.warning("dropped a malformed message from %s: %s", conn.address, exc)
+
+    def handle_message(self, conn: WorkerConnection, frames: list[Any]) -> None:
+        proto.expect_frames(frames, 1)
+        # Only the answer to our HELLO may speak another protocol version, before the session is up:
+        # that is how a worker of another version reports the mismatch. Anything else is malformed.
+        header = proto.decode_header(frames[0], any_version=True)
+        if header.kind == Kind.WELCOME and (header.version == proto.PROTOCOL_VERSION or not conn.ready):
+            self.welcome(conn, header, frames)
+            return
+        if header.version != proto.PROTOCOL_VERSION:
+            raise proto.ProtocolError(f"protocol version {header.version} after the handshake")
+        now = time.monotonic()
+        for kind, ident, rest in proto.split(header, frames):
+            if kind in _REPLIES:
+                task = self.scheduler.finished(conn.load, ident, now)
+                if task is None:
+                    logger.debug("ignored a late or duplicate %s for task %d from %s", kind.name, ident, conn.address)
+                else:
+                    self.resolve(conn, task, kind, rest)
+            elif kind == Kind.OUTPUT:
+                if ident in conn.load.inflight:
+                    self.log_output(conn, ident, proto.decode_output(rest))
+            elif kind == Kind.REJECTED:
+                if conn.ready:
+                    self.lose(conn, proto.decode_reason(rest))
+            elif kind != Kind.PONG:
+                raise proto.ProtocolError(f"unexpected {kind.name} from a worker")
+
+    def welcome(self, conn: WorkerConnection, header: proto.Header, frames: list[Any]) -> None:
+        was_ready = conn.ready
+        lost = conn.welcome(header, frames)
+        if lost is not None:
+            self.lose_tasks(conn, lost)
+        if conn.ready and (lost is not None or not was_ready):
+            limit = conn.info.get("max_message_size")
+            self.scheduler.attach(conn.load, conn.info["slots"], limit if isinstance(limit, int) else None)
+        elif not conn.ready and was_ready:
+            self.scheduler.detach(conn.load, "incompatible")
+
+    def resolve(self, conn: WorkerConnection, task: Task, kind: Kind, frames: Any) -> None:
+        future = task.future
+        try:
+            if kind == Kind.RESULT:
+                future.set_result(proto.loads(frames))
+            elif kind == Kind.EXCEPTION:
+                future.set_exception(proto.decode_exception(frames, endpoint=conn.address))
+            elif kind == Kind.CRASHED:
+                future.set_exception(self.crash_error(conn, proto.decode_crash(frames)))
+            elif kind == Kind.DROPPED:
+                future.set_exception(BrokenWorkerPool(proto.decode_reason(frames)))
+            else:
+                broken = BrokenWorkerPool("A task process initializer failed, the executor is not usable anymore")
+                broken.__cause__ = proto.decode_exception(frames, endpoint=conn.address)
+                future.set_exception(broken)
+                self.break_executor(broken)
+        except BaseException as exc:  # even SystemExit from a result's __setstate__ fails one future only
+            if not future.done():
+                error = proto.ProtocolError(f"the reply could not be decoded: {exc!r}")
+                error.__cause__ = exc
+                future.set_exception(error)
+
+    def log_output(self, conn: WorkerConnection, task_id: int, output: dict[str, Any]) -> None:
+        tag = f"[{conn.address} pid {output.get('pid')}]"
+        for stream in ("stdout", "stderr"):
+            text = output[stream].rstrip("\n")
+            if text:
+                lines = "\n".join(f"{tag} {line}" for line in text.split("\n"))
+                more = " (truncated)" if output.get("truncated") else ""
+                task_logger.info("task %d %s%s:\n%s", task_id, stream, more, lines)
+
+    def crash_error(self, conn: WorkerConnection, info: dict[str, Any]) -> TaskCrashedError:
+        signal_name, how = proto.describe_exit(info.get("exitcode"))
+        host, pid = info.get("host", "?"), info.get("pid", 0)
+        when = "after it ran this task, before its result was sent" if info.get("finished") else \
+            "while running this task"
+        message = f"the task process (pid {pid} on host {host}, worker {conn.address}) {how} {when}; " \
+                  "the worker replaced it"
+        return TaskCrashedError(message, exitcode=info.get("exitcode"), signal=signal_name, host=str(host),
+                                pid=int(pid) if isinstance(pid, int) else 0, endpoint=conn.address)
+
+    def read_connection_events(self) -> None:
+        for conn in list(self.unread_events):
+            self.unread_events.discard(conn)
+            lost = conn.connection_events()
+            self.sent_to.add(conn)
+            if lost is not None:
+                self.lose(conn, lost)
+
+    def lose(self, conn: WorkerConnection, why: str) -> None:
+        self.lose_tasks(conn, why)
+        conn.lost()
+        self.sent_to.add(conn)
+
+    def lose_tasks(self, conn: WorkerConnection, why: str) -> None:
+        inflight = len(conn.load.inflight)
+        failed = self.scheduler.detach(conn.load, why, retry=not self.stopping_workers)
+        logger.warning("lost worker %s (%s) with %d task(s) in flight", conn.address, why, inflight)
+        for task, lost_on in failed:
+            task.future.set_exception(WorkerLostError(
+                f"the task was lost with {len(task.lost_on)} worker(s): {lost_on} "
+                f"(max_retries={self.settings.max_retries}); last: {why}", tuple(task.lost_on)))
+
+    def take_submissions(self) -> None:
+        self.handle.wakeup.clear()
+        submissions = self.handle.submissions
+        while submissions:
+            item = submissions.popleft()
+            if isinstance(item, Task):
+                self.scheduler.add(item)
+            elif isinstance(item, ShutdownRequest):
+                self.shutting_down = True
+                if item.cancel_futures:
+                    self.scheduler.cancel_backlog()
+            else:
+                self.stop_workers(item.signum)
+        if not self.shutting_down and (self.handle.exiting or self.handle.executor_ref() is None):
+            self.shutting_down = True
+
+    def stop_workers(self, signum: int) -> None:
+        self.stopping_workers = True
+        for task in self.scheduler.take_backlog():
+            fail(task, WorkerLostError("the task was waiting for a retry when the workers were stopped"))
+        for conn in self.connections:
+            if conn.ready:
+                conn.send([proto.encode_header(Kind.TERMINATE, signum)])
+
+    def dispatch_tasks(self) -> None:
+        batches, too_large = self.scheduler.next_batches(time.monotonic())
+        for task, load in too_large:
+            fail(task, MessageTooLargeError(
+                f"the task is {task.size} bytes, more than worker {load.name} accepts "
+                f"(its --max-message-size is {load.max_task_bytes})"))
+        for load, batch in batches:
+            conn = self.by_name[load.name]
+            message = proto.encode_messages([proto.Item(Kind.TASK, task.ident, task.frames) for task in batch])
+            if not conn.send(message):
+                self.scheduler.unsent(load, batch)  # disconnected since its last message: an event follows
+            self.sent_to.add(conn)
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now < self.next_tick:
+            return
+        interval = self.settings.heartbeat
+        if self.local_worker is not None:
+            interval = min(interval, LOCAL_CHECK_INTERVAL)
+        self.next_tick = now + interval
+        for conn in self.connections:
+            lost = conn.beat(now, self.settings.worker_timeout)
+            self.sent_to.add(conn)
+            if lost is not None:
+                self.lose(conn, lost)
+        self.watch_local_worker()
+
+    def expire_waiting_tasks(self) -> None:
+        scheduler = self.scheduler
+        if not scheduler.backlog or scheduler.has_ready_worker():
+            return
+        if all(conn.state == WorkerConnection.INCOMPATIBLE for conn in self.connections):
+            errors = "; ".join(str(conn.error) for conn in self.connections)
+            for task in scheduler.take_backlog():
+                fail(task, VersionMismatchError(errors))
+            return
+        timeout = self.settings.connect_timeout
+        expired = scheduler.expire(time.monotonic(), timeout)
+        if expired:
+            reasons = "".join(f"; {c.address}: {c.error}" for c in self.connections if c.error is not None)
+            message = (f"no worker became reachable within connect_timeout={timeout:g} s "
+                       f"(endpoints: {', '.join(self.addresses)}){reasons}")
+            for task in expired:
+                fail(task, NoWorkersError(message))
+
+    def watch_local_worker(self) -> None:
+        worker = self.local_worker
+        code = None if worker is None else worker.exit_code()
+        if worker is None or code is None:
+            return
+        now = time.monotonic()
+        self.local_restarts = [t for t in self.local_restarts if now - t < LOCAL_RESTART_WINDOW]
+        # One that never answered is not going to: its start-up fails, and its log on stderr says why.
+        never_ready = all(conn.instance is None for conn in self.connections)
+        if self.stopping_workers or never_ready or len(self.local_restarts) >= LOCAL_RESTARTS:
+            often = f" ({len(self.local_restarts) + 1} times in {LOCAL_RESTART_WINDOW:g} s)" \
+                if self.local_restarts else ""
+            self.break_executor(BrokenWorkerPool(
+                f"the executor's local worker process (pid {worker.pid}) exited unexpectedly with code "
+                f"{code}{often}; the executor is not usable anymore"))
+            return
+        logger.warning("the local worker process (pid %d) exited unexpectedly with code %s; starting it again",
+                       worker.pid, code)
+        self.local_restarts.append(now)
+        try:
+            worker.start()
+        except OSError as exc:
+            self.break_executor(BrokenWorkerPool(
+                f"the executor's local worker process exited with code {code} and could not be started "
+                f"again: {exc}; the executor is not usable anymore"))
+
+    def is_finished(self) -> bool:
+        if self.handle.broken is not None:
+            return True
+        return self.shutting_down and not self.scheduler.backlog and self.scheduler.in_flight == 0
+
+    # Failure and closing ----------------------------------------------------------------------------
+
+    def break_executor(self, error: BaseException) -> None:
+        """Mark the executor broken and fail every future it still holds, queued or in flight."""
+        with self.handle.lock:
+            if self.handle.broken is None:
+                self.handle.broken = error
+        self.take_submissions()
+        tasks = [task for conn in self.connections for task in self.scheduler.take_inflight(conn.load)]
+        for task in tasks + self.scheduler.take_all():
+            fail(task, copy_error(error))
+
+    def close(self) -> None:
+        try:
+            for conn in self.connections:
+                conn.close()
+            self.selector.close()
+            self.context.term()
+        finally:
+            if self.local_worker is not None:
+                self.local_worker.stop()
+            self.handle.wakeup.close()
+            _live_engines.discard(self)
+
+
+def fail(task: Task, error: BaseException) -> None:
+    if (task.started or task.future.set_running_or_notify_cancel()) and not task.future.done():
+        task.future.set_exception(error)
+
+
+def copy_error(error: BaseException) -> BaseException:
+    # Each future gets its own exception object, so that tracebacks raised from one do not pile up
+    # on the others.
+    try:
+        copy = type(error)(*error.args)
+    except Exception:
+        return error
+    copy.__cause__ = error.__cause__
+    return copy
+
+
+# --- the executor's side ---------------------------------------------------------------------------
+
+
+class Wakeup:
+    """Wakes the I/O thread from any thread without blocking, through a pipe the thread polls."""
+
+    def __init__(self) -> None:
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._read_fd, False)
+        os.set_blocking(self._write_fd, False)
+        # Reentrant: a weakref callback may run inside wake() on the same thread during GC.
+        self._lock = threading.RLock()
+        self._pending = False
+        self._closed = False
+
+    def fileno(self) -> int:
+        return self._read_fd
+
+    def wake(self) -> None:
+        with self._lock:
+            if self._pending or self._closed:
+                return
+            self._pending = True
+            try:
+                os.write(self._write_fd, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full, so the thread will wake anyway
+
+    def clear(self) -> None:
+        with self._lock:
+            if not self._pending:
+                return
+            self._pending = False
+            try:
+                while os.read(self._read_fd, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self._read_fd)
+                os.close(self._write_fd)
+
+
+class ShutdownRequest:
+    __slots__ = ("cancel_futures",)
+
+    def __init__(self, cancel_futures: bool) -> None:
+        self.cancel_futures = cancel_futures
+
+
+class StopWorkersRequest:
+    __slots__ = ("signum",)
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+
+class Handle:
+    """All the executor sees of its engine: push a task, shut down, stop workers, snapshot, broken."""
+
+    def __init__(self, executor: Any, addresses: list[str], settings: Settings,
+                 local_worker: Optional[LocalWorker]) -> None:
+        self.lock = threading.Lock()
+        self.submissions: collections.deque[Union[Task, ShutdownRequest, StopWorkersRequest]] = collections.deque()
+        self.wakeup = Wakeup()
+        self.shutdown_requested = False
+        self.broken: Optional[BaseException] = None
+        self.exiting = False  # set at interpreter exit
+        wakeup = self.wakeup
+        self.executor_ref: Callable[[], Any] = weakref.ref(executor, lambda _: wakeup.wake())
+        self.addresses = addresses
+        self.local_worker = local_worker
+        self.engine = Engine(self, addresses, settings, local_worker)
+        _live_engines.add(self.engine)
+        self.engine.start()
+
+    def check_open(self) -> None:
+        if self.broken is not None:
+            raise copy_error(self.broken)
+        if self.shutdown_requested:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if _global_shutdown:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    def push(self, task: Task) -> None:
+        with self.lock:
+            self.check_open()
+            self.submissions.append(task)
+        self.wakeup.wake()
+
+    def shutdown(self, *, wait: bool, cancel_futures: bool) -> None:
+        with self.lock:
+            first = not self.shutdown_requested
+            self.shutdown_requested = True
+            if first or cancel_futures:
+                self.submissions.append(ShutdownRequest(cancel_futures))
+        self.wakeup.wake()
+        if wait and self.engine is not threading.current_thread():
+            self.engine.join()
+
+    def stop_workers(self, signum: int) -> None:
+        self.shutdown(wait=False, cancel_futures=True)
+        with self.lock:
+            self.submissions.append(StopWorkersRequest(signum))
+        self.wakeup.wake()
+
+    def snapshot(self) -> tuple[WorkerInfo, ...]:
+        # Taken from the I/O thread's live objects; each field is read atomically, which is all a
+        # snapshot for display needs. Until the thread has opened its sockets, all are connecting.
+        seen = {info.endpoint: info for info in (conn.snapshot() for conn in list(self.engine.connections))}
+        return tuple(
+            seen.get(address) or WorkerInfo(address, "connecting", 0, 0, 0, 0, None, None, None, None)
+            for address in self.addresses
+        )
+
+
+# Interpreter exit: like the stdlib executors, finish submitted work before the interpreter goes away.
+_live_engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+_global_shutdown = False
+
+
+def _python_exit() -> None:
+    global _global_shutdown
+    _global_shutdown = True
+    engines = list(_live_engines)
+    for engine in engines:
+        engine.handle.exiting = True
+        engine.handle.wakeup.wake()
+    for engine in engines:
+        engine.join()
+
+
+threading._register_atexit(_python_exit)  # type: ignore[attr-defined]

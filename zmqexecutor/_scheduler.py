@@ -1,0 +1,271 @@
+"""Which task goes to which worker, and when: the client's scheduling decisions, with no sockets.
+
+The engine feeds it tasks, workers that become ready or are lost, and replies; it answers with
+batches to send. Tasks wait in the backlog (where ``Future.cancel()`` still works) until a ready
+worker has credit: its slots, plus tasks sent ahead so that a slot that frees up finds its next task
+already there. How many go ahead adapts to how long the worker's tasks take: many for tiny tasks (so
+batches fill and the round trip is hidden), none for long ones (so no task waits behind a long one
+while a slot elsewhere sits idle). Workers take turns (round-robin); each turn sends one batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import time
+from concurrent.futures import Future
+from typing import Any, Iterable, Optional
+
+# Tasks sent ahead per slot while nothing is known of a worker's tasks yet: today's ProcessPoolExecutor
+# habit, which hides one round trip.
+INITIAL_PREFETCH_PER_SLOT = 1
+
+# Sent ahead per slot: enough tasks to keep a slot busy this long, within [1, MAX_PREFETCH_PER_SLOT].
+# More hides the round trip better and fills batches; but tasks sent ahead can no longer be cancelled.
+QUEUE_AHEAD_SECONDS = 0.005
+MAX_PREFETCH_PER_SLOT = 64
+
+# Tasks that take this long get no company sent ahead: a round trip is then a small price, while a
+# task stuck behind a long one could leave another slot idle for that long.
+LONG_TASK_SECONDS = 0.05
+
+# How fast the estimate of a worker's task duration follows new samples (an exponential average).
+SERVICE_SMOOTHING = 0.1
+
+# One batch (one message) carries at most this many tasks and, beyond its first task, this many bytes:
+# bigger batches amortize more per-message cost but delay the worker's first task by their copying.
+BATCH_TASKS = 64
+BATCH_BYTES = 1 << 20
+
+
+class Task:
+    __slots__ = ("ident", "future", "frames", "size", "queued_at", "started", "lost_on")
+
+    def __init__(self, ident: int, future: "Future[Any]", frames: list[Any], size: int) -> None:
+        self.ident = ident
+        self.future = future
+        self.frames = frames
+        self.size = size
+        self.queued_at = time.monotonic()
+        self.started = False  # set_running_or_notify_cancel() has been called
+        self.lost_on: list[str] = []
+
+
+_task_ids = itertools.count(1)
+
+
+def next_task_id() -> int:
+    return next(_task_ids)
+
+
+class Load:
+    """The scheduler's view of one worker: its slots, its tasks in flight, its pace."""
+
+    __slots__ = ("name", "slots", "max_task_bytes", "inflight", "ready", "in_turn", "service", "busy_since",
+                 "completed", "lost")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.slots = 0
+        self.max_task_bytes: Optional[int] = None
+        self.inflight: dict[int, Task] = {}
+        self.ready = False
+        self.in_turn = False
+        self.service: Optional[float] = None  # estimated seconds per task per slot
+        self.busy_since = 0.0  # last reply, or when the worker last went from idle to busy
+        self.completed = 0
+        self.lost = 0
+
+    @property
+    def capacity(self) -> int:
+        if self.service is None:
+            ahead = INITIAL_PREFETCH_PER_SLOT
+        elif self.service >= LONG_TASK_SECONDS:
+            ahead = 0
+        else:
+            ahead = max(1, min(MAX_PREFETCH_PER_SLOT, int(QUEUE_AHEAD_SECONDS / max(self.service, 1e-9))))
+        return self.slots * (1 + ahead)
+
+    def credit(self) -> int:
+        return self.capacity - len(self.inflight) if self.ready else 0
+
+
+class Scheduler:
+    """Backlog, credit, batches, retries and expiry for one executor; driven by its engine."""
+
+    def __init__(self, *, max_retries: int, max_in_flight: Optional[int]) -> None:
+        self.max_retries = max_retries
+        self.max_in_flight = max_in_flight
+        self.backlog: collections.deque[Task] = collections.deque()
+        self.turns: collections.deque[Load] = collections.deque()
+        self.ready_count = 0
+        self.in_flight = 0
+        # No task in the backlog has waited since before this (None: the backlog is empty).
+        self.waiting_since: Optional[float] = None
+
+    # Tasks in -----------------------------------------------------------------------------------------
+
+    def add(self, task: Task) -> None:
+        self.backlog.append(task)
+        if self.waiting_since is None:
+            self.waiting_since = task.queued_at
+
+    def cancel_backlog(self) -> None:
+        """Cancel the tasks not started yet; those waiting for a retry are kept."""
+        for task in self.backlog:
+            if not task.started:
+                task.future.cancel()
+        self.backlog = collections.deque(task for task in self.backlog if task.started)
+
+    def take_backlog(self) -> list[Task]:
+        backlog, self.backlog = list(self.backlog), collections.deque()
+        self.waiting_since = None
+        return backlog
+
+    def take_all(self) -> list[Task]:
+        """Every task the scheduler holds, in flight or waiting; it holds none afterwards."""
+        tasks = self.take_backlog()
+        for load in self.turns:
+            load.in_turn = False
+        self.turns.clear()
+        self.in_flight = 0
+        return tasks
+
+    def take_inflight(self, load: Load) -> list[Task]:
+        tasks, load.inflight = list(load.inflight.values()), {}
+        self.in_flight -= len(tasks)
+        return tasks
+
+    # Workers ------------------------------------------------------------------------------------------
+
+    def attach(self, load: Load, slots: int, max_task_bytes: Optional[int]) -> None:
+        """``load``'s worker shook hands and may take tasks."""
+        if not load.ready:
+            self.ready_count += 1
+        load.ready = True
+        load.slots = slots
+        load.max_task_bytes = max_task_bytes
+        self.offer(load)
+
+    def detach(self, load: Load, why: str, *, retry: bool = True) -> list[tuple[Task, str]]:
+        """``load``'s worker is lost: its tasks in flight go back to the front of the backlog, except
+        those lost too often already (or all, without ``retry``), returned with their history."""
+        if load.ready:
+            self.ready_count -= 1
+        load.ready = False
+        load.lost += 1
+        now = time.monotonic()
+        failed, retried = [], []
+        for task in sorted(self.take_inflight(load), key=lambda t: t.ident):
+            task.lost_on.append(load.name)
+            if not retry or len(task.lost_on) > self.max_retries:
+                failed.append((task, ", ".join(task.lost_on)))
+            else:
+                task.queued_at = now
+                retried.append(task)
+        self.backlog.extendleft(reversed(retried))
+        if retried and self.waiting_since is None:
+            self.waiting_since = now
+        return failed
+
+    def offer(self, load: Load) -> None:
+        if load.ready and not load.in_turn and load.credit() > 0:
+            load.in_turn = True
+            self.turns.append(load)
+
+    def has_ready_worker(self) -> bool:
+        return self.ready_count > 0
+
+    # Dispatch -----------------------------------------------------------------------------------------
+
+    def next_batches(self, now: float) -> tuple[list[tuple[Load, list[Task]]], list[tuple[Task, Load]]]:
+        """The batches to send now, each marked in flight; and tasks too large for the worker whose
+        turn it was (to be failed). Cancelled tasks are dropped."""
+        batches: list[tuple[Load, list[Task]]] = []
+        too_large: list[tuple[Task, Load]] = []
+        while self.backlog and self.turns:
+            room = None if self.max_in_flight is None else self.max_in_flight - self.in_flight
+            if room is not None and room <= 0:
+                break
+            load = self.turns.popleft()
+            load.in_turn = False
+            credit = load.credit()
+            if credit <= 0:
+                continue
+            # A fair share of what waits, so that the next workers in turn get some of it too.
+            share = -(-len(self.backlog) // (len(self.turns) + 1))
+            limit = min(credit, BATCH_TASKS, share, room if room is not None else credit)
+            batch = self.take_batch(load, limit, too_large)
+            if batch:
+                if not load.inflight:
+                    load.busy_since = now
+                for task in batch:
+                    load.inflight[task.ident] = task
+                self.in_flight += len(batch)
+                batches.append((load, batch))
+            self.offer(load)
+        return batches, too_large
+
+    def take_batch(self, load: Load, limit: int, too_large: list[tuple[Task, Load]]) -> list[Task]:
+        batch: list[Task] = []
+        size = 0
+        while self.backlog and len(batch) < limit:
+            task = self.backlog[0]
+            if batch and size + task.size > BATCH_BYTES:
+                break
+            self.backlog.popleft()
+            if load.max_task_bytes is not None and task.size > load.max_task_bytes:
+                too_large.append((task, load))
+                continue
+            if not task.started:
+                if not task.future.set_running_or_notify_cancel():
+                    continue
+                task.started = True
+            batch.append(task)
+            size += task.size
+        return batch
+
+    def unsent(self, load: Load, batch: Iterable[Task]) -> None:
+        """A batch could not be sent (the worker disconnected since its last message): back it goes."""
+        tasks = [task for task in batch if load.inflight.pop(task.ident, None) is not None]
+        self.in_flight -= len(tasks)
+        self.backlog.extendleft(reversed(tasks))
+
+    # Replies ------------------------------------------------------------------------------------------
+
+    def finished(self, load: Load, ident: int, now: float) -> Optional[Task]:
+        """The task ``ident`` has its answer from ``load``'s worker; None if it is not in flight there
+        (a late or duplicate reply)."""
+        saturated = len(load.inflight) >= load.slots
+        task = load.inflight.pop(ident, None)
+        if task is None:
+            return None
+        self.in_flight -= 1
+        load.completed += 1
+        if saturated:
+            # With every slot busy since the last reply, slots x gap is one task's duration; replies
+            # that arrive together give gaps of zero, which the average spreads over the batch.
+            sample = (now - load.busy_since) * load.slots
+            load.service = sample if load.service is None else \
+                load.service + SERVICE_SMOOTHING * (sample - load.service)
+        load.busy_since = now
+        self.offer(load)
+        return task
+
+    # Waiting ------------------------------------------------------------------------------------------
+
+    def expire(self, now: float, timeout: Optional[float]) -> list[Task]:
+        """The tasks that waited ``timeout`` seconds with no worker ready, taken out of the backlog."""
+        deadline = self.next_expiry(timeout)
+        if deadline is None or now < deadline:
+            return []
+        expired = [task for task in self.backlog if now - task.queued_at >= timeout]  # type: ignore[operator]
+        self.backlog = collections.deque(task for task in self.backlog if now - task.queued_at < timeout)  # type: ignore[operator]
+        self.waiting_since = min((task.queued_at for task in self.backlog), default=None)
+        return expired
+
+    def next_expiry(self, timeout: Optional[float]) -> Optional[float]:
+        """When the oldest waiting task may expire, if no worker is ready to take it."""
+        if timeout is None or not self.backlog or self.ready_count or self.waiting_since is None:
+            return None
+        return self.waiting_since + timeout

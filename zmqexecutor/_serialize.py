@@ -1,0 +1,281 @@
+"""Pickling calls and results: cloudpickle where it is needed, the C pickler where it is not.
+
+A call travels as ``[pickle of (function pickle, args, kwargs), *out-of-band buffers]``. The function is
+pickled on its own, so that both sides can cache it:
+
+- the client keeps a function's pickle while that provably cannot change what runs (``CallEncoder``):
+  always for functions, classes and builtins pickled by reference (importable); for functions
+  pickled by value (``__main__``, lambdas, closures) only while the code and every value it captures
+  (the globals it names, its closure, defaults and attributes) are the very same immutable objects, so
+  that a new definition or a rebound global sends new code;
+- a task process decodes each distinct function pickle once (``FunctionCache``).
+
+Arguments and results made only of plain values (None, numbers, short strings and bytes, small flat
+tuples and lists of them) hold no reference to any code, so the C pickler serializes them; anything
+else goes through cloudpickle with pickle protocol 5, large buffers as frames of their own.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import types
+import weakref
+from typing import Any, Callable, Optional, Sequence
+
+import cloudpickle
+
+from ._errors import ProtocolError
+
+# Buffers below this size are pickled in-band: a frame of its own costs more than copying a small
+# buffer, while above it the saved memcpy dominates.
+OOB_MIN_BYTES = 64 * 1024
+
+# Pickles of functions kept per executor and decoded functions kept per task process. Past this the
+# cache starts over: a program that makes new functions without end must not grow memory without end.
+FUNCTION_CACHE_SIZE = 256
+
+# How deep a by-value function may nest other by-value functions and still be cached; deeper ones are
+# pickled every time, which is always correct.
+FINGERPRINT_DEPTH = 4
+
+_ATOMS = (type(None), bool, int, float, complex, str, bytes)
+# Containers of atoms that the C pickler handles, checked only up to this many items.
+_PLAIN_ITEMS = 32
+
+
+# --- frames ---------------------------------------------------------------------------------------
+
+
+def _as_buffer(frame: Any) -> Any:
+    buffer = getattr(frame, "buffer", None)  # a zmq.Frame
+    return frame if buffer is None else buffer
+
+
+class _LargeBytes:
+    """A top-level ``bytes`` argument or result, sent as its own frame instead of inside the pickle."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return (bytes, (pickle.PickleBuffer(self.data),))
+
+
+def _rebuild_memoryview(buf: memoryview, fmt: str, shape: tuple[int, ...]) -> memoryview:
+    flat: Any = memoryview(buf).cast("B")
+    view: memoryview = flat.cast(fmt, shape)
+    return view
+
+
+class _LargeView:
+    __slots__ = ("view",)
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        view: Any = self.view
+        if not view.c_contiguous:
+            view = memoryview(view.tobytes()).cast("B").cast(view.format, view.shape)
+        return (_rebuild_memoryview, (pickle.PickleBuffer(view), view.format, view.shape))
+
+
+def _wrap(obj: Any) -> Any:
+    # Pickle's C fast path serializes bytes in-band, and memoryviews not at all: give the top-level
+    # ones a reducer that sends their memory as a frame of its own.
+    if type(obj) is bytes and len(obj) >= OOB_MIN_BYTES:
+        return _LargeBytes(obj)
+    if type(obj) is memoryview:
+        return _LargeView(obj)
+    return obj
+
+
+def _is_atom(obj: Any) -> bool:
+    return type(obj) in _ATOMS and (type(obj) not in (str, bytes) or len(obj) < OOB_MIN_BYTES)
+
+
+def is_plain(obj: Any) -> bool:
+    """True for values the C pickler serializes with no reference to any code."""
+    if _is_atom(obj):
+        return True
+    if type(obj) in (tuple, list) and len(obj) <= _PLAIN_ITEMS:
+        return all(_is_atom(item) for item in obj)
+    return False
+
+
+def dumps(obj: Any) -> list[Any]:
+    """Pickle ``obj`` into frames: the pickle, then each large buffer uncopied."""
+    buffers: list[Any] = []
+
+    def keep_out_of_band(buf: pickle.PickleBuffer) -> bool:
+        try:
+            raw = buf.raw()
+        except BufferError:
+            return True
+        if raw.nbytes < OOB_MIN_BYTES:
+            return True
+        buffers.append(raw)
+        return False
+
+    stream = io.BytesIO()
+    cloudpickle.Pickler(stream, protocol=5, buffer_callback=keep_out_of_band).dump(obj)
+    # A small pickle is cheaper kept as bytes (copied once) than as a view pinning its BytesIO.
+    head = stream.getvalue() if stream.tell() < OOB_MIN_BYTES else stream.getbuffer()
+    return [head, *buffers]
+
+
+def loads(frames: Sequence[Any]) -> Any:
+    if not frames:
+        raise ProtocolError("no pickle frame")
+    return pickle.loads(_as_buffer(frames[0]), buffers=[_as_buffer(f) for f in frames[1:]])
+
+
+# --- calls ----------------------------------------------------------------------------------------
+
+
+class CallEncoder:
+    """Pickles calls for one executor, each function once while that cannot change what runs."""
+
+    def __init__(self) -> None:
+        # id(fn) -> (fn, fingerprint, pickle); holding fn keeps its id from being reused.
+        self._cache: dict[int, tuple[Any, Any, bytes]] = {}
+        self._by_value_modules: frozenset[str] = frozenset()
+
+    def encode(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+        blob = self.function_pickle(fn)
+        if all(is_plain(a) for a in args) and all(is_plain(v) for v in kwargs.values()):
+            return [pickle.dumps((blob, args, kwargs), protocol=5)]
+        wrapped_args = tuple(_wrap(a) for a in args)
+        wrapped_kwargs = {k: _wrap(v) for k, v in kwargs.items()}
+        return dumps((blob, wrapped_args, wrapped_kwargs))
+
+    def function_pickle(self, fn: Any) -> bytes:
+        registry = frozenset(_registry())
+        if registry != self._by_value_modules:  # what pickles by reference just changed
+            self._cache.clear()
+            self._by_value_modules = registry
+        fingerprint = _fingerprint(fn, FINGERPRINT_DEPTH, set())
+        if fingerprint is None:
+            return bytes(cloudpickle.dumps(fn, protocol=5))
+        cached = self._cache.get(id(fn))
+        if cached is not None and cached[0] is fn and cached[1] == fingerprint:
+            return cached[2]
+        blob = bytes(cloudpickle.dumps(fn, protocol=5))
+        if len(self._cache) >= FUNCTION_CACHE_SIZE:
+            self._cache.clear()
+        self._cache[id(fn)] = (fn, fingerprint, blob)
+        return blob
+
+
+_MISSING = object()
+
+
+def _registry() -> Any:
+    listing = getattr(cloudpickle, "list_registry_pickle_by_value", None)
+    return listing() if listing is not None else ()
+
+
+def _fingerprint(obj: Any, depth: int, seen: set[int]) -> Optional[tuple[Any, ...]]:
+    """What decides ``obj``'s pickle, as identities of immutable objects; None where that cannot be
+    known without pickling it (a mutable value is captured, or it nests too deep)."""
+    if _is_by_reference(obj):
+        return ()
+    if type(obj) is not types.FunctionType or depth == 0 or obj.__dict__:
+        return None
+    if id(obj) in seen:
+        return ()  # recursion: the outer fingerprint already covers it
+    seen.add(id(obj))
+    parts: list[Any] = [obj.__code__, obj.__name__, obj.__qualname__, obj.__module__, obj.__doc__]
+    captured: list[Any] = [obj.__globals__.get(name, _MISSING) for name in _global_names(obj.__code__)]
+    captured += [_cell_contents(cell) for cell in obj.__closure__ or ()]
+    captured += list(obj.__defaults__ or ())
+    captured += list((obj.__kwdefaults__ or {}).values())
+    captured += list(getattr(obj, "__annotations__", {}).values())
+    for value in captured:
+        if value is _MISSING or _is_atom(value) or type(value) is types.ModuleType:
+            parts.append(value if value is _MISSING or type(value) is types.ModuleType else (type(value), value))
+            continue
+        inner = _fingerprint(value, depth - 1, seen)
+        if inner is None:
+            return None
+        parts.append((id(value), inner))
+        parts.append(value)  # kept alive with the fingerprint, so that its id stays its own
+    return tuple(parts)
+
+
+def _is_by_reference(obj: Any) -> bool:
+    if type(obj) is types.BuiltinFunctionType:
+        return isinstance(getattr(obj, "__self__", None), (types.ModuleType, type(None)))
+    if type(obj) is types.FunctionType or isinstance(obj, type):
+        try:
+            return bool(cloudpickle.cloudpickle._should_pickle_by_reference(obj))
+        except (AttributeError, TypeError):
+            return False
+    return False
+
+
+def _global_names(code: types.CodeType) -> frozenset[str]:
+    names = _names_cache.get(code)
+    if names is None:
+        found = set(code.co_names)
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):
+                found |= _global_names(const)
+        names = _names_cache[code] = frozenset(found)
+    return names
+
+
+_names_cache: "weakref.WeakKeyDictionary[types.CodeType, frozenset[str]]" = weakref.WeakKeyDictionary()
+
+
+def _cell_contents(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return _MISSING
+
+
+class FunctionCache:
+    """A task process's decoded functions, by their pickle."""
+
+    def __init__(self) -> None:
+        self._functions: dict[bytes, Any] = {}
+
+    def load(self, blob: bytes) -> Any:
+        fn = self._functions.get(blob)
+        if fn is None:
+            fn = pickle.loads(blob)
+            if len(self._functions) >= FUNCTION_CACHE_SIZE:
+                self._functions.clear()
+            self._functions[blob] = fn
+        return fn
+
+
+def decode_call(frames: Sequence[Any], functions: Optional[FunctionCache] = None
+                ) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
+    call = loads(frames)
+    if not (isinstance(call, tuple) and len(call) == 3 and isinstance(call[0], bytes)
+            and isinstance(call[1], tuple) and isinstance(call[2], dict)):
+        raise ProtocolError("task payload is not (function pickle, args, kwargs)")
+    blob, args, kwargs = call
+    fn = functions.load(blob) if functions is not None else pickle.loads(blob)
+    return fn, args, kwargs
+
+
+# --- results and initializers ---------------------------------------------------------------------
+
+
+def encode_result(value: Any) -> list[Any]:
+    if is_plain(value):
+        return [pickle.dumps(value, protocol=5)]
+    return dumps(_wrap(value))
+
+
+def encode_initializer(initializer: Optional[Callable[..., Any]], initargs: tuple[Any, ...]) -> bytes:
+    if initializer is None:
+        return b""
+    return bytes(cloudpickle.dumps((initializer, tuple(initargs)), protocol=5))
+

@@ -1,0 +1,447 @@
+"""The worker supervisor: owns one bound endpoint and routes tasks to its task processes.
+
+Data flow::
+
+    clients (DEALER, one per executor)
+        |  HELLO  TASK or BATCH of TASKs  PING  TERMINATE  STATUS  BYE
+        |                                 ^  WELCOME  PONG  REJECTED  STATUS_REPLY
+        v                                 |  RESULT EXCEPTION INIT_FAILED OUTPUT CRASHED DROPPED
+    +------------------ supervisor (one thread, never unpickles) -----|---- (a BATCH per client
+    | front ROUTER (the user's endpoint)                                     per loop turn)
+    |   Sessions: client id -> handshake info + initializer pickle
+    |   queue: tasks waiting for credit in a task process, first in first out
+    |   TaskProcessPool: the processes, what each was given, crash accounting
+    | back ROUTER (ipc:// in a private folder)
+    +---------------------------------------------------------------------------------
+        |  TASK or BATCH (renumbered with the supervisor's own ids), STOP
+        v                                 ^  READY, RESULT EXCEPTION INIT_FAILED OUTPUT (or a BATCH)
+    task processes (DEALER each, _taskprocess): unpickle, run the user's code, pickle the reply
+
+Each loop turn reads both sockets until they would block (bounded), reaps dead task processes, hands
+queued tasks to processes with credit, and sends each client its replies as one message. A process
+that dies gets the task it was running (and any finished ones whose replies died with it) reported
+as CRASHED; the tasks it had not started yet go back to the front of the queue; a replacement starts.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from typing import Any, Optional
+
+import zmq
+
+from . import _protocol as proto
+from ._errors import MessageTooLargeError, SecurityError
+from ._protocol import Item, Kind
+from ._security import WorkerGuard
+from ._sessions import Sessions
+from ._sockets import drain, unbounded
+from ._taskpool import MAX_STARTUP_FAILURES, TaskProcess, TaskProcessPool
+
+logger = logging.getLogger("zmqexecutor.worker")
+
+# How often the supervisor looks for a vanished parent and silent sessions when nothing happens.
+PARENT_CHECK_INTERVAL = 0.5
+
+# A client that connects but does not finish the ZMTP/CurveZMQ handshake is dropped after this long.
+HANDSHAKE_IVL_MS = 10_000
+
+# libzmq heartbeats on the bound socket: a connection whose client stopped answering is closed, which
+# frees whatever libzmq still queued for it.
+HEARTBEAT_IVL_MS = 2000
+HEARTBEAT_TIMEOUT_MS = 20000
+
+# One message to a client carries at most this many replies and, beyond its first, this many bytes.
+REPLY_BATCH = 256
+REPLY_BATCH_BYTES = 1 << 20
+
+# Forking is only known to be safe on Linux (macOS frameworks break in forked children).
+_CAN_FORK_EARLY = sys.platform.startswith("linux")
+
+_REPLIES = frozenset({Kind.RESULT, Kind.EXCEPTION, Kind.INIT_FAILED})
+
+
+class Supervisor:
+    """Owns the bound endpoint and the task processes; routes frames between them."""
+
+    def __init__(self, bind: str, processes: int, *, parent_pid: Optional[int] = None,
+                 secret_key_file: Optional[str] = None, allow: Optional[str] = None,
+                 max_message_size: int = proto.DEFAULT_MAX_MESSAGE_SIZE) -> None:
+        self.bind = bind
+        self.secret_key_file = secret_key_file
+        self.allow = allow
+        self.max_message_size = max_message_size
+        self.guard: Optional[WorkerGuard] = None
+        self.processes = processes
+        self.parent_pid = parent_pid
+        self.instance = uuid.uuid4().hex
+        self.host = socket.gethostname()
+        self.endpoint = bind
+        self.sessions = Sessions()
+        self.queue: collections.deque[tuple[bytes, int, Any]] = collections.deque()
+        self.outbox: dict[bytes, list[Item]] = {}
+        self.private_dir = tempfile.mkdtemp(prefix="zmqexecutor-worker-")
+        self.pool = TaskProcessPool(f"ipc://{self.private_dir}/tasks", multiprocessing.get_context("spawn"))
+        self.stopping = False
+        self.started = time.monotonic()
+        self.tally = {"done": 0, "failed": 0, "crashed": 0}
+
+    # The loop -------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        # The first task processes are forked before this process has any thread (libzmq's come with
+        # the context below), which is safe and saves each of them the interpreter start-up and imports
+        # that spawn costs. Replacements, started once threads exist, are spawned.
+        if _CAN_FORK_EARLY:
+            self.pool.start(self.processes, multiprocessing.get_context("fork"))
+        signal_r, signal_w = os.pipe()
+        os.set_blocking(signal_w, False)
+        old_wakeup = signal.set_wakeup_fd(signal_w)
+        old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.context = zmq.Context()
+        try:
+            if self.secret_key_file is not None:
+                self.guard = WorkerGuard(self.context, self.secret_key_file, self.allow or "")
+            self.open_sockets()
+            if self.guard is not None:
+                self.guard.prove_strangers_are_rejected(self.endpoint)
+            if not _CAN_FORK_EARLY:
+                self.pool.start(self.processes)
+            logger.info(
+                "zmqexecutor worker ready: endpoint=%s processes=%d instance=%s pid=%d security=%s",
+                self.endpoint, self.processes, self.instance, os.getpid(),
+                f"CurveZMQ ({len(self.guard.allowed)} allowed client keys)" if self.guard else "none",
+            )
+            poller = zmq.Poller()
+            for sock in (self.front, self.back, signal_r):
+                poller.register(sock, zmq.POLLIN)
+            registered: set[int] = set()
+            next_check = 0.0
+            while not self.stopping:
+                self.sync_sentinels(poller, registered)
+                events = dict(poller.poll(int(PARENT_CHECK_INTERVAL * 1000)))
+                if signal_r in events:
+                    os.read(signal_r, 4096)
+                self.receive_from_processes()
+                self.receive_from_clients()
+                self.reap_processes([fd for fd in events if fd in self.pool.by_sentinel])
+                self.dispatch_tasks()
+                self.send_replies()
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + PARENT_CHECK_INTERVAL
+                    self.expire_sessions()
+                    self.check_parent()
+            return 0
+        except _GiveUp as exc:
+            logger.error("%s", exc)
+            return 1
+        except SecurityError as exc:
+            logger.error("refusing to run: %s", exc)
+            return 2
+        finally:
+            self.close()
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+            os.close(signal_r)
+            os.close(signal_w)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        logger.info("received %s, stopping", signal.Signals(signum).name)
+        self.stopping = True
+
+    def sync_sentinels(self, poller: zmq.Poller, registered: set[int]) -> None:
+        current = set(self.pool.by_sentinel)
+        for fd in registered - current:
+            poller.unregister(fd)
+        for fd in current - registered:
+            poller.register(fd, zmq.POLLIN)
+        registered.clear()
+        registered.update(current)
+
+    # Steps ----------------------------------------------------------------------------------------
+
+    def open_sockets(self) -> None:
+        self.front = unbounded(self.context.socket(zmq.ROUTER), linger=0)
+        self.back = unbounded(self.context.socket(zmq.ROUTER), linger=0)
+        for sock in (self.front, self.back):
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A client that reconnects (after a cut link, say) takes its identity over from the old connection.
+        self.front.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.front.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        self.front.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        self.front.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
+        # libzmq disconnects a peer that sends a bigger frame, before we ever see it.
+        self.front.setsockopt(zmq.MAXMSGSIZE, self.max_message_size)
+        if self.guard is not None:
+            self.guard.secure(self.front)
+        try:
+            self.front.bind(self.bind)
+        except zmq.ZMQError as exc:
+            raise _GiveUp(f"cannot bind {self.bind}: {exc}") from None
+        self.endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.back.bind(self.pool.back_address)
+
+    def receive_from_clients(self) -> None:
+        for frames in drain(self.front):
+            client = frames[0].bytes
+            try:
+                self.handle_client_message(client, frames[1:])
+            except proto.ProtocolError as exc:
+                logger.warning("dropped a malformed message from client %r: %s", client, exc)
+
+    def handle_client_message(self, client: bytes, frames: list[Any]) -> None:
+        proto.expect_frames(frames, 1)
+        header = proto.decode_header(frames[0], any_version=True)
+        if header.kind == Kind.HELLO:
+            self.greet(client, header, frames)
+            return
+        if header.kind == Kind.STATUS:
+            self.send_to_client(client, [proto.encode_header(Kind.STATUS_REPLY), proto.encode_json(self.status())])
+            return
+        if header.version != proto.PROTOCOL_VERSION:
+            raise proto.ProtocolError(f"protocol version {header.version}, expected {proto.PROTOCOL_VERSION}")
+        if header.kind not in (Kind.TASK, Kind.BATCH, Kind.PING, Kind.TERMINATE, Kind.BYE):
+            raise proto.ProtocolError(f"unexpected {header.kind.name} from a client")
+        tasks = proto.split(header, frames)
+        session = self.sessions.get(client)
+        if session is None:
+            if header.kind != Kind.BYE:
+                reason = "this worker has no session for the client (it restarted, or the session expired)"
+                self.send_to_client(client, [proto.encode_header(Kind.REJECTED, tasks[0].ident),
+                                             *proto.encode_reason(reason)])
+            return
+        session.last_seen = time.monotonic()
+        if header.kind in (Kind.TASK, Kind.BATCH):
+            for task in tasks:
+                if task.kind != Kind.TASK or not task.frames:
+                    raise proto.ProtocolError(f"a {task.kind.name} without a call among the tasks")
+            self.queue.extend((client, task.ident, task.frames) for task in tasks)
+        elif header.kind == Kind.PING:
+            self.send_to_client(client, [proto.encode_header(Kind.PONG)])
+        elif header.kind == Kind.TERMINATE:
+            self.terminate_tasks_of(client, header.ident)
+        else:
+            self.forget_session(client, "said goodbye")
+
+    def greet(self, client: bytes, header: proto.Header, frames: list[Any]) -> None:
+        welcome, info, init_blob = proto.answer_hello(header, frames, dict(
+            slots=self.processes, instance=self.instance, host=self.host, pid=os.getpid(),
+            max_message_size=self.max_message_size))
+        # A client shakes hands again only after giving up on its tasks here: drop the old session.
+        self.forget_session(client, "started a new session" if info is not None else "was refused")
+        if info is not None:
+            self.sessions.open(client, init_blob, info)
+            logger.info("client %s connected (host %s, pid %s)", client.decode(errors="replace"),
+                        info.get("host"), info.get("pid"))
+        else:
+            logger.warning("refused client %r: %s", client, proto.decode_json(welcome[1]).get("reason"))
+        self.send_to_client(client, welcome)
+
+    def status(self) -> dict[str, Any]:
+        return dict(
+            proto.local_versions(),
+            slots=self.processes,
+            busy=self.pool.busy(),
+            queued=len(self.queue),
+            done=self.tally["done"],
+            failed=self.tally["failed"],
+            crashed=self.tally["crashed"],
+            clients=len(self.sessions),
+            uptime=time.monotonic() - self.started,
+            instance=self.instance,
+            host=self.host,
+            pid=os.getpid(),
+            security="CurveZMQ" if self.guard is not None else "none",
+        )
+
+    def forget_session(self, client: bytes, why: str) -> None:
+        if not self.sessions.close(client):
+            return
+        kept = collections.deque(item for item in self.queue if item[0] != client)
+        dropped = len(self.queue) - len(kept)
+        self.queue = kept
+        self.outbox.pop(client, None)
+        logger.info("client %s %s; dropped its session and %d queued task(s)",
+                    client.decode(errors="replace"), why, dropped)
+        self.pool.forget_client(client)
+
+    def expire_sessions(self) -> None:
+        for session in self.sessions.expired(time.monotonic()):
+            self.forget_session(session.client, f"was silent for {session.expiry:g} s")
+
+    def terminate_tasks_of(self, client: bytes, signum: int) -> None:
+        reason = proto.encode_reason("the task was dropped before it started: its client stopped the workers")
+        for item in self.queue:
+            if item[0] == client:
+                self.reply(client, Item(Kind.DROPPED, item[1], reason))
+        self.queue = collections.deque(item for item in self.queue if item[0] != client)
+        self.pool.signal_running(client, signal.SIGKILL if signum == signal.SIGKILL else signal.SIGTERM)
+
+    def send_to_client(self, client: bytes, frames: list[Any]) -> None:
+        try:
+            self.front.send_multipart([client, *frames], copy=False)
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            logger.debug("client %r is gone; dropped its message", client)
+
+    def reply(self, client: bytes, item: Item) -> None:
+        self.outbox.setdefault(client, []).append(item)
+
+    def send_replies(self) -> None:
+        outbox, self.outbox = self.outbox, {}
+        for client, items in outbox.items():
+            start = 0
+            while start < len(items):
+                end, size = start + 1, _size(items[start])
+                while end < len(items) and end - start < REPLY_BATCH and size + _size(items[end]) <= REPLY_BATCH_BYTES:
+                    size += _size(items[end])
+                    end += 1
+                self.send_to_client(client, proto.encode_messages(items[start:end]))
+                start = end
+
+    def receive_from_processes(self) -> None:
+        now = time.monotonic()
+        for frames in drain(self.back):
+            proc = self.pool.by_ident.get(frames[0].bytes)
+            if proc is None:
+                continue  # a process we already reaped
+            try:
+                proto.expect_frames(frames, 2)
+                header = proto.decode_header(frames[1])
+                items = proto.split(header, frames[1:])
+            except proto.ProtocolError as exc:
+                logger.error("dropped a malformed message from task process %s: %s", proc.process.pid, exc)
+                continue
+            for item in items:
+                if item.kind == Kind.READY:
+                    self.pool.ready(proc)
+                elif item.kind in _REPLIES:
+                    self.finish_task(proc, item, now)
+                elif item.kind == Kind.OUTPUT:
+                    assignment = proc.assigned.get(item.ident)
+                    if assignment is not None and self.sessions.get(assignment.client) is not None:
+                        self.reply(assignment.client, Item(Kind.OUTPUT, assignment.task_id, item.frames))
+
+    def finish_task(self, proc: TaskProcess, item: Item, now: float) -> None:
+        assignment = self.pool.finished(proc, item.ident, now)
+        if assignment is None:
+            logger.error("task process %s replied for a task it was not given", proc.process.pid)
+            return
+        self.tally["done" if item.kind == Kind.RESULT else "failed"] += 1
+        session = self.sessions.get(assignment.client)
+        if session is not None:
+            reply = Item(item.kind, assignment.task_id, item.frames)
+            size = _size(reply)
+            if session.max_message_size is not None and size > session.max_message_size:
+                reply = self.too_large(assignment.task_id, size, session.max_message_size)
+            self.reply(assignment.client, reply)
+        else:
+            logger.debug("dropped the result of task %d: its client's session is gone", assignment.task_id)
+        if item.kind == Kind.INIT_FAILED:
+            proc.closing = True
+        if proc.closing and not proc.assigned and not proc.retiring:
+            self.retire(proc)
+
+    def too_large(self, task_id: int, size: int, limit: int) -> Item:
+        error = MessageTooLargeError(
+            f"the task's result is {size} bytes, more than the client's max_message_size={limit}")
+        return Item(Kind.EXCEPTION, task_id, proto.encode_exception(error, host=self.host, pid=os.getpid()))
+
+    def retire(self, proc: TaskProcess) -> None:
+        try:
+            self.back.send_multipart([proc.ident, proto.encode_header(Kind.STOP)])
+        except zmq.ZMQError:
+            proc.process.terminate()
+        self.pool.retire(proc)
+
+    def reap_processes(self, sentinels: list[int]) -> None:
+        if sentinels:
+            self.receive_from_processes()  # what a process sent just before it ended
+        for fd in sentinels:
+            proc, crashed, unstarted = self.pool.reap(fd)
+            if proc.retiring:
+                continue
+            signal_name, how = proto.describe_exit(proc.process.exitcode)
+            pid = proc.process.pid
+            for crash in crashed:
+                self.tally["crashed"] += 1
+                logger.warning("task process %d %s while running a task; replacing it", pid, how)
+                if self.sessions.get(crash.client) is not None:
+                    info = proto.encode_crash(exitcode=proc.process.exitcode, signal_name=signal_name,
+                                              host=self.host, pid=pid, finished=crash.finished)
+                    self.reply(crash.client, Item(Kind.CRASHED, crash.task_id, info))
+            if not crashed:
+                logger.warning("idle task process %d %s; replacing it", pid, how)
+            self.queue.extendleft((a.client, a.task_id, a.frames) for a in reversed(unstarted))
+            if self.pool.startup_failures >= MAX_STARTUP_FAILURES:
+                raise _GiveUp(f"{self.pool.startup_failures} task processes in a row died before starting; giving up")
+            self.pool.start(1)
+
+    def dispatch_tasks(self) -> None:
+        if not self.queue:
+            return
+        now = time.monotonic()
+        procs = self.pool.with_credit()
+        for index, proc in enumerate(procs):
+            share = math.ceil(len(self.queue) / (len(procs) - index))
+            items = []
+            for _ in range(min(self.pool.credit(proc), share)):
+                if not self.queue:
+                    break
+                client, task_id, frames = self.queue.popleft()
+                session = self.sessions.get(client)
+                if session is None:
+                    continue
+                ident, first = self.pool.assign(proc, client, task_id, frames, now, session.max_tasks_per_child)
+                items.append(proto.process_task(ident, client, session.init_blob if first else b"", frames))
+                if proc.closing:
+                    break
+            if items:
+                self.send_to_process(proc, items)
+
+    def send_to_process(self, proc: TaskProcess, items: list[Item]) -> None:
+        try:
+            self.back.send_multipart([proc.ident, *proto.encode_messages(items)], copy=False)
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            # The process died before its sentinel was seen: the reaper accounts for these tasks.
+            logger.debug("task process %s unreachable", proc.process.pid)
+
+    def check_parent(self) -> None:
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            logger.info("parent process %d is gone; stopping", self.parent_pid)
+            self.stopping = True
+
+    def close(self) -> None:
+        self.pool.stop()
+        for sock_name in ("front", "back"):
+            sock = getattr(self, sock_name, None)
+            if sock is not None:
+                sock.close(linger=0)
+        if self.guard is not None:
+            self.guard.stop()
+        self.context.term()
+        shutil.rmtree(self.private_dir, ignore_errors=True)
+        logger.info("zmqexecutor worker stopped")
+
+
+class _GiveUp(Exception):
+    pass
+
+
+def _size(item: Item) -> int:
+    return sum(len(proto.as_buffer(frame)) for frame in item.frames)

@@ -1,0 +1,178 @@
+"""The worker's task processes: start, hand out work with credit, retire, reap, account for crashes."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import time
+from typing import Any, NamedTuple, Optional
+
+from ._taskprocess import FINISHED, STARTED, task_process_main
+
+logger = logging.getLogger("zmqexecutor.worker")
+
+# Task processes that die before they ever report ready point at a broken installation; rather than
+# respawn them forever, the supervisor gives up after this many in a row.
+MAX_STARTUP_FAILURES = 5
+
+# On shutdown, task processes get this long to exit after SIGTERM before they are killed.
+STOP_GRACE = 2.0
+
+# Tasks queued inside a task process beyond the one it runs: enough to keep it busy this long, at most
+# MAX_AHEAD. None go ahead while tasks take longer than QUEUE_AHEAD_SECONDS, so a long task never
+# holds back one that another process could start now.
+QUEUE_AHEAD_SECONDS = 0.001
+MAX_AHEAD = 64
+
+# How fast the estimate of a task's duration follows new samples (an exponential average).
+SERVICE_SMOOTHING = 0.1
+
+
+class Assignment(NamedTuple):
+    seq: int  # the how-many-th task this process was given, from 0
+    client: bytes
+    task_id: int  # the client's id; the process knows the task by the supervisor's own id
+    frames: Any
+
+
+class Crash(NamedTuple):
+    client: bytes
+    task_id: int
+    finished: bool  # the task ran to its end; its reply died with the process
+
+
+class TaskProcess:
+    __slots__ = ("process", "ident", "ready", "counters", "assigned", "given", "initialized", "counts",
+                 "closing", "retiring", "last_event")
+
+    def __init__(self, process: Any, counters: Any) -> None:
+        self.process = process
+        self.ident = str(process.pid).encode()
+        self.ready = False
+        self.counters = counters  # [started, finished], written by the process
+        self.assigned: collections.OrderedDict[int, Assignment] = collections.OrderedDict()
+        self.given = 0
+        self.initialized: set[bytes] = set()
+        self.counts: dict[bytes, int] = {}
+        self.closing = False  # reached a client's max_tasks_per_child: retire once its tasks are done
+        self.retiring = False
+        self.last_event = 0.0
+
+    def running(self) -> Optional[Assignment]:
+        started, finished = self.counters[STARTED], self.counters[FINISHED]
+        if started > finished:
+            for assignment in self.assigned.values():
+                if assignment.seq == finished:
+                    return assignment
+        return None
+
+
+class TaskProcessPool:
+    def __init__(self, back_address: str, mp: Any) -> None:
+        self.back_address = back_address
+        self.mp = mp
+        self.by_ident: dict[bytes, TaskProcess] = {}
+        self.by_sentinel: dict[int, TaskProcess] = {}
+        self.service: Optional[float] = None
+        self.startup_failures = 0
+        self.ids = 0  # the supervisor's own task ids, unique across clients
+
+    def start(self, count: int, mp: Any = None) -> None:
+        for _ in range(count):
+            context = mp or self.mp
+            counters = context.RawArray("Q", 2)
+            process = context.Process(target=task_process_main, args=(self.back_address, os.getpid(), counters),
+                                      name="zmqexecutor-task", daemon=True)
+            process.start()
+            proc = TaskProcess(process, counters)
+            self.by_ident[proc.ident] = proc
+            self.by_sentinel[process.sentinel] = proc
+
+    def ready(self, proc: TaskProcess) -> None:
+        proc.ready = True
+        self.startup_failures = 0
+
+    def busy(self) -> int:
+        return sum(bool(proc.assigned) for proc in self.by_ident.values())
+
+    def credit(self, proc: TaskProcess) -> int:
+        if not proc.ready or proc.closing or proc.retiring:
+            return 0
+        ahead = 0 if self.service is None else min(MAX_AHEAD, int(QUEUE_AHEAD_SECONDS / max(self.service, 1e-9)))
+        return 1 + ahead - len(proc.assigned)
+
+    def with_credit(self) -> list[TaskProcess]:
+        """Processes that may take tasks now, the most recently active first (its code is warm)."""
+        procs = [proc for proc in self.by_ident.values() if self.credit(proc) > 0]
+        procs.sort(key=lambda proc: proc.last_event, reverse=True)
+        return procs
+
+    def assign(self, proc: TaskProcess, client: bytes, task_id: int, frames: Any, now: float,
+               limit: Optional[int]) -> tuple[int, bool]:
+        """Record a task given to ``proc``: the id the process knows it by, and whether the
+        process needs the client's initializer first."""
+        self.ids += 1
+        if not proc.assigned:
+            proc.last_event = now
+        proc.assigned[self.ids] = Assignment(proc.given, client, task_id, frames)
+        proc.given += 1
+        first = client not in proc.initialized
+        proc.initialized.add(client)
+        count = proc.counts[client] = proc.counts.get(client, 0) + 1
+        if limit is not None and count >= limit:
+            proc.closing = True
+        return self.ids, first
+
+    def finished(self, proc: TaskProcess, ident: int, now: float) -> Optional[Assignment]:
+        assignment = proc.assigned.pop(ident, None)
+        if assignment is not None:
+            sample = now - proc.last_event
+            self.service = sample if self.service is None else self.service + SERVICE_SMOOTHING * (sample - self.service)
+            proc.last_event = now
+        return assignment
+
+    def forget_client(self, client: bytes) -> None:
+        for proc in self.by_ident.values():
+            proc.initialized.discard(client)
+            proc.counts.pop(client, None)
+
+    def retire(self, proc: TaskProcess) -> None:
+        proc.retiring = True
+        self.start(1)
+
+    def signal_running(self, client: bytes, sig: signal.Signals) -> None:
+        for proc in list(self.by_ident.values()):
+            running = proc.running()
+            if running is not None and running.client == client and proc.process.pid is not None:
+                logger.info("stopping task process %d with %s at its client's request", proc.process.pid, sig.name)
+                try:
+                    os.kill(proc.process.pid, sig)
+                except ProcessLookupError:
+                    pass
+
+    def reap(self, fd: int) -> tuple[TaskProcess, list[Crash], list[Assignment]]:
+        """A task process ended: the tasks that died with it, and those it never started."""
+        proc = self.by_sentinel.pop(fd)
+        del self.by_ident[proc.ident]
+        proc.process.join()
+        started, finished = proc.counters[STARTED], proc.counters[FINISHED]
+        crashed = [Crash(a.client, a.task_id, a.seq < finished) for a in proc.assigned.values() if a.seq < started]
+        unstarted = [a for a in proc.assigned.values() if a.seq >= started]
+        if not proc.retiring and not proc.ready:
+            self.startup_failures += 1
+        return proc, crashed, unstarted
+
+    def stop(self) -> None:
+        procs = [proc.process for proc in self.by_ident.values()]
+        for process in procs:
+            if process.is_alive():
+                process.terminate()
+        deadline = time.monotonic() + STOP_GRACE
+        for process in procs:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join(1.0)
+

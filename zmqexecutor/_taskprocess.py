@@ -1,0 +1,268 @@
+"""The task process: the only place user code runs on a worker.
+
+Data flow::
+
+    supervisor back ROUTER --- TASK (alone or in a BATCH), STOP ---> DEALER --> local queue
+                                                                              | run in order
+    supervisor back ROUTER <-- RESULT EXCEPTION INIT_FAILED OUTPUT -- replies held while more tasks
+                               (alone or in a BATCH)                 wait here (bounded), then sent
+
+Two counters in memory shared with the supervisor say how many tasks this process has started and
+finished, so that when it dies the supervisor knows exactly which task killed it, which finished
+tasks lost their replies with it, and which queued behind never started (those are sent elsewhere).
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Any, Optional
+
+import zmq
+
+from . import _protocol as proto
+from ._protocol import Item, Kind
+from ._serialize import FunctionCache, decode_call, encode_result, loads
+from ._sockets import drain, unbounded
+
+# How often a task process looks for a vanished supervisor when nothing happens.
+PARENT_CHECK_INTERVAL = 0.5
+
+# Replies wait while more tasks are queued here, to go back together: up to this many, this many
+# bytes, or this long. Longer holds make bigger batches, but a crash loses the held results with the
+# process (their tasks fail), and the supervisor sends no more work until it hears back.
+HOLD_REPLIES = 16
+HOLD_BYTES = 256 * 1024
+HOLD_SECONDS = 0.001
+
+# Most text of each stream kept per task for the client; the rest still reaches the worker's own
+# stdout and stderr.
+OUTPUT_LIMIT = 64 * 1024
+
+# Seconds between forwarding the new, complete lines a running task wrote. Shorter shows them to the
+# client sooner, at the cost of one more message per interval for every task that keeps printing.
+OUTPUT_INTERVAL = 0.5
+
+_PR_SET_PDEATHSIG = 1
+
+STARTED, FINISHED = 0, 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: the poll loop's parent check still ends the process
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+
+class _Capture:
+    """Stands in for sys.stdout or sys.stderr: writes through, and keeps the current task's text."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.lock = threading.Lock()  # the task's own threads may print while its output is forwarded
+        self.parts: list[str] = []
+        self.size = 0  # kept for the current task so far, forwarded or not
+        self.truncated = False
+
+    def write(self, text: str) -> int:
+        if self.stream is not None:
+            self.stream.write(text)
+        with self.lock:
+            kept = text[:OUTPUT_LIMIT - self.size]
+            if len(kept) < len(text):
+                self.truncated = True
+            if kept:
+                self.parts.append(kept)
+                self.size += len(kept)
+        return len(text)  # all of it was written through; a short count would make callers retry
+
+    def flush(self) -> None:
+        if self.stream is not None:
+            self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+    def begin(self) -> None:
+        with self.lock:
+            self.parts, self.size, self.truncated = [], 0, False
+
+    def take(self, whole_lines: bool) -> str:
+        """The text not yet taken; with ``whole_lines``, a last unfinished line stays for later."""
+        with self.lock:
+            if not self.parts:
+                return ""
+            text = "".join(self.parts)
+            end = text.rfind("\n") + 1 if whole_lines else len(text)
+            self.parts = [text[end:]] if end < len(text) else []
+        return text[:end]
+
+
+class TaskLoop:
+    """Receive tasks, run them in order, reply; stream a running task's output meanwhile."""
+
+    def __init__(self, sock: zmq.Socket[Any], host: str, pid: int, counters: Any) -> None:
+        self.sock = sock
+        self.host = host
+        self.pid = pid
+        self.counters = counters
+        self.functions = FunctionCache()
+        self.queue: collections.deque[Item] = collections.deque()
+        self.failed_init: dict[bytes, list[Any]] = {}  # client -> its INIT_FAILED frames
+        self.held: list[Item] = []
+        self.held_bytes = 0
+        self.held_since = 0.0
+        self.stopping = False
+        self.stdout, self.stderr = _Capture(sys.stdout), _Capture(sys.stderr)
+        # The socket belongs to the main thread, except while a task runs: then the forwarder may send
+        # that task's output on it. The lock hands it over (ZeroMQ sockets need that memory barrier).
+        self.socket_lock = threading.Lock()
+        self.running: Optional[int] = None
+        self.forwarder: Optional[threading.Thread] = None
+        # A task may fork (multiprocessing): the child must not inherit a lock the forwarder held.
+        os.register_at_fork(after_in_child=self.forget_locks)
+
+    def forget_locks(self) -> None:
+        self.stdout.lock = threading.Lock()
+        self.stderr.lock = threading.Lock()
+
+    def serve(self, supervisor_pid: int) -> None:
+        sys.stdout, sys.stderr = self.stdout, self.stderr
+        self.socket_lock.acquire()
+        while True:
+            if not self.queue:
+                self.send_held()
+                if self.stopping:
+                    return
+                if not self.sock.poll(int(PARENT_CHECK_INTERVAL * 1000)):
+                    if os.getppid() != supervisor_pid:
+                        return
+                    continue
+            self.receive()
+            if self.queue:
+                self.run_next()
+
+    def receive(self) -> None:
+        for frames in drain(self.sock):
+            header = proto.decode_header(frames[0])
+            if header.kind == Kind.STOP:
+                self.stopping = True
+            else:
+                self.queue.extend(item for item in proto.split(header, frames) if item.kind == Kind.TASK)
+
+    def run_next(self) -> None:
+        task_id, frames = self.queue[0].ident, self.queue[0].frames
+        self.queue.popleft()
+        self.counters[STARTED] += 1
+        reply = self.run(task_id, frames)
+        del frames
+        output = self.take_output(task_id, whole_lines=False)
+        self.hold([output, reply] if output else [reply])
+        self.counters[FINISHED] += 1
+        del reply
+
+    def run(self, task_id: int, frames: Any) -> Item:
+        client, init_blob, call = proto.decode_process_task(frames)
+        if client in self.failed_init:
+            return Item(Kind.INIT_FAILED, task_id, self.failed_init[client])
+        self.stdout.begin()
+        self.stderr.begin()
+        if self.forwarder is None:
+            self.forwarder = threading.Thread(target=self.forward_output, name="zmqexecutor-output", daemon=True)
+            self.forwarder.start()
+        self.running = task_id
+        self.socket_lock.release()
+        try:
+            if len(proto.as_buffer(init_blob)):
+                try:
+                    initializer, initargs = loads([init_blob])
+                    initializer(*initargs)
+                except BaseException as exc:
+                    reply = self.exception(Kind.INIT_FAILED, task_id, exc)
+                    self.failed_init[client] = list(reply.frames)
+                    return reply
+            return self.call(task_id, call)
+        finally:
+            self.socket_lock.acquire()
+            self.running = None
+
+    def call(self, task_id: int, frames: Any) -> Item:
+        try:
+            fn, args, kwargs = decode_call(frames, self.functions)
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            return self.exception(Kind.EXCEPTION, task_id, exc)
+        del fn, args, kwargs
+        try:
+            return Item(Kind.RESULT, task_id, encode_result(result))
+        except BaseException as exc:
+            return self.exception(Kind.EXCEPTION, task_id, exc)
+
+    def exception(self, kind: Kind, task_id: int, exc: BaseException) -> Item:
+        return Item(kind, task_id, proto.encode_exception(exc, host=self.host, pid=self.pid))
+
+    def hold(self, items: list[Item]) -> None:
+        if not self.held:
+            self.held_since = time.monotonic()
+        self.held.extend(items)
+        self.held_bytes += sum(len(proto.as_buffer(f)) for item in items for f in item.frames)
+        if (not self.queue or len(self.held) >= HOLD_REPLIES or self.held_bytes >= HOLD_BYTES
+                or time.monotonic() - self.held_since >= HOLD_SECONDS):
+            self.send_held()
+
+    def send_held(self) -> None:
+        if self.held:
+            self.sock.send_multipart(proto.encode_messages(self.held), copy=False)
+            self.held, self.held_bytes = [], 0
+
+    def forward_output(self) -> None:
+        while True:
+            time.sleep(OUTPUT_INTERVAL)
+            with self.socket_lock:
+                if self.running is not None:
+                    item = self.take_output(self.running, whole_lines=True)
+                    if item is not None:
+                        self.sock.send_multipart(proto.encode_messages([item]))
+
+    def take_output(self, task_id: int, *, whole_lines: bool) -> Optional[Item]:
+        out, err = self.stdout.take(whole_lines), self.stderr.take(whole_lines)
+        if not (out or err):
+            return None
+        frames = proto.encode_output(task_id, stdout=out, stderr=err, host=self.host, pid=self.pid,
+                                     truncated=self.stdout.truncated or self.stderr.truncated)
+        return Item(Kind.OUTPUT, task_id, frames[1:])
+
+
+def task_process_main(back_address: str, supervisor_pid: int, counters: Any) -> None:
+    _die_with_parent(supervisor_pid)
+    # Ctrl-C in a terminal reaches the whole process group; the supervisor decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The supervisor starts us as daemons (reaped with it); tasks may still start processes of their
+    # own, as they can in ProcessPoolExecutor's workers, which multiprocessing forbids to daemons.
+    multiprocessing.current_process().daemon = False
+    pid = os.getpid()
+    context = zmq.Context()
+    sock = unbounded(context.socket(zmq.DEALER), linger=1000)
+    sock.setsockopt(zmq.ROUTING_ID, str(pid).encode())
+    sock.connect(back_address)
+    sock.send_multipart(proto.encode_ready(pid))
+    # A forked task process inherits the supervisor's log handlers, which write to the real stderr;
+    # without them, the tasks' own logging goes through sys.stderr and is captured with their prints.
+    logging.root.handlers.clear()
+    try:
+        TaskLoop(sock, socket.gethostname(), pid, counters).serve(supervisor_pid)
+    finally:
+        sock.close()
+        context.term()
