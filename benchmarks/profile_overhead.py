@@ -38,7 +38,8 @@ def main() -> None:
     args = parser.parse_args()
     with ZMQExecutor(max_workers=2) as ex:
         warm_up(ex)
-        supervisor = ex._engine.local_worker.pid  # type: ignore[union-attr]
+        supervisor = ex.workers()[0].pid
+        assert supervisor is not None
         pids = {"client": os.getpid(), "supervisor": supervisor}
         pids.update({f"task process {i}": p for i, p in enumerate(children(supervisor))})
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}

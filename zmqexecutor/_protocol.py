@@ -32,10 +32,11 @@ Client <-> worker supervisor (a DEALER per endpoint to the worker's bound ROUTER
     STATUS_REPLY w -> c  [hdr(0), json {versions, slots, busy, queued, done, failed, crashed, clients,
                          uptime, instance, host, pid}]
     BYE          c -> w  [hdr(0)]: the client is done; the worker forgets its session
-    BATCH        both    [hdr(count), index, *the frames of each message but its header, in order]:
-                         several TASKs (c -> w) or replies (w -> c) in one message. ``index`` holds, per
-                         message, its kind (u8), id (u64) and frame count (u32). A lone message goes
-                         as itself; every receiver takes both forms (``split``).
+    BATCH        both    [hdr(count), index, packed, *large frames]: several TASKs (c -> w) or replies
+                         (w -> c) in one message. ``index`` holds per message its kind, id and frame
+                         count, then the length of every frame; frames under PACK_LIMIT are
+                         concatenated in ``packed``, larger ones follow as frames of their own, in
+                         order. A lone message goes as itself; every receiver takes both (``split``).
 
 A HELLO from a client the worker already knows starts a new session: the client sends it only after
 it has given up on every task it had there, so the tasks still queued for it are dropped. A session
@@ -107,7 +108,7 @@ class Kind(enum.IntEnum):
     BATCH = 19
 
 
-_KINDS = frozenset(int(k) for k in Kind)
+_KINDS = {int(k): k for k in Kind}
 
 
 class Header(NamedTuple):
@@ -143,7 +144,7 @@ def decode_header(frame: Frame, *, any_version: bool = False) -> Header:
         raise ProtocolError(f"protocol version {version}, expected {PROTOCOL_VERSION}")
     if kind not in _KINDS:
         raise ProtocolError(f"unknown message kind {kind}")
-    return Header(Kind(kind), ident, version)
+    return Header(_KINDS[kind], ident, version)
 
 
 def expect_frames(frames: Sequence[Frame], minimum: int, maximum: int | None = None) -> None:
@@ -322,7 +323,14 @@ def decode_reason(frames: Sequence[Frame]) -> str:
 
 # --- batches ----------------------------------------------------------------------------------------
 
-_INDEX = struct.Struct("!BQI")
+# Per message: kind (u8), id (u64), frame count (u16); then per frame of every message its length
+# (u32), with the top bit set for a frame that travels as a frame of its own.
+_ENTRY = struct.Struct("<BQH")
+_OWN_FRAME = 1 << 31
+
+# Frames this big travel as frames of their own (never copied); smaller ones are packed into one
+# frame, which costs a copy but saves the per-frame cost of ZeroMQ and pyzmq (several microseconds).
+PACK_LIMIT = OOB_MIN_BYTES
 
 # The kinds a BATCH may carry: tasks and their replies. Control messages always go alone.
 BATCHED_KINDS = frozenset({Kind.TASK, Kind.RESULT, Kind.EXCEPTION, Kind.INIT_FAILED, Kind.CRASHED,
@@ -341,15 +349,27 @@ class Item(NamedTuple):
 
 
 def encode_messages(items: Sequence[Item]) -> list[Any]:
-    """One message for a lone item; a BATCH for several."""
+    """One message for a lone item; a BATCH for several, small frames packed into one."""
     if len(items) == 1:
         kind, ident, frames = items[0]
         return [encode_header(kind, ident), *frames]
-    index = b"".join(_INDEX.pack(kind, ident, len(frames)) for kind, ident, frames in items)
-    out: list[Any] = [encode_header(Kind.BATCH, len(items)), index]
-    for item in items:
-        out.extend(item.frames)
-    return out
+    entries = []
+    lengths = []
+    packed = []
+    own = []
+    for kind, ident, frames in items:
+        entries.append(_ENTRY.pack(kind, ident, len(frames)))
+        for frame in frames:
+            buffer = as_buffer(frame)
+            size = len(buffer) if isinstance(buffer, bytes) else memoryview(buffer).nbytes
+            if size >= PACK_LIMIT:
+                lengths.append(_OWN_FRAME)
+                own.append(frame)
+            else:
+                lengths.append(size)
+                packed.append(buffer)
+    index = b"".join(entries) + struct.pack(f"<{len(lengths)}I", *lengths)
+    return [encode_header(Kind.BATCH, len(items)), index, b"".join(packed), *own]
 
 
 def split(header: Header, frames: Sequence[Any]) -> list[Item]:
@@ -357,19 +377,37 @@ def split(header: Header, frames: Sequence[Any]) -> list[Item]:
     if header.kind != Kind.BATCH:
         return [Item(header.kind, header.ident, frames[1:])]
     count = header.ident
-    expect_frames(frames, 2)
+    expect_frames(frames, 3)
     index = as_bytes(frames[1])
-    if not 2 <= count <= MAX_BATCH or len(index) != count * _INDEX.size:
+    if not 2 <= count <= MAX_BATCH or len(index) < count * _ENTRY.size:
         raise ProtocolError(f"batch of {count} messages with an index of {len(index)} bytes")
+    entries = list(_ENTRY.iter_unpack(index[:count * _ENTRY.size]))
+    total = sum(entry[2] for entry in entries)
+    if len(index) != count * _ENTRY.size + 4 * total:
+        raise ProtocolError(f"batch index of {len(index)} bytes for {count} messages of {total} frames")
+    lengths = struct.unpack_from(f"<{total}I", index, count * _ENTRY.size)
+    packed = memoryview(as_buffer(frames[2])).cast("B")
+    own = iter(frames[3:])
+    position = 0
     items = []
-    position = 2
-    for kind, ident, nframes in _INDEX.iter_unpack(index):
-        if kind not in _KINDS or Kind(kind) not in BATCHED_KINDS:
+    cursor = 0
+    for kind, ident, nframes in entries:
+        if _KINDS.get(kind) not in BATCHED_KINDS:
             raise ProtocolError(f"message kind {kind} inside a batch")
-        items.append(Item(Kind(kind), ident, frames[position:position + nframes]))
-        position += nframes
-    if position != len(frames):
-        raise ProtocolError(f"batch index names {position - 2} frames, the message has {len(frames) - 2}")
+        parts: list[Any] = []
+        for length in lengths[cursor:cursor + nframes]:
+            if length == _OWN_FRAME:
+                frame = next(own, None)
+                if frame is None:
+                    raise ProtocolError("batch index names more frames than the message has")
+                parts.append(frame)
+            else:
+                parts.append(packed[position:position + length])
+                position += length
+        cursor += nframes
+        items.append(Item(_KINDS[kind], ident, parts))
+    if position != len(packed) or next(own, None) is not None:
+        raise ProtocolError("batch index does not match the frames of the message")
     return items
 
 

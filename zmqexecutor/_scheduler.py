@@ -249,7 +249,8 @@ class Scheduler:
             load.service = sample if load.service is None else \
                 load.service + SERVICE_SMOOTHING * (sample - load.service)
         load.busy_since = now
-        self.offer(load)
+        if not load.in_turn:
+            self.offer(load)
         return task
 
     # Waiting ------------------------------------------------------------------------------------------

@@ -157,10 +157,12 @@ class CallEncoder:
         if registry != self._by_value_modules:  # what pickles by reference just changed
             self._cache.clear()
             self._by_value_modules = registry
+        cached = self._cache.get(id(fn))
+        if cached is not None and cached[0] is fn and cached[1] == ():
+            return cached[2]  # pickled by reference: its pickle is its name, which cannot change
         fingerprint = _fingerprint(fn, FINGERPRINT_DEPTH, set())
         if fingerprint is None:
             return bytes(cloudpickle.dumps(fn, protocol=5))
-        cached = self._cache.get(id(fn))
         if cached is not None and cached[0] is fn and cached[1] == fingerprint:
             return cached[2]
         blob = bytes(cloudpickle.dumps(fn, protocol=5))

@@ -444,4 +444,4 @@ class _GiveUp(Exception):
 
 
 def _size(item: Item) -> int:
-    return sum(len(proto.as_buffer(frame)) for frame in item.frames)
+    return sum(map(len, item.frames))

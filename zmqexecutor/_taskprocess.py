@@ -39,9 +39,9 @@ PARENT_CHECK_INTERVAL = 0.5
 # Replies wait while more tasks are queued here, to go back together: up to this many, this many
 # bytes, or this long. Longer holds make bigger batches, but a crash loses the held results with the
 # process (their tasks fail), and the supervisor sends no more work until it hears back.
-HOLD_REPLIES = 16
+HOLD_REPLIES = 64
 HOLD_BYTES = 256 * 1024
-HOLD_SECONDS = 0.001
+HOLD_SECONDS = 0.002
 
 # Most text of each stream kept per task for the client; the rest still reaches the worker's own
 # stdout and stderr.
@@ -96,14 +96,15 @@ class _Capture:
         return getattr(self.stream, name)
 
     def begin(self) -> None:
-        with self.lock:
-            self.parts, self.size, self.truncated = [], 0, False
+        if self.size or self.parts or self.truncated:
+            with self.lock:
+                self.parts, self.size, self.truncated = [], 0, False
 
     def take(self, whole_lines: bool) -> str:
         """The text not yet taken; with ``whole_lines``, a last unfinished line stays for later."""
+        if not self.parts:  # nothing written: no need to take the lock
+            return ""
         with self.lock:
-            if not self.parts:
-                return ""
             text = "".join(self.parts)
             end = text.rfind("\n") + 1 if whole_lines else len(text)
             self.parts = [text[end:]] if end < len(text) else []
@@ -217,7 +218,8 @@ class TaskLoop:
         if not self.held:
             self.held_since = time.monotonic()
         self.held.extend(items)
-        self.held_bytes += sum(len(proto.as_buffer(f)) for item in items for f in item.frames)
+        for item in items:
+            self.held_bytes += sum(map(len, item.frames))
         if (not self.queue or len(self.held) >= HOLD_REPLIES or self.held_bytes >= HOLD_BYTES
                 or time.monotonic() - self.held_since >= HOLD_SECONDS):
             self.send_held()
