@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import struct
 
 import numpy as np
 import pytest
 
+import cloudpickle
+
 from zmqexecutor import RemoteError, RemoteTraceback
 from zmqexecutor import _protocol as proto
+from zmqexecutor import _serialize as serialize
+from zmqexecutor._serialize import CallEncoder, FunctionCache
 from zmqexecutor._protocol import Kind, ProtocolError
 
 
@@ -177,3 +182,108 @@ def test_initializer_encoding() -> None:
     assert proto.encode_initializer(None, ()) == b""
     initializer, initargs = proto.loads([proto.encode_initializer(max, (1, 2))])
     assert initializer(*initargs) == 2
+
+
+# --- batches --------------------------------------------------------------------------------------
+
+
+def test_a_batch_round_trip_packs_small_frames_and_keeps_large_ones_apart() -> None:
+    large = b"L" * proto.PACK_LIMIT
+    items = [proto.Item(Kind.TASK, 5, [b"ab", large, b""]), proto.Item(Kind.RESULT, 2**64 - 1, [b"zz"])]
+    frames = proto.encode_messages(items)
+    assert len(frames) == 4 and frames[3] is large  # header, index, packed small frames, the large one
+    got = proto.split(proto.decode_header(frames[0]), [bytes(f) for f in frames])
+    assert [(i.kind, i.ident, [bytes(f) for f in i.frames]) for i in got] == \
+        [(Kind.TASK, 5, [b"ab", large, b""]), (Kind.RESULT, 2**64 - 1, [b"zz"])]
+
+
+def test_a_lone_message_is_sent_as_itself() -> None:
+    frames = proto.encode_messages([proto.Item(Kind.TASK, 9, [b"call"])])
+    assert proto.decode_header(frames[0]) == proto.Header(Kind.TASK, 9) and frames[1:] == [b"call"]
+    assert proto.split(proto.decode_header(frames[0]), frames) == [proto.Item(Kind.TASK, 9, [b"call"])]
+
+
+@pytest.mark.parametrize("mangle", [
+    lambda f: [proto.encode_header(Kind.BATCH, 1), *f[1:]],  # a batch of one is not a batch
+    lambda f: [proto.encode_header(Kind.BATCH, 3), *f[1:]],  # more messages than the index names
+    lambda f: [f[0], f[1][:-1], *f[2:]],  # a truncated index
+    lambda f: [f[0], f[1], f[2] + b"x", *f[3:]],  # packed bytes the index does not name
+    lambda f: [f[0], f[1], f[2][:-1], *f[3:]],
+    lambda f: [f[0], f[1], f[2], f[3], b"extra"],  # a large frame too many
+    lambda f: [f[0], f[1], f[2]],  # a large frame too few
+    lambda f: [f[0], bytes([int(Kind.HELLO)]) + f[1][1:], *f[2:]],  # a control message inside
+    lambda f: f[:2],
+])
+def test_malformed_batches_are_refused(mangle) -> None:
+    items = [proto.Item(Kind.TASK, 1, [b"a", b"L" * proto.PACK_LIMIT]), proto.Item(Kind.TASK, 2, [b"b"])]
+    frames = [bytes(f) for f in proto.encode_messages(items)]
+    bad = mangle(frames)
+    with pytest.raises(ProtocolError):
+        proto.split(proto.decode_header(bad[0]), bad)
+
+
+def test_a_crash_names_the_signal_or_the_exit_code() -> None:
+    assert proto.describe_exit(-9) == ("SIGKILL", "was killed by SIGKILL")
+    assert proto.describe_exit(3) == (None, "exited with code 3")
+
+
+# --- pickling a function once -------------------------------------------------------------------
+
+
+def test_a_function_pickled_by_reference_is_pickled_once(monkeypatch) -> None:
+    encoder = CallEncoder()
+    by_reference = [np.sum, pow, json.dumps]  # numpy's dispatcher, a builtin, a module's function
+    first = [encoder.function_pickle(fn) for fn in by_reference]
+    monkeypatch.setattr(serialize.cloudpickle, "dumps", lambda *a, **k: pytest.fail("pickled again"))
+    assert [encoder.function_pickle(fn) for fn in by_reference] == first
+
+
+SCALE = 2
+
+
+def test_a_by_value_function_is_pickled_again_when_what_it_captures_is_rebound() -> None:
+    global SCALE
+    encoder = CallEncoder()
+
+    def times(x):
+        return x * SCALE
+
+    def run(fn):
+        f, args, kwargs = proto.decode_call(encoder.encode(fn, (3,), {}))
+        return f(*args, **kwargs)
+
+    try:
+        assert run(times) == 6
+        assert encoder.function_pickle(times) is encoder.function_pickle(times)  # cached while unchanged
+        SCALE = 5
+        assert run(times) == 15  # a rebound global is sent
+        times_again = lambda x: x * SCALE + 1  # noqa: E731 - a new definition is new code
+        assert run(times_again) == 16
+    finally:
+        SCALE = 2
+
+
+def test_a_function_that_captures_a_mutable_value_is_never_cached() -> None:
+    encoder = CallEncoder()
+    config = {"n": 1}
+
+    def read():
+        return config["n"]
+
+    assert proto.decode_call(encoder.encode(read, (), {}))[0]() == 1
+    config["n"] = 2  # changed in place: no identity changes, so only pickling again can see it
+    assert proto.decode_call(encoder.encode(read, (), {}))[0]() == 2
+
+
+def test_a_task_process_decodes_each_function_pickle_once() -> None:
+    cache = FunctionCache()
+    blob = cloudpickle.dumps(lambda: 42)
+    fn = cache.load(blob)
+    assert fn() == 42 and cache.load(bytes(blob)) is fn
+
+
+def test_plain_arguments_and_results_take_the_c_pickler() -> None:
+    assert serialize.is_plain((1, "a", None, 2.5)) and serialize.is_plain(b"abc")
+    assert not serialize.is_plain([{"a": 1}]) and not serialize.is_plain(object())
+    assert not serialize.is_plain("x" * proto.OOB_MIN_BYTES)  # large: a frame of its own instead
+    assert proto.loads(proto.encode_result((1, "a"))) == (1, "a")

@@ -122,6 +122,28 @@ def test_a_dying_task_process_fails_one_future_and_is_replaced(start_worker, fn,
     assert "replacing it" in worker.log()
 
 
+def exit_at(x: int, fatal: int) -> int:
+    if x == fatal:
+        os._exit(9)
+    return x
+
+
+def test_a_crash_amid_a_batch_fails_only_the_task_that_crashed(start_worker) -> None:
+    worker = start_worker(processes=1)
+    with ZMQExecutor(worker.endpoint) as ex:
+        # Short tasks: the worker learns it and queues many in its one task process at a time.
+        assert list(ex.map(abs, range(3000))) == list(range(3000))
+        futures = [ex.submit(exit_at, i, 500) for i in range(1000)]
+        errors = [f.exception(timeout=60) for f in futures]
+        assert [i for i, e in enumerate(errors) if e is not None] == [500]
+        assert isinstance(errors[500], TaskCrashedError) and "exited with code 9" in str(errors[500])
+        # Those queued behind it never started and ran elsewhere; those it finished lost only their
+        # replies and ran again; none failed.
+        assert all(f.result() == i for i, f in enumerate(futures) if i != 500)
+        assert ex.workers()[0].lost == 0
+    assert "replacing it" in worker.log()
+
+
 def test_worker_stops_cleanly_on_sigterm_and_sigint(start_worker) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         worker = start_worker(processes=2)

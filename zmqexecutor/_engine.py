@@ -74,7 +74,7 @@ LOCAL_CHECK_INTERVAL = 1.0
 LOCAL_RESTARTS = 3
 LOCAL_RESTART_WINDOW = 60.0
 
-_REPLIES = frozenset({Kind.RESULT, Kind.EXCEPTION, Kind.CRASHED, Kind.INIT_FAILED, Kind.DROPPED})
+_REPLIES = frozenset({Kind.RESULT, Kind.EXCEPTION, Kind.CRASHED, Kind.INIT_FAILED, Kind.DROPPED, Kind.LOST})
 
 
 class Settings:
@@ -206,6 +206,10 @@ class Engine(threading.Thread):
                 task = self.scheduler.finished(conn.load, ident, now)
                 if task is None:
                     logger.debug("ignored a late or duplicate %s for task %d from %s", kind.name, ident, conn.address)
+                elif kind == Kind.LOST:
+                    why = proto.decode_reason(rest)
+                    logger.warning("task %d lost on worker %s: %s", ident, conn.address, why)
+                    self.fail_lost(self.scheduler.retry(conn.load, [task]), why)
                 else:
                     self.resolve(conn, task, kind, rest)
             elif kind == Kind.OUTPUT:
@@ -262,10 +266,8 @@ class Engine(threading.Thread):
     def crash_error(self, conn: WorkerConnection, info: dict[str, Any]) -> TaskCrashedError:
         signal_name, how = proto.describe_exit(info.get("exitcode"))
         host, pid = info.get("host", "?"), info.get("pid", 0)
-        when = "after it ran this task, before its result was sent" if info.get("finished") else \
-            "while running this task"
-        message = f"the task process (pid {pid} on host {host}, worker {conn.address}) {how} {when}; " \
-                  "the worker replaced it"
+        message = f"the task process (pid {pid} on host {host}, worker {conn.address}) {how} while running " \
+                  "this task; the worker replaced it"
         return TaskCrashedError(message, exitcode=info.get("exitcode"), signal=signal_name, host=str(host),
                                 pid=int(pid) if isinstance(pid, int) else 0, endpoint=conn.address)
 
@@ -286,6 +288,9 @@ class Engine(threading.Thread):
         inflight = len(conn.load.inflight)
         failed = self.scheduler.detach(conn.load, why, retry=not self.stopping_workers)
         logger.warning("lost worker %s (%s) with %d task(s) in flight", conn.address, why, inflight)
+        self.fail_lost(failed, why)
+
+    def fail_lost(self, failed: list[tuple[Task, str]], why: str) -> None:
         for task, lost_on in failed:
             task.future.set_exception(WorkerLostError(
                 f"the task was lost with {len(task.lost_on)} worker(s): {lost_on} "

@@ -17,7 +17,7 @@ Client <-> worker supervisor (a DEALER per endpoint to the worker's bound ROUTER
     RESULT       w -> c  [hdr(task id), result pickle, *out-of-band buffers]
     EXCEPTION    w -> c  [hdr(task id), json {type, message, traceback, host, pid}, exception pickle or b""]
     INIT_FAILED  w -> c  same frames as EXCEPTION: the initializer raised
-    CRASHED      w -> c  [hdr(task id), json {exitcode, signal, host, pid, finished?}]
+    CRASHED      w -> c  [hdr(task id), json {exitcode, signal, host, pid}]
     REJECTED     w -> c  [hdr(task id or 0), json {reason}]: the worker has no session for this client;
                          the client treats its tasks there as lost and shakes hands again
     PING         c -> w  [hdr(0)]: liveness, sent every heartbeat interval; refreshes the session
@@ -25,6 +25,9 @@ Client <-> worker supervisor (a DEALER per endpoint to the worker's bound ROUTER
     TERMINATE    c -> w  [hdr(signal number)]: send this signal to the task processes running this
                          client's tasks, and drop its queued tasks (``terminate_workers()``)
     DROPPED      w -> c  [hdr(task id), json {reason}]: a queued task dropped, unstarted, on TERMINATE
+    LOST         w -> c  [hdr(task id), json {reason}]: the task ran, but its reply died with its task
+                         process (which crashed in a later task); the client retries it as it does
+                         the tasks of a lost worker
     OUTPUT       w -> c  [hdr(task id), json {stdout, stderr, truncated, host, pid}]: what the task
                          printed: whole lines while it runs, the rest just before its reply
                          (task process -> supervisor -> client)
@@ -106,6 +109,7 @@ class Kind(enum.IntEnum):
     STATUS_REPLY = 17
     OUTPUT = 18
     BATCH = 19
+    LOST = 20
 
 
 _KINDS = {int(k): k for k in Kind}
@@ -285,13 +289,8 @@ def decode_exception(frames: Sequence[Frame], *, endpoint: str) -> BaseException
     return exc
 
 
-def encode_crash(*, exitcode: int | None, signal_name: str | None, host: str, pid: int,
-                 finished: bool = False) -> list[bytes]:
-    """``finished``: the task had run to its end, and its reply died with the process."""
-    info = {"exitcode": exitcode, "signal": signal_name, "host": host, "pid": pid}
-    if finished:
-        info["finished"] = True
-    return [encode_json(info)]
+def encode_crash(*, exitcode: int | None, signal_name: str | None, host: str, pid: int) -> list[bytes]:
+    return [encode_json({"exitcode": exitcode, "signal": signal_name, "host": host, "pid": pid})]
 
 
 def decode_crash(frames: Sequence[Frame]) -> dict[str, Any]:
@@ -334,7 +333,7 @@ PACK_LIMIT = OOB_MIN_BYTES
 
 # The kinds a BATCH may carry: tasks and their replies. Control messages always go alone.
 BATCHED_KINDS = frozenset({Kind.TASK, Kind.RESULT, Kind.EXCEPTION, Kind.INIT_FAILED, Kind.CRASHED,
-                           Kind.OUTPUT, Kind.DROPPED})
+                           Kind.OUTPUT, Kind.DROPPED, Kind.LOST})
 
 # The most messages one BATCH may carry; a bigger count is malformed (senders stay far below).
 MAX_BATCH = 65536

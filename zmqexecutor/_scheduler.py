@@ -154,9 +154,14 @@ class Scheduler:
             self.ready_count -= 1
         load.ready = False
         load.lost += 1
+        return self.retry(load, sorted(self.take_inflight(load), key=lambda t: t.ident), retry=retry)
+
+    def retry(self, load: Load, tasks: list[Task], *, retry: bool = True) -> list[tuple[Task, str]]:
+        """Send ``tasks``, lost with ``load``'s worker, again: first in line, unless they were lost
+        too often already (or not at all, without ``retry``); those are returned with their history."""
         now = time.monotonic()
         failed, retried = [], []
-        for task in sorted(self.take_inflight(load), key=lambda t: t.ident):
+        for task in tasks:
             task.lost_on.append(load.name)
             if not retry or len(task.lost_on) > self.max_retries:
                 failed.append((task, ", ".join(task.lost_on)))

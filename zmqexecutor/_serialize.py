@@ -216,7 +216,11 @@ def _is_by_reference(obj: Any) -> bool:
             return bool(cloudpickle.cloudpickle._should_pickle_by_reference(obj))
         except (AttributeError, TypeError):
             return False
-    return False
+    # Other callables (numpy's functions and ufuncs, say) that reduce to a name are pickled as that name.
+    try:
+        return isinstance(obj.__reduce_ex__(5), str) and getattr(obj, "__module__", "__main__") != "__main__"
+    except Exception:
+        return False
 
 
 def _global_names(code: types.CodeType) -> frozenset[str]:

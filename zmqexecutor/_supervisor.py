@@ -377,12 +377,17 @@ class Supervisor:
             signal_name, how = proto.describe_exit(proc.process.exitcode)
             pid = proc.process.pid
             for crash in crashed:
+                if self.sessions.get(crash.client) is None:
+                    continue
+                if crash.finished:  # it ran; its reply died with the process: the client retries it
+                    reason = f"its reply was lost when task process {pid} {how} in a later task"
+                    self.reply(crash.client, Item(Kind.LOST, crash.task_id, proto.encode_reason(reason)))
+                    continue
                 self.tally["crashed"] += 1
                 logger.warning("task process %d %s while running a task; replacing it", pid, how)
-                if self.sessions.get(crash.client) is not None:
-                    info = proto.encode_crash(exitcode=proc.process.exitcode, signal_name=signal_name,
-                                              host=self.host, pid=pid, finished=crash.finished)
-                    self.reply(crash.client, Item(Kind.CRASHED, crash.task_id, info))
+                info = proto.encode_crash(exitcode=proc.process.exitcode, signal_name=signal_name,
+                                          host=self.host, pid=pid)
+                self.reply(crash.client, Item(Kind.CRASHED, crash.task_id, info))
             if not crashed:
                 logger.warning("idle task process %d %s; replacing it", pid, how)
             self.queue.extendleft((a.client, a.task_id, a.frames) for a in reversed(unstarted))
