@@ -19,9 +19,13 @@ from benchmarks import report, workloads
 from benchmarks.systems import SYSTEMS
 
 DEFAULT_SYSTEMS = ["thread", "process", "loky", "dask", "zmq-ipc", "zmq-tcp", "zmq-curve", "pyzmq-floor", "ray", "mpi4py"]
-BASIC_WORKLOADS = ["throughput", "latency", "map", "payload", "cpu", "startup", "memory"]
+BASIC_WORKLOADS = ["throughput", "main-function", "latency", "map", "payload", "cpu", "heterogeneous", "startup",
+                   "memory"]
 # Starting 64 workers of every peer on two cores takes minutes; scaling compares the pools that matter.
 SCALING_SYSTEMS = {"process", "loky", "zmq-tcp"}
+# Long sleep workloads: the pools that matter, and each of ours.
+LONG_WORKLOADS = {"heterogeneous": {"process", "loky", "dask", "zmq-ipc", "zmq-tcp"},
+                  "dispatch": {"process", "zmq-tcp"}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
                         help=f"comma-separated, from: {', '.join([*SYSTEMS, 'pyzmq-floor'])}")
     parser.add_argument("--workloads", default=None,
-                        help=f"comma-separated, from: {', '.join(BASIC_WORKLOADS)}, scaling")
+                        help=f"comma-separated, from: {', '.join(BASIC_WORKLOADS)}, scaling, dispatch")
     parser.add_argument("--repeats", type=int, default=None, help="runs per measurement (default 5; 1 with --quick)")
     parser.add_argument("--out", default="results", help="folder for the report (default: results)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds one run may take")
@@ -41,11 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in systems if s not in SYSTEMS and s != "pyzmq-floor"]
     if unknown:
         parser.error(f"unknown systems: {', '.join(unknown)}")
-    chosen = args.workloads.split(",") if args.workloads else [*BASIC_WORKLOADS, "scaling"]
+    chosen = args.workloads.split(",") if args.workloads else [*BASIC_WORKLOADS, "scaling", "dispatch"]
     names: list[str] = []
     for w in chosen:
         if w == "scaling":
             names += [f"scaling-{n}" for n in (workloads.SCALING_WORKERS_QUICK if args.quick else workloads.SCALING_WORKERS)]
+        elif w == "dispatch":
+            names += [f"dispatch-{n}" for n in (workloads.DISPATCH_WORKERS_QUICK if args.quick else workloads.DISPATCH_WORKERS)]
         elif w in BASIC_WORKLOADS:
             names.append(w)
         else:
@@ -56,19 +62,18 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for workload in names:
-        for system in systems:
-            if workload.startswith("scaling-") and system not in SCALING_SYSTEMS:
-                continue
-            if system == "pyzmq-floor" and workload != "payload":
-                continue
-            runs = results.setdefault(workload, {}).setdefault(system, [])
-            for _ in range(repeats):
+        measured = [s for s in systems if _measures(s, workload)]
+        # Rounds interleave the systems, each run in a fresh process: a slow spell of this shared
+        # machine then hits every system alike instead of one system's runs.
+        for _ in range(repeats):
+            for system in measured:
+                runs = results.setdefault(workload, {}).setdefault(system, [])
+                if runs and "value" not in runs[-1]:
+                    continue  # skipped or failed: once is enough
                 run = _run(system, workload, args.quick, args.timeout)
                 runs.append(run)
                 status = run.get("skipped") or run.get("error") or f"{run['value']:.4g} {run['unit']}"
-                print(f"{workload:<12} {system:<12} {status}", flush=True)
-                if "value" not in run:
-                    break
+                print(f"{workload:<14} {system:<12} {status}", flush=True)
 
     command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     (out / "results.json").write_text(json.dumps({"machine": report.machine(), "command": command,
@@ -80,6 +85,17 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"report: {out / 'results.md'}; plots: {', '.join(str(p) for p in plots) or 'none (no matplotlib)'}")
     return 0
+
+
+def _measures(system: str, workload: str) -> bool:
+    kind = workload.split("-", 1)[0]
+    if workload.startswith("scaling-"):
+        return system in SCALING_SYSTEMS
+    if kind in LONG_WORKLOADS or workload in LONG_WORKLOADS:
+        return system in LONG_WORKLOADS.get(kind, LONG_WORKLOADS.get(workload, set()))
+    if system == "pyzmq-floor":
+        return workload == "payload"
+    return True
 
 
 def _run(system: str, workload: str, quick: bool, timeout: float) -> dict[str, Any]:

@@ -24,10 +24,14 @@ def measure(system: str, workload: str, quick: bool) -> dict[str, object]:
             ex.submit(workloads.noop).result()
             elapsed = time.perf_counter() - started
         return {"value": elapsed, "unit": "s to the first result", "better": "lower"}
-    if workload.startswith("scaling-"):
-        count = int(workload.split("-", 1)[1])
-        with systems.open_system(system, count, single_slot=True) as ex:
-            return workloads.scaling(ex, quick, system, count)
+    if workload.startswith(("scaling-", "dispatch-")):
+        kind, count = workload.split("-", 1)
+        with systems.open_system(system, int(count), single_slot=True) as ex:
+            measure_one = workloads.scaling if kind == "scaling" else workloads.dispatch
+            return measure_one(ex, quick, system, int(count))
+    if workload == "main-function":
+        # Defined before the pool starts, so that ProcessPoolExecutor's forked workers have it too.
+        workloads.MAIN_NOOP = workloads.define_in_main()
     with systems.open_system(system, workloads.WORKERS) as ex:
         workloads.warm_up(ex)
         return workloads.WORKLOADS[workload](ex, quick, system)

@@ -25,6 +25,18 @@ SCALING_WORKERS = (1, 4, 16, 64)
 SCALING_WORKERS_QUICK = (1, 4)
 SCALING_TASK_SECONDS = 0.01
 
+# Heterogeneous tasks: this many, durations drawn uniformly from this range with this seed (quick: a
+# quarter of them, ten times shorter).
+HETEROGENEOUS_TASKS = 64
+HETEROGENEOUS_SECONDS = (0.01, 1.0)
+HETEROGENEOUS_SEED = 20261129
+
+# Dispatch: sleep tasks (the cores stay free for the client) against this many single-slot workers.
+DISPATCH_WORKERS = (1, 8, 64)
+DISPATCH_WORKERS_QUICK = (1, 8)
+DISPATCH_TASKS = (4000, 400)
+DISPATCH_TASK_SECONDS = 0.001
+
 
 def noop() -> None:
     return None
@@ -54,8 +66,25 @@ def process_chunk(chunk: list[int]) -> list[int]:
 
 
 def warm_up(ex: Executor, workers: int = WORKERS) -> None:
-    """Make sure every worker process is up, so that start-up is not counted in other workloads."""
-    list(ex.map(sleep, [0.05] * (2 * workers)))
+    """Make sure every worker process is up and has imported what the workloads use (NumPy too), so
+    that neither start-up nor imports are counted in other workloads."""
+    list(ex.map(warm, [0.05] * (2 * workers)))
+
+
+def warm(seconds: float) -> None:
+    import numpy  # noqa: F401  (the payload workload's first echo must not pay for the import)
+
+    time.sleep(seconds)
+
+
+def define_in_main() -> Callable[[], None]:
+    """A no-op defined in ``__main__``, as a script's or a notebook's functions are: pickled by value."""
+    import sys
+
+    namespace = vars(sys.modules["__main__"])
+    exec("def noop_from_main():\n    return None\n", namespace)
+    fn: Callable[[], None] = namespace["noop_from_main"]
+    return fn
 
 
 def _size(name: str, quick: bool) -> float:
@@ -71,6 +100,53 @@ def throughput(ex: Executor, quick: bool, system: str) -> dict[str, Any]:
     elapsed = time.perf_counter() - started
     assert len(done) == n
     return {"value": n / elapsed, "unit": "tasks/s", "better": "higher"}
+
+
+def main_function(ex: Executor, quick: bool, system: str) -> dict[str, Any]:
+    """Throughput of no-ops defined in ``__main__`` (the function is defined before the pool starts)."""
+    fn = MAIN_NOOP
+    n = int(_size("throughput", quick))
+    ex.submit(fn).result()
+    started = time.perf_counter()
+    done, _ = wait([ex.submit(fn) for _ in range(n)])
+    elapsed = time.perf_counter() - started
+    assert len(done) == n
+    return {"value": n / elapsed, "unit": "tasks/s", "better": "higher"}
+
+
+MAIN_NOOP: Callable[[], None] = noop  # replaced by define_in_main() in the measuring process
+
+
+def heterogeneous(ex: Executor, quick: bool, system: str) -> dict[str, Any]:
+    """Makespan of mixed-length sleep tasks over the bound of list scheduling them in order."""
+    import heapq
+    import random
+
+    rng = random.Random(HETEROGENEOUS_SEED)
+    low, high = HETEROGENEOUS_SECONDS
+    count = HETEROGENEOUS_TASKS // 4 if quick else HETEROGENEOUS_TASKS
+    durations = [rng.uniform(low, high) / (10 if quick else 1) for _ in range(count)]
+    slots = [0.0] * WORKERS
+    for seconds in durations:  # each task, in order, to the slot that frees up first
+        heapq.heappush(slots, heapq.heappop(slots) + seconds)
+    bound = max(slots)
+    started = time.perf_counter()
+    wait([ex.submit(sleep, seconds) for seconds in durations])
+    makespan = time.perf_counter() - started
+    return {"value": makespan / bound, "unit": "makespan / list-scheduling bound", "better": "lower",
+            "bound_s": bound}
+
+
+def dispatch(ex: Executor, quick: bool, system: str, workers: int) -> dict[str, Any]:
+    """The client's own CPU per task (all its threads), against ``workers`` single-slot workers."""
+    warm_up(ex, workers)
+    n = DISPATCH_TASKS[1 if quick else 0]
+    cpu = time.process_time()
+    started = time.perf_counter()
+    wait([ex.submit(sleep, DISPATCH_TASK_SECONDS) for _ in range(n)])
+    elapsed = time.perf_counter() - started
+    return {"value": (time.process_time() - cpu) / n * 1e6, "unit": "client CPU us/task", "better": "lower",
+            "tasks_per_s": n / elapsed}
 
 
 def latency(ex: Executor, quick: bool, system: str) -> dict[str, Any]:
@@ -216,4 +292,6 @@ WORKLOADS: dict[str, Callable[..., dict[str, Any]]] = {
     "payload": payload,
     "cpu": cpu_bound,
     "memory": memory,
+    "main-function": main_function,
+    "heterogeneous": heterogeneous,
 }

@@ -78,6 +78,20 @@ def test_every_code_block_says_how_it_is_tested() -> None:
     assert not unknown, f"README code blocks tagged with no known test: {unknown}"
 
 
+def test_every_file_the_readme_names_is_in_the_repository() -> None:
+    """Images and files the README points at must be tracked: on a clone or a package page, an
+    ignored or uncommitted file is a broken link."""
+    text = README.read_text()
+    named = set(re.findall(r"^\.\. (?:image|figure):: (\S+)", text, re.M))
+    named |= {p for p in re.findall(r"``([\w./-]+\.(?:md|png|json|rst|py|cfg|toml))``", text) if "/" in p}
+    assert named, "expected the README to name some files"
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = set(subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                                 check=True).stdout.split())
+    assert sorted(named - tracked) == []
+
+
 def test_the_api_reference_names_every_public_name_and_option() -> None:
     import inspect
 

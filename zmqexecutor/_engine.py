@@ -44,6 +44,7 @@ import threading
 import time
 import uuid
 import weakref
+from concurrent.futures import Future
 from typing import Any, Callable, Optional, Union
 
 import zmq
@@ -67,12 +68,6 @@ HEARTBEATS_PER_TIMEOUT = 4
 
 # While the engine owns a local worker it looks at it at least this often.
 LOCAL_CHECK_INTERVAL = 1.0
-
-# A local worker that dies is started again, its tasks retried like those of any lost worker; but one
-# that died this many times within the window is being killed on purpose or cannot run here, and
-# restarting it forever would hide that: the executor breaks instead.
-LOCAL_RESTARTS = 3
-LOCAL_RESTART_WINDOW = 60.0
 
 _REPLIES = frozenset({Kind.RESULT, Kind.EXCEPTION, Kind.CRASHED, Kind.INIT_FAILED, Kind.DROPPED, Kind.LOST})
 
@@ -104,7 +99,6 @@ class Engine(threading.Thread):
         self.addresses = addresses
         self.settings = settings
         self.local_worker = local_worker
-        self.local_restarts: list[float] = []
         self.scheduler = Scheduler(max_retries=settings.max_retries, max_in_flight=settings.max_in_flight)
         self.connections: list[WorkerConnection] = []
         self.by_name: dict[str, WorkerConnection] = {}
@@ -211,10 +205,12 @@ class Engine(threading.Thread):
                     logger.warning("task %d lost on worker %s: %s", ident, conn.address, why)
                     self.fail_lost(self.scheduler.retry(conn.load, [task]), why)
                 else:
-                    self.resolve(conn, task, kind, rest)
+                    broken = resolve(task.future, kind, rest, conn.address)
+                    if broken is not None:
+                        self.break_executor(broken)
             elif kind == Kind.OUTPUT:
                 if ident in conn.load.inflight:
-                    self.log_output(conn, ident, proto.decode_output(rest))
+                    log_output(conn.address, ident, proto.decode_output(rest))
             elif kind == Kind.REJECTED:
                 if conn.ready:
                     self.lose(conn, proto.decode_reason(rest))
@@ -231,45 +227,6 @@ class Engine(threading.Thread):
             self.scheduler.attach(conn.load, conn.info["slots"], limit if isinstance(limit, int) else None)
         elif not conn.ready and was_ready:
             self.scheduler.detach(conn.load, "incompatible")
-
-    def resolve(self, conn: WorkerConnection, task: Task, kind: Kind, frames: Any) -> None:
-        future = task.future
-        try:
-            if kind == Kind.RESULT:
-                future.set_result(proto.loads(frames))
-            elif kind == Kind.EXCEPTION:
-                future.set_exception(proto.decode_exception(frames, endpoint=conn.address))
-            elif kind == Kind.CRASHED:
-                future.set_exception(self.crash_error(conn, proto.decode_crash(frames)))
-            elif kind == Kind.DROPPED:
-                future.set_exception(BrokenWorkerPool(proto.decode_reason(frames)))
-            else:
-                broken = BrokenWorkerPool("A task process initializer failed, the executor is not usable anymore")
-                broken.__cause__ = proto.decode_exception(frames, endpoint=conn.address)
-                future.set_exception(broken)
-                self.break_executor(broken)
-        except BaseException as exc:  # even SystemExit from a result's __setstate__ fails one future only
-            if not future.done():
-                error = proto.ProtocolError(f"the reply could not be decoded: {exc!r}")
-                error.__cause__ = exc
-                future.set_exception(error)
-
-    def log_output(self, conn: WorkerConnection, task_id: int, output: dict[str, Any]) -> None:
-        tag = f"[{conn.address} pid {output.get('pid')}]"
-        for stream in ("stdout", "stderr"):
-            text = output[stream].rstrip("\n")
-            if text:
-                lines = "\n".join(f"{tag} {line}" for line in text.split("\n"))
-                more = " (truncated)" if output.get("truncated") else ""
-                task_logger.info("task %d %s%s:\n%s", task_id, stream, more, lines)
-
-    def crash_error(self, conn: WorkerConnection, info: dict[str, Any]) -> TaskCrashedError:
-        signal_name, how = proto.describe_exit(info.get("exitcode"))
-        host, pid = info.get("host", "?"), info.get("pid", 0)
-        message = f"the task process (pid {pid} on host {host}, worker {conn.address}) {how} while running " \
-                  "this task; the worker replaced it"
-        return TaskCrashedError(message, exitcode=info.get("exitcode"), signal=signal_name, host=str(host),
-                                pid=int(pid) if isinstance(pid, int) else 0, endpoint=conn.address)
 
     def read_connection_events(self) -> None:
         for conn in list(self.unread_events):
@@ -367,30 +324,11 @@ class Engine(threading.Thread):
                 fail(task, NoWorkersError(message))
 
     def watch_local_worker(self) -> None:
-        worker = self.local_worker
-        code = None if worker is None else worker.exit_code()
-        if worker is None or code is None:
-            return
-        now = time.monotonic()
-        self.local_restarts = [t for t in self.local_restarts if now - t < LOCAL_RESTART_WINDOW]
-        # One that never answered is not going to: its start-up fails, and its log on stderr says why.
-        never_ready = all(conn.instance is None for conn in self.connections)
-        if self.stopping_workers or never_ready or len(self.local_restarts) >= LOCAL_RESTARTS:
-            often = f" ({len(self.local_restarts) + 1} times in {LOCAL_RESTART_WINDOW:g} s)" \
-                if self.local_restarts else ""
-            self.break_executor(BrokenWorkerPool(
-                f"the executor's local worker process (pid {worker.pid}) exited unexpectedly with code "
-                f"{code}{often}; the executor is not usable anymore"))
-            return
-        logger.warning("the local worker process (pid %d) exited unexpectedly with code %s; starting it again",
-                       worker.pid, code)
-        self.local_restarts.append(now)
-        try:
-            worker.start()
-        except OSError as exc:
-            self.break_executor(BrokenWorkerPool(
-                f"the executor's local worker process exited with code {code} and could not be started "
-                f"again: {exc}; the executor is not usable anymore"))
+        if self.local_worker is not None:
+            never_ready = all(conn.instance is None for conn in self.connections)
+            problem = self.local_worker.revive(never_ready=never_ready, stopping=self.stopping_workers)
+            if problem is not None:
+                self.break_executor(BrokenWorkerPool(problem))
 
     def is_finished(self) -> bool:
         if self.handle.broken is not None:
@@ -420,6 +358,49 @@ class Engine(threading.Thread):
                 self.local_worker.stop()
             self.handle.wakeup.close()
             _live_engines.discard(self)
+
+
+def resolve(future: "Future[Any]", kind: Kind, frames: Any, endpoint: str) -> Optional[BrokenWorkerPool]:
+    """Resolve ``future`` with a reply; returns the error to break the executor with, if any."""
+    try:
+        if kind == Kind.RESULT:
+            future.set_result(proto.loads(frames))
+        elif kind == Kind.EXCEPTION:
+            future.set_exception(proto.decode_exception(frames, endpoint=endpoint))
+        elif kind == Kind.CRASHED:
+            future.set_exception(crash_error(endpoint, proto.decode_crash(frames)))
+        elif kind == Kind.DROPPED:
+            future.set_exception(BrokenWorkerPool(proto.decode_reason(frames)))
+        else:
+            broken = BrokenWorkerPool("A task process initializer failed, the executor is not usable anymore")
+            broken.__cause__ = proto.decode_exception(frames, endpoint=endpoint)
+            future.set_exception(broken)
+            return broken
+    except BaseException as exc:  # even SystemExit from a result's __setstate__ fails one future only
+        if not future.done():
+            error = proto.ProtocolError(f"the reply could not be decoded: {exc!r}")
+            error.__cause__ = exc
+            future.set_exception(error)
+    return None
+
+
+def crash_error(endpoint: str, info: dict[str, Any]) -> TaskCrashedError:
+    signal_name, how = proto.describe_exit(info.get("exitcode"))
+    host, pid = info.get("host", "?"), info.get("pid", 0)
+    message = f"the task process (pid {pid} on host {host}, worker {endpoint}) {how} while running " \
+              "this task; the worker replaced it"
+    return TaskCrashedError(message, exitcode=info.get("exitcode"), signal=signal_name, host=str(host),
+                            pid=int(pid) if isinstance(pid, int) else 0, endpoint=endpoint)
+
+
+def log_output(endpoint: str, task_id: int, output: dict[str, Any]) -> None:
+    tag = f"[{endpoint} pid {output.get('pid')}]"
+    for stream in ("stdout", "stderr"):
+        text = output[stream].rstrip("\n")
+        if text:
+            lines = "\n".join(f"{tag} {line}" for line in text.split("\n"))
+            more = " (truncated)" if output.get("truncated") else ""
+            task_logger.info("task %d %s%s:\n%s", task_id, stream, more, lines)
 
 
 def fail(task: Task, error: BaseException) -> None:

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Optional
 
 logger = logging.getLogger("zmqexecutor")
@@ -15,6 +16,12 @@ logger = logging.getLogger("zmqexecutor")
 # After SIGTERM the local worker stops its task processes (which takes up to its own grace period);
 # past this it is killed.
 STOP_TIMEOUT = 5.0
+
+# A local worker that dies is started again, its tasks retried like those of any lost worker; but one
+# that died this many times within the window is being killed on purpose or cannot run here, and
+# restarting it forever would hide that: the executor breaks instead.
+LOCAL_RESTARTS = 3
+LOCAL_RESTART_WINDOW = 60.0
 
 
 class LocalWorker:
@@ -37,6 +44,7 @@ class LocalWorker:
         ]
         self.env = env
         self.process: Optional[subprocess.Popen[bytes]] = None
+        self.restarts: list[float] = []
         try:
             self.start()
         except BaseException:
@@ -52,6 +60,28 @@ class LocalWorker:
 
     def exit_code(self) -> Optional[int]:
         return None if self.process is None else self.process.poll()
+
+    def revive(self, *, never_ready: bool, stopping: bool) -> Optional[str]:
+        """If the worker died, start it again; returns why the executor must break instead, or None."""
+        code = self.exit_code()
+        if code is None:
+            return None
+        now = time.monotonic()
+        self.restarts = [t for t in self.restarts if now - t < LOCAL_RESTART_WINDOW]
+        # One that never answered is not going to: its start-up fails, and its log on stderr says why.
+        if stopping or never_ready or len(self.restarts) >= LOCAL_RESTARTS:
+            often = f" ({len(self.restarts) + 1} times in {LOCAL_RESTART_WINDOW:g} s)" if self.restarts else ""
+            return (f"the executor's local worker process (pid {self.pid}) exited unexpectedly with code "
+                    f"{code}{often}; the executor is not usable anymore")
+        logger.warning("the local worker process (pid %d) exited unexpectedly with code %s; starting it again",
+                       self.pid, code)
+        self.restarts.append(now)
+        try:
+            self.start()
+        except OSError as exc:
+            return (f"the executor's local worker process exited with code {code} and could not be started "
+                    f"again: {exc}; the executor is not usable anymore")
+        return None
 
     def stop(self) -> None:
         process, self.process = self.process, None

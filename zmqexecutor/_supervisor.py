@@ -26,8 +26,8 @@ as CRASHED; the tasks it had not started yet go back to the front of the queue; 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
-import math
 import multiprocessing
 import os
 import shutil
@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 import uuid
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import zmq
 
@@ -105,43 +105,11 @@ class Supervisor:
         # that spawn costs. Replacements, started once threads exist, are spawned.
         if _CAN_FORK_EARLY:
             self.pool.start(self.processes, multiprocessing.get_context("fork"))
-        signal_r, signal_w = os.pipe()
-        os.set_blocking(signal_w, False)
-        old_wakeup = signal.set_wakeup_fd(signal_w)
-        old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         self.context = zmq.Context()
         try:
-            if self.secret_key_file is not None:
-                self.guard = WorkerGuard(self.context, self.secret_key_file, self.allow or "")
-            self.open_sockets()
-            if self.guard is not None:
-                self.guard.prove_strangers_are_rejected(self.endpoint)
-            if not _CAN_FORK_EARLY:
-                self.pool.start(self.processes)
-            logger.info(
-                "zmqexecutor worker ready: endpoint=%s processes=%d instance=%s pid=%d security=%s",
-                self.endpoint, self.processes, self.instance, os.getpid(),
-                f"CurveZMQ ({len(self.guard.allowed)} allowed client keys)" if self.guard else "none",
-            )
-            poller = zmq.Poller()
-            for sock in (self.front, self.back, signal_r):
-                poller.register(sock, zmq.POLLIN)
-            registered: set[int] = set()
-            next_check = 0.0
-            while not self.stopping:
-                self.sync_sentinels(poller, registered)
-                events = dict(poller.poll(int(PARENT_CHECK_INTERVAL * 1000)))
-                if signal_r in events:
-                    os.read(signal_r, 4096)
-                self.receive_from_processes()
-                self.receive_from_clients()
-                self.reap_processes([fd for fd in events if fd in self.pool.by_sentinel])
-                self.dispatch_tasks()
-                self.send_replies()
-                if time.monotonic() >= next_check:
-                    next_check = time.monotonic() + PARENT_CHECK_INTERVAL
-                    self.expire_sessions()
-                    self.check_parent()
+            with _signals_to(self._on_signal) as signal_fd:
+                self.start()
+                self.serve(signal_fd)
             return 0
         except _GiveUp as exc:
             logger.error("%s", exc)
@@ -151,11 +119,41 @@ class Supervisor:
             return 2
         finally:
             self.close()
-            signal.set_wakeup_fd(old_wakeup)
-            for sig, handler in old_handlers.items():
-                signal.signal(sig, handler)
-            os.close(signal_r)
-            os.close(signal_w)
+
+    def start(self) -> None:
+        if self.secret_key_file is not None:
+            self.guard = WorkerGuard(self.context, self.secret_key_file, self.allow or "")
+        self.open_sockets()
+        if self.guard is not None:
+            self.guard.prove_strangers_are_rejected(self.endpoint)
+        if not _CAN_FORK_EARLY:
+            self.pool.start(self.processes)
+        logger.info(
+            "zmqexecutor worker ready: endpoint=%s processes=%d instance=%s pid=%d security=%s",
+            self.endpoint, self.processes, self.instance, os.getpid(),
+            f"CurveZMQ ({len(self.guard.allowed)} allowed client keys)" if self.guard else "none",
+        )
+
+    def serve(self, signal_fd: int) -> None:
+        poller = zmq.Poller()
+        for sock in (self.front, self.back, signal_fd):
+            poller.register(sock, zmq.POLLIN)
+        registered: set[int] = set()
+        next_check = 0.0
+        while not self.stopping:
+            self.sync_sentinels(poller, registered)
+            events = dict(poller.poll(int(PARENT_CHECK_INTERVAL * 1000)))
+            if signal_fd in events:
+                os.read(signal_fd, 4096)
+            self.receive_from_processes()
+            self.receive_from_clients()
+            self.reap_processes([fd for fd in events if fd in self.pool.by_sentinel])
+            self.dispatch_tasks()
+            self.send_replies()
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + PARENT_CHECK_INTERVAL
+                self.expire_sessions()
+                self.check_parent()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         logger.info("received %s, stopping", signal.Signals(signum).name)
@@ -250,21 +248,10 @@ class Supervisor:
         self.send_to_client(client, welcome)
 
     def status(self) -> dict[str, Any]:
-        return dict(
-            proto.local_versions(),
-            slots=self.processes,
-            busy=self.pool.busy(),
-            queued=len(self.queue),
-            done=self.tally["done"],
-            failed=self.tally["failed"],
-            crashed=self.tally["crashed"],
-            clients=len(self.sessions),
-            uptime=time.monotonic() - self.started,
-            instance=self.instance,
-            host=self.host,
-            pid=os.getpid(),
-            security="CurveZMQ" if self.guard is not None else "none",
-        )
+        return dict(proto.local_versions(), slots=self.processes, busy=self.pool.busy(), queued=len(self.queue),
+                    **self.tally, clients=len(self.sessions), uptime=time.monotonic() - self.started,
+                    instance=self.instance, host=self.host, pid=os.getpid(),
+                    security="CurveZMQ" if self.guard is not None else "none")
 
     def forget_session(self, client: bytes, why: str) -> None:
         if not self.sessions.close(client):
@@ -290,12 +277,7 @@ class Supervisor:
         self.pool.signal_running(client, signal.SIGKILL if signum == signal.SIGKILL else signal.SIGTERM)
 
     def send_to_client(self, client: bytes, frames: list[Any]) -> None:
-        try:
-            self.front.send_multipart([client, *frames], copy=False)
-        except zmq.ZMQError as exc:
-            if exc.errno != zmq.EHOSTUNREACH:
-                raise
-            logger.debug("client %r is gone; dropped its message", client)
+        send_to(self.front, client, frames)
 
     def reply(self, client: bytes, item: Item) -> None:
         self.outbox.setdefault(client, []).append(item)
@@ -303,14 +285,8 @@ class Supervisor:
     def send_replies(self) -> None:
         outbox, self.outbox = self.outbox, {}
         for client, items in outbox.items():
-            start = 0
-            while start < len(items):
-                end, size = start + 1, _size(items[start])
-                while end < len(items) and end - start < REPLY_BATCH and size + _size(items[end]) <= REPLY_BATCH_BYTES:
-                    size += _size(items[end])
-                    end += 1
-                self.send_to_client(client, proto.encode_messages(items[start:end]))
-                start = end
+            for batch in _batches(items):
+                self.send_to_client(client, proto.encode_messages(batch))
 
     def receive_from_processes(self) -> None:
         now = time.monotonic()
@@ -371,50 +347,18 @@ class Supervisor:
         if sentinels:
             self.receive_from_processes()  # what a process sent just before it ended
         for fd in sentinels:
-            proc, crashed, unstarted = self.pool.reap(fd)
-            if proc.retiring:
-                continue
-            signal_name, how = proto.describe_exit(proc.process.exitcode)
-            pid = proc.process.pid
-            for crash in crashed:
-                if self.sessions.get(crash.client) is None:
-                    continue
-                if crash.finished:  # it ran; its reply died with the process: the client retries it
-                    reason = f"its reply was lost when task process {pid} {how} in a later task"
-                    self.reply(crash.client, Item(Kind.LOST, crash.task_id, proto.encode_reason(reason)))
-                    continue
-                self.tally["crashed"] += 1
-                logger.warning("task process %d %s while running a task; replacing it", pid, how)
-                info = proto.encode_crash(exitcode=proc.process.exitcode, signal_name=signal_name,
-                                          host=self.host, pid=pid)
-                self.reply(crash.client, Item(Kind.CRASHED, crash.task_id, info))
-            if not crashed:
-                logger.warning("idle task process %d %s; replacing it", pid, how)
-            self.queue.extendleft((a.client, a.task_id, a.frames) for a in reversed(unstarted))
+            replies, unstarted = self.pool.reap(fd, self.host)
+            for client, item in replies:
+                if self.sessions.get(client) is not None:
+                    self.tally["crashed"] += item.kind == Kind.CRASHED
+                    self.reply(client, item)
+            self.queue.extendleft(reversed(unstarted))
             if self.pool.startup_failures >= MAX_STARTUP_FAILURES:
                 raise _GiveUp(f"{self.pool.startup_failures} task processes in a row died before starting; giving up")
-            self.pool.start(1)
 
     def dispatch_tasks(self) -> None:
-        if not self.queue:
-            return
-        now = time.monotonic()
-        procs = self.pool.with_credit()
-        for index, proc in enumerate(procs):
-            share = math.ceil(len(self.queue) / (len(procs) - index))
-            items = []
-            for _ in range(min(self.pool.credit(proc), share)):
-                if not self.queue:
-                    break
-                client, task_id, frames = self.queue.popleft()
-                session = self.sessions.get(client)
-                if session is None:
-                    continue
-                ident, first = self.pool.assign(proc, client, task_id, frames, now, session.max_tasks_per_child)
-                items.append(proto.process_task(ident, client, session.init_blob if first else b"", frames))
-                if proc.closing:
-                    break
-            if items:
+        if self.queue:
+            for proc, items in self.pool.hand_out(self.queue, self.sessions):
                 self.send_to_process(proc, items)
 
     def send_to_process(self, proc: TaskProcess, items: list[Item]) -> None:
@@ -446,6 +390,46 @@ class Supervisor:
 
 class _GiveUp(Exception):
     pass
+
+
+@contextlib.contextmanager
+def _signals_to(handler: Any) -> Iterator[int]:
+    """SIGINT and SIGTERM call ``handler`` and make the yielded descriptor readable (to wake a poll)."""
+    signal_r, signal_w = os.pipe()
+    os.set_blocking(signal_w, False)
+    old_wakeup = signal.set_wakeup_fd(signal_w)
+    old_handlers = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield signal_r
+    finally:
+        signal.set_wakeup_fd(old_wakeup)
+        for sig, old in old_handlers.items():
+            signal.signal(sig, old)
+        os.close(signal_r)
+        os.close(signal_w)
+
+
+def send_to(front: zmq.Socket[Any], client: bytes, frames: list[Any]) -> None:
+    try:
+        front.send_multipart([client, *frames], copy=False)
+    except zmq.ZMQError as exc:
+        if exc.errno != zmq.EHOSTUNREACH:
+            raise
+        logger.debug("client %r is gone; dropped its message", client)
+
+
+def _batches(items: list[Item]) -> list[list[Item]]:
+    """``items`` in messages of at most REPLY_BATCH replies and REPLY_BATCH_BYTES beyond the first."""
+    batches: list[list[Item]] = []
+    size = 0
+    for item in items:
+        item_size = _size(item)
+        if not batches or len(batches[-1]) >= REPLY_BATCH or size + item_size > REPLY_BATCH_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(item)
+        size += item_size
+    return batches
 
 
 def _size(item: Item) -> int:

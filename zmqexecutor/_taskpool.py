@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import signal
 import time
 from typing import Any, NamedTuple, Optional
 
+from . import _protocol as proto
+from ._protocol import Item, Kind
+from ._sessions import Sessions
 from ._taskprocess import FINISHED, STARTED, task_process_main
 
 logger = logging.getLogger("zmqexecutor.worker")
@@ -35,12 +39,6 @@ class Assignment(NamedTuple):
     client: bytes
     task_id: int  # the client's id; the process knows the task by the supervisor's own id
     frames: Any
-
-
-class Crash(NamedTuple):
-    client: bytes
-    task_id: int
-    finished: bool  # the task ran to its end; its reply died with the process
 
 
 class TaskProcess:
@@ -152,17 +150,58 @@ class TaskProcessPool:
                 except ProcessLookupError:
                     pass
 
-    def reap(self, fd: int) -> tuple[TaskProcess, list[Crash], list[Assignment]]:
-        """A task process ended: the tasks that died with it, and those it never started."""
+    def hand_out(self, queue: "collections.deque[tuple[bytes, int, Any]]", sessions: Sessions
+                 ) -> list[tuple[TaskProcess, list[Item]]]:
+        """Take queued tasks for the processes with credit, the most recently active first, each a fair
+        share of what waits; a task of a session that is gone is dropped."""
+        now = time.monotonic()
+        procs = self.with_credit()
+        handed = []
+        for index, proc in enumerate(procs):
+            share = math.ceil(len(queue) / (len(procs) - index))
+            items = []
+            for _ in range(min(self.credit(proc), share)):
+                if not queue:
+                    break
+                client, task_id, frames = queue.popleft()
+                session = sessions.get(client)
+                if session is None:
+                    continue
+                ident, first = self.assign(proc, client, task_id, frames, now, session.max_tasks_per_child)
+                items.append(proto.process_task(ident, client, session.init_blob if first else b"", frames))
+                if proc.closing:
+                    break
+            if items:
+                handed.append((proc, items))
+        return handed
+
+    def reap(self, fd: int, host: str) -> tuple[list[tuple[bytes, Item]], list[tuple[bytes, int, Any]]]:
+        """A task process ended: the replies its clients get (CRASHED for the task it was running, LOST
+        for finished ones whose replies died with it) and the tasks it never started. A replacement
+        starts unless it ended on purpose."""
         proc = self.by_sentinel.pop(fd)
         del self.by_ident[proc.ident]
         proc.process.join()
-        started, finished = proc.counters[STARTED], proc.counters[FINISHED]
-        crashed = [Crash(a.client, a.task_id, a.seq < finished) for a in proc.assigned.values() if a.seq < started]
-        unstarted = [a for a in proc.assigned.values() if a.seq >= started]
-        if not proc.retiring and not proc.ready:
+        if proc.retiring:
+            return [], []
+        if not proc.ready:
             self.startup_failures += 1
-        return proc, crashed, unstarted
+        started, finished = proc.counters[STARTED], proc.counters[FINISHED]
+        pid, code = proc.process.pid, proc.process.exitcode
+        signal_name, how = proto.describe_exit(code)
+        replies = []
+        for a in proc.assigned.values():
+            if a.seq < finished:  # it ran; its reply died with the process: the client retries it
+                reason = proto.encode_reason(f"its reply was lost when task process {pid} {how} in a later task")
+                replies.append((a.client, Item(Kind.LOST, a.task_id, reason)))
+            elif a.seq < started:
+                logger.warning("task process %d %s while running a task; replacing it", pid, how)
+                crash = proto.encode_crash(exitcode=code, signal_name=signal_name, host=host, pid=pid)
+                replies.append((a.client, Item(Kind.CRASHED, a.task_id, crash)))
+        if started == finished:
+            logger.warning("idle task process %d %s; replacing it", pid, how)
+        self.start(1)
+        return replies, [(a.client, a.task_id, a.frames) for a in proc.assigned.values() if a.seq >= started]
 
     def stop(self) -> None:
         procs = [proc.process for proc in self.by_ident.values()]
