@@ -92,19 +92,7 @@ def _size(name: str, quick: bool) -> float:
     return small if quick else full
 
 
-def throughput(ex: Executor, quick: bool, system: str) -> dict[str, Any]:
-    n = int(_size("throughput", quick))
-    ex.submit(noop).result()
-    started = time.perf_counter()
-    done, _ = wait([ex.submit(noop) for _ in range(n)])
-    elapsed = time.perf_counter() - started
-    assert len(done) == n
-    return {"value": n / elapsed, "unit": "tasks/s", "better": "higher"}
-
-
-def main_function(ex: Executor, quick: bool, system: str) -> dict[str, Any]:
-    """Throughput of no-ops defined in ``__main__`` (the function is defined before the pool starts)."""
-    fn = MAIN_NOOP
+def throughput(ex: Executor, quick: bool, system: str, fn: Callable[[], None] = noop) -> dict[str, Any]:
     n = int(_size("throughput", quick))
     ex.submit(fn).result()
     started = time.perf_counter()
@@ -112,6 +100,11 @@ def main_function(ex: Executor, quick: bool, system: str) -> dict[str, Any]:
     elapsed = time.perf_counter() - started
     assert len(done) == n
     return {"value": n / elapsed, "unit": "tasks/s", "better": "higher"}
+
+
+def main_function(ex: Executor, quick: bool, system: str) -> dict[str, Any]:
+    """Throughput of no-ops defined in ``__main__`` (the function is defined before the pool starts)."""
+    return throughput(ex, quick, system, MAIN_NOOP)
 
 
 MAIN_NOOP: Callable[[], None] = noop  # replaced by define_in_main() in the measuring process
