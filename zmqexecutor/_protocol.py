@@ -63,7 +63,7 @@ import signal
 import struct
 import sys
 import traceback
-from typing import Any, Callable, Iterator, NamedTuple, Sequence, Union
+from typing import Any, Callable, NamedTuple, Sequence, Union
 
 import cloudpickle
 import zmq
