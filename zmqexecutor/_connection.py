@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, NamedTuple, Optional
 
 import zmq
@@ -54,6 +55,8 @@ class WorkerConnection:
                  client_id: bytes, local: bool) -> None:
         self.address = address
         self.hello = hello
+        self.heartbeat = heartbeat
+        self.hello_at = float("-inf")  # when HELLO last went out
         self.state = self.CONNECTING
         self.load = Load(address)
         self.instance: Optional[str] = None
@@ -131,7 +134,7 @@ class WorkerConnection:
         for event in _sockets.monitor_events(self.monitor):
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 if self.state == self.CONNECTING:
-                    self.send(self.hello)
+                    self.say_hello()
             elif event in HANDSHAKE_FAILURES:
                 problem = HANDSHAKE_FAILURES[event]
                 if self.error is None or str(self.error) != problem:
@@ -145,7 +148,11 @@ class WorkerConnection:
         """Forget the session; shake hands again at once (the handshake also repeats every beat)."""
         self.state = self.CONNECTING
         self.awaiting_since = None
-        self.send(self.hello)
+        self.say_hello()
+
+    def say_hello(self) -> None:
+        if self.send(self.hello):
+            self.hello_at = time.monotonic()
 
     # Liveness -----------------------------------------------------------------------------------------
 
@@ -157,8 +164,8 @@ class WorkerConnection:
                 return f"no answer for {worker_timeout:g} s"
             if self.send([proto.encode_header(Kind.PING)]) and self.awaiting_since is None:
                 self.awaiting_since = now
-        elif self.state == self.CONNECTING:
-            self.send(self.hello)
+        elif self.state == self.CONNECTING and now - self.hello_at >= self.heartbeat:
+            self.say_hello()  # again, unless one just went out: the answer may still be on its way
         return None
 
     def close(self) -> None:
