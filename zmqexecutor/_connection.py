@@ -133,15 +133,16 @@ class WorkerConnection:
         lost = None
         for event in _sockets.monitor_events(self.monitor):
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                if self.state == self.CONNECTING:
-                    self.say_hello()
+                self.say_hello_again()
             elif event in HANDSHAKE_FAILURES:
                 problem = HANDSHAKE_FAILURES[event]
                 if self.error is None or str(self.error) != problem:
                     logger.error("cannot connect to worker %s: %s", self.address, problem)
                 self.error = SecurityError(problem)
-            elif event == zmq.EVENT_DISCONNECTED and self.ready:
-                lost = "the connection closed"
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.hello_at = float("-inf")  # that HELLO went with the connection
+                if self.ready:
+                    lost = "the connection closed"
         return lost
 
     def lost(self) -> None:
@@ -164,9 +165,14 @@ class WorkerConnection:
                 return f"no answer for {worker_timeout:g} s"
             if self.send([proto.encode_header(Kind.PING)]) and self.awaiting_since is None:
                 self.awaiting_since = now
-        elif self.state == self.CONNECTING and now - self.hello_at >= self.heartbeat:
-            self.say_hello()  # again, unless one just went out: the answer may still be on its way
+        else:
+            self.say_hello_again()
         return None
+
+    def say_hello_again(self) -> None:
+        # Unless one just went out on this connection: its answer may still be on its way.
+        if self.state == self.CONNECTING and time.monotonic() - self.hello_at >= self.heartbeat:
+            self.say_hello()
 
     def close(self) -> None:
         if self.ready:
