@@ -52,8 +52,10 @@ class WorkerConnection:
 
     def __init__(self, address: str, context: zmq.Context[Any], *, hello: list[bytes], heartbeat: float,
                  worker_timeout: float, max_message_size: int, keys: Optional[ClientKeys],
-                 client_id: bytes, local: bool) -> None:
+                 client_id: bytes, local: bool, sent_to: "set[WorkerConnection]") -> None:
         self.address = address
+        # Every connection that sent joins this set, so the engine checks it for input it took in silently.
+        self.sent_to = sent_to
         self.hello = hello
         self.heartbeat = heartbeat
         self.hello_at = float("-inf")  # when HELLO last went out
@@ -94,6 +96,7 @@ class WorkerConnection:
                           None if self.error is None else str(self.error))
 
     def send(self, frames: list[Any]) -> bool:
+        self.sent_to.add(self)
         try:
             self.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.Again:

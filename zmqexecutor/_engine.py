@@ -164,7 +164,8 @@ class Engine(threading.Thread):
         for address in self.addresses:
             conn = WorkerConnection(address, self.context, hello=hello, heartbeat=s.heartbeat,
                                     worker_timeout=s.worker_timeout, max_message_size=s.max_message_size,
-                                    keys=s.keys, client_id=client_id, local=self.local_worker is not None)
+                                    keys=s.keys, client_id=client_id, local=self.local_worker is not None,
+                                    sent_to=self.sent_to)
             self.connections.append(conn)
             self.by_name[address] = conn
             self.selector.register(fileno(conn.socket), selectors.EVENT_READ, ("socket", conn))
@@ -232,14 +233,12 @@ class Engine(threading.Thread):
         for conn in list(self.unread_events):
             self.unread_events.discard(conn)
             lost = conn.connection_events()
-            self.sent_to.add(conn)
             if lost is not None:
                 self.lose(conn, lost)
 
     def lose(self, conn: WorkerConnection, why: str) -> None:
         self.lose_tasks(conn, why)
         conn.lost()
-        self.sent_to.add(conn)
 
     def lose_tasks(self, conn: WorkerConnection, why: str) -> None:
         inflight = len(conn.load.inflight)
@@ -288,7 +287,6 @@ class Engine(threading.Thread):
             message = proto.encode_messages([proto.Item(Kind.TASK, task.ident, task.frames) for task in batch])
             if not conn.send(message):
                 self.scheduler.unsent(load, batch)  # disconnected since its last message: an event follows
-            self.sent_to.add(conn)
 
     def tick(self) -> None:
         now = time.monotonic()
@@ -300,7 +298,6 @@ class Engine(threading.Thread):
         self.next_tick = now + interval
         for conn in self.connections:
             lost = conn.beat(now, self.settings.worker_timeout)
-            self.sent_to.add(conn)
             if lost is not None:
                 self.lose(conn, lost)
         self.watch_local_worker()

@@ -277,7 +277,12 @@ class Supervisor:
         self.pool.signal_running(client, signal.SIGKILL if signum == signal.SIGKILL else signal.SIGTERM)
 
     def send_to_client(self, client: bytes, frames: list[Any]) -> None:
-        send_to(self.front, client, frames)
+        try:
+            self.front.send_multipart([client, *frames], copy=False)
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            logger.debug("client %r is gone; dropped its message", client)
 
     def reply(self, client: bytes, item: Item) -> None:
         self.outbox.setdefault(client, []).append(item)
@@ -407,15 +412,6 @@ def _signals_to(handler: Any) -> Iterator[int]:
             signal.signal(sig, old)
         os.close(signal_r)
         os.close(signal_w)
-
-
-def send_to(front: zmq.Socket[Any], client: bytes, frames: list[Any]) -> None:
-    try:
-        front.send_multipart([client, *frames], copy=False)
-    except zmq.ZMQError as exc:
-        if exc.errno != zmq.EHOSTUNREACH:
-            raise
-        logger.debug("client %r is gone; dropped its message", client)
 
 
 def _batches(items: list[Item]) -> list[list[Item]]:
