@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures as cf
 import gc
 import itertools
@@ -481,6 +482,40 @@ def test_max_tasks_per_child_recycles_task_processes() -> None:
         pids = [executor.submit(os.getpid).result(timeout=30) for _ in range(6)]
     assert len(set(pids)) == 3
     assert all(pids.count(pid) == 2 for pid in set(pids))
+
+
+def pid_and(x: int) -> tuple[int, int]:
+    return os.getpid(), x
+
+
+def test_max_tasks_per_child_holds_for_tiny_tasks_sent_many_at_a_time() -> None:
+    with ZMQExecutor(max_workers=2, max_tasks_per_child=7) as executor:
+        results = list(executor.map(pid_and, range(300)))
+        assert executor.workers()[0].completed >= 300
+    assert [x for _, x in results] == list(range(300))
+    per_process = collections.Counter(pid for pid, _ in results)
+    assert max(per_process.values()) <= 7 and len(per_process) >= 300 // 7
+
+
+def exit_at(x: int, fatal: int) -> int:
+    if x == fatal:
+        os._exit(9)
+    return x
+
+
+def test_a_crash_amid_tiny_tasks_fails_only_the_task_that_crashed() -> None:
+    with ZMQExecutor(max_workers=1) as executor:
+        # Short tasks: the executor learns it and keeps many queued in the task process at a time.
+        assert list(executor.map(abs, range(3000))) == list(range(3000))
+        futures = [executor.submit(exit_at, i, 500) for i in range(1000)]
+        errors = [f.exception(timeout=60) for f in futures]
+        assert [i for i, e in enumerate(errors) if e is not None] == [500]
+        assert isinstance(errors[500], TaskCrashedError) and "exited with code 9" in str(errors[500])
+        # Those queued behind it never started and ran on its replacement; those it finished lost only
+        # their replies and ran again; none failed.
+        assert all(f.result() == i for i, f in enumerate(futures) if i != 500)
+        (info,) = executor.workers()
+        assert info.state == "ready" and info.lost == 0
 
 
 def test_a_task_that_kills_its_process_fails_only_its_future() -> None:

@@ -182,3 +182,31 @@ def test_cancel_backlog_keeps_tasks_waiting_for_a_retry() -> None:
     s.add(fresh)
     s.cancel_backlog()
     assert [t.ident for t in s.backlog] == [1] and fresh.future.cancelled()
+
+
+def test_a_quota_caps_what_a_worker_is_ever_given() -> None:
+    s = Scheduler(max_retries=2, max_in_flight=None)
+    w = Load("w")
+    w.quota = 3  # max_tasks_per_child, for one task process
+    s.attach(w, 1, None)
+    for i in range(10):
+        s.add(task(i))
+    assert sent(s.next_batches(0.0)[0]) == [("w", [0, 1])]
+    s.finished(w, 0, 0.1)
+    s.finished(w, 1, 0.2)
+    assert sent(s.next_batches(0.2)[0]) == [("w", [2])]
+    s.finished(w, 2, 0.3)
+    assert w.quota == 0 and w.credit() == 0 and s.next_batches(0.3)[0] == []
+    assert len(s.backlog) == 7
+
+
+def test_requeued_tasks_go_first_and_count_no_retry() -> None:
+    s = Scheduler(max_retries=0, max_in_flight=None)
+    w = ready(s, "w", slots=1)
+    for i in range(4):
+        s.add(task(i))
+    (load, batch), = s.next_batches(0.0)[0]
+    assert s.take_inflight(load) == batch
+    s.requeue(batch)
+    assert [t.ident for t in s.backlog] == [0, 1, 2, 3]
+    assert all(t.lost_on == [] for t in batch) and s.in_flight == 0

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: INFO")
     worker.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    # The embedded worker: task processes exchange tasks with the client at this ipc:// address.
+    worker.add_argument("--direct", default=None, help=argparse.SUPPRESS)
     for name, text in (("status", "show each worker's versions, slots, load, counts, clients and uptime"),
                        ("ping", "check that each worker answers, and how fast")):
         command = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + "; exit "
@@ -113,7 +115,7 @@ def run_worker(args: argparse.Namespace) -> int:
                     "encryption; whoever connects can run any code as this user", args.bind)
     supervisor = Supervisor(
         args.bind, args.processes or available_cpus(), parent_pid=args.parent_pid,
-        secret_key_file=secret_key, allow=allow,
+        secret_key_file=secret_key, allow=allow, direct=args.direct,
         max_message_size=args.max_message_size or DEFAULT_MAX_MESSAGE_SIZE,
     )
     return supervisor.run()

@@ -12,7 +12,8 @@ from . import _protocol as proto
 from . import _sockets
 from ._errors import SecurityError, VersionMismatchError
 from ._protocol import Kind
-from ._scheduler import Load
+from ._direct import DirectLanes
+from ._scheduler import Load, Task
 from ._security import HANDSHAKE_FAILURE_EVENTS, HANDSHAKE_FAILURES, ClientKeys, secure_client_socket
 
 logger = logging.getLogger("zmqexecutor")
@@ -52,7 +53,7 @@ class WorkerConnection:
 
     def __init__(self, address: str, context: zmq.Context[Any], *, hello: list[bytes], heartbeat: float,
                  worker_timeout: float, max_message_size: int, keys: Optional[ClientKeys],
-                 client_id: bytes, local: bool, sent_to: "set[WorkerConnection]") -> None:
+                 client_id: bytes, local: bool, sent_to: set[Any]) -> None:
         self.address = address
         # Every connection that sent joins this set, so the engine checks it for input it took in silently.
         self.sent_to = sent_to
@@ -60,7 +61,9 @@ class WorkerConnection:
         self.heartbeat = heartbeat
         self.hello_at = float("-inf")  # when HELLO last went out
         self.state = self.CONNECTING
-        self.load = Load(address)
+        self.load = Load(address, owner=self)
+        # The embedded worker's task processes, when the client exchanges tasks with them directly.
+        self.lanes: Optional[DirectLanes] = None
         self.instance: Optional[str] = None
         self.info: dict[str, Any] = {}
         self.error: Optional[BaseException] = None
@@ -90,10 +93,16 @@ class WorkerConnection:
 
     def snapshot(self) -> WorkerInfo:
         host, pid = self.info.get("host"), self.info.get("pid")
-        return WorkerInfo(self.address, self.state, self.load.slots, len(self.load.inflight), self.load.completed,
-                          self.load.lost, host if isinstance(host, str) else None,
+        in_flight, completed = len(self.load.inflight), self.load.completed
+        if self.lanes is not None:
+            in_flight += self.lanes.in_flight()
+            completed += self.lanes.completed_total()
+        return WorkerInfo(self.address, self.state, self.load.slots, in_flight, completed, self.load.lost, host if isinstance(host, str) else None,
                           pid if isinstance(pid, int) else None, self.instance,
                           None if self.error is None else str(self.error))
+
+    def send_tasks(self, batch: list[Task]) -> bool:
+        return self.send(proto.encode_messages([proto.Item(Kind.TASK, task.ident, task.frames) for task in batch]))
 
     def send(self, frames: list[Any]) -> bool:
         self.sent_to.add(self)

@@ -51,11 +51,12 @@ import zmq
 
 from . import _protocol as proto
 from ._connection import WorkerConnection, WorkerInfo
+from ._direct import DirectLanes, reply_items
 from ._errors import BrokenWorkerPool, MessageTooLargeError, NoWorkersError, TaskCrashedError, VersionMismatchError, \
     WorkerLostError
 from ._local import LocalWorker
 from ._protocol import Kind
-from ._scheduler import Scheduler, Task
+from ._scheduler import Load, Scheduler, Task
 from ._security import ClientKeys
 from ._sockets import DRAIN_LIMIT, drain, fileno, readable
 
@@ -101,10 +102,10 @@ class Engine(threading.Thread):
         self.local_worker = local_worker
         self.scheduler = Scheduler(max_retries=settings.max_retries, max_in_flight=settings.max_in_flight)
         self.connections: list[WorkerConnection] = []
-        self.by_name: dict[str, WorkerConnection] = {}
-        self.unread: set[WorkerConnection] = set()
+        self.direct: Optional[DirectLanes] = None  # the embedded worker's task processes
+        self.unread: set[Union[WorkerConnection, DirectLanes]] = set()
         self.unread_events: set[WorkerConnection] = set()
-        self.sent_to: set[WorkerConnection] = set()
+        self.sent_to: set[Union[WorkerConnection, DirectLanes]] = set()
         self.next_tick = 0.0
         self.shutting_down = False
         self.stopping_workers = False
@@ -167,23 +168,32 @@ class Engine(threading.Thread):
                                     keys=s.keys, client_id=client_id, local=self.local_worker is not None,
                                     sent_to=self.sent_to)
             self.connections.append(conn)
-            self.by_name[address] = conn
             self.selector.register(fileno(conn.socket), selectors.EVENT_READ, ("socket", conn))
             self.selector.register(fileno(conn.monitor), selectors.EVENT_READ, ("events", conn))
             self.unread_events.add(conn)
+        if self.local_worker is not None:
+            self.direct = DirectLanes(self.context, self.local_worker.direct_address, self.addresses[0],
+                                      client_id=client_id, init_blob=s.init_blob,
+                                      max_tasks_per_child=s.max_tasks_per_child, sent_to=self.sent_to)
+            self.connections[0].lanes = self.direct
+            self.selector.register(fileno(self.direct.socket), selectors.EVENT_READ, ("socket", self.direct))
 
     def receive_replies(self) -> None:
-        for conn in list(self.unread):
-            messages = drain(conn.socket)
+        for source in list(self.unread):
+            messages = drain(source.socket)
             if len(messages) < DRAIN_LIMIT:
-                self.unread.discard(conn)
+                self.unread.discard(source)
+            if isinstance(source, DirectLanes):
+                for frames in messages:
+                    self.handle_direct(frames)
+                continue
             if messages:
-                conn.awaiting_since = None
+                source.awaiting_since = None
             for frames in messages:
                 try:
-                    self.handle_message(conn, frames)
+                    self.handle_message(source, frames)
                 except proto.ProtocolError as exc:
-                    logger.warning("dropped a malformed message from %s: %s", conn.address, exc)
+                    logger.warning("dropped a malformed message from %s: %s", source.address, exc)
 
     def handle_message(self, conn: WorkerConnection, frames: list[Any]) -> None:
         proto.expect_frames(frames, 1)
@@ -197,26 +207,76 @@ class Engine(threading.Thread):
             raise proto.ProtocolError(f"protocol version {header.version} after the handshake")
         now = time.monotonic()
         for kind, ident, rest in proto.split(header, frames):
-            if kind in _REPLIES:
-                task = self.scheduler.finished(conn.load, ident, now)
-                if task is None:
-                    logger.debug("ignored a late or duplicate %s for task %d from %s", kind.name, ident, conn.address)
-                elif kind == Kind.LOST:
-                    why = proto.decode_reason(rest)
-                    logger.warning("task %d lost on worker %s: %s", ident, conn.address, why)
-                    self.fail_lost(self.scheduler.retry(conn.load, [task]), why)
-                else:
-                    broken = resolve(task.future, kind, rest, conn.address)
-                    if broken is not None:
-                        self.break_executor(broken)
-            elif kind == Kind.OUTPUT:
-                if ident in conn.load.inflight:
-                    log_output(conn.address, ident, proto.decode_output(rest))
-            elif kind == Kind.REJECTED:
+            if self.take_reply(conn.load, kind, ident, rest, now):
+                continue
+            if kind == Kind.REJECTED:
                 if conn.ready:
                     self.lose(conn, proto.decode_reason(rest))
+            elif kind == Kind.EXITED and self.direct is not None:
+                self.process_exited(proto.decode_exited(rest))
             elif kind != Kind.PONG:
                 raise proto.ProtocolError(f"unexpected {kind.name} from a worker")
+
+    def take_reply(self, load: Load, kind: Kind, ident: int, rest: Any, now: float) -> bool:
+        """Take a task's reply or output; False if the message is neither."""
+        if kind in _REPLIES:
+            task = self.scheduler.finished(load, ident, now)
+            if task is None:
+                logger.debug("ignored a late or duplicate %s for task %d from %s", kind.name, ident, load.name)
+            elif kind == Kind.LOST:
+                why = proto.decode_reason(rest)
+                logger.warning("task %d lost on worker %s: %s", ident, load.name, why)
+                self.fail_lost(self.scheduler.retry(load, [task]), why)
+            else:
+                broken = resolve(task.future, kind, rest, load.name)
+                if broken is not None:
+                    self.break_executor(broken)
+        elif kind == Kind.OUTPUT:
+            if ident in load.inflight:
+                log_output(load.name, ident, proto.decode_output(rest))
+        else:
+            return False
+        return True
+
+    def handle_direct(self, frames: list[Any]) -> None:
+        assert self.direct is not None
+        try:
+            ident, items = reply_items(frames)
+            now = time.monotonic()
+            for kind, task_id, rest in items:
+                lane = self.direct.lanes.get(ident)
+                if kind == Kind.READY and lane is None:
+                    lane = self.direct.add(ident)
+                    if self.connections[0].ready:
+                        self.scheduler.attach(lane.load, 1, None)
+                elif lane is None or not self.take_reply(lane.load, kind, task_id, rest, now):
+                    raise proto.ProtocolError(f"unexpected {kind.name}")
+        except proto.ProtocolError as exc:
+            logger.warning("dropped a malformed message from a local task process: %s", exc)
+
+    def process_exited(self, info: dict[str, Any]) -> None:
+        """A task process of the embedded worker ended: settle what it had been sent."""
+        assert self.direct is not None
+        for frames in drain(self.direct.socket):  # what it sent before it ended
+            self.handle_direct(frames)
+        lane = self.direct.lanes.get(str(info["pid"]).encode())
+        if lane is None:
+            return
+        tasks = self.scheduler.take_inflight(lane.load)
+        self.scheduler.detach(lane.load, "ended")
+        ending = self.direct.end(lane, tasks, info["started"], info["finished"])
+        if ending.running is not None:
+            fail(ending.running, crash_error(lane.load.name, info))
+        if ending.ran:
+            _, how = proto.describe_exit(info.get("exitcode"))
+            why = f"its reply was lost when task process {lane.pid} {how} in a later task"
+            logger.warning("%d task(s) lost on worker %s: %s", len(ending.ran), lane.load.name, why)
+            self.fail_lost(self.scheduler.retry(lane.load, ending.ran), why)
+        if self.stopping_workers:
+            for task in ending.unstarted:
+                fail(task, BrokenWorkerPool("the task was dropped before it started: its client stopped the workers"))
+        else:
+            self.scheduler.requeue(ending.unstarted)
 
     def welcome(self, conn: WorkerConnection, header: proto.Header, frames: list[Any]) -> None:
         was_ready = conn.ready
@@ -225,7 +285,12 @@ class Engine(threading.Thread):
             self.lose_tasks(conn, lost)
         if conn.ready and (lost is not None or not was_ready):
             limit = conn.info.get("max_message_size")
-            self.scheduler.attach(conn.load, conn.info["slots"], limit if isinstance(limit, int) else None)
+            if conn.lanes is None:
+                self.scheduler.attach(conn.load, conn.info["slots"], limit if isinstance(limit, int) else None)
+            else:
+                conn.load.slots = conn.info["slots"]
+                for lane in conn.lanes.lanes.values():
+                    self.scheduler.attach(lane.load, 1, None)
         elif not conn.ready and was_ready:
             self.scheduler.detach(conn.load, "incompatible")
 
@@ -241,8 +306,13 @@ class Engine(threading.Thread):
         conn.lost()
 
     def lose_tasks(self, conn: WorkerConnection, why: str) -> None:
-        inflight = len(conn.load.inflight)
-        failed = self.scheduler.detach(conn.load, why, retry=not self.stopping_workers)
+        loads = [conn.load]
+        if conn.lanes is not None:
+            # Its task processes go with it; a new one says READY again.
+            loads += [lane.load for lane in conn.lanes.lanes.values()]
+            conn.lanes.lanes.clear()
+        inflight = sum(len(load.inflight) for load in loads)
+        failed = [lost for load in loads for lost in self.scheduler.detach(load, why, retry=not self.stopping_workers)]
         logger.warning("lost worker %s (%s) with %d task(s) in flight", conn.address, why, inflight)
         self.fail_lost(failed, why)
 
@@ -283,10 +353,10 @@ class Engine(threading.Thread):
                 f"the task is {task.size} bytes, more than worker {load.name} accepts "
                 f"(its --max-message-size is {load.max_task_bytes})"))
         for load, batch in batches:
-            conn = self.by_name[load.name]
-            message = proto.encode_messages([proto.Item(Kind.TASK, task.ident, task.frames) for task in batch])
-            if not conn.send(message):
-                self.scheduler.unsent(load, batch)  # disconnected since its last message: an event follows
+            # A connection (or a lane of the embedded worker) that disconnected since its last
+            # message: an event follows.
+            if not load.owner.send_tasks(batch):
+                self.scheduler.unsent(load, batch)
 
     def tick(self) -> None:
         now = time.monotonic()
@@ -340,7 +410,10 @@ class Engine(threading.Thread):
             if self.handle.broken is None:
                 self.handle.broken = error
         self.take_submissions()
-        tasks = [task for conn in self.connections for task in self.scheduler.take_inflight(conn.load)]
+        loads = [conn.load for conn in self.connections]
+        if self.direct is not None:
+            loads += [lane.load for lane in self.direct.lanes.values()]
+        tasks = [task for load in loads for task in self.scheduler.take_inflight(load)]
         for task in tasks + self.scheduler.take_all():
             fail(task, copy_error(error))
 
@@ -348,6 +421,8 @@ class Engine(threading.Thread):
         try:
             for conn in self.connections:
                 conn.close()
+            if self.direct is not None:
+                self.direct.close()
             self.selector.close()
             self.context.term()
         finally:

@@ -30,6 +30,8 @@ class LocalWorker:
     def __init__(self, processes: int) -> None:
         self.private_dir = tempfile.mkdtemp(prefix="zmqexecutor-")  # mode 0700
         self.endpoint = f"ipc://{self.private_dir}/worker"
+        # Its task processes exchange tasks with the executor here, without the supervisor's relay.
+        self.direct_address = f"ipc://{self.private_dir}/direct"
         env = dict(os.environ)
         # Like multiprocessing's spawn: the task processes see the same import path as this process,
         # so functions from the user's own modules unpickle there.
@@ -40,6 +42,7 @@ class LocalWorker:
             "--bind", self.endpoint,
             "--processes", str(processes),
             "--parent-pid", str(os.getpid()),
+            "--direct", self.direct_address,
             "--log-level", level,
         ]
         self.env = env

@@ -53,6 +53,15 @@ message may be a BATCH as above)::
     RESULT, EXCEPTION, INIT_FAILED, OUTPUT
                  t -> s  as above; the supervisor forwards them to the client untouched
     STOP         s -> t  [hdr(0)]: exit after the tasks already sent
+
+The embedded worker runs *direct*: its task processes connect to a ROUTER the client binds (in the
+same private folder) and exchange the task-process messages above with the client itself; the
+supervisor sees no task, only the processes, and tells the client when one ends::
+
+    EXITED       w -> c  [hdr(pid), json {pid, started, finished, exitcode, signal, retired, host}]:
+                         of the tasks the client sent that process, in order, the first ``finished``
+                         ran to the end, the next (if ``started`` is larger) was running, the rest
+                         never started
 """
 
 from __future__ import annotations
@@ -110,6 +119,7 @@ class Kind(enum.IntEnum):
     OUTPUT = 18
     BATCH = 19
     LOST = 20
+    EXITED = 21
 
 
 _KINDS = {int(k): k for k in Kind}
@@ -333,7 +343,7 @@ PACK_LIMIT = OOB_MIN_BYTES
 
 # The kinds a BATCH may carry: tasks and their replies. Control messages always go alone.
 BATCHED_KINDS = frozenset({Kind.TASK, Kind.RESULT, Kind.EXCEPTION, Kind.INIT_FAILED, Kind.CRASHED,
-                           Kind.OUTPUT, Kind.DROPPED, Kind.LOST})
+                           Kind.OUTPUT, Kind.DROPPED, Kind.LOST, Kind.EXITED})
 
 # The most messages one BATCH may carry; a bigger count is malformed (senders stay far below).
 MAX_BATCH = 65536
@@ -450,6 +460,27 @@ def decode_process_task(frames: Sequence[Any]) -> tuple[bytes, Any, Sequence[Any
     """A task process's TASK frames after the header: client id, initializer pickle, call frames."""
     expect_frames(frames, 3)
     return as_bytes(frames[0]), frames[1], frames[2:]
+
+
+def encode_exited(*, pid: int, started: int, finished: int, exitcode: int | None, retired: bool,
+                  host: str) -> list[bytes]:
+    """EXITED, supervisor -> the client of a direct worker: a task process ended after starting
+    ``started`` and finishing ``finished`` of the tasks it was sent; ``retired`` when it was told to."""
+    signal_name, _ = describe_exit(exitcode)
+    return [encode_header(Kind.EXITED, pid), encode_json({
+        "pid": pid, "started": started, "finished": finished, "exitcode": exitcode, "signal": signal_name,
+        "retired": retired, "host": host})]
+
+
+def decode_exited(frames: Sequence[Frame]) -> dict[str, Any]:
+    expect_frames(frames, 1, 1)
+    info = decode_json(frames[0])
+    for key in ("pid", "started", "finished"):
+        if not isinstance(info.get(key), int) or info[key] < 0:
+            raise ProtocolError(f"EXITED without a valid {key}")
+    if info["finished"] > info["started"]:
+        raise ProtocolError("EXITED with more tasks finished than started")
+    return info
 
 
 def describe_exit(exitcode: int | None) -> tuple[str | None, str]:

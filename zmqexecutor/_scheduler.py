@@ -61,13 +61,15 @@ def next_task_id() -> int:
 class Load:
     """The scheduler's view of one worker: its slots, its tasks in flight, its pace."""
 
-    __slots__ = ("name", "slots", "max_task_bytes", "inflight", "ready", "in_turn", "service", "busy_since",
-                 "completed", "lost")
+    __slots__ = ("name", "owner", "slots", "max_task_bytes", "quota", "inflight", "ready", "in_turn", "service",
+                 "busy_since", "completed", "lost")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, owner: Any = None) -> None:
         self.name = name
+        self.owner = owner  # whoever sends this worker's batches: the engine's business
         self.slots = 0
         self.max_task_bytes: Optional[int] = None
+        self.quota: Optional[int] = None  # tasks it may still be given (max_tasks_per_child); None: no end
         self.inflight: dict[int, Task] = {}
         self.ready = False
         self.in_turn = False
@@ -87,7 +89,10 @@ class Load:
         return self.slots * (1 + ahead)
 
     def credit(self) -> int:
-        return self.capacity - len(self.inflight) if self.ready else 0
+        if not self.ready:
+            return 0
+        credit = self.capacity - len(self.inflight)
+        return credit if self.quota is None else min(credit, self.quota)
 
 
 class Scheduler:
@@ -207,6 +212,8 @@ class Scheduler:
                 for task in batch:
                     load.inflight[task.ident] = task
                 self.in_flight += len(batch)
+                if load.quota is not None:
+                    load.quota -= len(batch)
                 batches.append((load, batch))
             self.offer(load)
         return batches, too_large
@@ -234,7 +241,16 @@ class Scheduler:
         """A batch could not be sent (the worker disconnected since its last message): back it goes."""
         tasks = [task for task in batch if load.inflight.pop(task.ident, None) is not None]
         self.in_flight -= len(tasks)
+        self.requeue(tasks)
+
+    def requeue(self, tasks: list[Task]) -> None:
+        """Tasks taken back from a worker that never started them: first in line again, no retry counted."""
+        now = time.monotonic()
+        for task in tasks:
+            task.queued_at = now
         self.backlog.extendleft(reversed(tasks))
+        if tasks and self.waiting_since is None:
+            self.waiting_since = now
 
     # Replies ------------------------------------------------------------------------------------------
 

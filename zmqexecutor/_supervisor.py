@@ -76,7 +76,7 @@ class Supervisor:
     """Owns the bound endpoint and the task processes; routes frames between them."""
 
     def __init__(self, bind: str, processes: int, *, parent_pid: Optional[int] = None,
-                 secret_key_file: Optional[str] = None, allow: Optional[str] = None,
+                 secret_key_file: Optional[str] = None, allow: Optional[str] = None, direct: Optional[str] = None,
                  max_message_size: int = proto.DEFAULT_MAX_MESSAGE_SIZE) -> None:
         self.bind = bind
         self.secret_key_file = secret_key_file
@@ -92,7 +92,10 @@ class Supervisor:
         self.queue: collections.deque[tuple[bytes, int, Any]] = collections.deque()
         self.outbox: dict[bytes, list[Item]] = {}
         self.private_dir = tempfile.mkdtemp(prefix="zmqexecutor-worker-")
-        self.pool = TaskProcessPool(f"ipc://{self.private_dir}/tasks", multiprocessing.get_context("spawn"))
+        self.back_address = f"ipc://{self.private_dir}/tasks"
+        self.direct = direct
+        self.pool = TaskProcessPool(direct or self.back_address, multiprocessing.get_context("spawn"),
+                                    direct=direct is not None)
         self.stopping = False
         self.started = time.monotonic()
         self.tally = {"done": 0, "failed": 0, "crashed": 0}
@@ -189,7 +192,8 @@ class Supervisor:
         except zmq.ZMQError as exc:
             raise _GiveUp(f"cannot bind {self.bind}: {exc}") from None
         self.endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.back.bind(self.pool.back_address)
+        if self.direct is None:
+            self.back.bind(self.back_address)
 
     def receive_from_clients(self) -> None:
         for frames in drain(self.front):
@@ -225,6 +229,11 @@ class Supervisor:
             for task in tasks:
                 if task.kind != Kind.TASK or not task.frames:
                     raise proto.ProtocolError(f"a {task.kind.name} without a call among the tasks")
+            if self.direct is not None:  # its processes take tasks from the embedding client only
+                dropped = proto.encode_reason("this worker takes tasks only from the executor that embeds it")
+                for task in tasks:
+                    self.reply(client, Item(Kind.DROPPED, task.ident, dropped))
+                return
             self.queue.extend((client, task.ident, task.frames) for task in tasks)
         elif header.kind == Kind.PING:
             self.send_to_client(client, [proto.encode_header(Kind.PONG)])
@@ -358,6 +367,11 @@ class Supervisor:
                     self.tally["crashed"] += item.kind == Kind.CRASHED
                     self.reply(client, item)
             self.queue.extendleft(reversed(unstarted))
+            for info in self.pool.exits:  # direct: the client accounts for that process's tasks
+                for session in self.sessions:
+                    self.reply(session.client, Item(Kind.EXITED, info["pid"],
+                                                    proto.encode_exited(host=self.host, **info)[1:]))
+            self.pool.exits.clear()
             if self.pool.startup_failures >= MAX_STARTUP_FAILURES:
                 raise _GiveUp(f"{self.pool.startup_failures} task processes in a row died before starting; giving up")
 

@@ -1,4 +1,10 @@
-"""The worker's task processes: start, hand out work with credit, retire, reap, account for crashes."""
+"""The worker's task processes: start, hand out work with credit, retire, reap, account for crashes.
+
+Relayed (a worker started by the user), the supervisor hands out every task and knows what each
+process holds. Direct (the embedded worker), the processes take tasks from the client itself; the
+pool then only starts, reaps and replaces them, and reports each end with the process's counters
+(``exits``) so that the client can account for the tasks it sent there.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ from typing import Any, NamedTuple, Optional
 from . import _protocol as proto
 from ._protocol import Item, Kind
 from ._sessions import Sessions
-from ._taskprocess import FINISHED, STARTED, task_process_main
+from ._taskprocess import COUNTERS, FINISHED, RETIRED, STARTED, UP, task_process_main
 
 logger = logging.getLogger("zmqexecutor.worker")
 
@@ -68,9 +74,11 @@ class TaskProcess:
 
 
 class TaskProcessPool:
-    def __init__(self, back_address: str, mp: Any) -> None:
-        self.back_address = back_address
+    def __init__(self, address: str, mp: Any, *, direct: bool = False) -> None:
+        self.address = address
         self.mp = mp
+        self.direct = direct
+        self.exits: list[dict[str, Any]] = []  # direct: processes that ended, for the client
         self.by_ident: dict[bytes, TaskProcess] = {}
         self.by_sentinel: dict[int, TaskProcess] = {}
         self.service: Optional[float] = None
@@ -80,8 +88,8 @@ class TaskProcessPool:
     def start(self, count: int, mp: Any = None) -> None:
         for _ in range(count):
             context = mp or self.mp
-            counters = context.RawArray("Q", 2)
-            process = context.Process(target=task_process_main, args=(self.back_address, os.getpid(), counters),
+            counters = context.RawArray("Q", COUNTERS)
+            process = context.Process(target=task_process_main, args=(self.address, os.getpid(), counters),
                                       name="zmqexecutor-task", daemon=True)
             process.start()
             proc = TaskProcess(process, counters)
@@ -93,6 +101,8 @@ class TaskProcessPool:
         self.startup_failures = 0
 
     def busy(self) -> int:
+        if self.direct:
+            return sum(proc.counters[STARTED] > proc.counters[FINISHED] for proc in self.by_ident.values())
         return sum(bool(proc.assigned) for proc in self.by_ident.values())
 
     def credit(self, proc: TaskProcess) -> int:
@@ -142,8 +152,12 @@ class TaskProcessPool:
 
     def signal_running(self, client: bytes, sig: signal.Signals) -> None:
         for proc in list(self.by_ident.values()):
-            running = proc.running()
-            if running is not None and running.client == client and proc.process.pid is not None:
+            if self.direct:  # one client: every running task is its
+                ours = proc.counters[STARTED] > proc.counters[FINISHED]
+            else:
+                running = proc.running()
+                ours = running is not None and running.client == client
+            if ours and proc.process.pid is not None:
                 logger.info("stopping task process %d with %s at its client's request", proc.process.pid, sig.name)
                 try:
                     os.kill(proc.process.pid, sig)
@@ -184,21 +198,27 @@ class TaskProcessPool:
         proc.process.join()
         if proc.retiring:
             return [], []
-        if not proc.ready:
+        if proc.ready or proc.counters[UP]:
+            self.startup_failures = 0
+        else:
             self.startup_failures += 1
         started, finished = proc.counters[STARTED], proc.counters[FINISHED]
         pid, code = proc.process.pid, proc.process.exitcode
+        retired = bool(proc.counters[RETIRED])
         signal_name, how = proto.describe_exit(code)
+        if self.direct:
+            self.exits.append(dict(pid=pid, started=started, finished=finished, exitcode=code, retired=retired))
         replies = []
         for a in proc.assigned.values():
             if a.seq < finished:  # it ran; its reply died with the process: the client retries it
                 reason = proto.encode_reason(f"its reply was lost when task process {pid} {how} in a later task")
                 replies.append((a.client, Item(Kind.LOST, a.task_id, reason)))
             elif a.seq < started:
-                logger.warning("task process %d %s while running a task; replacing it", pid, how)
                 crash = proto.encode_crash(exitcode=code, signal_name=signal_name, host=host, pid=pid)
                 replies.append((a.client, Item(Kind.CRASHED, a.task_id, crash)))
-        if started == finished:
+        if started > finished:
+            logger.warning("task process %d %s while running a task; replacing it", pid, how)
+        elif not retired:
             logger.warning("idle task process %d %s; replacing it", pid, how)
         self.start(1)
         return replies, [(a.client, a.task_id, a.frames) for a in proc.assigned.values() if a.seq >= started]

@@ -3,13 +3,14 @@
 Data flow::
 
     supervisor back ROUTER --- TASK (alone or in a BATCH), STOP ---> DEALER --> local queue
-                                                                              | run in order
-    supervisor back ROUTER <-- RESULT EXCEPTION INIT_FAILED OUTPUT -- replies held while more tasks
-                               (alone or in a BATCH)                 wait here (bounded), then sent
+    (or the client's direct                                                   | run in order
+    ROUTER, embedded worker) <-- READY RESULT EXCEPTION INIT_FAILED -- replies held while more tasks
+                               OUTPUT (alone or in a BATCH)          wait here (bounded), then sent
 
 Two counters in memory shared with the supervisor say how many tasks this process has started and
-finished, so that when it dies the supervisor knows exactly which task killed it, which finished
-tasks lost their replies with it, and which queued behind never started (those are sent elsewhere).
+finished, so that when it dies the supervisor (or, for the embedded worker, the client it reports
+to) knows exactly which task killed it, which finished tasks lost their replies with it, and which
+queued behind never started (those are sent elsewhere).
 """
 
 from __future__ import annotations
@@ -53,7 +54,10 @@ OUTPUT_INTERVAL = 0.5
 
 _PR_SET_PDEATHSIG = 1
 
-STARTED, FINISHED = 0, 1
+# The counters shared with the supervisor: tasks started and finished; set once started up; set when
+# it exits because it was told to (STOP), not because of a task.
+STARTED, FINISHED, UP, RETIRED = range(4)
+COUNTERS = 4
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -146,6 +150,7 @@ class TaskLoop:
             if not self.queue:
                 self.send_held()
                 if self.stopping:
+                    self.counters[RETIRED] = 1
                     return
                 if not self.sock.poll(int(PARENT_CHECK_INTERVAL * 1000)):
                     if os.getppid() != supervisor_pid:
@@ -247,7 +252,7 @@ class TaskLoop:
         return Item(Kind.OUTPUT, task_id, frames[1:])
 
 
-def task_process_main(back_address: str, supervisor_pid: int, counters: Any) -> None:
+def task_process_main(address: str, supervisor_pid: int, counters: Any) -> None:
     _die_with_parent(supervisor_pid)
     # Ctrl-C in a terminal reaches the whole process group; the supervisor decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -258,8 +263,11 @@ def task_process_main(back_address: str, supervisor_pid: int, counters: Any) -> 
     context = zmq.Context()
     sock = unbounded(context.socket(zmq.DEALER), linger=1000)
     sock.setsockopt(zmq.ROUTING_ID, str(pid).encode())
-    sock.connect(back_address)
+    # Whoever binds (the client, for a direct worker) may do so a moment after we start.
+    sock.setsockopt(zmq.RECONNECT_IVL, 10)
+    sock.connect(address)
     sock.send_multipart(proto.encode_ready(pid))
+    counters[UP] = 1
     # A forked task process inherits the supervisor's log handlers, which write to the real stderr;
     # without them, the tasks' own logging goes through sys.stderr and is captured with their prints.
     logging.root.handlers.clear()
