@@ -32,4 +32,4 @@ def test_a_process_that_ended_between_tasks_was_running_none() -> None:
 
 def test_a_process_that_ended_with_every_reply_delivered_leaves_nothing() -> None:
     ending = sort_out([], given=5, started=5, finished=5)
-    assert ending == ([], None, [])
+    assert ending == ([], None, [], [])

@@ -27,7 +27,7 @@ import zmq
 
 from . import _protocol as proto
 from ._protocol import Item, Kind
-from ._scheduler import Load, Task
+from ._scheduler import Load, Scheduler, Task
 from ._sockets import unbounded
 
 
@@ -56,6 +56,7 @@ class Ending(NamedTuple):
     ran: list[Task]  # finished; their replies died with the process
     running: Optional[Task]
     unstarted: list[Task]
+    failed: list[tuple[Task, str]] = []  # of ``ran``, those lost too often to be retried
 
 
 class DirectLanes:
@@ -76,10 +77,47 @@ class DirectLanes:
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.socket.bind(address)
 
-    def add(self, ident: bytes) -> Lane:
-        lane = self.lanes[ident] = Lane(self, ident, self.endpoint, self.max_tasks_per_child)
-        lane.load.slots = 1
-        return lane
+    def receive(self, frames: list[Any], scheduler: Scheduler, usable: bool) -> list[tuple[Load, Item]]:
+        """A message from a task process: a new one (READY) gets a lane, attached when ``usable``;
+        the replies in it are returned with the load they belong to."""
+        proto.expect_frames(frames, 2)
+        ident = frames[0].bytes
+        header = proto.decode_header(frames[1])
+        lane = self.lanes.get(ident)
+        if header.kind == Kind.READY:
+            if lane is None:
+                lane = self.lanes[ident] = Lane(self, ident, self.endpoint, self.max_tasks_per_child)
+                if usable:
+                    scheduler.attach(lane.load, 1, None)
+            return []
+        if lane is None:
+            return []  # from a process that ended: its tasks were settled without it
+        return [(lane.load, item) for item in proto.split(header, frames[1:])]
+
+    def attach_all(self, scheduler: Scheduler) -> None:
+        for lane in self.lanes.values():
+            scheduler.attach(lane.load, 1, None)
+
+    def detach_all(self, scheduler: Scheduler, why: str, *, retry: bool) -> list[tuple[Task, str]]:
+        """The local worker is gone, its task processes with it: their tasks are retried."""
+        failed = [lost for lane in self.lanes.values() for lost in scheduler.detach(lane.load, why, retry=retry)]
+        self.lanes.clear()
+        return failed
+
+    def exited(self, info: dict[str, Any], scheduler: Scheduler, *, retry: bool) -> Optional[Ending]:
+        """A task process ended: its lane goes. With ``retry``, what ran is retried and what never
+        started goes back first in line; the engine fails the running task, those out of retries
+        and, without ``retry``, the unstarted ones."""
+        lane = self.lanes.pop(str(info["pid"]).encode(), None)
+        if lane is None:
+            return None
+        self.completed += lane.load.completed
+        tasks = scheduler.take_inflight(lane.load)
+        scheduler.detach(lane.load, "it ended")
+        ending = sort_out(tasks, lane.given, info["started"], info["finished"])
+        if retry:
+            scheduler.requeue(ending.unstarted)
+        return ending._replace(failed=scheduler.retry(lane.load, ending.ran, retry=retry))
 
     def send(self, lane: Lane, batch: list[Task]) -> bool:
         items = []
@@ -103,16 +141,6 @@ class DirectLanes:
             return False
         return True
 
-    def end(self, lane: Lane, tasks: list[Task], started: int, finished: int) -> Ending:
-        """Sort the tasks that were in flight on ``lane``'s process, which ended, by its counters.
-
-        ``tasks`` are in the order they were sent. A process runs its tasks in that order and its
-        replies arrive in that order, so those still in flight are the last ones it was sent.
-        """
-        del self.lanes[lane.ident]
-        self.completed += lane.load.completed
-        return sort_out(tasks, lane.given, started, finished)
-
     def in_flight(self) -> int:
         return sum(len(lane.load.inflight) for lane in list(self.lanes.values()))
 
@@ -124,7 +152,11 @@ class DirectLanes:
 
 
 def sort_out(tasks: list[Task], given: int, started: int, finished: int) -> Ending:
-    """``tasks``, the last ones of the ``given`` sent to a process, by what its counters say."""
+    """``tasks``, the last ones of the ``given`` sent to a process, by what its counters say.
+
+    A process runs its tasks in the order they were sent and its replies arrive in that order, so the
+    tasks still in flight are the last ones it was sent, in order.
+    """
     ran, running, unstarted = [], None, []
     for seq, task in enumerate(tasks, start=given - len(tasks)):
         if seq < finished:
@@ -135,9 +167,3 @@ def sort_out(tasks: list[Task], given: int, started: int, finished: int) -> Endi
             unstarted.append(task)
     return Ending(ran, running, unstarted)
 
-
-def reply_items(frames: list[Any]) -> tuple[bytes, list[Item]]:
-    """A message from a task process: who sent it, and what it holds."""
-    proto.expect_frames(frames, 2)
-    header = proto.decode_header(frames[1])
-    return frames[0].bytes, proto.split(header, frames[1:])

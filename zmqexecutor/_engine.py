@@ -51,7 +51,7 @@ import zmq
 
 from . import _protocol as proto
 from ._connection import WorkerConnection, WorkerInfo
-from ._direct import DirectLanes, reply_items
+from ._direct import DirectLanes
 from ._errors import BrokenWorkerPool, MessageTooLargeError, NoWorkersError, TaskCrashedError, VersionMismatchError, \
     WorkerLostError
 from ._local import LocalWorker
@@ -240,17 +240,11 @@ class Engine(threading.Thread):
 
     def handle_direct(self, frames: list[Any]) -> None:
         assert self.direct is not None
+        now = time.monotonic()
         try:
-            ident, items = reply_items(frames)
-            now = time.monotonic()
-            for kind, task_id, rest in items:
-                lane = self.direct.lanes.get(ident)
-                if kind == Kind.READY and lane is None:
-                    lane = self.direct.add(ident)
-                    if self.connections[0].ready:
-                        self.scheduler.attach(lane.load, 1, None)
-                elif lane is None or not self.take_reply(lane.load, kind, task_id, rest, now):
-                    raise proto.ProtocolError(f"unexpected {kind.name}")
+            for load, (kind, ident, rest) in self.direct.receive(frames, self.scheduler, self.connections[0].ready):
+                if not self.take_reply(load, kind, ident, rest, now):
+                    raise proto.ProtocolError(f"unexpected {kind.name} from a task process")
         except proto.ProtocolError as exc:
             logger.warning("dropped a malformed message from a local task process: %s", exc)
 
@@ -259,24 +253,20 @@ class Engine(threading.Thread):
         assert self.direct is not None
         for frames in drain(self.direct.socket):  # what it sent before it ended
             self.handle_direct(frames)
-        lane = self.direct.lanes.get(str(info["pid"]).encode())
-        if lane is None:
+        ending = self.direct.exited(info, self.scheduler, retry=not self.stopping_workers)
+        if ending is None:
             return
-        tasks = self.scheduler.take_inflight(lane.load)
-        self.scheduler.detach(lane.load, "ended")
-        ending = self.direct.end(lane, tasks, info["started"], info["finished"])
+        endpoint = self.addresses[0]
         if ending.running is not None:
-            fail(ending.running, crash_error(lane.load.name, info))
+            fail(ending.running, crash_error(endpoint, info))
         if ending.ran:
             _, how = proto.describe_exit(info.get("exitcode"))
-            why = f"its reply was lost when task process {lane.pid} {how} in a later task"
-            logger.warning("%d task(s) lost on worker %s: %s", len(ending.ran), lane.load.name, why)
-            self.fail_lost(self.scheduler.retry(lane.load, ending.ran), why)
+            why = f"its reply was lost when task process {info['pid']} {how} in a later task"
+            logger.warning("%d task(s) lost on worker %s: %s", len(ending.ran), endpoint, why)
+            self.fail_lost(ending.failed, why)
         if self.stopping_workers:
             for task in ending.unstarted:
                 fail(task, BrokenWorkerPool("the task was dropped before it started: its client stopped the workers"))
-        else:
-            self.scheduler.requeue(ending.unstarted)
 
     def welcome(self, conn: WorkerConnection, header: proto.Header, frames: list[Any]) -> None:
         was_ready = conn.ready
@@ -289,8 +279,7 @@ class Engine(threading.Thread):
                 self.scheduler.attach(conn.load, conn.info["slots"], limit if isinstance(limit, int) else None)
             else:
                 conn.load.slots = conn.info["slots"]
-                for lane in conn.lanes.lanes.values():
-                    self.scheduler.attach(lane.load, 1, None)
+                conn.lanes.attach_all(self.scheduler)
         elif not conn.ready and was_ready:
             self.scheduler.detach(conn.load, "incompatible")
 
@@ -306,13 +295,10 @@ class Engine(threading.Thread):
         conn.lost()
 
     def lose_tasks(self, conn: WorkerConnection, why: str) -> None:
-        loads = [conn.load]
-        if conn.lanes is not None:
-            # Its task processes go with it; a new one says READY again.
-            loads += [lane.load for lane in conn.lanes.lanes.values()]
-            conn.lanes.lanes.clear()
-        inflight = sum(len(load.inflight) for load in loads)
-        failed = [lost for load in loads for lost in self.scheduler.detach(load, why, retry=not self.stopping_workers)]
+        inflight = len(conn.load.inflight) + (conn.lanes.in_flight() if conn.lanes is not None else 0)
+        failed = self.scheduler.detach(conn.load, why, retry=not self.stopping_workers)
+        if conn.lanes is not None:  # its task processes went with it
+            failed += conn.lanes.detach_all(self.scheduler, why, retry=not self.stopping_workers)
         logger.warning("lost worker %s (%s) with %d task(s) in flight", conn.address, why, inflight)
         self.fail_lost(failed, why)
 
