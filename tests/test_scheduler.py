@@ -202,7 +202,7 @@ def test_a_quota_caps_what_a_worker_is_ever_given() -> None:
 
 def test_requeued_tasks_go_first_and_count_no_retry() -> None:
     s = Scheduler(max_retries=0, max_in_flight=None)
-    w = ready(s, "w", slots=1)
+    ready(s, "w", slots=1)
     for i in range(4):
         s.add(task(i))
     (load, batch), = s.next_batches(0.0)[0]

@@ -7,7 +7,6 @@ import functools
 import itertools
 import os
 import signal
-import threading
 import time
 import weakref
 from concurrent.futures import Executor, Future

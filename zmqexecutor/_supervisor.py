@@ -139,7 +139,7 @@ class Supervisor:
 
     def serve(self, signal_fd: int) -> None:
         poller = zmq.Poller()
-        for sock in (self.front, self.back, signal_fd):
+        for sock in (self.front, self.pool.socket, signal_fd):
             poller.register(sock, zmq.POLLIN)
         registered: set[int] = set()
         next_check = 0.0
@@ -175,9 +175,7 @@ class Supervisor:
 
     def open_sockets(self) -> None:
         self.front = unbounded(self.context.socket(zmq.ROUTER), linger=0)
-        self.back = unbounded(self.context.socket(zmq.ROUTER), linger=0)
-        for sock in (self.front, self.back):
-            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.front.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # A client that reconnects (after a cut link, say) takes its identity over from the old connection.
         self.front.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.front.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
@@ -192,8 +190,7 @@ class Supervisor:
         except zmq.ZMQError as exc:
             raise _GiveUp(f"cannot bind {self.bind}: {exc}") from None
         self.endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
-        if self.direct is None:
-            self.back.bind(self.back_address)
+        self.pool.open(self.context)
 
     def receive_from_clients(self) -> None:
         for frames in drain(self.front):
@@ -304,21 +301,9 @@ class Supervisor:
 
     def receive_from_processes(self) -> None:
         now = time.monotonic()
-        for frames in drain(self.back):
-            proc = self.pool.by_ident.get(frames[0].bytes)
-            if proc is None:
-                continue  # a process we already reaped
-            try:
-                proto.expect_frames(frames, 2)
-                header = proto.decode_header(frames[1])
-                items = proto.split(header, frames[1:])
-            except proto.ProtocolError as exc:
-                logger.error("dropped a malformed message from task process %s: %s", proc.process.pid, exc)
-                continue
+        for proc, items in self.pool.receive():
             for item in items:
-                if item.kind == Kind.READY:
-                    self.pool.ready(proc)
-                elif item.kind in _REPLIES:
+                if item.kind in _REPLIES:
                     self.finish_task(proc, item, now)
                 elif item.kind == Kind.OUTPUT:
                     assignment = proc.assigned.get(item.ident)
@@ -343,19 +328,12 @@ class Supervisor:
         if item.kind == Kind.INIT_FAILED:
             proc.closing = True
         if proc.closing and not proc.assigned and not proc.retiring:
-            self.retire(proc)
+            self.pool.retire(proc)
 
     def too_large(self, task_id: int, size: int, limit: int) -> Item:
         error = MessageTooLargeError(
             f"the task's result is {size} bytes, more than the client's max_message_size={limit}")
         return Item(Kind.EXCEPTION, task_id, proto.encode_exception(error, host=self.host, pid=os.getpid()))
-
-    def retire(self, proc: TaskProcess) -> None:
-        try:
-            self.back.send_multipart([proc.ident, proto.encode_header(Kind.STOP)])
-        except zmq.ZMQError:
-            proc.process.terminate()
-        self.pool.retire(proc)
 
     def reap_processes(self, sentinels: list[int]) -> None:
         if sentinels:
@@ -378,16 +356,7 @@ class Supervisor:
     def dispatch_tasks(self) -> None:
         if self.queue:
             for proc, items in self.pool.hand_out(self.queue, self.sessions):
-                self.send_to_process(proc, items)
-
-    def send_to_process(self, proc: TaskProcess, items: list[Item]) -> None:
-        try:
-            self.back.send_multipart([proc.ident, *proto.encode_messages(items)], copy=False)
-        except zmq.ZMQError as exc:
-            if exc.errno != zmq.EHOSTUNREACH:
-                raise
-            # The process died before its sentinel was seen: the reaper accounts for these tasks.
-            logger.debug("task process %s unreachable", proc.process.pid)
+                self.pool.send(proc, proto.encode_messages(items))
 
     def check_parent(self) -> None:
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
@@ -396,10 +365,9 @@ class Supervisor:
 
     def close(self) -> None:
         self.pool.stop()
-        for sock_name in ("front", "back"):
-            sock = getattr(self, sock_name, None)
-            if sock is not None:
-                sock.close(linger=0)
+        front = getattr(self, "front", None)
+        if front is not None:
+            front.close(linger=0)
         if self.guard is not None:
             self.guard.stop()
         self.context.term()

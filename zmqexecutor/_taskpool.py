@@ -16,9 +16,12 @@ import signal
 import time
 from typing import Any, NamedTuple, Optional
 
+import zmq
+
 from . import _protocol as proto
 from ._protocol import Item, Kind
 from ._sessions import Sessions
+from ._sockets import drain, unbounded
 from ._taskprocess import COUNTERS, FINISHED, RETIRED, STARTED, UP, task_process_main
 
 logger = logging.getLogger("zmqexecutor.worker")
@@ -85,6 +88,43 @@ class TaskProcessPool:
         self.startup_failures = 0
         self.ids = 0  # the supervisor's own task ids, unique across clients
 
+    def open(self, context: zmq.Context[Any]) -> None:
+        """The socket the processes connect to when relayed (bound; in direct mode, never used)."""
+        self.socket = unbounded(context.socket(zmq.ROUTER), linger=0)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if not self.direct:
+            self.socket.bind(self.address)
+
+    def receive(self) -> list[tuple[TaskProcess, list[Item]]]:
+        """What the processes sent, READY taken in; a message from a process already reaped is dropped."""
+        received = []
+        for frames in drain(self.socket):
+            proc = self.by_ident.get(frames[0].bytes)
+            if proc is None:
+                continue
+            try:
+                proto.expect_frames(frames, 2)
+                items = proto.split(proto.decode_header(frames[1]), frames[1:])
+            except proto.ProtocolError as exc:
+                logger.error("dropped a malformed message from task process %s: %s", proc.process.pid, exc)
+                continue
+            if any(item.kind == Kind.READY for item in items):
+                proc.ready = True
+                self.startup_failures = 0
+            received.append((proc, items))
+        return received
+
+    def send(self, proc: TaskProcess, frames: list[Any]) -> bool:
+        try:
+            self.socket.send_multipart([proc.ident, *frames], copy=False)
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            # The process died before its sentinel was seen: the reaper accounts for its tasks.
+            logger.debug("task process %s unreachable", proc.process.pid)
+            return False
+        return True
+
     def start(self, count: int, mp: Any = None) -> None:
         for _ in range(count):
             context = mp or self.mp
@@ -95,10 +135,6 @@ class TaskProcessPool:
             proc = TaskProcess(process, counters)
             self.by_ident[proc.ident] = proc
             self.by_sentinel[process.sentinel] = proc
-
-    def ready(self, proc: TaskProcess) -> None:
-        proc.ready = True
-        self.startup_failures = 0
 
     def busy(self) -> int:
         if self.direct:
@@ -147,6 +183,9 @@ class TaskProcessPool:
             proc.counts.pop(client, None)
 
     def retire(self, proc: TaskProcess) -> None:
+        """Stop ``proc`` once the tasks it has are done; a replacement starts now."""
+        if not self.send(proc, [proto.encode_header(Kind.STOP)]):
+            proc.process.terminate()
         proc.retiring = True
         self.start(1)
 
@@ -224,6 +263,8 @@ class TaskProcessPool:
         return replies, [(a.client, a.task_id, a.frames) for a in proc.assigned.values() if a.seq >= started]
 
     def stop(self) -> None:
+        if hasattr(self, "socket"):
+            self.socket.close(linger=0)
         procs = [proc.process for proc in self.by_ident.values()]
         for process in procs:
             if process.is_alive():
