@@ -13,9 +13,17 @@ Data flow::
       |                              WorkerConnection (DEALER) ---- TASK or BATCH of TASKs ---->
       |                                           ^
       +<-- Future.set_result / set_exception -----+---- RESULT EXCEPTION CRASHED INIT_FAILED DROPPED
-                                                  |     OUTPUT (alone or in a BATCH), WELCOME, PONG,
-                                                  |     REJECTED
+                                                  |     LOST OUTPUT (alone or in a BATCH), WELCOME,
+                                                  |     PONG, REJECTED, EXITED (embedded worker)
                                                   +---- monitor: handshake done/failed, disconnected
+                                                  |
+                                                  |  embedded worker only (_direct): its task processes
+                                                  +---- DirectLanes (ROUTER) <-> one lane per process:
+                                                        TASK or BATCH, STOP -->  <-- READY, replies
+
+The embedded worker's tasks skip its supervisor: the scheduler sees each of its task processes as a
+worker of one slot, and the supervisor reports (EXITED) when one ends so the engine can settle what
+it held. Remote workers get their tasks through their supervisor.
 
 Each loop turn waits once (epoll over the sockets' descriptors, so a turn costs the same however many
 workers there are), reads every socket that has input until it would block (bounded per socket),
@@ -89,6 +97,12 @@ class Settings:
         self.max_message_size = max_message_size
         self.keys = keys
 
+    def hello(self) -> list[bytes]:
+        info = dict(proto.local_versions(), host=socket.gethostname(), pid=os.getpid(),
+                    max_tasks_per_child=self.max_tasks_per_child, timeout=self.worker_timeout,
+                    max_message_size=self.max_message_size)
+        return proto.encode_hello(info, self.init_blob)
+
 
 class Engine(threading.Thread):
     """The I/O thread of one executor."""
@@ -154,12 +168,7 @@ class Engine(threading.Thread):
 
     def open_connections(self) -> None:
         s = self.settings
-        hello = proto.encode_hello(
-            dict(proto.local_versions(), host=socket.gethostname(), pid=os.getpid(),
-                 max_tasks_per_child=s.max_tasks_per_child, timeout=s.worker_timeout,
-                 max_message_size=s.max_message_size),
-            s.init_blob,
-        )
+        hello = s.hello()
         client_id = f"zx-{uuid.uuid4().hex}".encode()
         self.selector.register(self.handle.wakeup.fileno(), selectors.EVENT_READ, None)
         for address in self.addresses:

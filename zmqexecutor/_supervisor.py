@@ -17,6 +17,11 @@ Data flow::
         v                                 ^  READY, RESULT EXCEPTION INIT_FAILED OUTPUT (or a BATCH)
     task processes (DEALER each, _taskprocess): unpickle, run the user's code, pickle the reply
 
+Started with ``--direct ADDRESS`` (the embedded worker, by its executor), the task processes connect to
+the client's socket at ADDRESS instead and exchange tasks with it directly; the supervisor then only
+answers the client's HELLO and PINGs, starts, reaps and replaces processes, signals them on
+TERMINATE, and sends EXITED (the process's counters) when one ends.
+
 Each loop turn reads both sockets until they would block (bounded), reaps dead task processes, hands
 queued tasks to processes with credit, and sends each client its replies as one message. A process
 that dies gets the task it was running (and any finished ones whose replies died with it) reported
