@@ -10,6 +10,7 @@ import itertools
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -549,6 +550,9 @@ def test_a_task_that_kills_its_process_fails_only_its_future() -> None:
         ({"endpoints": []}, ValueError, "endpoints must not be empty"),
         ({"endpoints": ["tcp://a:1", "tcp://a:1"]}, ValueError, "duplicate endpoints: tcp://a:1"),
         ({"endpoints": [5555]}, TypeError, "an endpoint must be a string"),
+        ({"endpoints": 2, "max_workers": 3}, TypeError, r"ZMQExecutor\(2, 3\): a number as the first argument is max_workers"),
+        ({"endpoints": 0}, ValueError, "max_workers must be greater than 0"),
+        ({"endpoints": 2.5}, TypeError, "endpoints must be a string, a list of strings or None, not float"),
     ],
 )
 def test_bad_arguments_are_clear_errors(kwargs: dict, error: type, message: str) -> None:
@@ -556,6 +560,13 @@ def test_bad_arguments_are_clear_errors(kwargs: dict, error: type, message: str)
     with pytest.raises(error, match=message):
         ZMQExecutor(**kwargs)
     assert children_of(os.getpid()) - before == set()
+
+
+def test_a_number_first_means_max_workers_as_for_process_pool_executor() -> None:
+    with ZMQExecutor(2) as executor:  # ProcessPoolExecutor(2)
+        assert executor.endpoints[0].startswith("ipc://")
+        assert list(executor.map(abs, [-1, -2])) == [1, 2]
+        assert executor.workers()[0].slots == 2
 
 
 def test_an_unpicklable_initializer_is_an_error_at_construction() -> None:
@@ -695,7 +706,7 @@ def test_a_running_tasks_output_reaches_the_client_while_it_runs(caplog, tmp_pat
     def forwarded() -> list[str]:
         return [r.getMessage() for r in caplog.records if r.name == "zmqexecutor.task"]
 
-    with ZMQExecutor(max_workers=1) as executor:
+    with ZMQExecutor(max_workers=1, task_output="log") as executor:
         future = executor.submit(print_then_wait_for, str(release))
         assert wait_until(lambda: any("started" in m for m in forwarded()), timeout=20)
         assert not future.done()
@@ -708,9 +719,9 @@ def test_a_running_tasks_output_reaches_the_client_while_it_runs(caplog, tmp_pat
     assert len(rest) == 1 and rest[0].endswith("] a line not yet finished: finished")
 
 
-def test_task_output_is_forwarded_to_the_client_log(caplog) -> None:
+def test_task_output_can_go_to_the_client_log_instead(caplog, capsys) -> None:
     caplog.set_level("INFO", logger="zmqexecutor.task")
-    with ZMQExecutor(max_workers=1) as executor:
+    with ZMQExecutor(max_workers=1, task_output="log") as executor:
         assert executor.submit(noisy, 7).result(timeout=30) == 7
         endpoint = executor.endpoints[0]
         assert executor.submit(chatty, 200_000).result(timeout=30) == 200_000
@@ -720,3 +731,37 @@ def test_task_output_is_forwarded_to_the_client_log(caplog) -> None:
     assert f"[{endpoint} pid " in stdout and stdout.endswith("printed 7")
     assert "logged 7" in stderr
     assert any("stdout (truncated)" in m for m in records)
+    assert "printed 7" not in capsys.readouterr().out
+
+
+_CHATTY_SCRIPT = '''
+    import os, sys
+    from zmqexecutor import ZMQExecutor
+
+    def chatty(x):
+        print(f"hello {x}")
+        print(f"oops {x}", file=sys.stderr)
+        return os.getpid()
+
+    with ZMQExecutor(%s) as ex:
+        pid = ex.submit(chatty, 1).result()
+    print("pid", pid)
+'''
+
+
+def test_what_a_task_prints_reaches_the_scripts_own_stdout_once_tagged_with_its_process(tmp_path) -> None:
+    out = _run_script(tmp_path, _CHATTY_SCRIPT % "max_workers=1")
+    assert out.returncode == 0, out.stderr
+    pid = out.stdout.rsplit("pid ", 1)[1].strip()
+    assert out.stdout.count("hello 1") == 1 and f"(pid={pid}) hello 1\n" in out.stdout
+    assert out.stderr.count("oops 1") == 1 and f"(pid={pid}) oops 1\n" in out.stderr
+
+
+def test_what_a_remote_task_prints_reaches_the_client_tagged_with_its_host(tmp_path, start_worker) -> None:
+    worker = start_worker(processes=1)
+    out = _run_script(tmp_path, _CHATTY_SCRIPT % repr(worker.endpoint))
+    assert out.returncode == 0, out.stderr
+    pid = out.stdout.rsplit("pid ", 1)[1].strip()
+    assert f"(pid={pid}, host={socket.gethostname()}) hello 1\n" in out.stdout
+    assert f"(pid={pid}, host={socket.gethostname()}) oops 1\n" in out.stderr
+    assert "oops 1" in worker.log()  # and, as before, in the worker's own log (its stderr)

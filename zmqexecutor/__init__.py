@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 __version__ = "0.1.0"
 
 from ._errors import (  # noqa: E402
@@ -46,5 +44,3 @@ __all__ = [
     "MessageTooLargeError",
     "__version__",
 ]
-
-logging.getLogger("zmqexecutor").addHandler(logging.NullHandler())

@@ -48,6 +48,7 @@ import logging
 import os
 import selectors
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -69,7 +70,7 @@ from ._security import ClientKeys
 from ._sockets import DRAIN_LIMIT, drain, fileno, readable
 
 logger = logging.getLogger("zmqexecutor")
-# What tasks print on their workers, forwarded here (INFO); configure this logger to see it.
+# What tasks print on their workers, forwarded here (INFO) with ZMQExecutor(task_output="log").
 task_logger = logging.getLogger("zmqexecutor.task")
 
 # Heartbeats sent per worker_timeout: enough that a few lost or late ones never look like a dead worker.
@@ -86,7 +87,7 @@ class Settings:
 
     def __init__(self, *, init_blob: bytes, max_tasks_per_child: Optional[int], max_in_flight: Optional[int],
                  connect_timeout: Optional[float], worker_timeout: float, max_retries: int,
-                 max_message_size: int, keys: Optional[ClientKeys]) -> None:
+                 max_message_size: int, keys: Optional[ClientKeys], task_output: str = "print") -> None:
         self.init_blob = init_blob
         self.max_tasks_per_child = max_tasks_per_child
         self.max_in_flight = max_in_flight
@@ -96,6 +97,7 @@ class Settings:
         self.max_retries = max_retries
         self.max_message_size = max_message_size
         self.keys = keys
+        self.task_output = task_output
 
     def hello(self) -> list[bytes]:
         info = dict(proto.local_versions(), host=socket.gethostname(), pid=os.getpid(),
@@ -242,7 +244,8 @@ class Engine(threading.Thread):
                     self.break_executor(broken)
         elif kind == Kind.OUTPUT:
             if ident in load.inflight:
-                log_output(load.name, ident, proto.decode_output(rest))
+                show_output(self.settings.task_output, load.name, ident, proto.decode_output(rest),
+                            local=self.local_worker is not None)
         else:
             return False
         return True
@@ -460,14 +463,30 @@ def crash_error(endpoint: str, info: dict[str, Any]) -> TaskCrashedError:
                             pid=int(pid) if isinstance(pid, int) else 0, endpoint=endpoint)
 
 
-def log_output(endpoint: str, task_id: int, output: dict[str, Any]) -> None:
-    tag = f"[{endpoint} pid {output.get('pid')}]"
+def show_output(mode: str, endpoint: str, task_id: int, output: dict[str, Any], *, local: bool) -> None:
+    """What a task printed: on this process's own stdout and stderr (``mode`` "print"), each line
+    tagged with the task process (and host, for a remote one); or as records of the task logger."""
+    if mode == "log":
+        tag = f"[{endpoint} pid {output.get('pid')}]"
+    else:
+        tag = f"(pid={output.get('pid')})" if local else f"(pid={output.get('pid')}, host={output.get('host')})"
     for stream in ("stdout", "stderr"):
         text = output[stream].rstrip("\n")
-        if text:
-            lines = "\n".join(f"{tag} {line}" for line in text.split("\n"))
+        if not text:
+            continue
+        lines = [f"{tag} {line}" for line in text.split("\n")]
+        if mode == "log":
             more = " (truncated)" if output.get("truncated") else ""
-            task_logger.info("task %d %s%s:\n%s", task_id, stream, more, lines)
+            task_logger.info("task %d %s%s:\n%s", task_id, stream, more, "\n".join(lines))
+            continue
+        if output.get("truncated"):
+            lines.append(f"{tag} [zmqexecutor: output cut at 64 KiB per stream and task; the worker's own log has it all]")
+        target = sys.stdout if stream == "stdout" else sys.stderr
+        try:
+            target.write("\n".join(lines) + "\n")
+            target.flush()
+        except (OSError, ValueError, AttributeError):
+            pass  # a closed or missing stream: nowhere to show it
 
 
 def fail(task: Task, error: BaseException) -> None:

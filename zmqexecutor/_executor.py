@@ -99,8 +99,11 @@ class ZMQExecutor(Executor):
     ``__main__`` work); large buffers travel as separate frames. Futures are standard
     ``concurrent.futures.Future`` objects.
 
+    ``ZMQExecutor(4)`` is ``ZMQExecutor(max_workers=4)``, as ``ProcessPoolExecutor(4)`` is.
+
     Args:
-        endpoints: worker endpoints, or None for local workers owned by this executor.
+        endpoints: worker endpoints, or None for local workers owned by this executor; a number here
+            is ``max_workers`` for local workers.
         max_workers: local task processes (default: CPU count); with endpoints, the most tasks this
             executor keeps running at once across all workers (default: all their slots).
         initializer: called as ``initializer(*initargs)`` in each task process before its first task
@@ -121,11 +124,14 @@ class ZMQExecutor(Executor):
         insecure: allow plain-text, unauthenticated connections to endpoints on other hosts.
         max_message_size: the largest task (and result) in bytes; a bigger task fails its future
             with ``MessageTooLargeError``.
+        task_output: where what tasks print goes on this side: ``"print"`` writes each line to this
+            process's stdout or stderr, tagged ``(pid=N)`` (``(pid=N, host=H)`` for a remote
+            worker); ``"log"`` sends it to the ``zmqexecutor.task`` logger at INFO instead.
     """
 
     def __init__(
         self,
-        endpoints: Union[str, Sequence[str], None] = None,
+        endpoints: Union[str, Sequence[str], int, None] = None,
         max_workers: Optional[int] = None,
         *,
         initializer: Optional[Callable[..., object]] = None,
@@ -138,7 +144,14 @@ class ZMQExecutor(Executor):
         worker_keys: Optional[Mapping[str, Union[str, "os.PathLike[str]", bytes]]] = None,
         insecure: bool = False,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        task_output: str = "print",
     ) -> None:
+        if isinstance(endpoints, int) and not isinstance(endpoints, bool):
+            # The ProcessPoolExecutor(4) habit.
+            if max_workers is not None:
+                raise TypeError(f"ZMQExecutor({endpoints}, {max_workers!r}): a number as the first argument is "
+                                "max_workers; give endpoints as strings")
+            endpoints, max_workers = None, endpoints
         addresses = self._check_endpoints(endpoints)
         if max_workers is not None:
             _check_int("max_workers", max_workers, 1, "max_workers must be greater than 0")
@@ -151,6 +164,8 @@ class ZMQExecutor(Executor):
         _check_seconds("worker_timeout", worker_timeout)
         _check_int("max_retries", max_retries, 0, "max_retries must be >= 0")
         _check_int("max_message_size", max_message_size, 1, "max_message_size must be >= 1")
+        if task_output not in ("print", "log"):
+            raise ValueError(f"task_output must be 'print' or 'log', not {task_output!r}")
         if addresses:
             client_keys = _security.client_keys(keys, worker_keys, addresses)
             if client_keys is None and not insecure:
@@ -168,6 +183,7 @@ class ZMQExecutor(Executor):
             max_retries=max_retries,
             max_message_size=max_message_size,
             keys=client_keys,
+            task_output=task_output,
         )
         self._max_message_size = max_message_size
         self._calls = CallEncoder()
@@ -187,11 +203,13 @@ class ZMQExecutor(Executor):
             raise
 
     @staticmethod
-    def _check_endpoints(endpoints: Union[str, Sequence[str], None]) -> list[str]:
+    def _check_endpoints(endpoints: object) -> list[str]:
         if endpoints is None:
             return []
         if isinstance(endpoints, str):
             endpoints = [endpoints]
+        if not isinstance(endpoints, Iterable):
+            raise TypeError(f"endpoints must be a string, a list of strings or None, not {type(endpoints).__name__}")
         addresses = list(endpoints)
         if not addresses:
             raise ValueError("endpoints must not be empty; pass None to run on local worker processes")

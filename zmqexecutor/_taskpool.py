@@ -129,7 +129,9 @@ class TaskProcessPool:
         for _ in range(count):
             context = mp or self.mp
             counters = context.RawArray("Q", COUNTERS)
-            process = context.Process(target=task_process_main, args=(self.address, os.getpid(), counters),
+            # The embedded worker's processes print into the user's terminal through the client only.
+            process = context.Process(target=task_process_main,
+                                      args=(self.address, os.getpid(), counters, not self.direct),
                                       name="zmqexecutor-task", daemon=True)
             process.start()
             proc = TaskProcess(process, counters)

@@ -71,22 +71,26 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 class _Capture:
-    """Stands in for sys.stdout or sys.stderr: writes through, and keeps the current task's text."""
+    """Stands in for sys.stdout or sys.stderr: keeps the current task's text for the client, and
+    writes it through to the real stream too (``echo``) or only what is past the part kept."""
 
-    def __init__(self, stream: Any) -> None:
+    def __init__(self, stream: Any, echo: bool) -> None:
         self.stream = stream
+        self.echo = echo
         self.lock = threading.Lock()  # the task's own threads may print while its output is forwarded
         self.parts: list[str] = []
         self.size = 0  # kept for the current task so far, forwarded or not
         self.truncated = False
 
     def write(self, text: str) -> int:
-        if self.stream is not None:
+        if self.echo and self.stream is not None:
             self.stream.write(text)
         with self.lock:
-            kept = text[:OUTPUT_LIMIT - self.size]
+            kept = text[:max(0, OUTPUT_LIMIT - self.size)]
             if len(kept) < len(text):
                 self.truncated = True
+                if not self.echo and self.stream is not None:
+                    self.stream.write(text[len(kept):])
             if kept:
                 self.parts.append(kept)
                 self.size += len(kept)
@@ -118,7 +122,7 @@ class _Capture:
 class TaskLoop:
     """Receive tasks, run them in order, reply; stream a running task's output meanwhile."""
 
-    def __init__(self, sock: zmq.Socket[Any], host: str, pid: int, counters: Any) -> None:
+    def __init__(self, sock: zmq.Socket[Any], host: str, pid: int, counters: Any, echo: bool = True) -> None:
         self.sock = sock
         self.host = host
         self.pid = pid
@@ -130,7 +134,7 @@ class TaskLoop:
         self.held_bytes = 0
         self.held_since = 0.0
         self.stopping = False
-        self.stdout, self.stderr = _Capture(sys.stdout), _Capture(sys.stderr)
+        self.stdout, self.stderr = _Capture(sys.stdout, echo), _Capture(sys.stderr, echo)
         # The socket belongs to the main thread, except while a task runs: then the forwarder may send
         # that task's output on it. The lock hands it over (ZeroMQ sockets need that memory barrier).
         self.socket_lock = threading.Lock()
@@ -252,7 +256,7 @@ class TaskLoop:
         return Item(Kind.OUTPUT, task_id, frames[1:])
 
 
-def task_process_main(address: str, supervisor_pid: int, counters: Any) -> None:
+def task_process_main(address: str, supervisor_pid: int, counters: Any, echo: bool = True) -> None:
     _die_with_parent(supervisor_pid)
     # Ctrl-C in a terminal reaches the whole process group; the supervisor decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -272,7 +276,7 @@ def task_process_main(address: str, supervisor_pid: int, counters: Any) -> None:
     # without them, the tasks' own logging goes through sys.stderr and is captured with their prints.
     logging.root.handlers.clear()
     try:
-        TaskLoop(sock, socket.gethostname(), pid, counters).serve(supervisor_pid)
+        TaskLoop(sock, socket.gethostname(), pid, counters, echo).serve(supervisor_pid)
     finally:
         sock.close()
         context.term()
