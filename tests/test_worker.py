@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from conftest import alive, children_of, raw_dealer, wait_until
+from conftest import ROOT, alive, children_of, raw_dealer, wait_until
 from zmqexecutor import NoWorkersError, TaskCrashedError, VersionMismatchError, ZMQExecutor
 from zmqexecutor import _protocol as proto
 from zmqexecutor._protocol import Kind
@@ -198,6 +198,41 @@ def test_an_endpoint_that_never_comes_up_fails_after_connect_timeout(tcp_endpoin
         error = future.exception(timeout=30)
         assert isinstance(error, NoWorkersError) and tcp_endpoint in str(error)
         assert 0.9 <= time.monotonic() - started < 5
+
+
+_UNREACHABLE_SCRIPT = '''
+import sys, time
+from zmqexecutor import ZMQExecutor
+
+with ZMQExecutor(sys.argv[1:], connect_timeout=20) as ex:
+    futures = [ex.submit(abs, -i) for i in range(4)]
+    time.sleep(7)
+    print([w.error for w in ex.workers()])
+    print(sorted(f.result() for f in futures))
+'''
+
+
+def test_an_unreachable_endpoint_is_named_early_with_its_reason(tmp_path, tcp_endpoint, start_worker) -> None:
+    good = start_worker(processes=1)
+    script = tmp_path / "script.py"
+    script.write_text(_UNREACHABLE_SCRIPT)
+    # No logging set up, as in a first script: the warning still shows, naming the endpoint and why.
+    out = subprocess.run([sys.executable, str(script), good.endpoint, tcp_endpoint], capture_output=True,
+                         text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0, out.stderr
+    assert f"cannot reach worker {tcp_endpoint} after" in out.stderr
+    assert "connection refused" in out.stderr and good.endpoint not in out.stderr
+    errors, results = out.stdout.splitlines()
+    assert errors == "[None, 'connection refused (nothing listens there)']"
+    assert results == "[0, 1, 2, 3]"
+
+
+def test_the_final_error_says_why_no_worker_was_reachable(tmp_path) -> None:
+    missing = tmp_path / "nothing-here"
+    with ZMQExecutor(f"ipc://{missing}", connect_timeout=6) as ex:
+        error = ex.submit(abs, 1).exception(timeout=30)
+    assert isinstance(error, NoWorkersError)
+    assert f"ipc://{missing}: no socket file at {missing} (no worker is bound there)" in str(error)
 
 
 def test_a_worker_started_late_is_used(tcp_endpoint, start_worker) -> None:

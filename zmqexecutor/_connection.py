@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any, NamedTuple, Optional
 
@@ -13,6 +14,7 @@ from . import _sockets
 from ._errors import SecurityError, VersionMismatchError
 from ._protocol import Kind
 from ._direct import DirectLanes
+from ._endpoints import probe
 from ._scheduler import Load, Task
 from ._security import HANDSHAKE_FAILURE_EVENTS, HANDSHAKE_FAILURES, ClientKeys, secure_client_socket
 
@@ -27,6 +29,11 @@ LOCAL_RECONNECT_IVL_MS = 10
 
 # How long closing sockets may spend flushing the final BYE.
 CLOSE_LINGER_MS = 200
+
+# A worker still not connected after this long gets a warning with the reason a plain connection
+# attempt gives (refused, no such host, ...). Sooner would warn about workers that are just starting.
+UNREACHABLE_WARNING_SECONDS = 3.0
+PROBE_TIMEOUT = 2.0
 
 _MONITORED_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILURE_EVENTS
 
@@ -62,6 +69,9 @@ class WorkerConnection:
         self.hello_at = float("-inf")  # when HELLO last went out
         self.state = self.CONNECTING
         self.load = Load(address, owner=self)
+        self.local = local
+        self.connecting_since = time.monotonic()
+        self.probe: Optional[list[str]] = None  # filled by a probe thread: why it is unreachable
         # The embedded worker's task processes, when the client exchanges tasks with them directly.
         self.lanes: Optional[DirectLanes] = None
         self.instance: Optional[str] = None
@@ -136,6 +146,7 @@ class WorkerConnection:
         self.instance = info["instance"]
         self.state = self.READY
         self.error = None
+        self.probe = None
         self.awaiting_since = None
         logger.debug("worker %s ready with %d slots", self.address, info["slots"])
         return lost
@@ -160,6 +171,10 @@ class WorkerConnection:
     def lost(self) -> None:
         """Forget the session; shake hands again at once (the handshake also repeats every beat)."""
         self.state = self.CONNECTING
+        self.connecting_since = time.monotonic()
+        self.probe = None
+        if isinstance(self.error, ConnectionError):
+            self.error = None
         self.awaiting_since = None
         self.say_hello()
 
@@ -179,7 +194,29 @@ class WorkerConnection:
                 self.awaiting_since = now
         else:
             self.say_hello_again()
+            self.look_into_silence(now)
         return None
+
+    def look_into_silence(self, now: float) -> None:
+        """Still no handshake after a few seconds: find out why once (in a thread, since DNS may
+        block), then warn with the answer."""
+        if self.local or self.error is not None or now - self.connecting_since < UNREACHABLE_WARNING_SECONDS:
+            return
+        if self.probe is None:
+            self.probe = []
+            answer = self.probe
+            threading.Thread(target=lambda: answer.append(probe(self.address, PROBE_TIMEOUT)),
+                             name="zmqexecutor-probe", daemon=True).start()
+        elif self.probe:
+            reason = self.probe[0]
+            self.error = ConnectionError(reason)  # reported once per outage: no probe while it is set
+            logger.warning("cannot reach worker %s after %.0f s: %s; still trying", self.address,
+                           now - self.connecting_since, reason)
+
+    @property
+    def definitely_unusable(self) -> bool:
+        """Refused for a reason that retrying will not change: versions or keys."""
+        return self.state == self.INCOMPATIBLE or isinstance(self.error, SecurityError)
 
     def say_hello_again(self) -> None:
         # Unless one just went out on this connection: its answer may still be on its way.

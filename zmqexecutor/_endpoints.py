@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 
 class Endpoint(NamedTuple):
@@ -47,3 +47,36 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def probe(endpoint: str, timeout: float) -> str:
+    """Why ``endpoint`` may not answer, in words, from a plain connection attempt (blocks up to about
+    ``timeout``; DNS lookups may take longer)."""
+    import os
+    import socket
+
+    where = parse(endpoint)
+    address: Any
+    if where.transport == "ipc":
+        if not os.path.exists(where.path):
+            return f"no socket file at {where.path} (no worker is bound there)"
+        family, address = socket.AF_UNIX, where.path
+    else:
+        try:
+            infos = socket.getaddrinfo(where.host, int(where.port), type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            return f"cannot resolve host {where.host!r} ({exc.strerror})"
+        family, address = infos[0][0], infos[0][4]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(address)
+    except ConnectionRefusedError:
+        return "connection refused (nothing listens there)"
+    except (socket.timeout, TimeoutError):
+        return f"no answer within {timeout:g} s (the host is down, or a firewall drops the packets)"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    finally:
+        sock.close()
+    return "it accepts connections, but no zmqexecutor worker answered there"

@@ -374,15 +374,22 @@ class Engine(threading.Thread):
         scheduler = self.scheduler
         if not scheduler.backlog or scheduler.has_ready_worker():
             return
+        reasons = "".join(f"; {c.address}: {c.error}" for c in self.connections if c.error is not None)
         if all(conn.state == WorkerConnection.INCOMPATIBLE for conn in self.connections):
             errors = "; ".join(str(conn.error) for conn in self.connections)
             for task in scheduler.take_backlog():
                 fail(task, VersionMismatchError(errors))
             return
+        if all(conn.definitely_unusable for conn in self.connections):
+            # Waiting out connect_timeout would change nothing: keys or versions are wrong everywhere.
+            for task in scheduler.take_backlog():
+                error = NoWorkersError(f"no worker can be used{reasons}")
+                error.__cause__ = self.connections[0].error
+                fail(task, error)
+            return
         timeout = self.settings.connect_timeout
         expired = scheduler.expire(time.monotonic(), timeout)
         if expired:
-            reasons = "".join(f"; {c.address}: {c.error}" for c in self.connections if c.error is not None)
             message = (f"no worker became reachable within connect_timeout={timeout:g} s "
                        f"(endpoints: {', '.join(self.addresses)}){reasons}")
             for task in expired:
