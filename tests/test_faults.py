@@ -362,3 +362,65 @@ def test_a_network_partition_mid_task_is_survived_and_healed(namespace, start_wo
             seen.assert_exactly_once(futures)
     finally:
         remote.stop()
+
+
+# --- Ctrl-C and clients that vanish -----------------------------------------------------------------
+
+_CTRL_C_SCRIPT = '''
+import os, sys, time
+from zmqexecutor import ZMQExecutor
+
+def mark_then_sleep(path, seconds):
+    open(path, "w").close()
+    time.sleep(seconds)
+    open(path + ".finished", "w").close()
+
+with ZMQExecutor(%s) as ex:
+    futures = [ex.submit(mark_then_sleep, os.path.join(sys.argv[1], f"started{i}"), 20) for i in range(4)]
+    [f.result() for f in futures]
+'''
+
+
+def _start_script(tmp_path, body: str) -> subprocess.Popen:
+    script = tmp_path / "script.py"
+    script.write_text(body)
+    return subprocess.Popen([sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+@pytest.mark.parametrize("where", ["local", "remote"])
+def test_ctrl_c_returns_promptly_and_stops_the_running_tasks(where: str, tmp_path, start_worker) -> None:
+    worker = start_worker(processes=2) if where == "remote" else None
+    script = _start_script(tmp_path, _CTRL_C_SCRIPT % ("2" if worker is None else repr(worker.endpoint)))
+    try:
+        assert wait_until(lambda: len(list(tmp_path.glob("started?"))) == 2, timeout=30)
+        task_pids = children_of(worker.pid) if worker else {p for c in children_of(script.pid) for p in children_of(c)}
+        assert len(task_pids) >= 2
+        interrupted = time.monotonic()
+        script.send_signal(signal.SIGINT)
+        _, err = script.communicate(timeout=30)
+    finally:
+        script.kill()
+    assert time.monotonic() - interrupted < 6  # not the 20 s the tasks would take
+    assert "KeyboardInterrupt" in err and "stopping its running ones" in err
+    assert len(list(tmp_path.glob("started?"))) == 2 and not list(tmp_path.glob("*.finished"))
+    if worker is None:
+        assert wait_until(lambda: not any(alive(p) for p in task_pids), timeout=15)
+    else:
+        assert wait_until(lambda: worker.log().count("at its client's request") == 2, timeout=15), worker.log()
+        assert worker.process.poll() is None
+
+
+def test_a_worker_stops_the_running_tasks_of_a_client_that_is_gone(tmp_path, start_worker) -> None:
+    worker = start_worker(processes=1)
+    script = _start_script(tmp_path, _CTRL_C_SCRIPT.replace("with ZMQExecutor(%s)", "with ZMQExecutor(%s, worker_timeout=1)")
+                           % repr(worker.endpoint))
+    try:
+        assert wait_until(lambda: (tmp_path / "started0").exists(), timeout=30)
+        script.kill()  # no goodbye, no Ctrl-C: the client is simply gone
+    finally:
+        script.wait(10)
+    # Its session expires after 3 x its worker_timeout; the task it was running stops with it.
+    assert wait_until(lambda: "because its client's session ended" in worker.log(), timeout=15), worker.log()
+    time.sleep(1)
+    assert not (tmp_path / "started0.finished").exists() and not (tmp_path / "started1").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import functools
 import itertools
+import logging
 import os
 import signal
 import time
@@ -21,6 +22,8 @@ from ._errors import MessageTooLargeError, SecurityError
 from ._local import LocalWorker
 from ._scheduler import Task, next_task_id
 from ._serialize import CallEncoder
+
+logger = logging.getLogger("zmqexecutor")
 
 _T = TypeVar("_T")
 
@@ -328,6 +331,15 @@ class ZMQExecutor(Executor):
             cancel_futures: cancel tasks that have not been sent to a worker yet.
         """
         self._handle.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> Optional[bool]:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            # Ctrl-C: ProcessPoolExecutor's workers get the same SIGINT and die with the work; ours run
+            # in a session of their own (or on other hosts), so stop this executor's work explicitly.
+            logger.warning("KeyboardInterrupt: cancelling this executor's queued tasks and stopping its running ones")
+            self._stop_workers(signal.SIGTERM)
+        self.shutdown(wait=True)
+        return None
 
     def terminate_workers(self) -> None:
         """Shut down at once and stop, with SIGTERM, the task processes running this executor's tasks.

@@ -273,6 +273,8 @@ class Supervisor:
         self.outbox.pop(client, None)
         logger.info("client %s %s; dropped its session and %d queued task(s)",
                     client.decode(errors="replace"), why, dropped)
+        # Nobody waits for what its running tasks return anymore: stop them, freeing their slots.
+        self.pool.signal_running(client, signal.SIGTERM, "because its client's session ended")
         self.pool.forget_client(client)
 
     def expire_sessions(self) -> None:
@@ -285,7 +287,8 @@ class Supervisor:
             if item[0] == client:
                 self.reply(client, Item(Kind.DROPPED, item[1], reason))
         self.queue = collections.deque(item for item in self.queue if item[0] != client)
-        self.pool.signal_running(client, signal.SIGKILL if signum == signal.SIGKILL else signal.SIGTERM)
+        self.pool.signal_running(client, signal.SIGKILL if signum == signal.SIGKILL else signal.SIGTERM,
+                                 "at its client's request")
 
     def send_to_client(self, client: bytes, frames: list[Any]) -> None:
         try:

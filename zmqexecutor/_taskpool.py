@@ -191,7 +191,7 @@ class TaskProcessPool:
         proc.retiring = True
         self.start(1)
 
-    def signal_running(self, client: bytes, sig: signal.Signals) -> None:
+    def signal_running(self, client: bytes, sig: signal.Signals, why: str) -> None:
         for proc in list(self.by_ident.values()):
             if self.direct:  # one client: every running task is its
                 ours = proc.counters[STARTED] > proc.counters[FINISHED]
@@ -199,7 +199,7 @@ class TaskProcessPool:
                 running = proc.running()
                 ours = running is not None and running.client == client
             if ours and proc.process.pid is not None:
-                logger.info("stopping task process %d with %s at its client's request", proc.process.pid, sig.name)
+                logger.info("stopping task process %d with %s %s", proc.process.pid, sig.name, why)
                 try:
                     os.kill(proc.process.pid, sig)
                 except ProcessLookupError:
