@@ -464,6 +464,67 @@ def test_initializer_runs_once_in_each_task_process() -> None:
     assert {(value, count) for value, count, _ in states} == {("hello", 1)}
 
 
+_MAIN_GLOBALS_SCRIPT = """
+import os, sys
+from zmqexecutor import ZMQExecutor
+
+conn = None
+N = 1
+counter = 0
+
+def init(value):
+    global conn
+    conn = f"connection-{value}"
+
+def task():
+    return conn
+
+def helper():
+    return conn
+
+def uses_helper():
+    return helper(), N
+
+def bump():
+    global counter
+    counter += 1
+    return os.getpid(), counter
+
+with ZMQExecutor(sys.argv[1:] or None, max_workers=2, initializer=init, initargs=("hello",)) as ex:
+    print(sorted(set(ex.map(lambda _: task(), range(8)))))
+    print(sorted(set(ex.map(lambda _: task(), range(20), chunksize=5))))
+    print(ex.submit(uses_helper).result())
+    N = 2  # a global rebound in the script reaches the tasks
+    print(ex.submit(uses_helper).result())
+    def helper():  # and so does a function redefined, as in a notebook
+        return "redefined"
+    print(ex.submit(uses_helper).result())
+    runs = {}
+    for pid, count in [ex.submit(bump).result() for _ in range(6)]:
+        runs.setdefault(pid, []).append(count)
+    print(all(counts == list(range(1, len(counts) + 1)) for counts in runs.values()))
+"""
+
+
+@pytest.mark.parametrize("where", ["local", "remote"])
+def test_an_initializer_in_the_script_sets_globals_its_tasks_see(where: str, tmp_path, start_worker) -> None:
+    # The ProcessPoolExecutor habit: the initializer opens a connection into a global of the script.
+    args = [start_worker(processes=2).endpoint] if where == "remote" else []
+    script = tmp_path / "script.py"
+    script.write_text(_MAIN_GLOBALS_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60,
+                         cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "['connection-hello']",
+        "['connection-hello']",
+        "('connection-hello', 1)",
+        "('connection-hello', 2)",
+        "('redefined', 2)",
+        "True",  # each task process counts on from its own last value, as a module global would
+    ]
+
+
 def test_a_failing_initializer_breaks_the_executor() -> None:
     executor = ZMQExecutor(max_workers=1, initializer=failing_initializer)
     try:

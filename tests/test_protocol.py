@@ -303,3 +303,40 @@ def test_plain_arguments_and_results_take_the_c_pickler() -> None:
     assert not serialize.is_plain([{"a": 1}]) and not serialize.is_plain(object())
     assert not serialize.is_plain("x" * proto.OOB_MIN_BYTES)  # large: a frame of its own instead
     assert proto.loads(proto.encode_result((1, "a"))) == (1, "a")
+
+
+_MAIN_SOURCE = """
+x = {x}
+def get():
+    return x
+def set_x(value):
+    global x
+    x = value
+def closure(k):
+    return lambda: (k, x)
+"""
+
+
+def _as_sent_from_main(x: int) -> dict:
+    # What cloudpickle rebuilds for functions of the client's __main__: their own copy of its globals.
+    namespace = {"__name__": "__main__"}
+    exec(_MAIN_SOURCE.format(x=x), namespace)
+    return namespace
+
+
+def test_main_functions_share_one_namespace_where_the_process_rebinding_stands() -> None:
+    main = serialize.MainNamespace()
+    first = _as_sent_from_main(1)
+    assert main.adopt(first["get"])() == 1
+    main.adopt(first["set_x"])(5)  # an initializer setting a global
+    assert main.adopt(first["get"])() == 5
+    later = _as_sent_from_main(2)  # the client sends x = 2 later: the process's own value stands
+    assert main.adopt(later["get"])() == 5
+    assert main.adopt(later["closure"](7))() == (7, 5)  # closures keep their cells
+    assert main.adopt(abs) is abs  # importable functions are left alone
+
+
+def test_a_global_the_process_never_rebound_follows_the_client() -> None:
+    main = serialize.MainNamespace()
+    assert main.adopt(_as_sent_from_main(1)["get"])() == 1
+    assert main.adopt(_as_sent_from_main(3)["get"])() == 3

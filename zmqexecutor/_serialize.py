@@ -17,6 +17,7 @@ else goes through cloudpickle with pickle protocol 5, large buffers as frames of
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 import types
@@ -258,6 +259,66 @@ class FunctionCache:
                 self._functions.clear()
             self._functions[blob] = fn
         return fn
+
+
+class MainNamespace:
+    """One client's ``__main__`` module as a task process sees it.
+
+    cloudpickle sends a function from ``__main__`` by value with a private copy of the globals it uses,
+    so an initializer that sets a global would set it in its own copy, never seen by the tasks. Here
+    every such function (the submitted one, the initializer, and the ``__main__`` functions they call)
+    runs in one namespace per client and process, as module globals do in ProcessPoolExecutor's
+    workers. What the client sends updates a name unless code in this process rebound it (an
+    initializer's connection, a task's counter): then the process's value stays.
+    """
+
+    def __init__(self) -> None:
+        self.globals: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}
+        self.sent: dict[str, Any] = {}  # name -> the client's value we put there last
+        self.adopted: dict[int, tuple[Any, Any]] = {}  # id(function as unpickled) -> (it, its copy here)
+
+    def adopt(self, fn: Any) -> Any:
+        """``fn`` as it runs here: a by-value function from ``__main__`` (or a partial of one, as
+        ``map`` sends with a chunksize) bound to this namespace; anything else as it is."""
+        partial = isinstance(fn, functools.partial)
+        if not partial and not (isinstance(fn, types.FunctionType) and fn.__module__ == "__main__"):
+            return fn
+        known = self.adopted.get(id(fn))
+        if known is not None and known[0] is fn:
+            return known[1]
+        if len(self.adopted) >= FUNCTION_CACHE_SIZE:
+            self.adopted.clear()
+        adopted: Any
+        if partial:
+            adopted = functools.partial(self.adopt(fn.func), *map(self.adopt, fn.args), **fn.keywords)
+        else:
+            adopted = self._adopt_function(fn)
+        self.adopted[id(fn)] = (fn, adopted)
+        return adopted
+
+    def _adopt_function(self, fn: types.FunctionType) -> types.FunctionType:
+        sent = fn.__globals__
+        for name, value in sent.items():
+            if name == "__builtins__":
+                continue
+            current = self.globals.get(name, _MISSING)
+            if current is _MISSING or current is self.sent.get(name, _MISSING):
+                self.globals[name] = self.sent[name] = value
+        # The __main__ functions it calls came in the same pickle, sharing its copy of the globals.
+        for name, value in list(self.globals.items()):
+            if isinstance(value, types.FunctionType) and value.__globals__ is sent:
+                self.globals[name] = self._rebind(value)
+                if self.sent.get(name) is value:
+                    self.sent[name] = self.globals[name]
+        return self._rebind(fn)
+
+    def _rebind(self, fn: types.FunctionType) -> types.FunctionType:
+        copy = types.FunctionType(fn.__code__, self.globals, fn.__name__, fn.__defaults__, fn.__closure__)
+        copy.__kwdefaults__ = fn.__kwdefaults__
+        copy.__dict__.update(fn.__dict__)
+        copy.__qualname__, copy.__module__, copy.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
+        copy.__annotations__ = fn.__annotations__
+        return copy
 
 
 def decode_call(frames: Sequence[Any], functions: Optional[FunctionCache] = None

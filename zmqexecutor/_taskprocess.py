@@ -31,7 +31,7 @@ import zmq
 
 from . import _protocol as proto
 from ._protocol import Item, Kind
-from ._serialize import FunctionCache, decode_call, encode_result, loads
+from ._serialize import FunctionCache, MainNamespace, decode_call, encode_result, loads
 from ._sockets import drain, unbounded
 
 # How often a task process looks for a vanished supervisor when nothing happens.
@@ -51,6 +51,10 @@ OUTPUT_LIMIT = 64 * 1024
 # Seconds between forwarding the new, complete lines a running task wrote. Shorter shows them to the
 # client sooner, at the cost of one more message per interval for every task that keeps printing.
 OUTPUT_INTERVAL = 0.5
+
+# Clients whose __main__ namespaces a task process keeps (see MainNamespace); beyond, the least
+# recently served one is forgotten (its functions' globals start afresh if it comes back).
+MAX_CLIENT_NAMESPACES = 16
 
 _PR_SET_PDEATHSIG = 1
 
@@ -128,6 +132,8 @@ class TaskLoop:
         self.pid = pid
         self.counters = counters
         self.functions = FunctionCache()
+        # Per client, the most recent ones first; a long-lived worker forgets the oldest.
+        self.namespaces: collections.OrderedDict[bytes, MainNamespace] = collections.OrderedDict()
         self.queue: collections.deque[Item] = collections.deque()
         self.failed_init: dict[bytes, list[Any]] = {}  # client -> its INIT_FAILED frames
         self.held: list[Item] = []
@@ -193,25 +199,33 @@ class TaskLoop:
             self.forwarder = threading.Thread(target=self.forward_output, name="zmqexecutor-output", daemon=True)
             self.forwarder.start()
         self.running = task_id
+        namespace = self.namespace(client)
         self.socket_lock.release()
         try:
             if len(proto.as_buffer(init_blob)):
                 try:
                     initializer, initargs = loads([init_blob])
-                    initializer(*initargs)
+                    namespace.adopt(initializer)(*initargs)
                 except BaseException as exc:
                     reply = self.exception(Kind.INIT_FAILED, task_id, exc)
                     self.failed_init[client] = list(reply.frames)
                     return reply
-            return self.call(task_id, call)
+            return self.call(task_id, call, namespace)
         finally:
             self.socket_lock.acquire()
             self.running = None
 
-    def call(self, task_id: int, frames: Any) -> Item:
+    def namespace(self, client: bytes) -> MainNamespace:
+        namespace = self.namespaces.pop(client, None) or MainNamespace()
+        self.namespaces[client] = namespace
+        if len(self.namespaces) > MAX_CLIENT_NAMESPACES:
+            self.namespaces.popitem(last=False)
+        return namespace
+
+    def call(self, task_id: int, frames: Any, namespace: MainNamespace) -> Item:
         try:
             fn, args, kwargs = decode_call(frames, self.functions)
-            result = fn(*args, **kwargs)
+            result = namespace.adopt(fn)(*args, **kwargs)
         except BaseException as exc:
             return self.exception(Kind.EXCEPTION, task_id, exc)
         del fn, args, kwargs
