@@ -372,3 +372,60 @@ def test_status_of_a_secured_worker_needs_the_keys(start_worker, keys) -> None:
     assert secured.returncode == 0 and "security CurveZMQ" in secured.stdout
     plain = subprocess.run(base, capture_output=True, text=True, timeout=60, env={**os.environ, "ZMQEXECUTOR_KEYS": ""})
     assert plain.returncode == 1 and "unreachable: the secure handshake failed" in plain.stdout
+
+
+# --- what a user sees when a task fails remotely ------------------------------------------------------
+
+_TRACEBACK_SCRIPT = '''import sys
+from zmqexecutor import ZMQExecutor
+
+def inner(x):
+    return 1 / x
+
+def task(x):
+    return inner(x) + 1
+
+with ZMQExecutor(sys.argv[1], max_workers=1) as ex:
+    ex.submit(task, 0).result()
+'''
+
+
+def test_a_remote_traceback_names_the_scripts_file_lines_and_source(tmp_path, start_worker) -> None:
+    worker = start_worker(processes=1)
+    script = tmp_path / "script.py"
+    script.write_text(_TRACEBACK_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), worker.endpoint], capture_output=True, text=True,
+                         timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 1 and "ZeroDivisionError" in out.stderr
+    assert "<dynamic-code>" not in out.stderr
+    assert f'File "{script}", line 8, in task\n    return inner(x) + 1\n' in out.stderr
+    assert f'File "{script}", line 5, in inner\n    return 1 / x\n' in out.stderr
+
+
+_MISSING_MODULE_SCRIPT = '''import sys
+import cloudpickle
+import helpers
+from zmqexecutor import ZMQExecutor
+
+with ZMQExecutor(sys.argv[1], max_workers=1) as ex:
+    try:
+        ex.submit(helpers.double, 2).result()
+    except ModuleNotFoundError as exc:
+        print("\\n".join(getattr(exc, "__notes__", [])) or exc.__cause__)
+    cloudpickle.register_pickle_by_value(helpers)  # the fix the note suggests
+    print(ex.submit(helpers.double, 2).result())
+'''
+
+
+def test_a_module_only_beside_the_script_fails_remotely_with_the_fix_in_the_error(tmp_path, start_worker) -> None:
+    worker = start_worker(processes=1)
+    (tmp_path / "helpers.py").write_text("def double(x):\n    return 2 * x\n")
+    script = tmp_path / "script.py"
+    script.write_text(_MISSING_MODULE_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), worker.endpoint], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0, out.stderr
+    note, result = out.stdout.strip().rsplit("\n", 1)
+    assert "loading the task failed on host" in note and "module 'helpers' is not importable there" in note
+    assert "cloudpickle.register_pickle_by_value(helpers)" in note
+    assert result == "4"

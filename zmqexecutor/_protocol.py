@@ -78,7 +78,7 @@ import cloudpickle
 import zmq
 
 from ._errors import ProtocolError, RemoteError, RemoteTraceback
-from ._serialize import OOB_MIN_BYTES, CallEncoder, decode_call, dumps, encode_initializer, encode_result, loads
+from ._serialize import OOB_MIN_BYTES, CallEncoder, decode_call, dumps, encode_initializer, encode_result, loads, locate_sent_code
 
 __all__ = ["ProtocolError", "OOB_MIN_BYTES", "decode_call", "dumps", "encode_initializer", "encode_result", "loads"]
 
@@ -268,6 +268,8 @@ def _type_name(exc: BaseException) -> str:
 
 def encode_exception(exc: BaseException, *, host: str, pid: int) -> list[Any]:
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if sys.version_info < (3, 11):  # notes are printed from 3.11 on
+        text += "".join(f"{note}\n" for note in getattr(exc, "__notes__", ()))
     meta = {"type": _type_name(exc), "message": _safe_str(exc), "traceback": text, "host": host, "pid": pid}
     try:
         blob = bytes(cloudpickle.dumps(exc, protocol=5))
@@ -283,7 +285,7 @@ def decode_exception(frames: Sequence[Frame], *, endpoint: str) -> BaseException
     meta = decode_json(frames[0])
     type_name = str(meta.get("type", "Exception"))
     message = str(meta.get("message", ""))
-    text = str(meta.get("traceback", ""))
+    text = locate_sent_code(str(meta.get("traceback", "")))
     exc: BaseException | None = None
     if len(as_buffer(frames[1])):
         try:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import functools
 import io
+import linecache
 import pickle
+import re
 import types
 import weakref
 from typing import Any, Callable, Optional, Sequence
@@ -162,6 +164,8 @@ class CallEncoder:
         if cached is not None and cached[0] is fn and cached[1] == ():
             return cached[2]  # pickled by reference: its pickle is its name, which cannot change
         fingerprint = _fingerprint(fn, FINGERPRINT_DEPTH, set())
+        if fingerprint != ():
+            remember_code(fn)
         if fingerprint is None:
             return bytes(cloudpickle.dumps(fn, protocol=5))
         if cached is not None and cached[0] is fn and cached[1] == fingerprint:
@@ -321,6 +325,25 @@ class MainNamespace:
         return copy
 
 
+def explain_load_failure(exc: BaseException, where: str) -> None:
+    """Note on ``exc``, raised while unpickling a task, what failed and how to fix it."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        top = exc.name.partition(".")[0]
+        note = (f"zmqexecutor: loading the task failed on {where}: module {exc.name!r} is not importable "
+                f"there. Install it on that worker (or put it on its PYTHONPATH), or send it with the task: "
+                f"import {top}; cloudpickle.register_pickle_by_value({top}) in the client.")
+    else:
+        note = f"zmqexecutor: loading (unpickling) the task failed on {where}."
+    add_note(exc, note)
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    else:  # Python 3.10: kept where 3.11 keeps it; the traceback text adds it (encode_exception)
+        exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]
+
+
 def decode_call(frames: Sequence[Any], functions: Optional[FunctionCache] = None
                 ) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
     call = loads(frames)
@@ -344,5 +367,77 @@ def encode_result(value: Any) -> list[Any]:
 def encode_initializer(initializer: Optional[Callable[..., Any]], initargs: tuple[Any, ...]) -> bytes:
     if initializer is None:
         return b""
+    remember_code(initializer)
     return bytes(cloudpickle.dumps((initializer, tuple(initargs)), protocol=5))
 
+
+
+# --- where code sent by value came from (client side) -----------------------------------------------
+
+# cloudpickle rebuilds a function sent by value with the file name "<dynamic-code>", so a traceback
+# from a worker shows no file and no source line for it. The client remembers the code it sent by
+# value (by name, with nested code and the same module's functions it calls) to put them back.
+_sent_code: dict[str, dict[int, types.CodeType]] = {}
+_sent_code_count = 0
+SENT_CODE_LIMIT = 4096
+
+_DYNAMIC_FRAME = re.compile(r'^( *)File "<dynamic-code>", line (\d+), in (.+)$')
+
+
+def remember_code(fn: Any) -> None:
+    global _sent_code_count
+    code = getattr(fn, "__code__", None)
+    if not isinstance(code, types.CodeType) or id(code) in _sent_code.get(code.co_name, {}):
+        return
+    if _sent_code_count >= SENT_CODE_LIMIT:
+        _sent_code.clear()
+        _sent_code_count = 0
+    seen: set[int] = set()
+    functions = [fn]
+    while functions:
+        function = functions.pop()
+        codes = [function.__code__]
+        while codes:
+            code = codes.pop()
+            if id(code) in seen:
+                continue
+            seen.add(id(code))
+            _sent_code.setdefault(code.co_name, {})[id(code)] = code
+            _sent_code_count += 1
+            codes.extend(const for const in code.co_consts if isinstance(const, types.CodeType))
+            for name in code.co_names:
+                used = getattr(function, "__globals__", {}).get(name)
+                if isinstance(used, types.FunctionType) and used.__module__ == fn.__module__ \
+                        and id(used.__code__) not in seen:
+                    functions.append(used)
+
+
+def locate_sent_code(text: str) -> str:
+    """A remote traceback with the real file, and the source line where this process has it, for
+    every frame of code this process sent by value."""
+    if "<dynamic-code>" not in text:
+        return text
+    lines = []
+    for line in text.split("\n"):
+        match = _DYNAMIC_FRAME.match(line)
+        code = _sent_code_at(match.group(3), int(match.group(2))) if match else None
+        if match is None or code is None:
+            lines.append(line)
+            continue
+        indent, lineno, name = match.group(1), int(match.group(2)), match.group(3)
+        lines.append(f'{indent}File "{code.co_filename}", line {lineno}, in {name}')
+        source = linecache.getline(code.co_filename, lineno).strip()
+        if source:
+            lines.append(f"{indent}  {source}")
+    return "\n".join(lines)
+
+
+def _sent_code_at(name: str, lineno: int) -> Optional[types.CodeType]:
+    best, best_span = None, None
+    for code in list(_sent_code.get(name, {}).values()):
+        numbers = [line for _, _, line in code.co_lines() if line is not None]
+        if numbers and min(numbers) <= lineno <= max(numbers):
+            span = max(numbers) - min(numbers)
+            if best_span is None or span < best_span:
+                best, best_span = code, span
+    return best

@@ -31,7 +31,7 @@ import zmq
 
 from . import _protocol as proto
 from ._protocol import Item, Kind
-from ._serialize import FunctionCache, MainNamespace, decode_call, encode_result, loads
+from ._serialize import FunctionCache, MainNamespace, decode_call, encode_result, explain_load_failure, loads
 from ._sockets import drain, unbounded
 
 # How often a task process looks for a vanished supervisor when nothing happens.
@@ -204,7 +204,11 @@ class TaskLoop:
         try:
             if len(proto.as_buffer(init_blob)):
                 try:
-                    initializer, initargs = loads([init_blob])
+                    try:
+                        initializer, initargs = loads([init_blob])
+                    except BaseException as exc:
+                        explain_load_failure(exc, f"host {self.host} (task process {self.pid})")
+                        raise
                     namespace.adopt(initializer)(*initargs)
                 except BaseException as exc:
                     reply = self.exception(Kind.INIT_FAILED, task_id, exc)
@@ -225,6 +229,10 @@ class TaskLoop:
     def call(self, task_id: int, frames: Any, namespace: MainNamespace) -> Item:
         try:
             fn, args, kwargs = decode_call(frames, self.functions)
+        except BaseException as exc:
+            explain_load_failure(exc, f"host {self.host} (task process {self.pid})")
+            return self.exception(Kind.EXCEPTION, task_id, exc)
+        try:
             result = namespace.adopt(fn)(*args, **kwargs)
         except BaseException as exc:
             return self.exception(Kind.EXCEPTION, task_id, exc)
