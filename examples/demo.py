@@ -1,7 +1,8 @@
 """Demo: the same CPU-bound map on ProcessPoolExecutor and on ZMQExecutor's embedded local workers.
 
-Run it with ``python examples/demo.py``. Switching to remote workers is one argument:
-``ZMQExecutor(["tcp://node1:5555", "tcp://node2:5555"])``.
+Run it with ``python examples/demo.py``. Switching to remote workers changes one line:
+``ZMQExecutor(["tcp://node1:5555", "tcp://node2:5555"])``, plus, for workers on other hosts, the key
+folder from ``zmqexecutor keygen`` (``keys=...`` or $ZMQEXECUTOR_KEYS; the README walks through it).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -270,6 +271,31 @@ def test_client_refuses_a_worker_with_other_versions(tcp_endpoint) -> None:
     finally:
         fake.close(0)
         context.term()
+
+
+def test_status_says_a_worker_this_python_cannot_use_is_not_ok(tcp_endpoint) -> None:
+    context = zmq.Context()
+    fake = context.socket(zmq.ROUTER)
+    fake.bind(tcp_endpoint)
+
+    def answer() -> None:
+        if fake.poll(30_000):
+            client, *_ = fake.recv_multipart()
+            reply = dict(proto.local_versions(), python="3.99", slots=1, security="none")
+            fake.send_multipart([client, proto.encode_header(Kind.STATUS_REPLY), proto.encode_json(reply)])
+
+    answering = threading.Thread(target=answer)
+    answering.start()
+    try:
+        out = subprocess.run([sys.executable, "-m", "zmqexecutor", "status", tcp_endpoint, "--timeout", "20"],
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        answering.join()
+        fake.close(0)
+        context.term()
+    assert out.returncode == 1
+    assert f"{tcp_endpoint}  INCOMPATIBLE (python " in out.stdout and "vs 3.99 on worker" in out.stdout
+    assert "  ok  " not in out.stdout
 
 
 def test_worker_refuses_a_client_with_other_versions(start_worker) -> None:

@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve tasks from ZMQExecutor clients on one endpoint with N task processes.",
     )
     worker.add_argument("--bind", required=True, metavar="ENDPOINT",
-                        help="endpoint to listen on: tcp://127.0.0.1:5555 or ipc:///path/to/socket")
+                        help="endpoint to listen on: tcp://127.0.0.1:5555 or ipc:///path/to/socket; an address "
+                             "other hosts can reach needs --keys (or, at your own risk, --insecure)")
     worker.add_argument("--processes", type=_positive_int, default=None, metavar="N",
                         help="task processes, i.e. tasks run at once (default: the CPUs this process may use, "
                              "within any container or cgroup CPU quota)")
@@ -99,6 +100,16 @@ def run_worker(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     log = logging.getLogger("zmqexecutor.worker")
+    if args.keys:
+        from pathlib import Path
+
+        from ._errors import SecurityError
+        from ._security import check_key_folder
+        try:
+            check_key_folder(Path(args.keys).expanduser(), "worker")
+        except SecurityError as exc:
+            log.error("%s (--keys %s/worker)", exc, args.keys.rstrip("/"))
+            return 2
     secret_key = args.secret_key or (os.path.join(args.keys, "worker.key_secret") if args.keys else None)
     allow = args.allow or (os.path.join(args.keys, "client.key") if args.keys else None)
     if (secret_key is None) != (allow is None):
@@ -124,6 +135,7 @@ def run_worker(args: argparse.Namespace) -> int:
 def run_status(args: argparse.Namespace) -> int:
     from ._errors import SecurityError
     from ._security import client_keys
+    from ._protocol import local_versions, version_mismatch
     from ._status import query
 
     for endpoint in args.endpoints:
@@ -143,12 +155,15 @@ def run_status(args: argparse.Namespace) -> int:
         if status is None:
             sys.stdout.write(f"{endpoint}  unreachable: {problem}\n")
             continue
-        answered += 1
+        # A worker that answers but that this Python cannot use is not "ok".
+        mismatch = version_mismatch(local_versions(), status, us="this client", them=f"worker {endpoint}")
+        answered += mismatch is None
+        verdict = "ok" if mismatch is None else f"INCOMPATIBLE ({mismatch})"
         if args.command == "ping":
-            sys.stdout.write(f"{endpoint}  ok  {seconds * 1000:.1f} ms\n")
+            sys.stdout.write(f"{endpoint}  {verdict}  {seconds * 1000:.1f} ms\n")
             continue
         sys.stdout.write(
-            f"{endpoint}  ok  zmqexecutor {status.get('zmqexecutor')}, Python {status.get('python')}, "
+            f"{endpoint}  {verdict}  zmqexecutor {status.get('zmqexecutor')}, Python {status.get('python')}, "
             f"cloudpickle {status.get('cloudpickle')}, security {status.get('security')}\n"
             f"    host {status.get('host')} pid {status.get('pid')} instance {status.get('instance')} "
             f"up {_duration(status.get('uptime'))}\n"

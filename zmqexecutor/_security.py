@@ -189,6 +189,13 @@ class ClientKeys(NamedTuple):
         return key
 
 
+def check_key_folder(root: Path, part: str) -> None:
+    """Point at DIR/client or DIR/worker when given the top folder that ``keygen`` made."""
+    if not (root / f"{part}.key_secret").exists() and (root / part / f"{part}.key_secret").exists():
+        raise SecurityError(f"{root} is the folder 'zmqexecutor keygen' made; the {part}'s keys are in "
+                            f"{root / part}: pass that folder")
+
+
 def client_keys(
     keys: Optional[PathLike], worker_keys: Optional[Mapping[str, Union[PathLike, bytes]]], endpoints: Iterable[str]
 ) -> Optional[ClientKeys]:
@@ -202,6 +209,7 @@ def client_keys(
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise SecurityError(f"key folder {root} does not exist (make one with: zmqexecutor keygen DIR)")
+    check_key_folder(root, "client")
     public, secret = load_key_pair(root / "client.key_secret")
     default = load_public_key(root / "worker.key") if (root / "worker.key").exists() else None
     pinned = {endpoint: load_public_key(source) for endpoint, source in (worker_keys or {}).items()}
@@ -223,11 +231,15 @@ def secure_client_socket(sock: zmq.Socket[Any], keys: ClientKeys, endpoint: str)
 class _AllowList:
     def __init__(self, allowed: set[bytes]) -> None:
         self.allowed = allowed
+        self.self_check_key: Optional[bytes] = None  # the worker's own throwaway key, refused on purpose
 
     def callback(self, domain: str, key: bytes) -> bool:
         if key in self.allowed:
             return True
-        logger.warning("rejected a client with unknown public key %s", key.decode(errors="replace"))
+        if key == self.self_check_key:
+            logger.debug("self-check: a connection with a throwaway key was refused, as it must be")
+        else:
+            logger.warning("rejected a client with unknown public key %s", key.decode(errors="replace"))
         return False
 
 
@@ -242,7 +254,8 @@ class WorkerGuard:
 
         self.authenticator = ThreadAuthenticator(context, log=logging.getLogger("zmqexecutor.worker.zap"))
         self.authenticator.start()
-        self.authenticator.configure_curve_callback(ZAP_DOMAIN, _AllowList(self.allowed))
+        self.policy = _AllowList(self.allowed)
+        self.authenticator.configure_curve_callback(ZAP_DOMAIN, self.policy)
 
     def secure(self, sock: zmq.Socket[Any]) -> None:
         sock.zap_domain = ZAP_DOMAIN.encode()
@@ -256,7 +269,8 @@ class WorkerGuard:
         probe = context.socket(zmq.DEALER)
         monitor = probe.get_monitor_socket()
         try:
-            probe.curve_publickey, probe.curve_secretkey = zmq.curve_keypair()
+            throwaway, probe.curve_secretkey = zmq.curve_keypair()
+            probe.curve_publickey = self.policy.self_check_key = throwaway
             probe.curve_serverkey = self.public
             probe.connect(_reachable(endpoint))
             end = time.monotonic() + SELF_CHECK_TIMEOUT
