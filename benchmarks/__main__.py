@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for workload in names:
+    if args.quick and repeats == 1:
+        _smoke(systems, names, args.timeout, results)
+    for workload in names if not (args.quick and repeats == 1) else []:
         measured = [s for s in systems if _measures(s, workload)]
         # Rounds interleave the systems, each run in a fresh process: a slow spell of this shared
         # machine then hits every system alike instead of one system's runs.
@@ -96,6 +98,45 @@ def _measures(system: str, workload: str) -> bool:
     if system == "pyzmq-floor":
         return workload == "payload"
     return True
+
+
+def _smoke(systems: list[str], names: list[str], timeout: float,
+           results: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
+    """The --quick run: one process per system runs all its workloads (a pool shared where it can),
+    a progress line per measurement, one note per system that is not installed."""
+    plan = [(system, [w for w in names if _measures(system, w)]) for system in systems]
+    total = sum(len(ws) for _, ws in plan)
+    done = 0
+    for system, chosen in plan:
+        if not chosen:
+            continue
+        command = [sys.executable, "-m", "benchmarks.run_one", system, ",".join(chosen), "--quick", "--each"]
+        started = time.monotonic()
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as process:
+            assert process.stdout is not None
+            seen = set()
+            last = started
+            for line in process.stdout:
+                took, last = time.monotonic() - last, time.monotonic()
+                run = json.loads(line)
+                workload = run.pop("workload")
+                seen.add(workload)
+                results.setdefault(workload, {}).setdefault(system, []).append(run)
+                done += 1
+                if "skipped" in run and all("skipped" in r for w in chosen if w in seen
+                                            for r in results.get(w, {}).get(system, [])):
+                    if len(seen) == 1:
+                        print(f"[{done}/{total}] {system}: {run['skipped']}; skipped", flush=True)
+                    continue
+                status = run.get("error") or run.get("skipped") or f"{run['value']:.4g} {run['unit']}"
+                print(f"[{done}/{total}] {workload:<14} {system:<12} {status}  ({took:.1f} s)", flush=True)
+                if time.monotonic() - started > timeout:
+                    process.kill()
+        for workload in chosen:
+            if workload not in seen:
+                done += 1
+                results.setdefault(workload, {}).setdefault(system, []).append({"error": "did not finish"})
+                print(f"[{done}/{total}] {workload:<14} {system:<12} did not finish", flush=True)
 
 
 def _run(system: str, workload: str, quick: bool, timeout: float) -> dict[str, Any]:

@@ -9,6 +9,7 @@ alternately in the same run, and the medians are compared.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import subprocess
 import sys
@@ -44,7 +45,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--round-trips", type=int, default=300)
     args = parser.parse_args()
-    keys = Path(tempfile.mkdtemp(prefix="zmqexecutor-bench-")) / "keys"
+    folder = tempfile.mkdtemp(prefix="zmqexecutor-bench-")
+    keys = Path(folder) / "keys"
     subprocess.run([sys.executable, "-m", "zmqexecutor", "keygen", str(keys)], check=True, capture_output=True)
     plain, plain_endpoint = start_worker(1, [])
     secure, secure_endpoint = start_worker(1, ["--keys", str(keys / "worker")])
@@ -61,6 +63,7 @@ def main() -> None:
         for process in (plain, secure):
             process.terminate()
             process.wait()
+        shutil.rmtree(folder, ignore_errors=True)  # the secret keys with it
     print(f"{args.repeats} runs, medians (min-max); loopback TCP, one task process")
     print(f"{'':<10}{'round trip':>26}{'64 MiB in + out':>28}")
     medians = {}

@@ -69,15 +69,16 @@ def _zmq_tcp(workers: int, slots_per_worker: int | None, secure: bool) -> Iterat
     count, processes = (workers, 1) if slots_per_worker == 1 else (1, workers)
     extra: list[str] = []
     options: dict[str, Any] = {}
-    if secure:
-        keys = Path(tempfile.mkdtemp(prefix="zmqexecutor-bench-")) / "keys"
-        subprocess.run([sys.executable, "-m", "zmqexecutor", "keygen", str(keys)], check=True,
-                       capture_output=True, env=_env())
-        extra = ["--keys", str(keys / "worker")]
-        options["keys"] = keys / "client"
-    with _workers(count, processes, extra) as endpoints:
-        with ZMQExecutor(endpoints, **options) as ex:
-            yield ex
+    with tempfile.TemporaryDirectory(prefix="zmqexecutor-bench-") as folder:
+        if secure:
+            keys = Path(folder) / "keys"
+            subprocess.run([sys.executable, "-m", "zmqexecutor", "keygen", str(keys)], check=True,
+                           capture_output=True, env=_env())
+            extra = ["--keys", str(keys / "worker")]
+            options["keys"] = keys / "client"
+        with _workers(count, processes, extra) as endpoints:
+            with ZMQExecutor(endpoints, **options) as ex:
+                yield ex
 
 
 @contextlib.contextmanager

@@ -248,15 +248,16 @@ def cpu_bound(ex: Executor, quick: bool, system: str) -> dict[str, Any]:
 
 def memory(ex: Executor, quick: bool, system: str) -> dict[str, Any]:
     n = int(_size("memory", quick))
-    blockers = [ex.submit(sleep, 3.0 if quick else 8.0) for _ in range(4 * WORKERS)]
-    time.sleep(0.5)
+    # Enough long tasks to fill every slot and whatever each pool sends ahead, so the no-ops stay pending.
+    blockers = [ex.submit(sleep, 1.0 if quick else 8.0) for _ in range((2 if quick else 4) * WORKERS)]
+    time.sleep(0.2 if quick else 0.5)
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     pending = [ex.submit(noop) for _ in range(n)]
     time.sleep(0.2)  # let the I/O thread take them in
     used = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
-    for future in pending:
+    for future in pending + blockers:  # the blockers not started yet need not run either
         future.cancel()
     wait(blockers)
     payload_bytes = 0

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -18,13 +21,20 @@ pytestmark = pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_the_quick_suite_writes_a_report(tmp_path) -> None:
     out = tmp_path / "results"
+    key_folders = set(glob.glob(os.path.join(tempfile.gettempdir(), "zmqexecutor-bench-*")))
     run = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--systems", "process,zmq-ipc,zmq-tcp,pyzmq-floor,ray",
+        [sys.executable, "-m", "benchmarks", "--quick", "--systems", "process,zmq-ipc,zmq-tcp,zmq-curve,pyzmq-floor,ray",
          "--workloads", "throughput,latency,payload,startup,scaling", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=580,
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
     )
     assert run.returncode == 0, run.stdout + run.stderr
+    # A progress line per measurement, counted; a missing peer is named once, not per workload.
+    assert re.search(r"^\[1/\d+\] ", run.stdout, re.MULTILINE) and "latency        zmq-ipc" in run.stdout
+    progress = [line for line in run.stdout.splitlines() if line.startswith("[")]
+    assert sum("ray is not installed" in line for line in progress) <= 1
+    # zmq-curve made its keys in a folder of its own and removed it, secrets and all.
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "zmqexecutor-bench-*"))) == key_folders
     report = json.loads((out / "results.json").read_text())
     results = report["results"]
     assert set(results) == {"throughput", "latency", "payload", "startup", "scaling-1", "scaling-4"}

@@ -826,3 +826,29 @@ def test_what_a_remote_task_prints_reaches_the_client_tagged_with_its_host(tmp_p
     assert f"(pid={pid}, host={socket.gethostname()}) hello 1\n" in out.stdout
     assert f"(pid={pid}, host={socket.gethostname()}) oops 1\n" in out.stderr
     assert "oops 1" in worker.log()  # and, as before, in the worker's own log (its stderr)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_a_client_killed_by_a_signal_leaves_no_private_folder_behind(signum: int, tmp_path) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent("""
+        import time
+        from zmqexecutor import ZMQExecutor
+
+        ex = ZMQExecutor(max_workers=1)
+        assert ex.submit(abs, -1).result() == 1
+        print(ex.endpoints[0], flush=True)
+        time.sleep(60)
+    """))
+    client = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        assert client.stdout is not None
+        folder = os.path.dirname(client.stdout.readline().strip().partition("://")[2])
+        assert os.path.isdir(folder)
+        client.send_signal(signum)
+        client.wait(10)
+    finally:
+        client.kill()
+    # No atexit runs on these signals; the local worker notices its parent is gone and cleans up.
+    assert wait_until(lambda: not os.path.exists(folder), timeout=15), os.listdir(folder)

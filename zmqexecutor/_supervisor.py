@@ -102,6 +102,7 @@ class Supervisor:
         self.pool = TaskProcessPool(direct or self.back_address, multiprocessing.get_context("spawn"),
                                     direct=direct is not None)
         self.stopping = False
+        self.orphaned = False
         self.started = time.monotonic()
         self.tally = {"done": 0, "failed": 0, "crashed": 0}
 
@@ -370,6 +371,7 @@ class Supervisor:
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
             logger.info("parent process %d is gone; stopping", self.parent_pid)
             self.stopping = True
+            self.orphaned = True
 
     def close(self) -> None:
         self.pool.stop()
@@ -380,6 +382,12 @@ class Supervisor:
             self.guard.stop()
         self.context.term()
         shutil.rmtree(self.private_dir, ignore_errors=True)
+        if self.orphaned and self.direct is not None:
+            # The executor that embedded us died without cleaning up (SIGTERM, SIGKILL): its private
+            # folder, which holds our sockets, is ours to remove.
+            folder = os.path.dirname(self.direct.partition("://")[2])
+            if os.path.basename(folder).startswith("zmqexecutor-"):
+                shutil.rmtree(folder, ignore_errors=True)
         logger.info("zmqexecutor worker stopped")
 
 
