@@ -52,7 +52,7 @@ class Assignment(NamedTuple):
 
 class TaskProcess:
     __slots__ = ("process", "ident", "ready", "counters", "assigned", "given", "initialized", "counts",
-                 "closing", "retiring", "last_event")
+                 "closing", "retiring", "last_event", "signalled")
 
     def __init__(self, process: Any, counters: Any) -> None:
         self.process = process
@@ -66,6 +66,7 @@ class TaskProcess:
         self.closing = False  # reached a client's max_tasks_per_child: retire once its tasks are done
         self.retiring = False
         self.last_event = 0.0
+        self.signalled = False  # stopped by the supervisor, for its client
 
     def running(self) -> Optional[Assignment]:
         started, finished = self.counters[STARTED], self.counters[FINISHED]
@@ -200,6 +201,7 @@ class TaskProcessPool:
                 ours = running is not None and running.client == client
             if ours and proc.process.pid is not None:
                 logger.info("stopping task process %d with %s %s", proc.process.pid, sig.name, why)
+                proc.signalled = True
                 try:
                     os.kill(proc.process.pid, sig)
                 except ProcessLookupError:
@@ -258,7 +260,9 @@ class TaskProcessPool:
                 crash = proto.encode_crash(exitcode=code, signal_name=signal_name, host=host, pid=pid)
                 replies.append((a.client, Item(Kind.CRASHED, a.task_id, crash)))
         if started > finished:
-            logger.warning("task process %d %s while running a task; replacing it", pid, how)
+            # Expected when we stopped it for its client; news otherwise.
+            logger.log(logging.INFO if proc.signalled else logging.WARNING,
+                       "task process %d %s while running a task; replacing it", pid, how)
         elif not retired:
             logger.warning("idle task process %d %s; replacing it", pid, how)
         self.start(1)
