@@ -9,6 +9,7 @@ import gc
 import itertools
 import os
 import shutil
+import re
 import signal
 import socket
 import subprocess
@@ -852,3 +853,67 @@ def test_a_client_killed_by_a_signal_leaves_no_private_folder_behind(signum: int
         client.kill()
     # No atexit runs on these signals; the local worker notices its parent is gone and cleans up.
     assert wait_until(lambda: not os.path.exists(folder), timeout=15), os.listdir(folder)
+
+
+
+class ExitAtUnpickle:
+    """CPython's test_exit_during_result_unpickle_in_result_handler: unpickling this exits."""
+
+    def __init__(self, exit_with: type) -> None:
+        self.exit_with = exit_with
+
+    def __reduce__(self) -> tuple:
+        return _raise, (self.exit_with,)
+
+
+def _raise(exc_type: type) -> None:
+    raise exc_type()
+
+
+@pytest.mark.parametrize("exit_with", [SystemExit, KeyboardInterrupt])
+def test_a_result_that_exits_while_unpickled_fails_one_future_only(exit_with: type) -> None:
+    with ZMQExecutor(max_workers=1) as executor:
+        error = executor.submit(ExitAtUnpickle, exit_with).exception(timeout=30)
+        assert error is not None and not isinstance(error, (SystemExit, KeyboardInterrupt))
+        assert "could not be decoded" in str(error) and exit_with.__name__ in str(error)
+        assert executor.submit(abs, -4).result(timeout=30) == 4  # the executor keeps working
+        assert not is_broken(executor)
+
+
+def test_a_forked_child_cannot_use_its_parents_executor_and_says_so(tmp_path) -> None:
+    out = _run_script(tmp_path, """
+        import os
+        from zmqexecutor import ZMQExecutor
+
+        with ZMQExecutor(max_workers=1) as ex:
+            assert ex.submit(abs, -1).result() == 1
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    ex.submit(abs, -2)
+                except RuntimeError as exc:
+                    print("child:", exc, flush=True)
+                os._exit(0)
+            os.waitpid(pid, 0)
+            print("parent:", ex.submit(abs, -3).result())
+    """)
+    assert out.returncode == 0, out.stderr
+    child, parent = out.stdout.splitlines()
+    assert child.startswith("child: this executor belongs to process ") and "create a new one here" in child
+    assert parent == "parent: 3"
+
+
+def test_the_embedded_default_counts_cpus_as_a_worker_does(tmp_path) -> None:
+    worker = subprocess.Popen([sys.executable, "-m", "zmqexecutor", "worker", "--bind", f"ipc://{tmp_path}/w"],
+                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        assert worker.stderr is not None
+        ready = next(line for line in worker.stderr if "worker ready" in line)
+    finally:
+        worker.terminate()
+        worker.wait(15)
+    processes = int(re.search(r"processes=(\d+)", ready).group(1))
+    with ZMQExecutor() as executor:
+        assert executor.submit(abs, -1).result(timeout=30) == 1
+        assert executor.workers()[0].slots == processes

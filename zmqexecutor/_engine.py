@@ -584,6 +584,7 @@ class Handle:
         self.shutdown_requested = False
         self.broken: Optional[BaseException] = None
         self.exiting = False  # set at interpreter exit
+        self.forked_from: Optional[int] = None  # in a forked child: the pid that owns the I/O thread
         wakeup = self.wakeup
         self.executor_ref: Callable[[], Any] = weakref.ref(executor, lambda _: wakeup.wake())
         self.addresses = addresses
@@ -593,6 +594,9 @@ class Handle:
         self.engine.start()
 
     def check_open(self) -> None:
+        if self.forked_from is not None:
+            raise RuntimeError(f"this executor belongs to process {self.forked_from}; a process forked from it "
+                               "cannot use it (its I/O thread did not survive the fork): create a new one here")
         if self.broken is not None:
             raise copy_error(self.broken)
         if self.shutdown_requested:
@@ -649,3 +653,15 @@ def _python_exit() -> None:
 
 
 threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
+
+
+def _after_fork_in_child() -> None:
+    # The child has copies of the executors but not their I/O threads: make every use fail at once
+    # (never a future that waits forever), and let its exit leave the parent's engines alone.
+    parent = os.getppid()
+    for engine in list(_live_engines):
+        engine.handle.forked_from = parent
+    _live_engines.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -22,6 +22,7 @@ from ._errors import MessageTooLargeError, SecurityError
 from ._local import LocalWorker
 from ._scheduler import Task, next_task_id
 from ._serialize import CallEncoder
+from ._worker import available_cpus
 
 logger = logging.getLogger("zmqexecutor")
 
@@ -39,11 +40,6 @@ DEFAULT_MAX_RETRIES = 2
 
 #: The largest task or result, in bytes, by default.
 DEFAULT_MAX_MESSAGE_SIZE = proto.DEFAULT_MAX_MESSAGE_SIZE
-
-
-def _cpu_count() -> int:
-    counter = getattr(os, "process_cpu_count", None) or os.cpu_count
-    return counter() or 1
 
 
 def _refuse_plain_text_to_other_hosts(addresses: list[str]) -> None:
@@ -194,7 +190,7 @@ class ZMQExecutor(Executor):
         if addresses:
             self._max_workers = max_workers
         else:
-            self._max_workers = max_workers or _cpu_count()
+            self._max_workers = max_workers or available_cpus()  # as `zmqexecutor worker` counts them
             local_worker = LocalWorker(self._max_workers)
             addresses = [local_worker.endpoint]
         self._endpoints = tuple(addresses)
