@@ -6,14 +6,16 @@ import asyncio
 import collections
 import concurrent.futures as cf
 import gc
+import glob
 import itertools
 import os
-import shutil
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -646,7 +648,12 @@ def _kill_local_worker(executor: ZMQExecutor) -> int:
     return pid
 
 
+def _worker_folders() -> set[str]:
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "zmqexecutor-worker-*")))
+
+
 def test_a_dead_local_worker_is_started_again_and_its_task_retried(caplog) -> None:
+    folders = _worker_folders()
     with ZMQExecutor(max_workers=1) as executor:
         assert executor.submit(abs, -1).result(timeout=30) == 1
         pending = executor.submit(slow_identity, 1.5)
@@ -658,6 +665,8 @@ def test_a_dead_local_worker_is_started_again_and_its_task_retried(caplog) -> No
         assert info.state == "ready" and info.lost == 1
         assert executor.submit(abs, -2).result(timeout=30) == 2
     assert "exited unexpectedly with code -9; starting it again" in caplog.text
+    # The killed worker had no folder of its own to leave behind: its sockets live in the executor's.
+    assert _worker_folders() <= folders
 
 
 def test_a_local_worker_that_keeps_dying_breaks_the_executor_with_a_clear_error() -> None:

@@ -96,10 +96,10 @@ class Supervisor:
         self.sessions = Sessions()
         self.queue: collections.deque[tuple[bytes, int, Any]] = collections.deque()
         self.outbox: dict[bytes, list[Item]] = {}
-        self.private_dir = tempfile.mkdtemp(prefix="zmqexecutor-worker-")
-        self.back_address = f"ipc://{self.private_dir}/tasks"
         self.direct = direct
-        self.pool = TaskProcessPool(direct or self.back_address, multiprocessing.get_context("spawn"),
+        # Relayed, the task processes connect to a socket in a folder of our own; direct, to the client's.
+        self.private_dir = None if direct else tempfile.mkdtemp(prefix="zmqexecutor-worker-")
+        self.pool = TaskProcessPool(direct or f"ipc://{self.private_dir}/tasks", multiprocessing.get_context("spawn"),
                                     direct=direct is not None)
         self.stopping = False
         self.orphaned = False
@@ -381,7 +381,8 @@ class Supervisor:
         if self.guard is not None:
             self.guard.stop()
         self.context.term()
-        shutil.rmtree(self.private_dir, ignore_errors=True)
+        if self.private_dir is not None:
+            shutil.rmtree(self.private_dir, ignore_errors=True)
         if self.orphaned and self.direct is not None:
             # The executor that embedded us died without cleaning up (SIGTERM, SIGKILL): its private
             # folder, which holds our sockets, is ours to remove.
