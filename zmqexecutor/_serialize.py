@@ -164,12 +164,12 @@ class CallEncoder:
         if cached is not None and cached[0] is fn and cached[1] == ():
             return cached[2]  # pickled by reference: its pickle is its name, which cannot change
         fingerprint = _fingerprint(fn, FINGERPRINT_DEPTH, set())
-        if fingerprint != ():
+        if cached is not None and cached[0] is fn and cached[1] == fingerprint:
+            return cached[2]
+        if fingerprint != ():  # pickled by value: now, and only now, its code is read
             remember_code(fn)
         if fingerprint is None:
             return bytes(cloudpickle.dumps(fn, protocol=5))
-        if cached is not None and cached[0] is fn and cached[1] == fingerprint:
-            return cached[2]
         blob = bytes(cloudpickle.dumps(fn, protocol=5))
         if len(self._cache) >= FUNCTION_CACHE_SIZE:
             self._cache.clear()

@@ -130,6 +130,7 @@ class TaskLoop:
         self.sock = sock
         self.host = host
         self.pid = pid
+        self.where = f"host {host} (task process {pid})"
         self.counters = counters
         self.functions = FunctionCache()
         # Per client, the most recent ones first; a long-lived worker forgets the oldest.
@@ -207,7 +208,7 @@ class TaskLoop:
                     try:
                         initializer, initargs = loads([init_blob])
                     except BaseException as exc:
-                        explain_load_failure(exc, f"host {self.host} (task process {self.pid})")
+                        explain_load_failure(exc, self.where)
                         raise
                     namespace.adopt(initializer)(*initargs)
                 except BaseException as exc:
@@ -230,7 +231,7 @@ class TaskLoop:
         try:
             fn, args, kwargs = decode_call(frames, self.functions)
         except BaseException as exc:
-            explain_load_failure(exc, f"host {self.host} (task process {self.pid})")
+            explain_load_failure(exc, self.where)
             return self.exception(Kind.EXCEPTION, task_id, exc)
         try:
             result = namespace.adopt(fn)(*args, **kwargs)
