@@ -4,14 +4,15 @@ Data flow::
 
     Engine (I/O thread)                                            the local worker's task processes
       Scheduler: a Load of one slot per task process
-      DirectLanes: ROUTER bound at ipc:// in the worker's private folder
-          --- TASK or BATCH of TASKs (a process's first with the initializer), STOP --->  DEALER (id: pid)
-          <-- READY, RESULT EXCEPTION INIT_FAILED OUTPUT (alone or in a BATCH) ---------
+      DirectLanes: a Listener (_channel) in the executor's private folder; a Peer per process
+          --- TASK or BATCH of TASKs (a process's first with the initializer), STOP --->  Link
+          <-- READY (pid), RESULT EXCEPTION INIT_FAILED OUTPUT (alone or in a BATCH) ---
 
     local supervisor --- EXITED (pid, tasks started and finished, exit code) ---> Engine (its connection)
 
 A relayed task crosses four hops (client, supervisor, task process and back); a direct one crosses
-two, which is what lets a lone task's round trip compete with ProcessPoolExecutor's. The supervisor
+two, over a plain Unix socket that wakes only the threads waiting at either end, which is what lets a
+lone task's round trip beat ProcessPoolExecutor's. The supervisor
 keeps everything but the tasks: it starts, reaps and replaces the processes and answers heartbeats.
 When a process ends, it reports the process's two counters; the lane knows in which order it sent
 that process its tasks, so the first ``finished`` of them ran (their replies, if not here by now,
@@ -23,23 +24,22 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional
 
-import zmq
-
 from . import _protocol as proto
+from ._channel import Listener, Peer
 from ._protocol import Item, Kind
 from ._scheduler import Load, Scheduler, Task
-from ._sockets import unbounded
 
 
 class Lane:
     """One task process as the client sees it: its load and the order its tasks were sent in."""
 
-    __slots__ = ("lanes", "ident", "pid", "load", "given", "initialized", "stopped")
+    __slots__ = ("lanes", "peer", "ident", "pid", "load", "given", "initialized", "stopped")
 
-    def __init__(self, lanes: "DirectLanes", ident: bytes, endpoint: str, quota: Optional[int]) -> None:
+    def __init__(self, lanes: "DirectLanes", peer: Peer, pid: int, endpoint: str, quota: Optional[int]) -> None:
         self.lanes = lanes
-        self.ident = ident
-        self.pid = int(ident)
+        self.peer = peer
+        self.ident = str(pid).encode()
+        self.pid = pid
         self.load = Load(endpoint, owner=self)
         self.load.quota = quota
         self.given = 0  # tasks sent to this process
@@ -62,37 +62,47 @@ class Ending(NamedTuple):
 class DirectLanes:
     """The client's end of the direct path: one socket, one lane per task process."""
 
-    def __init__(self, context: zmq.Context[Any], address: str, endpoint: str, *, client_id: bytes,
-                 init_blob: bytes, max_tasks_per_child: Optional[int], sent_to: set[Any]) -> None:
+    def __init__(self, path: str, endpoint: str, *, client_id: bytes, init_blob: bytes,
+                 max_tasks_per_child: Optional[int]) -> None:
         self.endpoint = endpoint
         self.client_id = client_id
         self.init_blob = init_blob
         self.max_tasks_per_child = max_tasks_per_child
-        self.sent_to = sent_to
         self.lanes: dict[bytes, Lane] = {}
         self.completed = 0  # by processes that ended
-        # No MAXMSGSIZE: the peers are our own processes in a folder only this user can enter, and a
-        # result too large for it would be dropped with the connection, its task left waiting.
-        self.socket = unbounded(context.socket(zmq.ROUTER), linger=0)
-        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.socket.bind(address)
+        # No size limit: the peers are our own processes in a folder only this user can enter, and a
+        # result too large for one would be dropped with the connection, its task left waiting.
+        self.listener = Listener(path)
 
-    def receive(self, frames: list[Any], scheduler: Scheduler, usable: bool) -> list[tuple[Load, Item]]:
+    def fileno(self) -> int:
+        return self.listener.fileno()
+
+    def messages(self) -> list[tuple[Peer, list[Any]]]:
+        return self.listener.receive()
+
+    def receive(self, peer: Peer, frames: list[Any], scheduler: Scheduler, usable: bool) -> list[tuple[Load, Item]]:
         """A message from a task process: a new one (READY) gets a lane, attached when ``usable``;
         the replies in it are returned with the load they belong to."""
-        proto.expect_frames(frames, 2)
-        ident = frames[0].bytes
-        header = proto.decode_header(frames[1])
-        lane = self.lanes.get(ident)
+        proto.expect_frames(frames, 1)
+        header = proto.decode_header(frames[0])
         if header.kind == Kind.READY:
-            if lane is None:
-                lane = self.lanes[ident] = Lane(self, ident, self.endpoint, self.max_tasks_per_child)
+            if peer.owner is None:
+                lane = peer.owner = Lane(self, peer, header.ident, self.endpoint, self.max_tasks_per_child)
+                self.lanes[lane.ident] = lane
                 if usable:
                     scheduler.attach(lane.load, 1, None)
             return []
-        if lane is None:
+        lane = peer.owner
+        if lane is None or self.lanes.get(lane.ident) is not lane:
             return []  # from a process that ended: its tasks were settled without it
-        return [(lane.load, item) for item in proto.split(header, frames[1:])]
+        return [(lane.load, item) for item in proto.split(header, frames)]
+
+    def last_words(self, pid: int) -> list[tuple[Peer, list[Any]]]:
+        """All that task process ``pid``, which has ended, sent before it ended."""
+        lane = self.lanes.get(str(pid).encode())
+        if lane is None:
+            return []
+        return [(lane.peer, frames) for frames in self.listener.read_to_end(lane.peer)]
 
     def attach_all(self, scheduler: Scheduler) -> None:
         for lane in self.lanes.values():
@@ -126,19 +136,14 @@ class DirectLanes:
             items.append(proto.process_task(task.ident, self.client_id,
                                             b"" if lane.initialized else self.init_blob, task.frames))
             lane.initialized = True
-        self.sent_to.add(self)
-        try:
-            self.socket.send_multipart([lane.ident, *proto.encode_messages(items)], zmq.NOBLOCK, copy=False)
-            if lane.load.quota == 0 and not lane.stopped:  # max_tasks_per_child: these are its last
-                lane.stopped = True
-                self.socket.send_multipart([lane.ident, proto.encode_header(Kind.STOP)], zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            if exc.errno != zmq.EHOSTUNREACH:
-                raise
+        if not lane.peer.send(proto.encode_messages(items)):
             # The process is gone; its EXITED accounts for what it had. It gets nothing more.
             lane.given -= len(batch)
             lane.load.quota = 0
             return False
+        if lane.load.quota == 0 and not lane.stopped:  # max_tasks_per_child: these are its last
+            lane.stopped = True
+            lane.peer.send([proto.encode_header(Kind.STOP)])
         return True
 
     def in_flight(self) -> int:
@@ -148,7 +153,7 @@ class DirectLanes:
         return self.completed + sum(lane.load.completed for lane in list(self.lanes.values()))
 
     def close(self) -> None:
-        self.socket.close(linger=0)
+        self.listener.close()
 
 
 def sort_out(tasks: list[Task], given: int, started: int, finished: int) -> Ending:

@@ -31,7 +31,7 @@ class LocalWorker:
         self.private_dir = tempfile.mkdtemp(prefix="zmqexecutor-")  # mode 0700
         self.endpoint = f"ipc://{self.private_dir}/worker"
         # Its task processes exchange tasks with the executor here, without the supervisor's relay.
-        self.direct_address = f"ipc://{self.private_dir}/direct"
+        self.direct_address = f"{self.private_dir}/direct"
         env = dict(os.environ)
         # Like multiprocessing's spawn: the task processes see the same import path as this process,
         # so functions from the user's own modules unpickle there.

@@ -11,14 +11,14 @@ Data flow::
     |   Sessions: client id -> handshake info + initializer pickle
     |   queue: tasks waiting for credit in a task process, first in first out
     |   TaskProcessPool: the processes, what each was given, crash accounting
-    | back ROUTER (ipc:// in a private folder)
+    | Listener (a Unix socket in a private folder, _channel)
     +---------------------------------------------------------------------------------
         |  TASK or BATCH (renumbered with the supervisor's own ids), STOP
         v                                 ^  READY, RESULT EXCEPTION INIT_FAILED OUTPUT (or a BATCH)
-    task processes (DEALER each, _taskprocess): unpickle, run the user's code, pickle the reply
+    task processes (a Link each, _taskprocess): unpickle, run the user's code, pickle the reply
 
-Started with ``--direct ADDRESS`` (the embedded worker, by its executor), the task processes connect to
-the client's socket at ADDRESS instead and exchange tasks with it directly; the supervisor then only
+Started with ``--direct PATH`` (the embedded worker, by its executor), the task processes connect to
+the client's Unix socket at PATH instead and exchange tasks with it directly; the supervisor then only
 answers the client's HELLO and PINGs, starts, reaps and replaces processes, signals them on
 TERMINATE, and sends EXITED (the process's counters) when one ends.
 
@@ -99,7 +99,7 @@ class Supervisor:
         self.direct = direct
         # Relayed, the task processes connect to a socket in a folder of our own; direct, to the client's.
         self.private_dir = None if direct else tempfile.mkdtemp(prefix="zmqexecutor-worker-")
-        self.pool = TaskProcessPool(direct or f"ipc://{self.private_dir}/tasks", multiprocessing.get_context("spawn"),
+        self.pool = TaskProcessPool(direct or f"{self.private_dir}/tasks", multiprocessing.get_context("spawn"),
                                     direct=direct is not None)
         self.stopping = False
         self.orphaned = False
@@ -145,8 +145,9 @@ class Supervisor:
 
     def serve(self, signal_fd: int) -> None:
         poller = zmq.Poller()
-        for sock in (self.front, self.pool.socket, signal_fd):
-            poller.register(sock, zmq.POLLIN)
+        for sock in (self.front, self.pool.listener, signal_fd):
+            if sock is not None:
+                poller.register(sock, zmq.POLLIN)
         registered: set[int] = set()
         next_check = 0.0
         while not self.stopping:
@@ -196,7 +197,7 @@ class Supervisor:
         except zmq.ZMQError as exc:
             raise _GiveUp(f"cannot bind {self.bind}: {exc}") from None
         self.endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.pool.open(self.context)
+        self.pool.open()
 
     def receive_from_clients(self) -> None:
         for frames in drain(self.front):
@@ -308,9 +309,9 @@ class Supervisor:
             for batch in _batches(items):
                 self.send_to_client(client, proto.encode_messages(batch))
 
-    def receive_from_processes(self) -> None:
+    def receive_from_processes(self, ending: tuple[TaskProcess, ...] = ()) -> None:
         now = time.monotonic()
-        for proc, items in self.pool.receive():
+        for proc, items in self.pool.receive(ending):
             for item in items:
                 if item.kind in _REPLIES:
                     self.finish_task(proc, item, now)
@@ -345,8 +346,8 @@ class Supervisor:
         return Item(Kind.EXCEPTION, task_id, proto.encode_exception(error, host=self.host, pid=os.getpid()))
 
     def reap_processes(self, sentinels: list[int]) -> None:
-        if sentinels:
-            self.receive_from_processes()  # what a process sent just before it ended
+        if sentinels:  # first, what they sent just before they ended
+            self.receive_from_processes(tuple(self.pool.by_sentinel[fd] for fd in sentinels))
         for fd in sentinels:
             replies, unstarted = self.pool.reap(fd, self.host)
             for client, item in replies:
@@ -386,7 +387,7 @@ class Supervisor:
         if self.orphaned and self.direct is not None:
             # The executor that embedded us died without cleaning up (SIGTERM, SIGKILL): its private
             # folder, which holds our sockets, is ours to remove.
-            folder = os.path.dirname(self.direct.partition("://")[2])
+            folder = os.path.dirname(self.direct)
             if os.path.basename(folder).startswith("zmqexecutor-"):
                 shutil.rmtree(folder, ignore_errors=True)
         logger.info("zmqexecutor worker stopped")

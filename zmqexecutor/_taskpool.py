@@ -16,12 +16,10 @@ import signal
 import time
 from typing import Any, NamedTuple, Optional
 
-import zmq
-
 from . import _protocol as proto
+from ._channel import Listener, Peer
 from ._protocol import Item, Kind
 from ._sessions import Sessions
-from ._sockets import drain, unbounded
 from ._taskprocess import COUNTERS, FINISHED, RETIRED, STARTED, UP, task_process_main
 
 logger = logging.getLogger("zmqexecutor.worker")
@@ -52,7 +50,7 @@ class Assignment(NamedTuple):
 
 class TaskProcess:
     __slots__ = ("process", "ident", "ready", "counters", "assigned", "given", "initialized", "counts",
-                 "closing", "retiring", "last_event", "signalled")
+                 "closing", "retiring", "last_event", "signalled", "peer")
 
     def __init__(self, process: Any, counters: Any) -> None:
         self.process = process
@@ -67,6 +65,7 @@ class TaskProcess:
         self.retiring = False
         self.last_event = 0.0
         self.signalled = False  # stopped by the supervisor, for its client
+        self.peer: Optional[Peer] = None  # its connection, once it said READY
 
     def running(self) -> Optional[Assignment]:
         started, finished = self.counters[STARTED], self.counters[FINISHED]
@@ -88,39 +87,47 @@ class TaskProcessPool:
         self.service: Optional[float] = None
         self.startup_failures = 0
         self.ids = 0  # the supervisor's own task ids, unique across clients
+        self.listener: Optional[Listener] = None
 
-    def open(self, context: zmq.Context[Any]) -> None:
-        """The socket the processes connect to when relayed (bound; in direct mode, never used)."""
-        self.socket = unbounded(context.socket(zmq.ROUTER), linger=0)
-        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    def open(self) -> None:
+        """The socket the processes connect to when relayed (in direct mode they connect to the client)."""
         if not self.direct:
-            self.socket.bind(self.address)
+            self.listener = Listener(self.address)
 
-    def receive(self) -> list[tuple[TaskProcess, list[Item]]]:
-        """What the processes sent, READY taken in; a message from a process already reaped is dropped."""
+    def receive(self, ending: tuple[TaskProcess, ...] = ()) -> list[tuple[TaskProcess, list[Item]]]:
+        """What the processes sent, READY taken in, and all that the ``ending`` ones sent before they
+        ended; a message from a process already reaped is dropped."""
+        if self.listener is None:
+            return []
+        messages = self.listener.receive()
+        for ended in ending:
+            if ended.peer is not None:
+                messages += [(ended.peer, frames) for frames in self.listener.read_to_end(ended.peer)]
         received = []
-        for frames in drain(self.socket):
-            proc = self.by_ident.get(frames[0].bytes)
-            if proc is None:
-                continue
+        for peer, frames in messages:
             try:
-                proto.expect_frames(frames, 2)
-                items = proto.split(proto.decode_header(frames[1]), frames[1:])
+                proto.expect_frames(frames, 1)
+                header = proto.decode_header(frames[0])
+                items = proto.split(header, frames)
             except proto.ProtocolError as exc:
-                logger.error("dropped a malformed message from task process %s: %s", proc.process.pid, exc)
+                logger.error("dropped a malformed message from a task process: %s", exc)
                 continue
-            if any(item.kind == Kind.READY for item in items):
+            proc: Optional[TaskProcess] = peer.owner
+            if proc is None and header.kind == Kind.READY:
+                proc = peer.owner = self.by_ident.get(str(header.ident).encode())
+                if proc is None:
+                    peer.close()
+                    continue
+                proc.peer = peer
                 proc.ready = True
                 self.startup_failures = 0
+            if proc is None or self.by_ident.get(proc.ident) is not proc:
+                continue
             received.append((proc, items))
         return received
 
     def send(self, proc: TaskProcess, frames: list[Any]) -> bool:
-        try:
-            self.socket.send_multipart([proc.ident, *frames], copy=False)
-        except zmq.ZMQError as exc:
-            if exc.errno != zmq.EHOSTUNREACH:
-                raise
+        if proc.peer is None or not proc.peer.send(frames):
             # The process died before its sentinel was seen: the reaper accounts for its tasks.
             logger.debug("task process %s unreachable", proc.process.pid)
             return False
@@ -269,8 +276,8 @@ class TaskProcessPool:
         return replies, [(a.client, a.task_id, a.frames) for a in proc.assigned.values() if a.seq >= started]
 
     def stop(self) -> None:
-        if hasattr(self, "socket"):
-            self.socket.close(linger=0)
+        if self.listener is not None:
+            self.listener.close()
         procs = [proc.process for proc in self.by_ident.values()]
         for process in procs:
             if process.is_alive():

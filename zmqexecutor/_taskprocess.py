@@ -2,10 +2,13 @@
 
 Data flow::
 
-    supervisor back ROUTER --- TASK (alone or in a BATCH), STOP ---> DEALER --> local queue
-    (or the client's direct                                                   | run in order
-    ROUTER, embedded worker) <-- READY RESULT EXCEPTION INIT_FAILED -- replies held while more tasks
-                               OUTPUT (alone or in a BATCH)          wait here (bounded), then sent
+    supervisor's Listener --- TASK (alone or in a BATCH), STOP ---> Link --> local queue
+    (or the client's, for                                                   | run in order
+    the embedded worker)  <-- READY RESULT EXCEPTION INIT_FAILED -- replies held while more tasks
+                              OUTPUT (alone or in a BATCH)          wait here (bounded), then sent
+
+The link is a Unix stream socket (``_channel``), not ZeroMQ: both ends are this user's processes on
+this host, and a plain socket wakes only the thread that waits for the message.
 
 Two counters in memory shared with the supervisor say how many tasks this process has started and
 finished, so that when it dies the supervisor (or, for the embedded worker, the client it reports
@@ -27,12 +30,10 @@ import threading
 import time
 from typing import Any, Optional
 
-import zmq
-
 from . import _protocol as proto
+from ._channel import Link
 from ._protocol import Item, Kind
 from ._serialize import FunctionCache, MainNamespace, decode_call, encode_result, explain_load_failure, loads
-from ._sockets import drain, unbounded
 
 # How often a task process looks for a vanished supervisor when nothing happens.
 PARENT_CHECK_INTERVAL = 0.5
@@ -126,7 +127,7 @@ class _Capture:
 class TaskLoop:
     """Receive tasks, run them in order, reply; stream a running task's output meanwhile."""
 
-    def __init__(self, sock: zmq.Socket[Any], host: str, pid: int, counters: Any, echo: bool = True) -> None:
+    def __init__(self, sock: Link, host: str, pid: int, counters: Any, echo: bool = True) -> None:
         self.sock = sock
         self.host = host
         self.pid = pid
@@ -143,7 +144,7 @@ class TaskLoop:
         self.stopping = False
         self.stdout, self.stderr = _Capture(sys.stdout, echo), _Capture(sys.stderr, echo)
         # The socket belongs to the main thread, except while a task runs: then the forwarder may send
-        # that task's output on it. The lock hands it over (ZeroMQ sockets need that memory barrier).
+        # that task's output on it. The lock hands it over, so two messages never interleave.
         self.socket_lock = threading.Lock()
         self.running: Optional[int] = None
         self.forwarder: Optional[threading.Thread] = None
@@ -163,16 +164,18 @@ class TaskLoop:
                 if self.stopping:
                     self.counters[RETIRED] = 1
                     return
-                if not self.sock.poll(int(PARENT_CHECK_INTERVAL * 1000)):
+                if not self.sock.poll(PARENT_CHECK_INTERVAL):
                     if os.getppid() != supervisor_pid:
                         return
                     continue
             self.receive()
+            if self.sock.closed:
+                return  # whoever fed us is gone, and nobody is left to take a reply
             if self.queue:
                 self.run_next()
 
     def receive(self) -> None:
-        for frames in drain(self.sock):
+        for frames in self.sock.receive():
             header = proto.decode_header(frames[0])
             if header.kind == Kind.STOP:
                 self.stopping = True
@@ -258,7 +261,7 @@ class TaskLoop:
 
     def send_held(self) -> None:
         if self.held:
-            self.sock.send_multipart(proto.encode_messages(self.held), copy=False)
+            self.sock.send(proto.encode_messages(self.held))
             self.held, self.held_bytes = [], 0
 
     def forward_output(self) -> None:
@@ -268,7 +271,7 @@ class TaskLoop:
                 if self.running is not None:
                     item = self.take_output(self.running, whole_lines=True)
                     if item is not None:
-                        self.sock.send_multipart(proto.encode_messages([item]))
+                        self.sock.send(proto.encode_messages([item]))
 
     def take_output(self, task_id: int, *, whole_lines: bool) -> Optional[Item]:
         out, err = self.stdout.take(whole_lines), self.stderr.take(whole_lines)
@@ -287,13 +290,9 @@ def task_process_main(address: str, supervisor_pid: int, counters: Any, echo: bo
     # own, as they can in ProcessPoolExecutor's workers, which multiprocessing forbids to daemons.
     multiprocessing.current_process().daemon = False
     pid = os.getpid()
-    context = zmq.Context()
-    sock = unbounded(context.socket(zmq.DEALER), linger=1000)
-    sock.setsockopt(zmq.ROUTING_ID, str(pid).encode())
-    # Whoever binds (the client, for a direct worker) may do so a moment after we start.
-    sock.setsockopt(zmq.RECONNECT_IVL, 10)
-    sock.connect(address)
-    sock.send_multipart(proto.encode_ready(pid))
+    # Whoever listens (the client, for a direct worker) may do so a moment after we start.
+    sock = Link(address, give_up=lambda: os.getppid() != supervisor_pid)
+    sock.send(proto.encode_ready(pid))
     counters[UP] = 1
     # A forked task process inherits the supervisor's log handlers, which write to the real stderr;
     # without them, the tasks' own logging goes through sys.stderr and is captured with their prints.
@@ -302,4 +301,3 @@ def task_process_main(address: str, supervisor_pid: int, counters: Any, echo: bo
         TaskLoop(sock, socket.gethostname(), pid, counters, echo).serve(supervisor_pid)
     finally:
         sock.close()
-        context.term()
