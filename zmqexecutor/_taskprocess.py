@@ -168,9 +168,11 @@ class TaskLoop:
                     if os.getppid() != supervisor_pid:
                         return
                     continue
-            self.receive()
-            if self.sock.closed:
-                return  # whoever fed us is gone, and nobody is left to take a reply
+                # Only when the queue ran dry: a read per task would mostly find nothing (a system
+                # call and an exception each), and what waits in the socket is no more urgent.
+                self.receive()
+                if self.sock.closed:
+                    return  # whoever fed us is gone, and nobody is left to take a reply
             if self.queue:
                 self.run_next()
 
