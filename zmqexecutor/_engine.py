@@ -48,12 +48,10 @@ import logging
 import os
 import selectors
 import socket
-import sys
 import threading
 import time
 import uuid
 import weakref
-from concurrent.futures import Future
 from typing import Any, Callable, Optional, Union
 
 import zmq
@@ -61,25 +59,21 @@ import zmq
 from . import _protocol as proto
 from ._connection import WorkerConnection, WorkerInfo
 from ._direct import DirectLanes
-from ._errors import BrokenWorkerPool, MessageTooLargeError, NoWorkersError, TaskCrashedError, VersionMismatchError, \
-    WorkerLostError
+from ._errors import BrokenWorkerPool, MessageTooLargeError, WorkerLostError
 from ._local import LocalWorker
+from ._outcomes import Outcomes, copy_error, fail
 from ._protocol import Kind
-from ._scheduler import Load, Scheduler, Task
+from ._scheduler import Scheduler, Task
 from ._security import ClientKeys
 from ._sockets import DRAIN_LIMIT, drain, fileno, readable
 
 logger = logging.getLogger("zmqexecutor")
-# What tasks print on their workers, forwarded here (INFO) with ZMQExecutor(task_output="log").
-task_logger = logging.getLogger("zmqexecutor.task")
 
 # Heartbeats sent per worker_timeout: enough that a few lost or late ones never look like a dead worker.
 HEARTBEATS_PER_TIMEOUT = 4
 
 # While the engine owns a local worker it looks at it at least this often.
 LOCAL_CHECK_INTERVAL = 1.0
-
-_REPLIES = frozenset({Kind.RESULT, Kind.EXCEPTION, Kind.CRASHED, Kind.INIT_FAILED, Kind.DROPPED, Kind.LOST})
 
 
 class Settings:
@@ -117,6 +111,8 @@ class Engine(threading.Thread):
         self.settings = settings
         self.local_worker = local_worker
         self.scheduler = Scheduler(max_retries=settings.max_retries, max_in_flight=settings.max_in_flight)
+        self.outcomes = Outcomes(self.scheduler, settings, local=local_worker is not None,
+                                 break_executor=self.break_executor)
         self.connections: list[WorkerConnection] = []
         self.direct: Optional[DirectLanes] = None  # the embedded worker's task processes
         self.unread: set[Union[WorkerConnection, DirectLanes]] = set()
@@ -254,7 +250,7 @@ class Engine(threading.Thread):
             raise proto.ProtocolError(f"protocol version {header.version} after the handshake")
         now = time.monotonic()
         for kind, ident, rest in proto.split(header, frames):
-            if self.take_reply(conn.load, kind, ident, rest, now):
+            if self.outcomes.reply(conn.load, kind, ident, rest, now):
                 continue
             if kind == Kind.REJECTED:
                 if conn.ready:
@@ -264,35 +260,13 @@ class Engine(threading.Thread):
             elif kind != Kind.PONG:
                 raise proto.ProtocolError(f"unexpected {kind.name} from a worker")
 
-    def take_reply(self, load: Load, kind: Kind, ident: int, rest: Any, now: float) -> bool:
-        """Take a task's reply or output; False if the message is neither."""
-        if kind in _REPLIES:
-            task = self.scheduler.finished(load, ident, now)
-            if task is None:
-                logger.debug("ignored a late or duplicate %s for task %d from %s", kind.name, ident, load.name)
-            elif kind == Kind.LOST:
-                why = proto.decode_reason(rest)
-                logger.warning("task %d lost on worker %s: %s", ident, load.name, why)
-                self.fail_lost(self.scheduler.retry(load, [task]), why)
-            else:
-                broken = resolve(task.future, kind, rest, load.name)
-                if broken is not None:
-                    self.break_executor(broken)
-        elif kind == Kind.OUTPUT:
-            if ident in load.inflight:
-                show_output(self.settings.task_output, load.name, ident, proto.decode_output(rest),
-                            local=self.local_worker is not None)
-        else:
-            return False
-        return True
-
     def handle_direct(self, peer: Any, frames: list[Any]) -> None:
         assert self.direct is not None
         now = time.monotonic()
         try:
             for load, (kind, ident, rest) in self.direct.receive(peer, frames, self.scheduler,
                                                                  self.connections[0].ready):
-                if not self.take_reply(load, kind, ident, rest, now):
+                if not self.outcomes.reply(load, kind, ident, rest, now):
                     raise proto.ProtocolError(f"unexpected {kind.name} from a task process")
         except proto.ProtocolError as exc:
             logger.warning("dropped a malformed message from a local task process: %s", exc)
@@ -303,19 +277,8 @@ class Engine(threading.Thread):
         for peer, frames in self.direct.last_words(info["pid"]):
             self.handle_direct(peer, frames)
         ending = self.direct.exited(info, self.scheduler, retry=not self.stopping_workers)
-        if ending is None:
-            return
-        endpoint = self.addresses[0]
-        if ending.running is not None:
-            fail(ending.running, crash_error(endpoint, info))
-        if ending.ran:
-            _, how = proto.describe_exit(info.get("exitcode"))
-            why = f"its reply was lost when task process {info['pid']} {how} in a later task"
-            logger.warning("%d task(s) lost on worker %s: %s", len(ending.ran), endpoint, why)
-            self.fail_lost(ending.failed, why)
-        if self.stopping_workers:
-            for task in ending.unstarted:
-                fail(task, BrokenWorkerPool("the task was dropped before it started: its client stopped the workers"))
+        if ending is not None:
+            self.outcomes.process_ended(ending, info, self.addresses[0], stopping=self.stopping_workers)
 
     def welcome(self, conn: WorkerConnection, header: proto.Header, frames: list[Any]) -> None:
         was_ready = conn.ready
@@ -349,13 +312,7 @@ class Engine(threading.Thread):
         if conn.lanes is not None:  # its task processes went with it
             failed += conn.lanes.detach_all(self.scheduler, why, retry=not self.stopping_workers)
         logger.warning("lost worker %s (%s) with %d task(s) in flight", conn.address, why, inflight)
-        self.fail_lost(failed, why)
-
-    def fail_lost(self, failed: list[tuple[Task, str]], why: str) -> None:
-        for task, lost_on in failed:
-            task.future.set_exception(WorkerLostError(
-                f"the task was lost with {len(task.lost_on)} worker(s): {lost_on} "
-                f"(max_retries={self.settings.max_retries}); last: {why}", tuple(task.lost_on)))
+        self.outcomes.lost(failed, why)
 
     def take_submissions(self) -> None:
         self.handle.wakeup.clear()
@@ -408,29 +365,8 @@ class Engine(threading.Thread):
         self.watch_local_worker()
 
     def expire_waiting_tasks(self) -> None:
-        scheduler = self.scheduler
-        if not scheduler.backlog or scheduler.has_ready_worker():
-            return
-        reasons = "".join(f"; {c.address}: {c.error}" for c in self.connections if c.error is not None)
-        if all(conn.state == WorkerConnection.INCOMPATIBLE for conn in self.connections):
-            errors = "; ".join(str(conn.error) for conn in self.connections)
-            for task in scheduler.take_backlog():
-                fail(task, VersionMismatchError(errors))
-            return
-        if all(conn.definitely_unusable for conn in self.connections):
-            # Waiting out connect_timeout would change nothing: keys or versions are wrong everywhere.
-            for task in scheduler.take_backlog():
-                error = NoWorkersError(f"no worker can be used{reasons}")
-                error.__cause__ = self.connections[0].error
-                fail(task, error)
-            return
-        timeout = self.settings.connect_timeout
-        expired = scheduler.expire(time.monotonic(), timeout)
-        if expired:
-            message = (f"no worker became reachable within connect_timeout={timeout:g} s "
-                       f"(endpoints: {', '.join(self.addresses)}){reasons}")
-            for task in expired:
-                fail(task, NoWorkersError(message))
+        if self.scheduler.backlog and not self.scheduler.has_ready_worker():
+            self.outcomes.expire(self.connections, self.addresses)
 
     def watch_local_worker(self) -> None:
         if self.local_worker is not None:
@@ -473,81 +409,6 @@ class Engine(threading.Thread):
                 self.direct.close()
             self.handle.wakeup.close()
             _live_engines.discard(self)
-
-
-def resolve(future: "Future[Any]", kind: Kind, frames: Any, endpoint: str) -> Optional[BrokenWorkerPool]:
-    """Resolve ``future`` with a reply; returns the error to break the executor with, if any."""
-    try:
-        if kind == Kind.RESULT:
-            future.set_result(proto.loads(frames))
-        elif kind == Kind.EXCEPTION:
-            future.set_exception(proto.decode_exception(frames, endpoint=endpoint))
-        elif kind == Kind.CRASHED:
-            future.set_exception(crash_error(endpoint, proto.decode_crash(frames)))
-        elif kind == Kind.DROPPED:
-            future.set_exception(BrokenWorkerPool(proto.decode_reason(frames)))
-        else:
-            broken = BrokenWorkerPool("A task process initializer failed, the executor is not usable anymore")
-            broken.__cause__ = proto.decode_exception(frames, endpoint=endpoint)
-            future.set_exception(broken)
-            return broken
-    except BaseException as exc:  # even SystemExit from a result's __setstate__ fails one future only
-        if not future.done():
-            error = proto.ProtocolError(f"the reply could not be decoded: {exc!r}")
-            error.__cause__ = exc
-            future.set_exception(error)
-    return None
-
-
-def crash_error(endpoint: str, info: dict[str, Any]) -> TaskCrashedError:
-    signal_name, how = proto.describe_exit(info.get("exitcode"))
-    host, pid = info.get("host", "?"), info.get("pid", 0)
-    message = f"the task process (pid {pid} on host {host}, worker {endpoint}) {how} while running " \
-              "this task; the worker replaced it"
-    return TaskCrashedError(message, exitcode=info.get("exitcode"), signal=signal_name, host=str(host),
-                            pid=int(pid) if isinstance(pid, int) else 0, endpoint=endpoint)
-
-
-def show_output(mode: str, endpoint: str, task_id: int, output: dict[str, Any], *, local: bool) -> None:
-    """What a task printed: on this process's own stdout and stderr (``mode`` "print"), each line
-    tagged with the task process (and host, for a remote one); or as records of the task logger."""
-    if mode == "log":
-        tag = f"[{endpoint} pid {output.get('pid')}]"
-    else:
-        tag = f"(pid={output.get('pid')})" if local else f"(pid={output.get('pid')}, host={output.get('host')})"
-    for stream in ("stdout", "stderr"):
-        text = output[stream].rstrip("\n")
-        if not text:
-            continue
-        lines = [f"{tag} {line}" for line in text.split("\n")]
-        if mode == "log":
-            more = " (truncated)" if output.get("truncated") else ""
-            task_logger.info("task %d %s%s:\n%s", task_id, stream, more, "\n".join(lines))
-            continue
-        if output.get("truncated"):
-            lines.append(f"{tag} [zmqexecutor: output cut at 64 KiB per stream and task; the worker's own log has it all]")
-        target = sys.stdout if stream == "stdout" else sys.stderr
-        try:
-            target.write("\n".join(lines) + "\n")
-            target.flush()
-        except (OSError, ValueError, AttributeError):
-            pass  # a closed or missing stream: nowhere to show it
-
-
-def fail(task: Task, error: BaseException) -> None:
-    if (task.started or task.future.set_running_or_notify_cancel()) and not task.future.done():
-        task.future.set_exception(error)
-
-
-def copy_error(error: BaseException) -> BaseException:
-    # Each future gets its own exception object, so that tracebacks raised from one do not pile up
-    # on the others.
-    try:
-        copy = type(error)(*error.args)
-    except Exception:
-        return error
-    copy.__cause__ = error.__cause__
-    return copy
 
 
 # --- the executor's side ---------------------------------------------------------------------------

@@ -1,0 +1,187 @@
+"""What becomes of each task: the client's one place that resolves and fails futures.
+
+Data flow::
+
+    Engine (I/O thread)
+      a reply: RESULT EXCEPTION CRASHED INIT_FAILED DROPPED LOST, or OUTPUT -----> Outcomes.reply
+          (found in flight by the Scheduler; late and duplicate ones fall through)   -> set_result,
+      a task process that ended (EXITED), its tasks sorted out by DirectLanes ---> .process_ended
+      tasks lost with their worker, out of retries ---------------------------------> .lost
+      tasks that waited for a worker too long, or for one that can never take them --> .expire
+                                                                                       set_exception
+
+A task is resolved by the worker it is in flight on, once: the scheduler hands a reply's task over
+only while it is in flight there. Anything that breaks the whole executor (an initializer that
+failed) goes back to the engine's ``break_executor``, which fails every future it still holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from concurrent.futures import Future
+from typing import Any, Callable, Optional
+
+from . import _protocol as proto
+from ._errors import BrokenWorkerPool, NoWorkersError, TaskCrashedError, VersionMismatchError, WorkerLostError
+from ._protocol import Kind
+from ._scheduler import Load, Scheduler, Task
+
+logger = logging.getLogger("zmqexecutor")
+# What tasks print on their workers, forwarded here (INFO) with ZMQExecutor(task_output="log").
+task_logger = logging.getLogger("zmqexecutor.task")
+
+_REPLIES = frozenset({Kind.RESULT, Kind.EXCEPTION, Kind.CRASHED, Kind.INIT_FAILED, Kind.DROPPED, Kind.LOST})
+
+
+class Outcomes:
+    """Turns what the workers say, and what becomes of them, into results and errors on futures."""
+
+    def __init__(self, scheduler: Scheduler, settings: Any, *, local: bool,
+                 break_executor: Callable[[BaseException], None]) -> None:
+        self.scheduler = scheduler
+        self.settings = settings
+        self.local = local
+        self.break_executor = break_executor
+
+    def reply(self, load: Load, kind: Kind, ident: int, rest: Any, now: float) -> bool:
+        """Take a task's reply or output from ``load``'s worker; False if the message is neither."""
+        if kind in _REPLIES:
+            task = self.scheduler.finished(load, ident, now)
+            if task is None:
+                logger.debug("ignored a late or duplicate %s for task %d from %s", kind.name, ident, load.name)
+            elif kind == Kind.LOST:
+                why = proto.decode_reason(rest)
+                logger.warning("task %d lost on worker %s: %s", ident, load.name, why)
+                self.lost(self.scheduler.retry(load, [task]), why)
+            else:
+                broken = resolve(task.future, kind, rest, load.name)
+                if broken is not None:
+                    self.break_executor(broken)
+        elif kind == Kind.OUTPUT:
+            if ident in load.inflight:
+                show_output(self.settings.task_output, load.name, ident, proto.decode_output(rest), local=self.local)
+        else:
+            return False
+        return True
+
+    def process_ended(self, ending: Any, info: dict[str, Any], endpoint: str, *, stopping: bool) -> None:
+        """A local task process ended (``ending``: its tasks, sorted by what its counters say)."""
+        if ending.running is not None:
+            fail(ending.running, crash_error(endpoint, info))
+        if ending.ran:
+            _, how = proto.describe_exit(info.get("exitcode"))
+            why = f"its reply was lost when task process {info['pid']} {how} in a later task"
+            logger.warning("%d task(s) lost on worker %s: %s", len(ending.ran), endpoint, why)
+            self.lost(ending.failed, why)
+        if stopping:
+            for task in ending.unstarted:
+                fail(task, BrokenWorkerPool("the task was dropped before it started: its client stopped the workers"))
+
+    def lost(self, failed: list[tuple[Task, str]], why: str) -> None:
+        """Tasks lost with their workers once too often: they fail."""
+        for task, lost_on in failed:
+            task.future.set_exception(WorkerLostError(
+                f"the task was lost with {len(task.lost_on)} worker(s): {lost_on} "
+                f"(max_retries={self.settings.max_retries}); last: {why}", tuple(task.lost_on)))
+
+    def expire(self, connections: list[Any], addresses: list[str]) -> None:
+        """With no worker ready: fail what waits if no worker can ever take it, else what waited
+        longer than ``connect_timeout``."""
+        scheduler = self.scheduler
+        reasons = "".join(f"; {c.address}: {c.error}" for c in connections if c.error is not None)
+        if all(conn.state == conn.INCOMPATIBLE for conn in connections):
+            errors = "; ".join(str(conn.error) for conn in connections)
+            for task in scheduler.take_backlog():
+                fail(task, VersionMismatchError(errors))
+            return
+        if all(conn.definitely_unusable for conn in connections):
+            # Waiting out connect_timeout would change nothing: keys or versions are wrong everywhere.
+            for task in scheduler.take_backlog():
+                error = NoWorkersError(f"no worker can be used{reasons}")
+                error.__cause__ = connections[0].error
+                fail(task, error)
+            return
+        timeout = self.settings.connect_timeout
+        expired = scheduler.expire(time.monotonic(), timeout)
+        if expired:
+            message = (f"no worker became reachable within connect_timeout={timeout:g} s "
+                       f"(endpoints: {', '.join(addresses)}){reasons}")
+            for task in expired:
+                fail(task, NoWorkersError(message))
+
+
+def resolve(future: "Future[Any]", kind: Kind, frames: Any, endpoint: str) -> Optional[BrokenWorkerPool]:
+    """Resolve ``future`` with a reply; returns the error to break the executor with, if any."""
+    try:
+        if kind == Kind.RESULT:
+            future.set_result(proto.loads(frames))
+        elif kind == Kind.EXCEPTION:
+            future.set_exception(proto.decode_exception(frames, endpoint=endpoint))
+        elif kind == Kind.CRASHED:
+            future.set_exception(crash_error(endpoint, proto.decode_crash(frames)))
+        elif kind == Kind.DROPPED:
+            future.set_exception(BrokenWorkerPool(proto.decode_reason(frames)))
+        else:
+            broken = BrokenWorkerPool("A task process initializer failed, the executor is not usable anymore")
+            broken.__cause__ = proto.decode_exception(frames, endpoint=endpoint)
+            future.set_exception(broken)
+            return broken
+    except BaseException as exc:  # even SystemExit from a result's __setstate__ fails one future only
+        if not future.done():
+            error = proto.ProtocolError(f"the reply could not be decoded: {exc!r}")
+            error.__cause__ = exc
+            future.set_exception(error)
+    return None
+
+
+def crash_error(endpoint: str, info: dict[str, Any]) -> TaskCrashedError:
+    signal_name, how = proto.describe_exit(info.get("exitcode"))
+    host, pid = info.get("host", "?"), info.get("pid", 0)
+    message = f"the task process (pid {pid} on host {host}, worker {endpoint}) {how} while running " \
+              "this task; the worker replaced it"
+    return TaskCrashedError(message, exitcode=info.get("exitcode"), signal=signal_name, host=str(host),
+                            pid=int(pid) if isinstance(pid, int) else 0, endpoint=endpoint)
+
+
+def show_output(mode: str, endpoint: str, task_id: int, output: dict[str, Any], *, local: bool) -> None:
+    """What a task printed: on this process's own stdout and stderr (``mode`` "print"), each line
+    tagged with the task process (and host, for a remote one); or as records of the task logger."""
+    if mode == "log":
+        tag = f"[{endpoint} pid {output.get('pid')}]"
+    else:
+        tag = f"(pid={output.get('pid')})" if local else f"(pid={output.get('pid')}, host={output.get('host')})"
+    for stream in ("stdout", "stderr"):
+        text = output[stream].rstrip("\n")
+        if not text:
+            continue
+        lines = [f"{tag} {line}" for line in text.split("\n")]
+        if mode == "log":
+            more = " (truncated)" if output.get("truncated") else ""
+            task_logger.info("task %d %s%s:\n%s", task_id, stream, more, "\n".join(lines))
+            continue
+        if output.get("truncated"):
+            lines.append(f"{tag} [zmqexecutor: output cut at 64 KiB per stream and task; the worker's own log has it all]")
+        target = sys.stdout if stream == "stdout" else sys.stderr
+        try:
+            target.write("\n".join(lines) + "\n")
+            target.flush()
+        except (OSError, ValueError, AttributeError):
+            pass  # a closed or missing stream: nowhere to show it
+
+
+def fail(task: Task, error: BaseException) -> None:
+    if (task.started or task.future.set_running_or_notify_cancel()) and not task.future.done():
+        task.future.set_exception(error)
+
+
+def copy_error(error: BaseException) -> BaseException:
+    # Each future gets its own exception object, so that tracebacks raised from one do not pile up
+    # on the others.
+    try:
+        copy = type(error)(*error.args)
+    except Exception:
+        return error
+    copy.__cause__ = error.__cause__
+    return copy
