@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from zmqexecutor._channel import MAX_FRAMES, Link, Listener, Peer
+from zmqexecutor._channel import MAX_FRAMES, BufferPool, Link, Listener, Peer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -176,3 +176,30 @@ def test_reading_an_ended_peer_to_the_end_leaves_a_newer_one_with_its_number_alo
     [(peer, frames)] = _collect(listener, 1)
     assert peer is new and [bytes(f) for f in frames] == [b"hello"]
     second.close()
+
+
+def test_pooled_memory_is_used_again_only_once_nothing_refers_to_it():
+    pool = BufferPool()
+    first = pool.take(8 << 20)
+    owner = id(first.obj)  # not the object: a reference would keep it in use
+    kept = first[100:200]  # a view of a view, as an unpickled array's base would be
+    del first
+    while_kept = pool.take(8 << 20)
+    assert id(while_kept.obj) != owner
+    del kept
+    again = pool.take(7 << 20)  # smaller fits
+    assert id(again.obj) in (owner, id(while_kept.obj)) and len(again) == 7 << 20
+    del while_kept, again
+    small = [id(pool.take(1 << 20).obj) for _ in range(2)]  # for these, 8 MiB would waste too much
+    assert owner not in small and small[0] == small[1]  # the first was free again for the second
+    assert len(pool.free_when_done) == 3
+
+
+def test_pooled_memory_stays_within_its_limit_and_trim_lets_go_of_it():
+    pool = BufferPool(limit=20 << 20)
+    held = [pool.take(8 << 20), pool.take(8 << 20)]
+    extra = pool.take(8 << 20)  # over the limit while both are held: not kept
+    assert extra.obj not in pool.free_when_done and len(pool.free_when_done) == 2
+    del held, extra
+    pool.trim()
+    assert pool.free_when_done == []

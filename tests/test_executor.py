@@ -191,6 +191,28 @@ def test_large_numpy_arrays_round_trip_unchanged(ex) -> None:
     assert echoed == array.tobytes()
 
 
+_kept: list = []
+
+
+def keep_and_sum(array: "np.ndarray") -> tuple[float, float, int]:
+    _kept.append(array)  # a task that keeps its argument, in a global of its process
+    return float(array.sum()), float(_kept[0].sum()), len(_kept)
+
+
+@pytest.mark.parametrize("where", ["local", "remote"])
+def test_large_messages_reuse_memory_only_when_nobody_holds_it(where: str, start_worker) -> None:
+    # Workers read large messages into memory they used before, once nothing refers to it: what a
+    # task kept must never be overwritten by the next argument, nor a reply by the next one.
+    endpoints = [start_worker(processes=1).endpoint] if where == "remote" else []
+    n = 2 << 20  # 16 MiB of float64
+    with (ZMQExecutor(endpoints, max_workers=1) if endpoints else ZMQExecutor(max_workers=1)) as ex:
+        sums = [ex.submit(keep_and_sum, np.full(n, float(i))).result(timeout=60) for i in (1, 2, 3)]
+        arrays = [np.full(n, float(i)) for i in range(4, 10)]
+        echoed = [f.result(timeout=60) for f in [ex.submit(np.copy, a) for a in arrays]]
+    assert sums == [(1.0 * n, 1.0 * n, 1), (2.0 * n, 1.0 * n, 2), (3.0 * n, 1.0 * n, 3)]
+    assert all(np.array_equal(e, a) for e, a in zip(echoed, arrays))
+
+
 # --- map ------------------------------------------------------------------------------------------
 
 

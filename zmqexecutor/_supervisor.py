@@ -164,6 +164,8 @@ class Supervisor:
                 next_check = time.monotonic() + PARENT_CHECK_INTERVAL
                 self.expire_sessions()
                 self.check_parent()
+            if not events and self.pool.listener is not None:  # a wait in vain: idle
+                self.pool.listener.trim_buffers()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         logger.info("received %s, stopping", signal.Signals(signum).name)

@@ -92,7 +92,7 @@ class TaskProcessPool:
     def open(self) -> None:
         """The socket the processes connect to when relayed (in direct mode they connect to the client)."""
         if not self.direct:
-            self.listener = Listener(self.address)
+            self.listener = Listener(self.address, reuse_buffers=True)
 
     def receive(self, ending: tuple[TaskProcess, ...] = ()) -> list[tuple[TaskProcess, list[Item]]]:
         """What the processes sent, READY taken in, and all that the ``ending`` ones sent before they
