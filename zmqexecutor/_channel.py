@@ -84,7 +84,7 @@ class Peer:
         self.fd = sock.fileno()
         self.owner: Any = None  # whoever this peer turned out to be, for the side that accepted it
         self.closed = False
-        self.out: collections.deque[memoryview] = collections.deque()
+        self.out: collections.deque[Any] = collections.deque()  # bytes and flat views, to be written
         self.pending = bytearray()  # read, not yet a whole message
         # Reads land here first: a fresh buffer per read would be allocated with mmap and freed with
         # munmap every time (it is above malloc's threshold), three system calls more per read.
@@ -102,9 +102,10 @@ class Peer:
         """Queue one message and write what the socket takes now; False when the peer is gone."""
         if self.closed:
             return False
-        views = [_raw(frame) for frame in frames]
-        self.out.append(memoryview(_COUNT.pack(len(views)) + struct.pack(f"<{len(views)}Q", *map(len, views))))
-        self.out.extend(view for view in views if len(view))
+        views = [frame if type(frame) is bytes else _raw(frame) for frame in frames]
+        out = self.out
+        out.append(struct.pack(f"<I{len(views)}Q", len(views), *map(len, views)))
+        out.extend(view for view in views if len(view))
         self.flush()
         return not self.closed
 
@@ -125,7 +126,7 @@ class Peer:
                     sent -= len(head)
                     out.popleft()
                 else:
-                    out[0] = head[sent:]
+                    out[0] = memoryview(head)[sent:]
                     sent = 0
         self.watch()
 
