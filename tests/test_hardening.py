@@ -189,7 +189,7 @@ def _serve(router, hostile: list[list[bytes]], future) -> None:
             for frames in hostile:
                 router.send_multipart([client, *frames])
             hostile = []
-            fn, args, kwargs = proto.decode_call(rest)
+            fn, args, kwargs, _ = proto.decode_call(rest)
             router.send_multipart([client, proto.encode_header(Kind.RESULT, task_id),
                                    *[bytes(f) for f in proto.encode_result(fn(*args, **kwargs))]])
 

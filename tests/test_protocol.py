@@ -97,8 +97,18 @@ def test_welcome_is_validated(welcome: dict) -> None:
 def test_call_round_trip_with_closure() -> None:
     offset = 10
     frames = proto.encode_call(lambda x, y=0: x + y + offset, (1,), {"y": 2})
-    fn, args, kwargs = proto.decode_call(frames)
-    assert fn(*args, **kwargs) == 13
+    fn, args, kwargs, limit = proto.decode_call(frames)
+    assert fn(*args, **kwargs) == 13 and limit is None
+
+
+def test_a_time_limit_travels_with_the_call_and_a_bad_one_is_refused() -> None:
+    encoder = serialize.CallEncoder()
+    for args in [(1,), (np.ones(100_000),)]:  # the plain pickle, and the one with out-of-band frames
+        *_, limit = proto.decode_call([bytes(f) for f in encoder.encode(abs, args, {}, 2.5)])
+        assert limit == 2.5
+    for bad in [0.0, -1.0, "5", None]:
+        with pytest.raises(ProtocolError):
+            proto.decode_call([pickle.dumps((pickle.dumps(abs), (1,), {}, bad), protocol=5)])
 
 
 def test_large_numpy_array_travels_out_of_band() -> None:
@@ -107,7 +117,7 @@ def test_large_numpy_array_travels_out_of_band() -> None:
     assert len(frames) == 2
     assert frames[1].nbytes == array.nbytes
     assert len(frames[0]) < 4096  # the pickle holds no array data
-    fn, args, _ = proto.decode_call([bytes(f) for f in frames])
+    fn, args, _, _ = proto.decode_call([bytes(f) for f in frames])
     assert np.array_equal(args[0], array)
 
 
@@ -121,7 +131,7 @@ def test_large_top_level_bytes_and_memoryview_travel_out_of_band() -> None:
     view = memoryview(np.arange(100_000, dtype=np.int32)).cast("B").cast("i")
     frames = proto.encode_call(len, (data,), {"v": view})
     assert len(frames) == 3
-    _, args, kwargs = proto.decode_call([bytes(f) for f in frames])
+    _, args, kwargs, _ = proto.decode_call([bytes(f) for f in frames])
     assert type(args[0]) is bytes and args[0] == data
     assert kwargs["v"].format == "i" and kwargs["v"].tolist() == view.tolist()
     result = proto.loads([bytes(f) for f in proto.encode_result(data)])
@@ -174,7 +184,10 @@ def test_exception_that_fails_to_unpickle_on_the_client_arrives_as_remote_error(
 
 def test_crash_and_reason_round_trip() -> None:
     frames = proto.encode_crash(exitcode=-9, signal_name="SIGKILL", host="h", pid=5)
-    assert proto.decode_crash(frames) == {"exitcode": -9, "signal": "SIGKILL", "host": "h", "pid": 5}
+    assert proto.decode_crash(frames) == {"exitcode": -9, "signal": "SIGKILL", "host": "h", "pid": 5,
+                                          "timed_out": None}
+    timed_out = proto.encode_crash(exitcode=-15, signal_name="SIGTERM", host="h", pid=5, timed_out=2.5)
+    assert proto.decode_crash(timed_out)["timed_out"] == 2.5
     assert proto.decode_reason(proto.encode_reason("why")) == "why"
 
 
@@ -228,6 +241,9 @@ def test_exited_round_trips_and_refuses_impossible_counters() -> None:
     assert (header.kind, header.ident) == (Kind.EXITED, 42)
     info = proto.decode_exited(frames[1:])
     assert (info["started"], info["finished"], info["signal"], info["retired"]) == (7, 6, "SIGKILL", False)
+    assert info["timed_out"] is None
+    limited = proto.encode_exited(pid=42, started=7, finished=6, exitcode=-15, retired=False, host="h", timed_out=1.0)
+    assert proto.decode_exited(limited[1:])["timed_out"] == 1.0
     batch = proto.encode_messages([proto.Item(Kind.EXITED, 42, frames[1:]), proto.Item(Kind.LOST, 1, [b"{}"])])
     first = proto.split(proto.decode_header(batch[0]), batch)[0]
     assert (first.kind, first.ident) == (Kind.EXITED, 42)  # a supervisor's replies go in batches
@@ -265,7 +281,7 @@ def test_a_by_value_function_is_pickled_again_when_what_it_captures_is_rebound()
         return x * SCALE
 
     def run(fn):
-        f, args, kwargs = proto.decode_call(encoder.encode(fn, (3,), {}))
+        f, args, kwargs, _ = proto.decode_call(encoder.encode(fn, (3,), {}))
         return f(*args, **kwargs)
 
     try:
@@ -340,3 +356,16 @@ def test_a_global_the_process_never_rebound_follows_the_client() -> None:
     main = serialize.MainNamespace()
     assert main.adopt(_as_sent_from_main(1)["get"])() == 1
     assert main.adopt(_as_sent_from_main(3)["get"])() == 3
+
+
+def test_cancel_round_trips_and_refuses_a_bad_seq() -> None:
+    relayed = proto.encode_cancel(17)
+    assert proto.decode_header(relayed[0]) == proto.Header(Kind.CANCEL, 17)
+    assert proto.decode_cancel(relayed[1:]) is None
+    direct = proto.encode_cancel(4242, seq=3)
+    assert proto.decode_header(direct[0]).ident == 4242 and proto.decode_cancel(direct[1:]) == 3
+    for bad in [{"seq": -1}, {"seq": "3"}, {"seq": True}, {}]:
+        with pytest.raises(ProtocolError):
+            proto.decode_cancel([json.dumps(bad).encode()])
+    with pytest.raises(ProtocolError):
+        proto.decode_cancel([b"{}", b"{}"])

@@ -12,6 +12,7 @@ from ._errors import (  # noqa: E402
     RemoteTraceback,
     SecurityError,
     TaskCrashedError,
+    TaskTimeoutError,
     VersionMismatchError,
     WorkerLostError,
     ZMQExecutorError,
@@ -21,12 +22,14 @@ from ._executor import (  # noqa: E402
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_MAX_RETRIES,
     DEFAULT_WORKER_TIMEOUT,
+    TaskOptions,
     ZMQExecutor,
 )
 from ._connection import WorkerInfo  # noqa: E402
 
 __all__ = [
     "ZMQExecutor",
+    "TaskOptions",
     "WorkerInfo",
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -36,6 +39,7 @@ __all__ = [
     "RemoteError",
     "RemoteTraceback",
     "TaskCrashedError",
+    "TaskTimeoutError",
     "BrokenWorkerPool",
     "NoWorkersError",
     "VersionMismatchError",

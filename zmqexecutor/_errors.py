@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import BrokenExecutor
+from typing import Any
 from concurrent.futures.process import BrokenProcessPool
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "VersionMismatchError",
     "SecurityError",
     "MessageTooLargeError",
+    "TaskTimeoutError",
 ]
 
 
@@ -70,6 +72,25 @@ class TaskCrashedError(BrokenProcessPool, ZMQExecutorError):
         self.host = host
         self.pid = pid
         self.endpoint = endpoint
+
+
+class TaskTimeoutError(TimeoutError, ZMQExecutorError):
+    """Raised when a task ran longer than its time limit: the worker ended its process (and only that
+    one) and started another. The task is not retried."""
+
+    def __init__(self, message: str, *, limit: float = 0.0, host: str = "", pid: int = 0, endpoint: str = "") -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.host = host
+        self.pid = pid
+        self.endpoint = endpoint
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_timeout, (str(self), self.limit, self.host, self.pid, self.endpoint))
+
+
+def _rebuild_timeout(message: str, limit: float, host: str, pid: int, endpoint: str) -> TaskTimeoutError:
+    return TaskTimeoutError(message, limit=limit, host=host, pid=pid, endpoint=endpoint)
 
 
 class BrokenWorkerPool(BrokenProcessPool, ZMQExecutorError):

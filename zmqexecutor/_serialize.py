@@ -147,13 +147,17 @@ class CallEncoder:
         self._cache: dict[int, tuple[Any, Any, bytes]] = {}
         self._by_value_modules: frozenset[str] = frozenset()
 
-    def encode(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    def encode(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+               time_limit: Optional[float] = None) -> list[Any]:
+        """The call's frames; ``time_limit``, seconds it may run, travels with it (it is the task
+        process that says when its task started)."""
         blob = self.function_pickle(fn)
+        limit = () if time_limit is None else (float(time_limit),)
         if all(is_plain(a) for a in args) and all(is_plain(v) for v in kwargs.values()):
-            return [pickle.dumps((blob, args, kwargs), protocol=5)]
+            return [pickle.dumps((blob, args, kwargs, *limit), protocol=5)]
         wrapped_args = tuple(_wrap(a) for a in args)
         wrapped_kwargs = {k: _wrap(v) for k, v in kwargs.items()}
-        return dumps((blob, wrapped_args, wrapped_kwargs))
+        return dumps((blob, wrapped_args, wrapped_kwargs, *limit))
 
     def function_pickle(self, fn: Any) -> bytes:
         registry = frozenset(_registry())
@@ -345,14 +349,16 @@ def add_note(exc: BaseException, note: str) -> None:
 
 
 def decode_call(frames: Sequence[Any], functions: Optional[FunctionCache] = None
-                ) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
+                ) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Optional[float]]:
+    """(function, args, kwargs, time limit in seconds or None)."""
     call = loads(frames)
-    if not (isinstance(call, tuple) and len(call) == 3 and isinstance(call[0], bytes)
-            and isinstance(call[1], tuple) and isinstance(call[2], dict)):
-        raise ProtocolError("task payload is not (function pickle, args, kwargs)")
-    blob, args, kwargs = call
+    if not (isinstance(call, tuple) and len(call) in (3, 4) and isinstance(call[0], bytes)
+            and isinstance(call[1], tuple) and isinstance(call[2], dict)
+            and (len(call) == 3 or (isinstance(call[3], float) and call[3] > 0))):
+        raise ProtocolError("task payload is not (function pickle, args, kwargs[, time limit])")
+    blob, args, kwargs = call[:3]
     fn = functions.load(blob) if functions is not None else pickle.loads(blob)
-    return fn, args, kwargs
+    return fn, args, kwargs, call[3] if len(call) == 4 else None
 
 
 # --- results and initializers ---------------------------------------------------------------------

@@ -60,9 +60,10 @@ MAX_CLIENT_NAMESPACES = 16
 _PR_SET_PDEATHSIG = 1
 
 # The counters shared with the supervisor: tasks started and finished; set once started up; set when
-# it exits because it was told to (STOP), not because of a task.
-STARTED, FINISHED, UP, RETIRED = range(4)
-COUNTERS = 4
+# it exits because it was told to (STOP), not because of a task; while a task with a time limit runs,
+# when it must end (time.monotonic_ns(), which every process of the host shares) and the limit (ms).
+STARTED, FINISHED, UP, RETIRED, DEADLINE, LIMIT_MS = range(6)
+COUNTERS = 6
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -234,14 +235,20 @@ class TaskLoop:
 
     def call(self, task_id: int, frames: Any, namespace: MainNamespace) -> Item:
         try:
-            fn, args, kwargs = decode_call(frames, self.functions)
+            fn, args, kwargs, limit = decode_call(frames, self.functions)
         except BaseException as exc:
             explain_load_failure(exc, self.where)
             return self.exception(Kind.EXCEPTION, task_id, exc)
+        if limit is not None:  # the supervisor ends this process if it is still running then
+            self.counters[LIMIT_MS] = max(1, round(limit * 1000))
+            self.counters[DEADLINE] = time.monotonic_ns() + round(limit * 1e9)
         try:
             result = namespace.adopt(fn)(*args, **kwargs)
         except BaseException as exc:
             return self.exception(Kind.EXCEPTION, task_id, exc)
+        finally:
+            if limit is not None:
+                self.counters[DEADLINE] = 0
         del fn, args, kwargs
         try:
             return Item(Kind.RESULT, task_id, encode_result(result))
