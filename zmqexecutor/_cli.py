@@ -169,7 +169,8 @@ def run_status(args: argparse.Namespace) -> int:
             f"up {_duration(status.get('uptime'))}\n"
             f"    slots {status.get('slots')}  busy {status.get('busy')}  queued {status.get('queued')}  "
             f"clients {status.get('clients')}\n"
-            f"    tasks done {status.get('done')}  failed {status.get('failed')}  crashed {status.get('crashed')}\n"
+            f"    tasks done {status.get('done')}  failed {status.get('failed')}  crashed {status.get('crashed')}  "
+            f"timed out {status.get('timed_out', 0)}  killed on request {status.get('cancelled', 0)}\n"
         )
     return 0 if answered == len(args.endpoints) else 1
 

@@ -52,6 +52,7 @@ import threading
 import time
 import uuid
 import weakref
+from concurrent.futures import Future
 from typing import Any, Callable, Optional, Union
 
 import zmq
@@ -325,10 +326,26 @@ class Engine(threading.Thread):
                 self.shutting_down = True
                 if item.cancel_futures:
                     self.scheduler.cancel_backlog()
+            elif isinstance(item, StopTaskRequest):
+                self.stop_task(item.future)
             else:
                 self.stop_workers(item.signum)
         if not self.shutting_down and (self.handle.exiting or self.handle.executor_ref() is None):
             self.shutting_down = True
+
+    def stop_task(self, future: "Future[Any]") -> None:
+        """The future of a task in flight was cancelled by force: have its worker stop it (dropped if
+        queued there, its process killed if running). What comes back for it is ignored."""
+        located = self.scheduler.locate(future)
+        if located is None:
+            return  # done, or waiting here for a retry (it will not be sent again)
+        load, task, position = located
+        if isinstance(load.owner, WorkerConnection):
+            load.owner.send(proto.encode_cancel(task.ident))
+        elif self.direct is not None and self.connections[0].ready:
+            # Which of the tasks sent to that process: the lane knows the order it sent them in.
+            seq = load.owner.given - len(load.inflight) + position
+            self.connections[0].send(proto.encode_cancel(load.owner.pid, seq))
 
     def stop_workers(self, signum: int) -> None:
         self.stopping_workers = True
@@ -472,13 +489,21 @@ class StopWorkersRequest:
         self.signum = signum
 
 
+class StopTaskRequest:
+    __slots__ = ("future",)
+
+    def __init__(self, future: "Future[Any]") -> None:
+        self.future = future
+
+
 class Handle:
     """All the executor sees of its engine: push a task, shut down, stop workers, snapshot, broken."""
 
     def __init__(self, executor: Any, addresses: list[str], settings: Settings,
                  local_worker: Optional[LocalWorker]) -> None:
         self.lock = threading.Lock()
-        self.submissions: collections.deque[Union[Task, ShutdownRequest, StopWorkersRequest]] = collections.deque()
+        self.submissions: collections.deque[Union[Task, ShutdownRequest, StopWorkersRequest, StopTaskRequest]] = \
+            collections.deque()
         self.wakeup = Wakeup()
         self.shutdown_requested = False
         self.broken: Optional[BaseException] = None
@@ -526,6 +551,11 @@ class Handle:
         self.wakeup.wake()
         if wait and self.engine is not threading.current_thread():
             self.engine.join()
+
+    def stop_task(self, future: "Future[Any]") -> None:
+        with self.lock:
+            self.submissions.append(StopTaskRequest(future))
+        self.wakeup.wake()
 
     def stop_workers(self, signum: int) -> None:
         self.shutdown(wait=False, cancel_futures=True)

@@ -21,10 +21,11 @@ import logging
 import sys
 import time
 from concurrent.futures import Future
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from . import _protocol as proto
-from ._errors import BrokenWorkerPool, NoWorkersError, TaskCrashedError, VersionMismatchError, WorkerLostError
+from ._errors import BrokenWorkerPool, NoWorkersError, TaskCrashedError, TaskTimeoutError, VersionMismatchError, \
+    WorkerLostError
 from ._protocol import Kind
 from ._scheduler import Load, Scheduler, Task
 
@@ -51,6 +52,8 @@ class Outcomes:
             task = self.scheduler.finished(load, ident, now)
             if task is None:
                 logger.debug("ignored a late or duplicate %s for task %d from %s", kind.name, ident, load.name)
+            elif task.future.done():
+                pass  # cancelled by force (ZMQExecutor.cancel): whatever it came to is not wanted
             elif kind == Kind.LOST:
                 why = proto.decode_reason(rest)
                 logger.warning("task %d lost on worker %s: %s", ident, load.name, why)
@@ -82,6 +85,8 @@ class Outcomes:
     def lost(self, failed: list[tuple[Task, str]], why: str) -> None:
         """Tasks lost with their workers once too often: they fail."""
         for task, lost_on in failed:
+            if task.future.done():  # cancelled by force meanwhile
+                continue
             task.future.set_exception(WorkerLostError(
                 f"the task was lost with {len(task.lost_on)} worker(s): {lost_on} "
                 f"(max_retries={self.settings.max_retries}); last: {why}", tuple(task.lost_on)))
@@ -136,9 +141,15 @@ def resolve(future: "Future[Any]", kind: Kind, frames: Any, endpoint: str) -> Op
     return None
 
 
-def crash_error(endpoint: str, info: dict[str, Any]) -> TaskCrashedError:
+def crash_error(endpoint: str, info: dict[str, Any]) -> Union[TaskCrashedError, TaskTimeoutError]:
     signal_name, how = proto.describe_exit(info.get("exitcode"))
     host, pid = info.get("host", "?"), info.get("pid", 0)
+    limit = info.get("timed_out")
+    if isinstance(limit, (int, float)) and not isinstance(limit, bool):
+        return TaskTimeoutError(
+            f"the task ran longer than its time limit of {limit:g} s; the worker ended its process (pid {pid} "
+            f"on host {host}, worker {endpoint}) and replaced it", limit=float(limit), host=str(host),
+            pid=int(pid) if isinstance(pid, int) else 0, endpoint=endpoint)
     message = f"the task process (pid {pid} on host {host}, worker {endpoint}) {how} while running " \
               "this task; the worker replaced it"
     return TaskCrashedError(message, exitcode=info.get("exitcode"), signal=signal_name, host=str(host),

@@ -13,18 +13,24 @@ Client <-> worker supervisor (a DEALER per endpoint to the worker's bound ROUTER
 
     HELLO        c -> w  [hdr(0), json client info, initializer pickle or b""]
     WELCOME      w -> c  [hdr(0), json worker info incl. slots, instance id, accepted, reason]
-    TASK         c -> w  [hdr(task id), call pickle, *out-of-band buffers]
+    TASK         c -> w  [hdr(task id), call pickle, *out-of-band buffers]; the call pickle is
+                         (function pickle, args, kwargs) or, with a time limit, (..., seconds)
     RESULT       w -> c  [hdr(task id), result pickle, *out-of-band buffers]
     EXCEPTION    w -> c  [hdr(task id), json {type, message, traceback, host, pid}, exception pickle or b""]
     INIT_FAILED  w -> c  same frames as EXCEPTION: the initializer raised
-    CRASHED      w -> c  [hdr(task id), json {exitcode, signal, host, pid}]
+    CRASHED      w -> c  [hdr(task id), json {exitcode, signal, host, pid, timed_out}]; ``timed_out``
+                         is the time limit the task ran past when that is why its process was ended
     REJECTED     w -> c  [hdr(task id or 0), json {reason}]: the worker has no session for this client;
                          the client treats its tasks there as lost and shakes hands again
     PING         c -> w  [hdr(0)]: liveness, sent every heartbeat interval; refreshes the session
     PONG         w -> c  [hdr(0)]: the answer to PING (REJECTED(0) instead when there is no session)
     TERMINATE    c -> w  [hdr(signal number)]: send this signal to the task processes running this
                          client's tasks, and drop its queued tasks (``terminate_workers()``)
+    CANCEL       c -> w  [hdr(task id)]: stop this task: dropped if still queued, its process killed
+                         if running (``ZMQExecutor.cancel(future, force=True)``); the client has
+                         already cancelled its future and ignores whatever comes back for it
     DROPPED      w -> c  [hdr(task id), json {reason}]: a queued task dropped, unstarted, on TERMINATE
+                         or CANCEL
     LOST         w -> c  [hdr(task id), json {reason}]: the task ran, but its reply died with its task
                          process (which crashed in a later task); the client retries it as it does
                          the tasks of a lost worker
@@ -32,8 +38,8 @@ Client <-> worker supervisor (a DEALER per endpoint to the worker's bound ROUTER
                          printed: whole lines while it runs, the rest just before its reply
                          (task process -> supervisor -> client)
     STATUS       c -> w  [hdr(0)]: ``zmqexecutor status``; needs no session and unpickles nothing
-    STATUS_REPLY w -> c  [hdr(0), json {versions, slots, busy, queued, done, failed, crashed, clients,
-                         uptime, instance, host, pid}]
+    STATUS_REPLY w -> c  [hdr(0), json {versions, slots, busy, queued, done, failed, crashed, timed_out,
+                         cancelled, clients, uptime, instance, host, pid}]
     BYE          c -> w  [hdr(0)]: the client is done; the worker forgets its session
     BATCH        both    [hdr(count), index, packed, *large frames]: several TASKs (c -> w) or replies
                          (w -> c) in one message. ``index`` holds per message its kind, id and frame
@@ -45,8 +51,8 @@ A HELLO from a client the worker already knows starts a new session: the client 
 it has given up on every task it had there, so the tasks still queued for it are dropped. A session
 that hears nothing from its client for a few of the client's timeouts is dropped the same way.
 
-Worker supervisor <-> task process (a DEALER per task process to the supervisor's ROUTER; every
-message may be a BATCH as above)::
+Worker supervisor <-> task process (a Unix socket in the supervisor's private folder, framed by
+``_channel``, not ZeroMQ; every message may be a BATCH as above)::
 
     READY        t -> s  [hdr(pid)]
     TASK         s -> t  [hdr(task id), client id, initializer pickle or b"", call pickle, *buffers]
@@ -54,14 +60,16 @@ message may be a BATCH as above)::
                  t -> s  as above; the supervisor forwards them to the client untouched
     STOP         s -> t  [hdr(0)]: exit after the tasks already sent
 
-The embedded worker runs *direct*: its task processes connect to a ROUTER the client binds (in the
-same private folder) and exchange the task-process messages above with the client itself; the
+The embedded worker runs *direct*: its task processes connect to a Unix socket the client binds (in
+the same private folder) and exchange the task-process messages above with the client itself; the
 supervisor sees no task, only the processes, and tells the client when one ends::
 
-    EXITED       w -> c  [hdr(pid), json {pid, started, finished, exitcode, signal, retired, host}]:
-                         of the tasks the client sent that process, in order, the first ``finished``
-                         ran to the end, the next (if ``started`` is larger) was running, the rest
-                         never started
+    EXITED       w -> c  [hdr(pid), json {pid, started, finished, exitcode, signal, retired, host,
+                         timed_out}]: of the tasks the client sent that process, in order, the first
+                         ``finished`` ran to the end, the next (if ``started`` is larger) was running
+                         (past its time limit ``timed_out``, if that is set), the rest never started
+    CANCEL       c -> w  [hdr(pid), json {seq}]: kill that process if the task it is running is the
+                         ``seq``-th (from 0) the client sent it
 """
 
 from __future__ import annotations
@@ -83,7 +91,7 @@ from ._serialize import OOB_MIN_BYTES, CallEncoder, decode_call, dumps, encode_i
 __all__ = ["ProtocolError", "OOB_MIN_BYTES", "decode_call", "dumps", "encode_initializer", "encode_result", "loads"]
 
 # 2: BATCH, and calls carry their function as a pickle of its own.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAGIC = b"ZX"
 _HEADER = struct.Struct("!2sBBQ")
 HEADER_SIZE = _HEADER.size
@@ -120,6 +128,7 @@ class Kind(enum.IntEnum):
     BATCH = 19
     LOST = 20
     EXITED = 21
+    CANCEL = 22
 
 
 _KINDS = {int(k): k for k in Kind}
@@ -301,8 +310,12 @@ def decode_exception(frames: Sequence[Frame], *, endpoint: str) -> BaseException
     return exc
 
 
-def encode_crash(*, exitcode: int | None, signal_name: str | None, host: str, pid: int) -> list[bytes]:
-    return [encode_json({"exitcode": exitcode, "signal": signal_name, "host": host, "pid": pid})]
+def encode_crash(*, exitcode: int | None, signal_name: str | None, host: str, pid: int,
+                 timed_out: float | None = None) -> list[bytes]:
+    """CRASHED: the task's process died while running it; ``timed_out``: the time limit in seconds
+    it ran past, when that is why the worker ended it."""
+    return [encode_json({"exitcode": exitcode, "signal": signal_name, "host": host, "pid": pid,
+                         "timed_out": timed_out})]
 
 
 def decode_crash(frames: Sequence[Frame]) -> dict[str, Any]:
@@ -465,13 +478,14 @@ def decode_process_task(frames: Sequence[Any]) -> tuple[bytes, Any, Sequence[Any
 
 
 def encode_exited(*, pid: int, started: int, finished: int, exitcode: int | None, retired: bool,
-                  host: str) -> list[bytes]:
+                  host: str, timed_out: float | None = None) -> list[bytes]:
     """EXITED, supervisor -> the client of a direct worker: a task process ended after starting
-    ``started`` and finishing ``finished`` of the tasks it was sent; ``retired`` when it was told to."""
+    ``started`` and finishing ``finished`` of the tasks it was sent; ``retired`` when it was told to;
+    ``timed_out``, the time limit its running task ran past when that is why it was ended."""
     signal_name, _ = describe_exit(exitcode)
     return [encode_header(Kind.EXITED, pid), encode_json({
         "pid": pid, "started": started, "finished": finished, "exitcode": exitcode, "signal": signal_name,
-        "retired": retired, "host": host})]
+        "retired": retired, "host": host, "timed_out": timed_out})]
 
 
 def decode_exited(frames: Sequence[Frame]) -> dict[str, Any]:
@@ -494,3 +508,20 @@ def describe_exit(exitcode: int | None) -> tuple[str | None, str]:
         except ValueError:
             signal_name = f"signal {-exitcode}"
     return signal_name, f"was killed by {signal_name}" if signal_name else f"exited with code {exitcode}"
+
+
+def encode_cancel(ident: int, seq: int | None = None) -> list[bytes]:
+    """CANCEL for task ``ident`` (relayed), or for process ``ident``'s ``seq``-th task (direct)."""
+    header = encode_header(Kind.CANCEL, ident)
+    return [header] if seq is None else [header, encode_json({"seq": seq})]
+
+
+def decode_cancel(frames: Sequence[Frame]) -> int | None:
+    """The ``seq`` of a direct CANCEL (the frames after the header), None for a relayed one."""
+    expect_frames(frames, 0, 1)
+    if not frames:
+        return None
+    seq = decode_json(frames[0]).get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        raise ProtocolError("CANCEL without a valid seq")
+    return seq

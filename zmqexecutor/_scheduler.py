@@ -104,6 +104,7 @@ class Scheduler:
         self.backlog: collections.deque[Task] = collections.deque()
         self.turns: collections.deque[Load] = collections.deque()
         self.ready_count = 0
+        self.attached: dict[Load, None] = {}  # the workers that may hold tasks in flight, in order
         self.in_flight = 0
         # No task in the backlog has waited since before this (None: the backlog is empty).
         self.waiting_since: Optional[float] = None
@@ -148,6 +149,7 @@ class Scheduler:
         if not load.ready:
             self.ready_count += 1
         load.ready = True
+        self.attached[load] = None
         load.slots = slots
         load.max_task_bytes = max_task_bytes
         self.offer(load)
@@ -158,6 +160,7 @@ class Scheduler:
         if load.ready:
             self.ready_count -= 1
         load.ready = False
+        self.attached.pop(load, None)
         load.lost += 1
         return self.retry(load, sorted(self.take_inflight(load), key=lambda t: t.ident), retry=retry)
 
@@ -233,6 +236,8 @@ class Scheduler:
                 if not task.future.set_running_or_notify_cancel():
                     continue
                 task.started = True
+            elif task.future.done():  # waiting for a retry, and cancelled by force meanwhile
+                continue
             batch.append(task)
             size += task.size
         return batch
@@ -251,6 +256,15 @@ class Scheduler:
         self.backlog.extendleft(reversed(tasks))
         if tasks and self.waiting_since is None:
             self.waiting_since = now
+
+    def locate(self, future: "Future[Any]") -> Optional[tuple[Load, Task, int]]:
+        """The worker ``future``'s task is in flight on, the task, and its place among that worker's
+        tasks in flight (the order they were sent in); None if it is not in flight."""
+        for load in self.attached:
+            for position, task in enumerate(load.inflight.values()):
+                if task.future is future:
+                    return load, task, position
+        return None
 
     # Replies ------------------------------------------------------------------------------------------
 

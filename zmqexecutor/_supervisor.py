@@ -104,7 +104,7 @@ class Supervisor:
         self.stopping = False
         self.orphaned = False
         self.started = time.monotonic()
-        self.tally = {"done": 0, "failed": 0, "crashed": 0}
+        self.tally = {"done": 0, "failed": 0, "crashed": 0, "cancelled": 0}
 
     # The loop -------------------------------------------------------------------------------------
 
@@ -150,9 +150,13 @@ class Supervisor:
                 poller.register(sock, zmq.POLLIN)
         registered: set[int] = set()
         next_check = 0.0
+        limits_due: Optional[float] = None
         while not self.stopping:
             self.sync_sentinels(poller, registered)
-            events = dict(poller.poll(int(PARENT_CHECK_INTERVAL * 1000)))
+            timeout = PARENT_CHECK_INTERVAL
+            if limits_due is not None:
+                timeout = min(timeout, max(0.0, limits_due - time.monotonic()))
+            events = dict(poller.poll(int(timeout * 1000)))
             if signal_fd in events:
                 os.read(signal_fd, 4096)
             self.receive_from_processes()
@@ -160,6 +164,7 @@ class Supervisor:
             self.reap_processes([fd for fd in events if fd in self.pool.by_sentinel])
             self.dispatch_tasks()
             self.send_replies()
+            limits_due = self.pool.enforce_time_limits(time.monotonic())
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + PARENT_CHECK_INTERVAL
                 self.expire_sessions()
@@ -220,7 +225,7 @@ class Supervisor:
             return
         if header.version != proto.PROTOCOL_VERSION:
             raise proto.ProtocolError(f"protocol version {header.version}, expected {proto.PROTOCOL_VERSION}")
-        if header.kind not in (Kind.TASK, Kind.BATCH, Kind.PING, Kind.TERMINATE, Kind.BYE):
+        if header.kind not in (Kind.TASK, Kind.BATCH, Kind.PING, Kind.TERMINATE, Kind.CANCEL, Kind.BYE):
             raise proto.ProtocolError(f"unexpected {header.kind.name} from a client")
         tasks = proto.split(header, frames)
         session = self.sessions.get(client)
@@ -245,6 +250,8 @@ class Supervisor:
             self.send_to_client(client, [proto.encode_header(Kind.PONG)])
         elif header.kind == Kind.TERMINATE:
             self.terminate_tasks_of(client, header.ident)
+        elif header.kind == Kind.CANCEL:
+            self.cancel_task(client, header.ident, proto.decode_cancel(frames[1:]))
         else:
             self.forget_session(client, "said goodbye")
 
@@ -264,7 +271,8 @@ class Supervisor:
 
     def status(self) -> dict[str, Any]:
         return dict(proto.local_versions(), slots=self.processes, busy=self.pool.busy(), queued=len(self.queue),
-                    **self.tally, clients=len(self.sessions), uptime=time.monotonic() - self.started,
+                    **self.tally, timed_out=self.pool.timed_out, clients=len(self.sessions),
+                    uptime=time.monotonic() - self.started,
                     instance=self.instance, host=self.host, pid=os.getpid(),
                     security="CurveZMQ" if self.guard is not None else "none")
 
@@ -293,6 +301,18 @@ class Supervisor:
         self.queue = collections.deque(item for item in self.queue if item[0] != client)
         self.pool.signal_running(client, signal.SIGKILL if signum == signal.SIGKILL else signal.SIGTERM,
                                  "at its client's request")
+
+    def cancel_task(self, client: bytes, ident: int, seq: Optional[int]) -> None:
+        """Stop one task: relayed, ``ident`` is the client's task id; direct, the process's pid and
+        ``seq`` which of the tasks the client sent it."""
+        if self.direct is None:
+            for item in self.queue:
+                if item[0] == client and item[1] == ident:
+                    self.queue.remove(item)
+                    self.reply(client, Item(Kind.DROPPED, ident, proto.encode_reason("the task was cancelled")))
+                    return
+        if self.pool.kill_running(client, ident, seq):
+            self.tally["cancelled"] += 1
 
     def send_to_client(self, client: bytes, frames: list[Any]) -> None:
         try:

@@ -20,7 +20,7 @@ from . import _protocol as proto
 from ._channel import Listener, Peer
 from ._protocol import Item, Kind
 from ._sessions import Sessions
-from ._taskprocess import COUNTERS, FINISHED, RETIRED, STARTED, UP, task_process_main
+from ._taskprocess import COUNTERS, DEADLINE, FINISHED, LIMIT_MS, RETIRED, STARTED, UP, task_process_main
 
 logger = logging.getLogger("zmqexecutor.worker")
 
@@ -40,6 +40,14 @@ MAX_AHEAD = 64
 # How fast the estimate of a task's duration follows new samples (an exponential average).
 SERVICE_SMOOTHING = 0.1
 
+# A task past its time limit gets SIGTERM, then SIGKILL this much later if its process still lives
+# (a task may have installed a handler of its own, or be stuck in code that holds off signals).
+TIME_LIMIT_GRACE = 2.0
+
+# While tasks run, the pool looks this often for one that started with a time limit (the task process
+# sets it in shared memory; no message says so). A task therefore ends at most this late.
+TIME_LIMIT_CHECK = 0.1
+
 
 class Assignment(NamedTuple):
     seq: int  # the how-many-th task this process was given, from 0
@@ -50,7 +58,7 @@ class Assignment(NamedTuple):
 
 class TaskProcess:
     __slots__ = ("process", "ident", "ready", "counters", "assigned", "given", "initialized", "counts",
-                 "closing", "retiring", "last_event", "signalled", "peer")
+                 "closing", "retiring", "last_event", "signalled", "peer", "timed_out", "kill_at")
 
     def __init__(self, process: Any, counters: Any) -> None:
         self.process = process
@@ -66,6 +74,8 @@ class TaskProcess:
         self.last_event = 0.0
         self.signalled = False  # stopped by the supervisor, for its client
         self.peer: Optional[Peer] = None  # its connection, once it said READY
+        self.timed_out: Optional[float] = None  # the limit (s) its running task overran: it is being ended
+        self.kill_at = 0.0
 
     def running(self) -> Optional[Assignment]:
         started, finished = self.counters[STARTED], self.counters[FINISHED]
@@ -87,6 +97,7 @@ class TaskProcessPool:
         self.service: Optional[float] = None
         self.startup_failures = 0
         self.ids = 0  # the supervisor's own task ids, unique across clients
+        self.timed_out = 0  # tasks ended for running past their time limit
         self.listener: Optional[Listener] = None
 
     def open(self) -> None:
@@ -199,6 +210,23 @@ class TaskProcessPool:
         proc.retiring = True
         self.start(1)
 
+    def kill_running(self, client: bytes, ident: int, seq: Optional[int]) -> bool:
+        """Kill the process running the client's task ``ident`` (direct: process ``ident`` if the task
+        it runs is the ``seq``-th it was sent); False if no process runs that task now."""
+        if seq is None:
+            target = next((proc for proc in self.by_ident.values() if (running := proc.running()) is not None
+                           and running.client == client and running.task_id == ident), None)
+        else:
+            target = self.by_ident.get(str(ident).encode())
+            if target is not None and not target.counters[STARTED] - 1 == seq >= target.counters[FINISHED]:
+                target = None
+        if target is None or target.signalled:
+            return False
+        logger.info("killing task process %s: its client cancelled the task it runs", target.process.pid)
+        target.signalled = True
+        _signal(target, signal.SIGKILL)
+        return True
+
     def signal_running(self, client: bytes, sig: signal.Signals, why: str) -> None:
         for proc in list(self.by_ident.values()):
             if self.direct:  # one client: every running task is its
@@ -213,6 +241,36 @@ class TaskProcessPool:
                     os.kill(proc.process.pid, sig)
                 except ProcessLookupError:
                     pass
+
+    def enforce_time_limits(self, now: float) -> Optional[float]:
+        """End the processes whose task ran past its time limit (SIGTERM, later SIGKILL); returns when
+        to look again (a monotonic time), or None while no task runs."""
+        wake = None
+        now_ns = int(now * 1e9)
+        for proc in self.by_ident.values():
+            counters = proc.counters
+            if proc.timed_out is not None:
+                if now >= proc.kill_at:
+                    _signal(proc, signal.SIGKILL)
+                    proc.kill_at = now + TIME_LIMIT_GRACE
+                wake = proc.kill_at if wake is None else min(wake, proc.kill_at)
+                continue
+            started = counters[STARTED]
+            if started == counters[FINISHED]:
+                continue
+            deadline = counters[DEADLINE]
+            # Read after the counters, and again below: a deadline seen is that of the task running.
+            if deadline and now_ns >= deadline and counters[STARTED] == started > counters[FINISHED]:
+                proc.timed_out = counters[LIMIT_MS] / 1000
+                proc.kill_at = now + TIME_LIMIT_GRACE
+                logger.warning("task process %s ran a task past its time limit of %g s; stopping it",
+                               proc.process.pid, proc.timed_out)
+                _signal(proc, signal.SIGTERM)
+                due = proc.kill_at
+            else:
+                due = deadline / 1e9 if deadline else now + TIME_LIMIT_CHECK
+            wake = due if wake is None else min(wake, due)
+        return wake
 
     def hand_out(self, queue: "collections.deque[tuple[bytes, int, Any]]", sessions: Sessions
                  ) -> list[tuple[TaskProcess, list[Item]]]:
@@ -257,18 +315,21 @@ class TaskProcessPool:
         retired = bool(proc.counters[RETIRED])
         signal_name, how = proto.describe_exit(code)
         if self.direct:
-            self.exits.append(dict(pid=pid, started=started, finished=finished, exitcode=code, retired=retired))
+            self.exits.append(dict(pid=pid, started=started, finished=finished, exitcode=code, retired=retired,
+                                   timed_out=proc.timed_out))
+        self.timed_out += proc.timed_out is not None
         replies = []
         for a in proc.assigned.values():
             if a.seq < finished:  # it ran; its reply died with the process: the client retries it
                 reason = proto.encode_reason(f"its reply was lost when task process {pid} {how} in a later task")
                 replies.append((a.client, Item(Kind.LOST, a.task_id, reason)))
             elif a.seq < started:
-                crash = proto.encode_crash(exitcode=code, signal_name=signal_name, host=host, pid=pid)
+                crash = proto.encode_crash(exitcode=code, signal_name=signal_name, host=host, pid=pid,
+                                           timed_out=proc.timed_out)
                 replies.append((a.client, Item(Kind.CRASHED, a.task_id, crash)))
         if started > finished:
             # Expected when we stopped it for its client; news otherwise.
-            logger.log(logging.INFO if proc.signalled else logging.WARNING,
+            logger.log(logging.INFO if proc.signalled or proc.timed_out is not None else logging.WARNING,
                        "task process %d %s while running a task; replacing it", pid, how)
         elif not retired:
             logger.warning("idle task process %d %s; replacing it", pid, how)
@@ -289,3 +350,10 @@ class TaskProcessPool:
                 process.kill()
                 process.join(1.0)
 
+
+def _signal(proc: TaskProcess, sig: signal.Signals) -> None:
+    if proc.process.pid is not None:
+        try:
+            os.kill(proc.process.pid, sig)
+        except ProcessLookupError:
+            pass
