@@ -49,13 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--insecure", action="store_true",
                         help="allow binding a non-loopback TCP address without authentication: anyone "
                              "who can reach the port can run code as this user")
+    worker.add_argument("--drain-timeout", type=float, default=None, metavar="SECONDS",
+                        help="on SIGTERM (or 'zmqexecutor drain'), how long running tasks may take to finish "
+                             "before they are stopped; queued ones go back to their clients at once "
+                             "(default: 30)")
     worker.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: INFO")
     worker.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     # The embedded worker: task processes exchange tasks with the client at this ipc:// address.
     worker.add_argument("--direct", default=None, help=argparse.SUPPRESS)
     for name, text in (("status", "show each worker's versions, slots, load, counts, clients and uptime"),
-                       ("ping", "check that each worker answers, and how fast")):
+                       ("ping", "check that each worker answers, and how fast"),
+                       ("drain", "ask each worker to drain: take no more tasks, finish the running ones "
+                                 "(queued ones go back to their clients), then exit")):
         command = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + "; exit "
                                       "status 0 only when every worker answers.")
         command.add_argument("endpoints", nargs="+", metavar="ENDPOINT")
@@ -91,7 +97,7 @@ def check_bind(endpoint: str, insecure: bool = False, secured: bool = False) -> 
 
 def run_worker(args: argparse.Namespace) -> int:
     from ._protocol import DEFAULT_MAX_MESSAGE_SIZE
-    from ._supervisor import Supervisor
+    from ._supervisor import DEFAULT_DRAIN_TIMEOUT, Supervisor
     from ._worker import available_cpus
 
     logging.basicConfig(
@@ -128,6 +134,7 @@ def run_worker(args: argparse.Namespace) -> int:
         args.bind, args.processes or available_cpus(), parent_pid=args.parent_pid,
         secret_key_file=secret_key, allow=allow, direct=args.direct,
         max_message_size=args.max_message_size or DEFAULT_MAX_MESSAGE_SIZE,
+        drain_timeout=DEFAULT_DRAIN_TIMEOUT if args.drain_timeout is None else args.drain_timeout,
     )
     return supervisor.run()
 
@@ -151,7 +158,7 @@ def run_status(args: argparse.Namespace) -> int:
         return 2
     answered = 0
     for endpoint in args.endpoints:
-        status, seconds, problem = query(endpoint, keys, args.timeout)
+        status, seconds, problem = query(endpoint, keys, args.timeout, drain=args.command == "drain")
         if status is None:
             sys.stdout.write(f"{endpoint}  unreachable: {problem}\n")
             continue
@@ -162,13 +169,17 @@ def run_status(args: argparse.Namespace) -> int:
         if args.command == "ping":
             sys.stdout.write(f"{endpoint}  {verdict}  {seconds * 1000:.1f} ms\n")
             continue
+        if args.command == "drain":
+            sys.stdout.write(f"{endpoint}  draining: {status.get('busy')} task(s) running\n" if status.get("draining") else
+                             f"{endpoint}  cannot drain (an embedded worker stops with its executor)\n")
+            continue
         sys.stdout.write(
             f"{endpoint}  {verdict}  zmqexecutor {status.get('zmqexecutor')}, Python {status.get('python')}, "
             f"cloudpickle {status.get('cloudpickle')}, security {status.get('security')}\n"
             f"    host {status.get('host')} pid {status.get('pid')} instance {status.get('instance')} "
             f"up {_duration(status.get('uptime'))}\n"
             f"    slots {status.get('slots')}  busy {status.get('busy')}  queued {status.get('queued')}  "
-            f"clients {status.get('clients')}\n"
+            f"clients {status.get('clients')}{'  DRAINING' if status.get('draining') else ''}\n"
             f"    tasks done {status.get('done')}  failed {status.get('failed')}  crashed {status.get('crashed')}  "
             f"timed out {status.get('timed_out', 0)}  killed on request {status.get('cancelled', 0)}\n"
         )
@@ -206,6 +217,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run_worker(args)
     if args.command == "keygen":
         return run_keygen(args)
-    if args.command in ("status", "ping"):
+    if args.command in ("status", "ping", "drain"):
         return run_status(args)
     return 2  # pragma: no cover - argparse rejects unknown commands

@@ -42,7 +42,7 @@ class WorkerInfo(NamedTuple):
     """A snapshot of one worker endpoint as this executor sees it (``ZMQExecutor.workers()``)."""
 
     endpoint: str
-    state: str  # "connecting", "ready" or "incompatible"
+    state: str  # "connecting", "ready", "draining" or "incompatible"
     slots: int
     in_flight: int
     completed: int
@@ -107,7 +107,8 @@ class WorkerConnection:
         if self.lanes is not None:
             in_flight += self.lanes.in_flight()
             completed += self.lanes.completed_total()
-        return WorkerInfo(self.address, self.state, self.load.slots, in_flight, completed, self.load.lost, host if isinstance(host, str) else None,
+        state = "draining" if self.state == self.READY and self.load.draining else self.state
+        return WorkerInfo(self.address, state, self.load.slots, in_flight, completed, self.load.lost, host if isinstance(host, str) else None,
                           pid if isinstance(pid, int) else None, self.instance,
                           None if self.error is None else str(self.error))
 

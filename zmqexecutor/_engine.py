@@ -258,6 +258,11 @@ class Engine(threading.Thread):
                     self.lose(conn, proto.decode_reason(rest))
             elif kind == Kind.EXITED and self.direct is not None:
                 self.process_exited(proto.decode_exited(rest))
+            elif kind == Kind.DRAINING:
+                if not conn.load.draining:
+                    logger.info("worker %s is draining: no more tasks go there; %d in flight finish there",
+                                conn.address, len(conn.load.inflight))
+                conn.load.draining = True
             elif kind != Kind.PONG:
                 raise proto.ProtocolError(f"unexpected {kind.name} from a worker")
 
@@ -312,7 +317,10 @@ class Engine(threading.Thread):
         failed = self.scheduler.detach(conn.load, why, retry=not self.stopping_workers)
         if conn.lanes is not None:  # its task processes went with it
             failed += conn.lanes.detach_all(self.scheduler, why, retry=not self.stopping_workers)
-        logger.warning("lost worker %s (%s) with %d task(s) in flight", conn.address, why, inflight)
+        if conn.load.draining and not inflight:  # as it said it would: no loss
+            logger.info("worker %s finished draining and left", conn.address)
+        else:
+            logger.warning("lost worker %s (%s) with %d task(s) in flight", conn.address, why, inflight)
         self.outcomes.lost(failed, why)
 
     def take_submissions(self) -> None:

@@ -71,13 +71,13 @@ def _cancel_running(future: Future[Any]) -> bool:
     """Move a running future to cancelled, as ``Future.cancel`` does for a pending one (which it
     refuses for a running one). The stdlib offers no public way, so this follows its own steps, on
     the same private fields, unchanged from Python 3.8 to 3.14."""
-    with future._condition:  # type: ignore[attr-defined]
-        if future._state != _base.RUNNING:  # type: ignore[attr-defined]
+    with future._condition:
+        if future._state != _base.RUNNING:
             return False
-        future._state = _base.CANCELLED_AND_NOTIFIED  # type: ignore[attr-defined]
-        for waiter in future._waiters:  # type: ignore[attr-defined]
+        future._state = _base.CANCELLED_AND_NOTIFIED
+        for waiter in future._waiters:
             waiter.add_cancelled(future)
-        future._condition.notify_all()  # type: ignore[attr-defined]
+        future._condition.notify_all()
     future._invoke_callbacks()  # type: ignore[attr-defined]
     return True
 
@@ -251,8 +251,9 @@ class ZMQExecutor(Executor):
     def workers(self) -> tuple[WorkerInfo, ...]:
         """A read-only snapshot of every worker endpoint: state, slots, tasks in flight, completed, lost.
 
-        ``state`` is ``"connecting"`` (no handshake yet, or lost and reconnecting), ``"ready"`` or
-        ``"incompatible"`` (another version; ``error`` says why). Meant for dashboards and tests.
+        ``state`` is ``"connecting"`` (no handshake yet, or lost and reconnecting), ``"ready"``,
+        ``"draining"`` (asked to stop: it finishes its tasks, takes no more) or ``"incompatible"``
+        (another version; ``error`` says why). Meant for dashboards and tests.
         """
         return self._handle.snapshot()
 

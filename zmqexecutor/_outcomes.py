@@ -62,6 +62,8 @@ class Outcomes:
                 broken = resolve(task.future, kind, rest, load.name)
                 if broken is not None:
                     self.break_executor(broken)
+        elif kind == Kind.RETURNED:
+            self.scheduler.returned(load, ident)
         elif kind == Kind.OUTPUT:
             if ident in load.inflight:
                 show_output(self.settings.task_output, load.name, ident, proto.decode_output(rest), local=self.local)

@@ -38,8 +38,14 @@ Client <-> worker supervisor (a DEALER per endpoint to the worker's bound ROUTER
                          printed: whole lines while it runs, the rest just before its reply
                          (task process -> supervisor -> client)
     STATUS       c -> w  [hdr(0)]: ``zmqexecutor status``; needs no session and unpickles nothing
+    DRAIN        c -> w  [hdr(0)]: ``zmqexecutor drain``: begin draining (as on SIGTERM); answered with
+                         STATUS_REPLY; needs no session
+    DRAINING     w -> c  [hdr(0)]: the worker is draining: it takes no more tasks, finishes those it
+                         runs, then exits; the client sends it nothing more
+    RETURNED     w -> c  [hdr(task id)]: a task handed back unstarted by a draining worker; the client
+                         sends it elsewhere without counting a retry
     STATUS_REPLY w -> c  [hdr(0), json {versions, slots, busy, queued, done, failed, crashed, timed_out,
-                         cancelled, clients, uptime, instance, host, pid}]
+                         cancelled, clients, uptime, instance, host, pid, draining}]
     BYE          c -> w  [hdr(0)]: the client is done; the worker forgets its session
     BATCH        both    [hdr(count), index, packed, *large frames]: several TASKs (c -> w) or replies
                          (w -> c) in one message. ``index`` holds per message its kind, id and frame
@@ -129,6 +135,9 @@ class Kind(enum.IntEnum):
     LOST = 20
     EXITED = 21
     CANCEL = 22
+    DRAIN = 23
+    DRAINING = 24
+    RETURNED = 25
 
 
 _KINDS = {int(k): k for k in Kind}
@@ -358,7 +367,7 @@ PACK_LIMIT = OOB_MIN_BYTES
 
 # The kinds a BATCH may carry: tasks and their replies. Control messages always go alone.
 BATCHED_KINDS = frozenset({Kind.TASK, Kind.RESULT, Kind.EXCEPTION, Kind.INIT_FAILED, Kind.CRASHED,
-                           Kind.OUTPUT, Kind.DROPPED, Kind.LOST, Kind.EXITED})
+                           Kind.OUTPUT, Kind.DROPPED, Kind.LOST, Kind.EXITED, Kind.RETURNED})
 
 # The most messages one BATCH may carry; a bigger count is malformed (senders stay far below).
 MAX_BATCH = 65536

@@ -62,7 +62,7 @@ class Load:
     """The scheduler's view of one worker: its slots, its tasks in flight, its pace."""
 
     __slots__ = ("name", "owner", "slots", "max_task_bytes", "quota", "inflight", "ready", "in_turn", "service",
-                 "busy_since", "completed", "lost")
+                 "busy_since", "completed", "lost", "draining")
 
     def __init__(self, name: str, owner: Any = None) -> None:
         self.name = name
@@ -77,6 +77,7 @@ class Load:
         self.busy_since = 0.0  # last reply, or when the worker last went from idle to busy
         self.completed = 0
         self.lost = 0
+        self.draining = False  # it finishes what it has and takes nothing more
 
     @property
     def capacity(self) -> int:
@@ -89,7 +90,7 @@ class Load:
         return self.slots * (1 + ahead)
 
     def credit(self) -> int:
-        if not self.ready:
+        if not self.ready or self.draining:
             return 0
         credit = self.capacity - len(self.inflight)
         return credit if self.quota is None else min(credit, self.quota)
@@ -149,6 +150,7 @@ class Scheduler:
         if not load.ready:
             self.ready_count += 1
         load.ready = True
+        load.draining = False
         self.attached[load] = None
         load.slots = slots
         load.max_task_bytes = max_task_bytes
@@ -247,6 +249,13 @@ class Scheduler:
         tasks = [task for task in batch if load.inflight.pop(task.ident, None) is not None]
         self.in_flight -= len(tasks)
         self.requeue(tasks)
+
+    def returned(self, load: Load, ident: int) -> None:
+        """A draining worker gave task ``ident`` back unstarted: first in line again, no retry counted."""
+        task = load.inflight.pop(ident, None)
+        if task is not None:
+            self.in_flight -= 1
+            self.requeue([task])
 
     def requeue(self, tasks: list[Task]) -> None:
         """Tasks taken back from a worker that never started them: first in line again, no retry counted."""

@@ -13,8 +13,10 @@ from ._sockets import monitor_events
 from ._security import HANDSHAKE_FAILURE_EVENTS, HANDSHAKE_FAILURES, ClientKeys, secure_client_socket
 
 
-def query(endpoint: str, keys: Optional[ClientKeys], timeout: float) -> tuple[Optional[dict[str, Any]], float, str]:
-    """(status, round-trip seconds, problem): status is None and problem says why when no answer came."""
+def query(endpoint: str, keys: Optional[ClientKeys], timeout: float, *, drain: bool = False
+          ) -> tuple[Optional[dict[str, Any]], float, str]:
+    """(status, round-trip seconds, problem): status is None and problem says why when no answer came.
+    With ``drain``, the worker is asked to drain first (``zmqexecutor drain``)."""
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
     monitor = sock.get_monitor_socket(HANDSHAKE_FAILURE_EVENTS)
@@ -34,7 +36,7 @@ def query(endpoint: str, keys: Optional[ClientKeys], timeout: float) -> tuple[Op
         while time.monotonic() < deadline:
             if not sent:
                 try:
-                    sock.send(proto.encode_header(Kind.STATUS), zmq.NOBLOCK)
+                    sock.send(proto.encode_header(Kind.DRAIN if drain else Kind.STATUS), zmq.NOBLOCK)
                     sent, started = True, time.monotonic()
                 except zmq.Again:
                     pass  # not connected yet

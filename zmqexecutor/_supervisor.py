@@ -3,9 +3,9 @@
 Data flow::
 
     clients (DEALER, one per executor)
-        |  HELLO  TASK or BATCH of TASKs  PING  TERMINATE  STATUS  BYE
-        |                                 ^  WELCOME  PONG  REJECTED  STATUS_REPLY
-        v                                 |  RESULT EXCEPTION INIT_FAILED OUTPUT CRASHED DROPPED
+        |  HELLO  TASK or BATCH of TASKs  PING  TERMINATE  CANCEL  STATUS  DRAIN  BYE
+        |                                 ^  WELCOME  PONG  REJECTED  STATUS_REPLY  DRAINING
+        v                                 |  RESULT EXCEPTION INIT_FAILED OUTPUT CRASHED DROPPED RETURNED
     +------------------ supervisor (one thread, never unpickles) -----|---- (a BATCH per client
     | front ROUTER (the user's endpoint)                                     per loop turn)
     |   Sessions: client id -> handshake info + initializer pickle
@@ -21,6 +21,12 @@ Started with ``--direct PATH`` (the embedded worker, by its executor), the task 
 the client's Unix socket at PATH instead and exchange tasks with it directly; the supervisor then only
 answers the client's HELLO and PINGs, starts, reaps and replaces processes, signals them on
 TERMINATE, and sends EXITED (the process's counters) when one ends.
+
+SIGTERM (or DRAIN, from ``zmqexecutor drain``) makes it drain: every client hears DRAINING, queued
+tasks go back to their clients (RETURNED, sent elsewhere without counting a retry), and so do tasks
+that arrive later; the running ones (and those already sent ahead to a task process) finish; then,
+or after ``drain_timeout`` seconds, it exits 0. A second SIGTERM, or SIGINT, stops it at once. The
+embedded worker does not drain: its executor stops it only when it has nothing running there.
 
 Each loop turn reads both sockets until they would block (bounded), reaps dead task processes, hands
 queued tasks to processes with credit, and sends each client its replies as one message. A process
@@ -71,6 +77,9 @@ HEARTBEAT_TIMEOUT_MS = 20000
 REPLY_BATCH = 256
 REPLY_BATCH_BYTES = 1 << 20
 
+# How long a draining worker waits for its running tasks by default, before it stops them.
+DEFAULT_DRAIN_TIMEOUT = 30.0
+
 # Forking is only known to be safe on Linux (macOS frameworks break in forked children).
 _CAN_FORK_EARLY = sys.platform.startswith("linux")
 
@@ -82,7 +91,8 @@ class Supervisor:
 
     def __init__(self, bind: str, processes: int, *, parent_pid: Optional[int] = None,
                  secret_key_file: Optional[str] = None, allow: Optional[str] = None, direct: Optional[str] = None,
-                 max_message_size: int = proto.DEFAULT_MAX_MESSAGE_SIZE) -> None:
+                 max_message_size: int = proto.DEFAULT_MAX_MESSAGE_SIZE,
+                 drain_timeout: float = DEFAULT_DRAIN_TIMEOUT) -> None:
         self.bind = bind
         self.secret_key_file = secret_key_file
         self.allow = allow
@@ -102,6 +112,9 @@ class Supervisor:
         self.pool = TaskProcessPool(direct or f"{self.private_dir}/tasks", multiprocessing.get_context("spawn"),
                                     direct=direct is not None)
         self.stopping = False
+        self.drain_timeout = drain_timeout
+        self.drain_requested = False  # by SIGTERM or DRAIN; taken up by the loop
+        self.drain_deadline: Optional[float] = None  # draining since: until then
         self.orphaned = False
         self.started = time.monotonic()
         self.tally = {"done": 0, "failed": 0, "crashed": 0, "cancelled": 0}
@@ -154,17 +167,21 @@ class Supervisor:
         while not self.stopping:
             self.sync_sentinels(poller, registered)
             timeout = PARENT_CHECK_INTERVAL
-            if limits_due is not None:
-                timeout = min(timeout, max(0.0, limits_due - time.monotonic()))
+            for due in (limits_due, self.drain_deadline):
+                if due is not None:
+                    timeout = min(timeout, max(0.0, due - time.monotonic()))
             events = dict(poller.poll(int(timeout * 1000)))
             if signal_fd in events:
                 os.read(signal_fd, 4096)
             self.receive_from_processes()
             self.receive_from_clients()
             self.reap_processes([fd for fd in events if fd in self.pool.by_sentinel])
+            self.drain()
             self.dispatch_tasks()
             self.send_replies()
             limits_due = self.pool.enforce_time_limits(time.monotonic())
+            if self.drain_deadline is not None and (self.pool.idle() or time.monotonic() >= self.drain_deadline):
+                self.stopping = True
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + PARENT_CHECK_INTERVAL
                 self.expire_sessions()
@@ -173,6 +190,11 @@ class Supervisor:
                 self.pool.listener.trim_buffers()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGTERM and not self.drain_requested and self.direct is None:
+            logger.info("received SIGTERM: draining (running tasks get up to %g s); a second SIGTERM stops at once",
+                        self.drain_timeout)
+            self.drain_requested = True
+            return
         logger.info("received %s, stopping", signal.Signals(signum).name)
         self.stopping = True
 
@@ -220,7 +242,11 @@ class Supervisor:
         if header.kind == Kind.HELLO:
             self.greet(client, header, frames)
             return
-        if header.kind == Kind.STATUS:
+        if header.kind in (Kind.STATUS, Kind.DRAIN):
+            if header.kind == Kind.DRAIN and self.direct is None and not self.drain_requested:
+                logger.info("asked to drain (running tasks get up to %g s)", self.drain_timeout)
+                self.drain_requested = True
+                self.drain()
             self.send_to_client(client, [proto.encode_header(Kind.STATUS_REPLY), proto.encode_json(self.status())])
             return
         if header.version != proto.PROTOCOL_VERSION:
@@ -245,6 +271,10 @@ class Supervisor:
                 for task in tasks:
                     self.reply(client, Item(Kind.DROPPED, task.ident, dropped))
                 return
+            if self.drain_deadline is not None:  # sent before the client heard DRAINING: elsewhere
+                for task in tasks:
+                    self.reply(client, Item(Kind.RETURNED, task.ident, []))
+                return
             self.queue.extend((client, task.ident, task.frames) for task in tasks)
         elif header.kind == Kind.PING:
             self.send_to_client(client, [proto.encode_header(Kind.PONG)])
@@ -268,11 +298,13 @@ class Supervisor:
         else:
             logger.warning("refused client %r: %s", client, proto.decode_json(welcome[1]).get("reason"))
         self.send_to_client(client, welcome)
+        if info is not None and self.drain_deadline is not None:
+            self.send_to_client(client, [proto.encode_header(Kind.DRAINING)])
 
     def status(self) -> dict[str, Any]:
         return dict(proto.local_versions(), slots=self.processes, busy=self.pool.busy(), queued=len(self.queue),
                     **self.tally, timed_out=self.pool.timed_out, clients=len(self.sessions),
-                    uptime=time.monotonic() - self.started,
+                    uptime=time.monotonic() - self.started, draining=self.drain_requested,
                     instance=self.instance, host=self.host, pid=os.getpid(),
                     security="CurveZMQ" if self.guard is not None else "none")
 
@@ -384,6 +416,20 @@ class Supervisor:
             self.pool.exits.clear()
             if self.pool.startup_failures >= MAX_STARTUP_FAILURES:
                 raise _GiveUp(f"{self.pool.startup_failures} task processes in a row died before starting; giving up")
+
+    def drain(self) -> None:
+        """Once asked to drain: tell every client, and give back what waits here."""
+        if not self.drain_requested:
+            return
+        if self.drain_deadline is None:
+            self.drain_deadline = time.monotonic() + self.drain_timeout
+            for session in self.sessions:
+                self.send_to_client(session.client, [proto.encode_header(Kind.DRAINING)])
+            logger.info("draining: %d task(s) running; no more are taken", self.pool.busy())
+        # Also what a crashed task process had not started yet, put back here by reap_processes.
+        for client, task_id, _ in self.queue:
+            self.reply(client, Item(Kind.RETURNED, task_id, []))
+        self.queue.clear()
 
     def dispatch_tasks(self) -> None:
         if self.queue:

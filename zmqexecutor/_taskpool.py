@@ -157,6 +157,12 @@ class TaskProcessPool:
             self.by_ident[proc.ident] = proc
             self.by_sentinel[process.sentinel] = proc
 
+    def idle(self) -> bool:
+        """Nothing is running or waiting in any process."""
+        if self.direct:
+            return self.busy() == 0
+        return not any(proc.assigned for proc in self.by_ident.values())
+
     def busy(self) -> int:
         if self.direct:
             return sum(proc.counters[STARTED] > proc.counters[FINISHED] for proc in self.by_ident.values())
