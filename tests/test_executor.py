@@ -345,6 +345,80 @@ def test_done_callbacks_run_once(ex) -> None:
     assert calls == [9]
 
 
+def exit_in_task(how: str) -> None:
+    if how == "exit":
+        sys.exit(3)
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("how, error", [("exit", SystemExit), ("interrupt", KeyboardInterrupt)])
+def test_sys_exit_or_keyboardinterrupt_in_a_task_fails_its_future_as_in_the_stdlib(ex, how, error) -> None:
+    # ProcessPoolExecutor hands these to the caller too: result() raises them, and the pool goes on.
+    pids = {ex.submit(os.getpid).result(timeout=30) for _ in range(4)}
+    with pytest.raises(error):
+        ex.submit(exit_in_task, how).result(timeout=30)
+    assert ex.submit(abs, -1).result(timeout=30) == 1
+    assert {ex.submit(os.getpid).result(timeout=30) for _ in range(4)} <= pids  # no process died
+
+
+def test_done_callbacks_that_raise_or_submit_do_not_disturb_the_executor(ex, caplog) -> None:
+    follow_ups: list = []
+    results = []
+
+    def boom(future) -> None:
+        raise RuntimeError("a callback that raises")
+
+    def submit_more(future) -> None:
+        follow_ups.append(ex.submit(abs, -future.result()))
+
+    futures = [ex.submit(abs, -i) for i in range(50)]
+    for future in futures:
+        future.add_done_callback(boom)
+        future.add_done_callback(submit_more)
+    assert [f.result(timeout=30) for f in futures] == list(range(50))
+    assert wait_until(lambda: len(follow_ups) == 50, 30)
+    results = sorted(f.result(timeout=30) for f in follow_ups)
+    assert results == list(range(50))
+    assert "a callback that raises" in caplog.text  # the stdlib logs it, as for any Future
+    assert ex.submit(abs, -5).result(timeout=30) == 5
+
+
+def test_32_threads_submitting_at_once_each_get_their_own_results(ex) -> None:
+    start = threading.Barrier(32)
+    outcomes: dict[int, list] = {}
+
+    def submitter(n: int) -> None:
+        start.wait(10)
+        futures = [ex.submit(pid_and, n * 1000 + i) for i in range(100)]
+        outcomes[n] = [f.result(timeout=60)[1] for f in futures]
+
+    threads = [threading.Thread(target=submitter, args=(n,)) for n in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    assert all(outcomes[n] == [n * 1000 + i for i in range(100)] for n in range(32)), sorted(outcomes)
+
+
+def test_100000_pending_futures_cost_the_client_little_memory() -> None:
+    import tracemalloc
+
+    with ZMQExecutor(max_workers=2) as executor:
+        blockers = [executor.submit(time.sleep, 3) for _ in range(2)]
+        assert wait_until(lambda: all(b.running() for b in blockers), 30)
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        pending = [executor.submit(abs, -i) for i in range(100_000)]
+        time.sleep(0.5)  # the I/O thread has them in its backlog now
+        per_task = (tracemalloc.get_traced_memory()[0] - before) / len(pending)
+        tracemalloc.stop()
+        # A Future (~1 KiB with its condition and lock), the call's pickle and the queue entry.
+        assert per_task < 4096, per_task  # about 1.9 KB here
+        for future in pending:
+            future.cancel()
+        assert [f.result(timeout=30) for f in blockers] == [None, None]
+
+
 def test_a_pending_future_can_be_cancelled() -> None:
     with ZMQExecutor(max_workers=1) as executor:
         running = [executor.submit(slow_identity, 0.5) for _ in range(2)]  # the slot and its prefetch

@@ -71,6 +71,15 @@ class Resolutions:
         assert all(self.counts.get(id(f)) == 1 for f in futures), self.counts
 
 
+@pytest.fixture(autouse=True)
+def no_second_outcome(caplog):
+    """The engine logs (as an error) any outcome for a task whose future already had one: a Future
+    refuses a second one silently, so the callbacks of ``Resolutions`` alone could not see it."""
+    yield
+    seconds = [r.getMessage() for r in caplog.records if "a second one" in r.getMessage()]
+    assert not seconds, seconds
+
+
 def io_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "zmqexecutor-io"]
 

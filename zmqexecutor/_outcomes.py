@@ -52,7 +52,7 @@ class Outcomes:
             task = self.scheduler.finished(load, ident, now)
             if task is None:
                 logger.debug("ignored a late or duplicate %s for task %d from %s", kind.name, ident, load.name)
-            elif task.future.done():
+            elif settled(task, kind.name):
                 pass  # cancelled by force (ZMQExecutor.cancel): whatever it came to is not wanted
             elif kind == Kind.LOST:
                 why = proto.decode_reason(rest)
@@ -87,7 +87,7 @@ class Outcomes:
     def lost(self, failed: list[tuple[Task, str]], why: str) -> None:
         """Tasks lost with their workers once too often: they fail."""
         for task, lost_on in failed:
-            if task.future.done():  # cancelled by force meanwhile
+            if settled(task, "lost"):  # cancelled by force meanwhile
                 continue
             task.future.set_exception(WorkerLostError(
                 f"the task was lost with {len(task.lost_on)} worker(s): {lost_on} "
@@ -185,8 +185,19 @@ def show_output(mode: str, endpoint: str, task_id: int, output: dict[str, Any], 
 
 
 def fail(task: Task, error: BaseException) -> None:
-    if (task.started or task.future.set_running_or_notify_cancel()) and not task.future.done():
+    if (task.started or task.future.set_running_or_notify_cancel()) and not settled(task, type(error).__name__):
         task.future.set_exception(error)
+
+
+def settled(task: Task, what: str) -> bool:
+    """Whether the task's future has its outcome already. Cancelled is expected (by its user, or by
+    force); anything else would mean a second outcome for one task, which must never happen: it is
+    logged as an error, so that tests can see it (a Future refuses it silently)."""
+    if not task.future.done():
+        return False
+    if not task.future.cancelled():
+        logger.error("task %d already had its outcome; a second one (%s) was ignored", task.ident, what)
+    return True
 
 
 def copy_error(error: BaseException) -> BaseException:
