@@ -326,61 +326,7 @@ class ZMQExecutor(Executor):
             buffersize: at most this many tasks (chunks) are submitted but not yet yielded; the
                 iterables are read lazily as results are consumed. None submits everything at once.
         """
-        return self._map_calls(fn, iterables, timeout, chunksize, buffersize, self._task_timeout)
-
-    def _map_calls(self, fn: Callable[..., _T], iterables: tuple[Iterable[Any], ...], timeout: Optional[float],
-                   chunksize: int, buffersize: Optional[int], task_timeout: Optional[float]) -> Iterator[_T]:
-        if chunksize < 1:
-            raise ValueError("chunksize must be >= 1.")
-        if buffersize is not None and not isinstance(buffersize, int):
-            raise TypeError("buffersize must be an integer or None")
-        if buffersize is not None and buffersize < 1:
-            raise ValueError("buffersize must be None or > 0")
-        if chunksize == 1:
-            return self._map(fn, iter(zip(*iterables)), timeout, buffersize, task_timeout)
-        chunked = self._map(functools.partial(_process_chunk, fn), ((c,) for c in _chunks(chunksize, iterables)),
-                            timeout, buffersize, task_timeout)
-        return _flatten(chunked)
-
-    def _map(
-        self,
-        fn: Callable[..., _T],
-        arguments: Iterator[tuple[Any, ...]],
-        timeout: Optional[float],
-        buffersize: Optional[int],
-        task_timeout: Optional[float],
-    ) -> Iterator[_T]:
-        end_time = None if timeout is None else timeout + time.monotonic()
-        if buffersize:
-            arguments = iter(arguments)
-            fs = collections.deque(self._submit(fn, args, {}, task_timeout)
-                                   for args in itertools.islice(arguments, buffersize))
-        else:
-            fs = collections.deque(self._submit(fn, args, {}, task_timeout) for args in arguments)
-        executor_ref = weakref.ref(self)
-
-        def submit_next() -> None:
-            executor = executor_ref()
-            if executor is None:
-                return
-            args = next(arguments, None)
-            if args is not None:
-                fs.append(executor._submit(fn, args, {}, task_timeout))
-
-        def result_iterator() -> Iterator[_T]:
-            try:
-                while fs:
-                    if buffersize:
-                        submit_next()
-                    if end_time is None:
-                        yield _result_or_cancel(fs.popleft())
-                    else:
-                        yield _result_or_cancel(fs.popleft(), end_time - time.monotonic())
-            finally:
-                for future in fs:
-                    future.cancel()
-
-        return result_iterator()
+        return _map_calls(weakref.ref(self), fn, iterables, timeout, chunksize, buffersize, self._task_timeout)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting tasks and release the workers once submitted tasks are done.
@@ -436,10 +382,65 @@ class TaskOptions:
             chunksize: int = 1, buffersize: Optional[int] = None) -> Iterator[_T]:
         """As ``ZMQExecutor.map``, with these options (``timeout`` is still map's own: how long to
         wait for each next result)."""
-        return self._executor._map_calls(fn, iterables, timeout, chunksize, buffersize, self.task_timeout)
+        return _map_calls(weakref.ref(self._executor), fn, iterables, timeout, chunksize, buffersize,
+                          self.task_timeout)
 
     def __repr__(self) -> str:
         return f"<TaskOptions task_timeout={self.task_timeout!r} of {self._executor!r}>"
+
+
+def _map_calls(executor_ref: "weakref.ref[ZMQExecutor]", fn: Callable[..., _T], iterables: tuple[Iterable[Any], ...],
+               timeout: Optional[float], chunksize: int, buffersize: Optional[int],
+               task_timeout: Optional[float]) -> Iterator[_T]:
+    """``map`` for an executor (held weakly, so that a forgotten iterator does not keep it alive)."""
+    if chunksize < 1:
+        raise ValueError("chunksize must be >= 1.")
+    if buffersize is not None and not isinstance(buffersize, int):
+        raise TypeError("buffersize must be an integer or None")
+    if buffersize is not None and buffersize < 1:
+        raise ValueError("buffersize must be None or > 0")
+    if chunksize == 1:
+        return _results(executor_ref, fn, iter(zip(*iterables)), timeout, buffersize, task_timeout)
+    chunked = _results(executor_ref, functools.partial(_process_chunk, fn),
+                       ((c,) for c in _chunks(chunksize, iterables)), timeout, buffersize, task_timeout)
+    return _flatten(chunked)
+
+
+def _results(executor_ref: "weakref.ref[ZMQExecutor]", fn: Callable[..., _T], arguments: Iterator[tuple[Any, ...]],
+             timeout: Optional[float], buffersize: Optional[int], task_timeout: Optional[float]) -> Iterator[_T]:
+    end_time = None if timeout is None else timeout + time.monotonic()
+    executor = executor_ref()
+    assert executor is not None  # the caller holds it
+    if buffersize:
+        arguments = iter(arguments)
+        fs = collections.deque(executor._submit(fn, args, {}, task_timeout)
+                               for args in itertools.islice(arguments, buffersize))
+    else:
+        fs = collections.deque(executor._submit(fn, args, {}, task_timeout) for args in arguments)
+    del executor
+
+    def submit_next() -> None:
+        executor = executor_ref()
+        if executor is None:
+            return
+        args = next(arguments, None)
+        if args is not None:
+            fs.append(executor._submit(fn, args, {}, task_timeout))
+
+    def result_iterator() -> Iterator[_T]:
+        try:
+            while fs:
+                if buffersize:
+                    submit_next()
+                if end_time is None:
+                    yield _result_or_cancel(fs.popleft())
+                else:
+                    yield _result_or_cancel(fs.popleft(), end_time - time.monotonic())
+        finally:
+            for future in fs:
+                future.cancel()
+
+    return result_iterator()
 
 
 def _flatten(chunks: Iterator[list[_T]]) -> Iterator[_T]:
