@@ -19,6 +19,20 @@ TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 
 
+@pytest.fixture(autouse=True, scope="session")
+def own_key_store(tmp_path_factory) -> Iterator[Path]:
+    """This user's key store (which secures loopback TCP by default) in a folder of the test run, not in
+    the real home: workers and clients started by the tests inherit it through the environment."""
+    previous = os.environ.get("XDG_CONFIG_HOME")
+    folder = tmp_path_factory.mktemp("config")
+    os.environ["XDG_CONFIG_HOME"] = str(folder)
+    yield folder / "zmqexecutor" / "keys"
+    if previous is None:
+        os.environ.pop("XDG_CONFIG_HOME", None)
+    else:
+        os.environ["XDG_CONFIG_HOME"] = previous
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -135,7 +149,8 @@ class WorkerProcess:
 
     def stop(self) -> int:
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            # SIGINT stops at once; SIGTERM would drain, waiting for whatever a test left running.
+            self.process.send_signal(signal.SIGINT)
             try:
                 self.process.wait(15)
             except subprocess.TimeoutExpired:

@@ -144,7 +144,7 @@ def test_a_stopped_worker_is_lost_then_its_late_results_are_ignored(start_worker
     with ZMQExecutor([stopped.endpoint, healthy.endpoint], **FAST) as ex:
         assert wait_until(lambda: all(w.state == "ready" for w in ex.workers()))
         futures = seen.track([ex.submit(sleep_then_whoami, 1.0, i) for i in range(4)])
-        time.sleep(0.3)  # two tasks are now on each worker
+        assert wait_until(lambda: [w.in_flight for w in ex.workers()] == [2, 2])  # two on each worker
         frozen = {stopped.pid} | children_of(stopped.pid)
         stop_processes(frozen, signal.SIGSTOP)
         stopped_at = time.monotonic()
@@ -174,7 +174,7 @@ def test_a_worker_restarted_on_the_same_endpoint_is_used_again(start_worker) -> 
         assert ex.submit(abs, -1).result(timeout=30) == 1
         instance = ex.workers()[0].instance
         futures = seen.track([ex.submit(sleep_then_whoami, 0.3, i) for i in range(6)])
-        time.sleep(0.2)
+        assert wait_until(lambda: ex.workers()[0].in_flight > 0)
         first.process.kill()
         first.process.wait()
         second = start_worker(endpoint, processes=1)
@@ -191,7 +191,7 @@ def test_when_every_worker_is_dead_futures_fail_in_bounded_time_then_recover(sta
     with ZMQExecutor([w.endpoint for w in workers], worker_timeout=1.0, connect_timeout=2.0) as ex:
         assert ex.submit(abs, -1).result(timeout=30) == 1
         futures = seen.track([ex.submit(sleep_then_whoami, 0.5, i) for i in range(6)])
-        time.sleep(0.2)
+        assert wait_until(lambda: all(w.in_flight > 0 for w in ex.workers()))
         for worker in workers:
             worker.process.kill()
         started = time.monotonic()
@@ -342,7 +342,7 @@ def test_ctrl_c_during_map_cancels_the_rest_and_leaves_the_executor_usable(tmp_p
 
 def test_a_network_partition_mid_task_is_survived_and_healed(namespace, start_worker) -> None:
     name, address, link = namespace
-    local = start_worker(processes=1)
+    local = start_worker(processes=1, extra=["--insecure"])  # the client talks plain text to both
     remote_endpoint = f"tcp://{address}:{free_port()}"
     remote = WorkerProcess(remote_endpoint, processes=1, extra=["--insecure"], prefix=["ip", "netns", "exec", name])
     try:
@@ -352,7 +352,7 @@ def test_a_network_partition_mid_task_is_survived_and_healed(namespace, start_wo
         with ZMQExecutor([remote_endpoint, local.endpoint], insecure=True, **FAST) as ex:
             assert wait_until(lambda: all(w.state == "ready" for w in ex.workers()), timeout=20)
             futures = seen.track([ex.submit(sleep_then_whoami, 2.0, i) for i in range(4)])
-            time.sleep(0.5)  # two tasks run or wait on each worker
+            assert wait_until(lambda: [w.in_flight for w in ex.workers()] == [2, 2])  # two on each worker
             link(False)
             cut_at = time.monotonic()
             try:

@@ -66,8 +66,9 @@ def frames_strategy() -> st.SearchStrategy[list[bytes]]:
 def live_worker():
     from conftest import WorkerProcess
 
-    worker = WorkerProcess("tcp://127.0.0.1:*", processes=1).wait_ready()
-    executor = ZMQExecutor(worker.endpoint, worker_timeout=2.0)
+    # Plain text, so that the hostile peers here reach the protocol parser (keys have tests of their own).
+    worker = WorkerProcess("tcp://127.0.0.1:*", processes=1, extra=["--insecure"]).wait_ready()
+    executor = ZMQExecutor(worker.endpoint, worker_timeout=2.0, insecure=True)
     yield worker, executor
     executor.shutdown()
     worker.stop()
@@ -203,7 +204,7 @@ def test_malformed_replies_do_not_hurt_the_client(fake_worker, hostile, tmp_path
     # Replies for tasks the client never sent, carrying a payload that acts if unpickled.
     hostile = [*hostile, [proto.encode_header(Kind.RESULT, 987654321), bomb],
                [proto.encode_header(Kind.EXCEPTION, 987654322), proto.encode_json({"type": "x"}), bomb]]
-    with ZMQExecutor(endpoint, connect_timeout=20, worker_timeout=30) as ex:
+    with ZMQExecutor(endpoint, connect_timeout=20, worker_timeout=30, insecure=True) as ex:  # a plain fake
         future = ex.submit(pow, 2, 5)
         _serve(router, hostile, future)
         assert future.result(timeout=1) == 32

@@ -232,7 +232,7 @@ def test_a_task_bigger_than_the_workers_limit_is_not_sent(start_worker) -> None:
 
 
 def test_a_peer_sending_an_oversized_frame_is_disconnected_and_the_worker_lives(start_worker) -> None:
-    worker = start_worker(processes=1, extra=["--max-message-size", str(1 << 16)])
+    worker = start_worker(processes=1, extra=["--max-message-size", str(1 << 16), "--insecure"])
     context = zmq.Context()
     raw = context.socket(zmq.DEALER)
     monitor = raw.get_monitor_socket(zmq.EVENT_DISCONNECTED)
@@ -240,7 +240,7 @@ def test_a_peer_sending_an_oversized_frame_is_disconnected_and_the_worker_lives(
     try:
         raw.send(b"x" * (1 << 17))
         assert monitor.poll(10_000), "the worker did not drop the peer"
-        with ZMQExecutor(worker.endpoint) as ex:
+        with ZMQExecutor(worker.endpoint, insecure=True) as ex:
             assert ex.submit(abs, -3).result(timeout=30) == 3
         assert worker.process.poll() is None
     finally:
@@ -248,3 +248,145 @@ def test_a_peer_sending_an_oversized_frame_is_disconnected_and_the_worker_lives(
         monitor.close(0)
         raw.close(0)
         context.term()
+
+
+# --- other users of the same host -----------------------------------------------------------------
+
+STRANGER = "zxstranger"
+
+
+@pytest.fixture(scope="module")
+def stranger() -> tuple[int, int, Path]:
+    """A second local user (made here, as root), for what other users of a shared host can do."""
+    import pwd
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("useradd") is None:
+        pytest.skip("making a second local user needs root and useradd")
+    try:
+        pwd.getpwnam(STRANGER)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/usr/sbin/nologin", STRANGER], check=True,
+                       capture_output=True, timeout=60)
+    entry = pwd.getpwnam(STRANGER)
+    return entry.pw_uid, entry.pw_gid, Path(entry.pw_dir)
+
+
+def as_user(user: tuple[int, int, Path], job, ready=None) -> "subprocess.Popen | int":
+    """Run ``job()`` in a child that became ``user`` (the modules it needs are loaded already: that user
+    may not read this Python's files); returns the child's pid and a reader for what ``job`` returned."""
+    import json
+
+    import zmq.auth.thread  # noqa: F401  (loaded lazily by the client; the user could not read it later)
+
+    uid, gid, home = user
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_fd)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            os.environ["HOME"] = str(home)
+            os.environ.pop("XDG_CONFIG_HOME", None)
+            os.environ.pop("ZMQEXECUTOR_KEYS", None)
+            outcome = job(lambda: os.write(write_fd, b"ready\n"))
+        except BaseException as exc:
+            outcome = {"error": repr(exc)}
+        os.write(write_fd, (json.dumps(outcome) + "\n").encode())
+        os._exit(0)
+    os.close(write_fd)
+    reader = os.fdopen(read_fd)
+    return pid, reader
+
+
+def finish(pid: int, reader) -> dict:
+    import json
+
+    lines = [line for line in reader.read().splitlines() if line != "ready"]
+    os.waitpid(pid, 0)
+    return json.loads(lines[-1])
+
+
+@pytest.mark.slow
+def test_another_local_user_cannot_run_a_task_on_a_loopback_worker(stranger, start_worker, tmp_path) -> None:
+    worker = start_worker()  # tcp://127.0.0.1, no keys given: this user's own store secures it
+    canary = tmp_path / "canary"
+    os.chmod(tmp_path, 0o777)  # so that a task run as us on the stranger's behalf could write here
+
+    def try_to_run(ready) -> dict:
+        # What the stranger would write: no keys (then their own store, which is not ours), or plain text.
+        outcome = {}
+        for insecure in (False, True):
+            with ZMQExecutor([worker.endpoint], connect_timeout=5, insecure=insecure) as ex:
+                try:
+                    ex.submit(write_canary, str(canary)).result(timeout=30)
+                    outcome[str(insecure)] = "ran"
+                except NoWorkersError:
+                    outcome[str(insecure)] = "refused"
+        outcome["own_store"] = (Path.home() / ".config/zmqexecutor/keys/client/client.key_secret").exists()
+        return outcome
+
+    outcome = finish(*as_user(stranger, try_to_run))
+    assert outcome == {"False": "refused", "True": "refused", "own_store": True}, outcome
+    assert not canary.exists()
+    status = run_cli("status", worker.endpoint)
+    assert "security CurveZMQ" in status.stdout and "tasks done 0" in status.stdout, status.stdout
+    # And a raw socket without keys gets nowhere either: the handshake itself fails.
+    with ZMQExecutor([worker.endpoint]) as ours:
+        assert ours.submit(abs, -7).result(timeout=30) == 7  # while we, the same user, just work
+
+
+@pytest.mark.slow
+def test_another_local_user_cannot_pose_as_our_worker(stranger, tmp_path) -> None:
+    plain, curve = free_port(), free_port()
+
+    def pose_as_worker(ready) -> dict:
+        # The stranger binds our worker's port first: in plain text, or with CurveZMQ keys of their own.
+        context = zmq.Context()
+        sockets = {}
+        for name, port in (("plain", plain), ("curve", curve)):
+            sock = sockets[name] = context.socket(zmq.ROUTER)
+            if name == "curve":
+                sock.curve_server = True
+                sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+            sock.bind(f"tcp://127.0.0.1:{port}")
+        ready()
+        heard = {name: 0 for name in sockets}
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            for name, sock in sockets.items():
+                if sock.poll(50):
+                    sock.recv_multipart()
+                    heard[name] += 1
+        for sock in sockets.values():
+            sock.close(0)
+        context.term()
+        return heard
+
+    pid, reader = as_user(stranger, pose_as_worker)
+    assert reader.readline().strip() == "ready"
+    for port in (plain, curve):
+        with ZMQExecutor([f"tcp://127.0.0.1:{port}"], connect_timeout=4) as ex:
+            with pytest.raises(NoWorkersError):
+                ex.submit(write_canary, str(tmp_path / "canary")).result(timeout=30)
+    # Not even our HELLO reached them: the handshake failed first (it pins this user's worker key).
+    assert finish(pid, reader) == {"plain": 0, "curve": 0}
+    assert not (tmp_path / "canary").exists()
+
+
+def test_a_worker_whose_authenticator_lets_strangers_in_refuses_to_start(keys, tmp_path) -> None:
+    # Fault injection: an allow list that admits any key (as a broken or missing ZAP handler would).
+    # The worker's start-up self-check, a connection with a throwaway key, must catch it.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import zmqexecutor._security as s\n"
+        "s._AllowList.callback = lambda self, domain, key: True\n")
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-m", "zmqexecutor", "worker", "--bind", f"tcp://127.0.0.1:{port}",
+                           "--keys", str(keys / "worker"), "--processes", "1"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2, done.stderr
+    assert "refusing to run: a client with an unknown key was let in" in done.stderr
+    assert "worker ready" not in done.stderr

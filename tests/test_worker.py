@@ -253,7 +253,7 @@ def test_client_refuses_a_worker_with_other_versions(tcp_endpoint) -> None:
     fake = context.socket(zmq.ROUTER)
     fake.bind(tcp_endpoint)
     try:
-        with ZMQExecutor(tcp_endpoint, connect_timeout=30) as ex:
+        with ZMQExecutor(tcp_endpoint, connect_timeout=30, insecure=True) as ex:  # a plain fake worker
             future = ex.submit(abs, 1)
             assert fake.poll(10_000)
             client, *frames = fake.recv_multipart()
@@ -287,7 +287,8 @@ def test_status_says_a_worker_this_python_cannot_use_is_not_ok(tcp_endpoint) -> 
     answering = threading.Thread(target=answer)
     answering.start()
     try:
-        out = subprocess.run([sys.executable, "-m", "zmqexecutor", "status", tcp_endpoint, "--timeout", "20"],
+        out = subprocess.run([sys.executable, "-m", "zmqexecutor", "status", tcp_endpoint, "--timeout", "20",
+                              "--insecure"],
                              capture_output=True, text=True, timeout=60)
     finally:
         answering.join()
@@ -299,7 +300,7 @@ def test_status_says_a_worker_this_python_cannot_use_is_not_ok(tcp_endpoint) -> 
 
 
 def test_worker_refuses_a_client_with_other_versions(start_worker) -> None:
-    worker = start_worker(processes=1)
+    worker = start_worker(processes=1, extra=["--insecure"])  # plain text: a raw client speaks to it
     with raw_dealer(worker.endpoint) as client:
         hello = dict(proto.local_versions(), python="3.99", cloudpickle="0.0.0")
         client.send_multipart(proto.encode_hello(hello, b""))
@@ -315,7 +316,7 @@ def test_worker_refuses_a_client_with_other_versions(start_worker) -> None:
 
 
 def test_worker_answers_another_protocol_version_with_a_clear_refusal(start_worker) -> None:
-    worker = start_worker(processes=1)
+    worker = start_worker(processes=1, extra=["--insecure"])  # plain text: a raw client speaks to it
     with raw_dealer(worker.endpoint) as client:
         client.send_multipart([b"ZX\x63\x01" + bytes(8), b"{}", b""])  # protocol version 99
         assert client.poll(10_000)
@@ -325,7 +326,7 @@ def test_worker_answers_another_protocol_version_with_a_clear_refusal(start_work
         # Garbage does not hurt the worker.
         client.send_multipart([b"garbage"])
         client.send(b"")
-        with ZMQExecutor(worker.endpoint) as ex:
+        with ZMQExecutor(worker.endpoint, insecure=True) as ex:
             assert ex.submit(abs, -6).result(timeout=30) == 6
         assert worker.process.poll() is None
 
@@ -380,7 +381,8 @@ def test_status_and_ping_report_each_worker(start_worker, tcp_endpoint) -> None:
         out = subprocess.run([sys.executable, "-m", "zmqexecutor", "status", worker.endpoint],
                              capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert f"{worker.endpoint}  ok" in out.stdout and "security none" in out.stdout
+    # No keys given, on loopback: this user's own key store secures the link.
+    assert f"{worker.endpoint}  ok" in out.stdout and "security CurveZMQ" in out.stdout
     assert f"pid {worker.pid}" in out.stdout and "slots 2" in out.stdout and "clients 1" in out.stdout
     assert "tasks done 3  failed 1  crashed 1" in out.stdout
     ping = subprocess.run([sys.executable, "-m", "zmqexecutor", "ping", worker.endpoint, tcp_endpoint,

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--keys", metavar="DIR", help="the client key folder for secured workers "
                              "(default: $ZMQEXECUTOR_KEYS)")
         command.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each (default 5)")
+        command.add_argument("--insecure", action="store_true",
+                             help="talk plain text to workers on this host started with --insecure (without "
+                                  "it, loopback TCP uses your own key store)")
     keygen = commands.add_parser(
         "keygen",
         help="make CurveZMQ key pairs for a worker and a client",
@@ -89,8 +92,9 @@ def check_bind(endpoint: str, insecure: bool = False, secured: bool = False) -> 
         return (
             f"refusing to bind {endpoint} without keys: a worker unpickles what it receives, so an open "
             "port is a remote shell. Secure it with CurveZMQ (zmqexecutor keygen DIR, then --keys "
-            "DIR/worker), or bind a loopback address and reach it through an SSH tunnel "
-            "(ssh -N -L PORT:127.0.0.1:PORT HOST), or pass --insecure on a network you trust entirely."
+            "DIR/worker), or bind a loopback address (secured by your own key store) and reach it through "
+            "an SSH tunnel (ssh -N -L PORT:127.0.0.1:PORT HOST, with the store copied to the client), or "
+            "pass --insecure on a network you trust entirely."
         )
     return None
 
@@ -118,6 +122,15 @@ def run_worker(args: argparse.Namespace) -> int:
             return 2
     secret_key = args.secret_key or (os.path.join(args.keys, "worker.key_secret") if args.keys else None)
     allow = args.allow or (os.path.join(args.keys, "client.key") if args.keys else None)
+    bound = parse(args.bind, bind=True) if check_bind(args.bind, True) is None else None
+    on_loopback_tcp = bound is not None and bound.transport == "tcp" and is_loopback(bound.host)
+    if secret_key is None and allow is None and on_loopback_tcp and not args.insecure:
+        # Other users of this host are strangers too: by default, this user's own keys guard the port.
+        from ._security import user_key_store
+        store = user_key_store(create=True) / "worker"
+        secret_key, allow = str(store / "worker.key_secret"), str(store / "client.key")
+        log.info("securing %s with this user's key store %s (clients of this user find it too)",
+                 args.bind, store.parent)
     if (secret_key is None) != (allow is None):
         log.error("a secured worker needs both its secret key and the allowed client keys (--keys, or "
                   "--secret-key and --allow)")
@@ -127,9 +140,10 @@ def run_worker(args: argparse.Namespace) -> int:
         log.error("%s", problem)
         return 2
     bound = parse(args.bind, bind=True)
-    if secret_key is None and args.insecure and bound.transport == "tcp" and not is_loopback(bound.host):
-        log.warning("INSECURE: %s accepts tasks from anyone who can reach it, without authentication or "
-                    "encryption; whoever connects can run any code as this user", args.bind)
+    if secret_key is None and args.insecure and bound.transport == "tcp":
+        whom = "any other user of this host" if is_loopback(bound.host) else "anyone who can reach it"
+        log.warning("INSECURE: %s accepts tasks from %s, without authentication or encryption; whoever "
+                    "connects can run any code as this user", args.bind, whom)
     supervisor = Supervisor(
         args.bind, args.processes or available_cpus(), parent_pid=args.parent_pid,
         secret_key_file=secret_key, allow=allow, direct=args.direct,
@@ -152,7 +166,7 @@ def run_status(args: argparse.Namespace) -> int:
             sys.stderr.write(f"zmqexecutor {args.command}: {exc}\n")
             return 2
     try:
-        keys = client_keys(args.keys, None, args.endpoints)
+        keys = client_keys(args.keys, None, args.endpoints, insecure=args.insecure)
     except SecurityError as exc:
         sys.stderr.write(f"zmqexecutor {args.command}: {exc}\n")
         return 2

@@ -92,7 +92,7 @@ class WorkerConnection:
         self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, 0 if local else RECONNECT_IVL_MAX_MS)
         # A worker (or an impostor) sending a bigger frame is disconnected by libzmq unread.
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_size)
-        if keys is not None:
+        if keys is not None and keys.applies_to(address):
             secure_client_socket(self.socket, keys, address)
         self.monitor = self.socket.get_monitor_socket(_MONITORED_EVENTS)
         self.socket.connect(address)

@@ -133,9 +133,12 @@ class ZMQExecutor(Executor):
             often fails with ``WorkerLostError``. 0 gives at-most-once execution.
         keys: the client's CurveZMQ key folder (``zmqexecutor keygen DIR`` makes ``DIR/client``):
             ``client.key_secret`` is this client's key pair, ``worker.key`` the worker key it pins.
-            Defaults to ``$ZMQEXECUTOR_KEYS``. The embedded local workers need none.
+            Defaults to ``$ZMQEXECUTOR_KEYS``, then, when every TCP endpoint is on this host, to this
+            user's own key store (which workers started by this user on loopback use too). The
+            embedded local workers need none.
         worker_keys: ``{endpoint: public key file or Z85 key}`` for workers with their own keys.
-        insecure: allow plain-text, unauthenticated connections to endpoints on other hosts.
+        insecure: plain-text, unauthenticated connections to every endpoint, other hosts included
+            (without keys, loopback endpoints otherwise use this user's own key store).
         max_message_size: the largest task (and result) in bytes; a bigger task fails its future
             with ``MessageTooLargeError``.
         task_output: where what tasks print goes on this side: ``"print"`` writes each line to this
@@ -190,7 +193,7 @@ class ZMQExecutor(Executor):
             _check_seconds("task_timeout", task_timeout, none_ok=True)
         self._task_timeout = task_timeout
         if addresses:
-            client_keys = _security.client_keys(keys, worker_keys, addresses)
+            client_keys = _security.client_keys(keys, worker_keys, addresses, insecure=insecure)
             if client_keys is None and not insecure:
                 _refuse_plain_text_to_other_hosts(addresses)
         elif keys is not None or worker_keys:

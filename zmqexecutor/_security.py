@@ -3,20 +3,27 @@
 Unpickling is code execution, so a worker's port must only let in clients whose public key is on its
 allow list, and a client must only talk to the worker whose public key it pinned. Secret keys are
 refused when anyone but their owner could read them.
+
+Other users of the same host are strangers too (a shared login node), so loopback TCP is secured by
+default: without keys, a worker and a client of the same user both use that user's own key store
+(``user_key_store()``, a ``keygen`` folder made on first use, readable by that user alone).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import stat
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple, Optional, Union
 
 import zmq
-from ._sockets import monitor_events
+from ._endpoints import is_loopback, parse
 from ._errors import SecurityError
+from ._sockets import monitor_events
 
 logger = logging.getLogger("zmqexecutor")
 
@@ -180,6 +187,10 @@ class ClientKeys(NamedTuple):
     secret: bytes
     worker_keys: Mapping[str, bytes]  # endpoint -> pinned worker public key
     default_worker_key: Optional[bytes]
+    tcp_only: bool = False  # the user's own store, used for loopback TCP; ipc:// endpoints go without
+
+    def applies_to(self, endpoint: str) -> bool:
+        return not self.tcp_only or endpoint.startswith("tcp://")
 
     def worker_key(self, endpoint: str) -> bytes:
         key = self.worker_keys.get(endpoint, self.default_worker_key)
@@ -197,14 +208,22 @@ def check_key_folder(root: Path, part: str) -> None:
 
 
 def client_keys(
-    keys: Optional[PathLike], worker_keys: Optional[Mapping[str, Union[PathLike, bytes]]], endpoints: Iterable[str]
+    keys: Optional[PathLike], worker_keys: Optional[Mapping[str, Union[PathLike, bytes]]], endpoints: Iterable[str],
+    *, insecure: bool = False,
 ) -> Optional[ClientKeys]:
-    """The client's key pair and the pinned worker keys, from ``keys`` or $ZMQEXECUTOR_KEYS; None if neither."""
+    """The client's key pair and the pinned worker keys, from ``keys`` or $ZMQEXECUTOR_KEYS; without
+    either, this user's own store when every TCP endpoint is on this host (unless ``insecure``);
+    None otherwise."""
+    endpoints = list(endpoints)
     folder = keys if keys is not None else os.environ.get(KEYS_ENV) or None
+    own_store = False
     if folder is None:
         if worker_keys:
             raise SecurityError("worker_keys needs the client's own key pair: pass keys=FOLDER")
-        return None
+        tcp = [endpoint for endpoint in endpoints if endpoint.startswith("tcp://")]
+        if insecure or not tcp or not all(_on_this_host(endpoint) for endpoint in tcp):
+            return None
+        folder, own_store = user_key_store(create=True) / "client", True
     require_curve()
     root = Path(folder).expanduser()
     if not root.is_dir():
@@ -213,10 +232,35 @@ def client_keys(
     public, secret = load_key_pair(root / "client.key_secret")
     default = load_public_key(root / "worker.key") if (root / "worker.key").exists() else None
     pinned = {endpoint: load_public_key(source) for endpoint, source in (worker_keys or {}).items()}
-    result = ClientKeys(public, secret, pinned, default)
+    result = ClientKeys(public, secret, pinned, default, tcp_only=own_store)
     for endpoint in endpoints:
-        result.worker_key(endpoint)
+        if result.applies_to(endpoint):
+            result.worker_key(endpoint)
     return result
+
+
+def user_key_store(*, create: bool = False) -> Path:
+    """This user's own key store: a ``keygen`` folder (``worker/`` and ``client/``) at
+    ``$XDG_CONFIG_HOME/zmqexecutor/keys`` (default ``~/.config``), made on first use when ``create``."""
+    root = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "zmqexecutor" / "keys"
+    if create and not (root / "worker" / "worker.key_secret").exists():
+        root.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Made aside and renamed into place: a worker and a client starting at once must not end up
+        # with two different stores, or one with half a store.
+        made = Path(tempfile.mkdtemp(prefix=".keys-", dir=root.parent))
+        try:
+            keygen(made, force=True)
+            os.rename(made, root)
+            logger.info("made this user's key store %s (CurveZMQ keys for loopback TCP)", root)
+        except OSError:
+            pass  # another process made it first: theirs is used
+        finally:
+            shutil.rmtree(made, ignore_errors=True)
+    return root
+
+
+def _on_this_host(endpoint: str) -> bool:
+    return is_loopback(parse(endpoint).host)
 
 
 def secure_client_socket(sock: zmq.Socket[Any], keys: ClientKeys, endpoint: str) -> None:

@@ -24,7 +24,7 @@ def query(endpoint: str, keys: Optional[ClientKeys], timeout: float, *, drain: b
     try:
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, proto.MAX_JSON_BYTES + proto.HEADER_SIZE)
-        if keys is not None:
+        if keys is not None and keys.applies_to(endpoint):
             secure_client_socket(sock, keys, endpoint)
         sock.connect(endpoint)
         poller = zmq.Poller()
