@@ -81,6 +81,7 @@ def test_a_rolling_restart_of_every_worker_loses_fails_and_retries_nothing(worke
             restarts.start()
             results = list(ex.map(run_once, [str(folder)] * 1000, range(1000)))
             finished_at = time.monotonic()
+            lost = [w.lost for w in ex.workers()]
     finally:
         failed.set()  # (if the map failed) no more restarts: the fixture stops the workers it knows
         if restarts.is_alive():
@@ -88,6 +89,7 @@ def test_a_rolling_restart_of_every_worker_loses_fails_and_retries_nothing(worke
     assert results == list(range(1000))
     assert len(os.listdir(folder)) == 1000
     assert codes == [0, 0, 0]
+    assert lost == [0, 0, 0]  # each drained and left: none was given up on
     assert restarted_at and restarted_at[0] < finished_at  # every restart happened during the map
     for endpoint in endpoints:  # every old worker said it drained
         assert current[endpoint].process.poll() is None

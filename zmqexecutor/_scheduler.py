@@ -163,7 +163,8 @@ class Scheduler:
             self.ready_count -= 1
         load.ready = False
         self.attached.pop(load, None)
-        load.lost += 1
+        if not (load.draining and not load.inflight):  # one that drained and left as it said was not lost
+            load.lost += 1
         return self.retry(load, sorted(self.take_inflight(load), key=lambda t: t.ident), retry=retry)
 
     def retry(self, load: Load, tasks: list[Task], *, retry: bool = True) -> list[tuple[Task, str]]:
