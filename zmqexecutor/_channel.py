@@ -12,8 +12,9 @@ Data flow::
 
 Both ends are processes of this user on this host, so the link needs no ZeroMQ: a message crosses
 the kernel once each way and wakes only the thread that waits for it, where a ZeroMQ hop also wakes a
-libzmq I/O thread on either side (measured here: a lone task's round trip 1.4x ProcessPoolExecutor's
-over ZeroMQ, 0.4x over a plain socket). ZeroMQ stays on every link that crosses hosts or users.
+libzmq I/O thread on either side (measured here, a bare echo driven through an executor thread:
+about 0.9x ProcessPoolExecutor's round trip over ZeroMQ, 0.4x over a plain socket). ZeroMQ stays on
+every link that crosses hosts or users.
 
 A message is its frame count (u32), each frame's length (u64), then the frames back to back. Frames
 are written from the caller's buffers (no copy into one blob) and read as views of one buffer per
@@ -54,8 +55,8 @@ IOV_MAX = 1024
 # still streams through them in pieces.
 SOCKET_BUFFER = 4 * 1024 * 1024
 
-# Most memory a supervisor keeps for reading large messages into again (BufferPool); a message
-# larger than this is read into fresh memory each time.
+# Most memory a supervisor or task process keeps for reading large messages into again (BufferPool);
+# more is read into fresh memory each time.
 POOL_BYTES = 256 * 1024 * 1024
 
 _WAIT_READ = select.EPOLLIN
