@@ -33,6 +33,15 @@ def own_key_store(tmp_path_factory) -> Iterator[Path]:
         os.environ["XDG_CONFIG_HOME"] = previous
 
 
+def mark_then_nap(marker: str, seconds: float) -> int:
+    """A task that says it started (its pid in ``marker``, written whole at once), then sleeps."""
+    partial = f"{marker}.partial"
+    Path(partial).write_text(str(os.getpid()))
+    os.replace(partial, marker)  # a reader that sees the file sees all of it
+    time.sleep(seconds)
+    return os.getpid()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,20 +8,13 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, alive, wait_until
+from conftest import ROOT, alive, mark_then_nap, wait_until
 from zmqexecutor import ZMQExecutor
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def mark_then_nap(marker: str, seconds: float) -> int:
-    Path(marker).write_text(str(os.getpid()))
-    time.sleep(seconds)
-    return os.getpid()
 
 
 def nap(seconds: float) -> int:

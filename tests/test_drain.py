@@ -8,11 +8,10 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TESTS, WorkerProcess, free_port, wait_until
+from conftest import ROOT, TESTS, WorkerProcess, free_port, mark_then_nap, wait_until
 from zmqexecutor import WorkerLostError, ZMQExecutor
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -26,12 +25,6 @@ def run_once(folder: str, i: int) -> int:
 
 
 def nap(seconds: float) -> int:
-    time.sleep(seconds)
-    return os.getpid()
-
-
-def mark_then_nap(marker: str, seconds: float) -> int:
-    Path(marker).write_text(str(os.getpid()))
     time.sleep(seconds)
     return os.getpid()
 
