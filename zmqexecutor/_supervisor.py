@@ -190,10 +190,7 @@ class Supervisor:
                 self.pool.listener.trim_buffers()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGTERM and not self.drain_requested and self.direct is None:
-            logger.info("received SIGTERM: draining (running tasks get up to %g s); a second SIGTERM stops at once",
-                        self.drain_timeout)
-            self.drain_requested = True
+        if signum == signal.SIGTERM and self.request_drain("received SIGTERM"):
             return
         logger.info("received %s, stopping", signal.Signals(signum).name)
         self.stopping = True
@@ -243,9 +240,7 @@ class Supervisor:
             self.greet(client, header, frames)
             return
         if header.kind in (Kind.STATUS, Kind.DRAIN):
-            if header.kind == Kind.DRAIN and self.direct is None and not self.drain_requested:
-                logger.info("asked to drain (running tasks get up to %g s)", self.drain_timeout)
-                self.drain_requested = True
+            if header.kind == Kind.DRAIN and self.request_drain("asked to drain"):
                 self.drain()
             self.send_to_client(client, [proto.encode_header(Kind.STATUS_REPLY), proto.encode_json(self.status())])
             return
@@ -416,6 +411,15 @@ class Supervisor:
             self.pool.exits.clear()
             if self.pool.startup_failures >= MAX_STARTUP_FAILURES:
                 raise _GiveUp(f"{self.pool.startup_failures} task processes in a row died before starting; giving up")
+
+    def request_drain(self, why: str) -> bool:
+        """Begin draining (the loop does it), unless already asked or embedded; False then."""
+        if self.drain_requested or self.direct is not None:
+            return False
+        logger.info("%s: draining (running tasks get up to %g s); a second SIGTERM stops at once",
+                    why, self.drain_timeout)
+        self.drain_requested = True
+        return True
 
     def drain(self) -> None:
         """Once asked to drain: tell every client, and give back what waits here."""

@@ -243,10 +243,7 @@ class TaskProcessPool:
             if ours and proc.process.pid is not None:
                 logger.info("stopping task process %d with %s %s", proc.process.pid, sig.name, why)
                 proc.signalled = True
-                try:
-                    os.kill(proc.process.pid, sig)
-                except ProcessLookupError:
-                    pass
+                _signal(proc, sig)
 
     def enforce_time_limits(self, now: float) -> Optional[float]:
         """End the processes whose task ran past its time limit (SIGTERM, later SIGKILL); returns when
