@@ -149,6 +149,9 @@ class TaskLoop:
         self.socket_lock = threading.Lock()
         self.running: Optional[int] = None
         self.forwarder: Optional[threading.Thread] = None
+        # Set when a task starts while replies are held: the forwarder sends them once they have
+        # waited HOLD_SECONDS, so that they never wait for the end of a long task.
+        self.held_waiting = threading.Event()
         # A task may fork (multiprocessing): the child must not inherit a lock the forwarder held.
         os.register_at_fork(after_in_child=self.forget_locks)
 
@@ -207,6 +210,8 @@ class TaskLoop:
             self.forwarder.start()
         self.running = task_id
         namespace = self.namespace(client)
+        if self.held:
+            self.held_waiting.set()
         self.socket_lock.release()
         try:
             if len(proto.as_buffer(init_blob)):
@@ -275,7 +280,13 @@ class TaskLoop:
 
     def forward_output(self) -> None:
         while True:
-            time.sleep(OUTPUT_INTERVAL)
+            if self.held_waiting.wait(OUTPUT_INTERVAL):
+                self.held_waiting.clear()
+                time.sleep(max(0.0, self.held_since + HOLD_SECONDS - time.monotonic()))
+                with self.socket_lock:
+                    if self.running is not None:  # the task still runs: its predecessors' replies go now
+                        self.send_held()
+                continue
             with self.socket_lock:
                 if self.running is not None:
                     item = self.take_output(self.running, whole_lines=True)
