@@ -228,3 +228,41 @@ def namespace():
     finally:
         _ip("link", "del", host_if, check=False)
         _ip("netns", "del", name, check=False)
+
+
+@pytest.fixture
+def ssh_host(namespace, tmp_path: Path):
+    """A real OpenSSH server (Debian's openssh-server) in the network namespace: a second host to ssh
+    to, as root, with a key made for this test. Yields (its address, this host's address on that
+    link, the ssh options that reach it)."""
+    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+    if not os.path.exists(sshd) or shutil.which("ssh") is None or shutil.which("ssh-keygen") is None:
+        pytest.skip("needs OpenSSH (apt-get install openssh-server openssh-client)")
+    name, address, _ = namespace
+    folder = tmp_path / "ssh"
+    folder.mkdir(mode=0o700)
+    for key in ("host_key", "user_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / key)], check=True,
+                       timeout=30)
+    shutil.copy(folder / "user_key.pub", folder / "authorized_keys")
+    config = folder / "sshd_config"
+    config.write_text(f"ListenAddress {address}\nPort 22\nHostKey {folder / 'host_key'}\n"
+                      f"AuthorizedKeysFile {folder / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
+                      "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+                      f"PidFile {folder / 'sshd.pid'}\nLogLevel ERROR\nAcceptEnv NONE\n")
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # its privilege separation folder
+    server = subprocess.Popen(["ip", "netns", "exec", name, sshd, "-D", "-e", "-f", str(config)],
+                              stderr=subprocess.PIPE, text=True)
+    options = ["-i", str(folder / "user_key"), "-o", f"UserKnownHostsFile={folder / 'known_hosts'}",
+               "-o", "StrictHostKeyChecking=accept-new", "-o", "ConnectTimeout=10", "-F", "/dev/null"]
+    try:
+        up = wait_until(lambda: subprocess.run(["ssh", *options, "-o", "BatchMode=yes", f"root@{address}", "true"],
+                                               capture_output=True, timeout=15).returncode == 0, timeout=20)
+        if not up:
+            server.terminate()
+            pytest.fail(f"sshd did not start: {server.communicate(timeout=10)[1]}")
+        yield f"root@{address}", address.rsplit(".", 1)[0] + ".1", options
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            server.wait(10)

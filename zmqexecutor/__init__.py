@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 
 from ._errors import (  # noqa: E402
     BrokenWorkerPool,
+    LaunchError,
     MessageTooLargeError,
     NoWorkersError,
     RemoteError,
@@ -26,11 +27,14 @@ from ._executor import (  # noqa: E402
     ZMQExecutor,
 )
 from ._connection import WorkerInfo  # noqa: E402
+from ._launchers import SSHWorkers, SlurmWorkers  # noqa: E402
 
 __all__ = [
     "ZMQExecutor",
     "TaskOptions",
     "WorkerInfo",
+    "SSHWorkers",
+    "SlurmWorkers",
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_MAX_RETRIES",
@@ -46,5 +50,6 @@ __all__ = [
     "WorkerLostError",
     "SecurityError",
     "MessageTooLargeError",
+    "LaunchError",
     "__version__",
 ]

@@ -31,9 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a worker that serves one endpoint with N task processes",
         description="Serve tasks from ZMQExecutor clients on one endpoint with N task processes.",
     )
-    worker.add_argument("--bind", required=True, metavar="ENDPOINT",
-                        help="endpoint to listen on: tcp://127.0.0.1:5555 or ipc:///path/to/socket; an address "
-                             "other hosts can reach needs --keys (or, at your own risk, --insecure)")
+    where = worker.add_mutually_exclusive_group(required=True)
+    where.add_argument("--bind", metavar="ENDPOINT",
+                       help="endpoint to listen on: tcp://127.0.0.1:5555 or ipc:///path/to/socket; an address "
+                            "other hosts can reach needs --keys (or, at your own risk, --insecure)")
+    where.add_argument("--connect", metavar="ADDRESS",
+                       help="dial in to the client listening there (ZMQExecutor(listen=...)) instead of "
+                            "binding: tcp://client-host:5555; keeps dialling while the client is away. A "
+                            "non-loopback address needs --keys (or --insecure)")
     worker.add_argument("--processes", type=_positive_int, default=None, metavar="N",
                         help="task processes, i.e. tasks run at once (default: the CPUs this process may use, "
                              "within any container or cgroup CPU quota)")
@@ -43,6 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--secret-key", metavar="FILE", help="the worker's secret key file (overrides --keys)")
     worker.add_argument("--allow", metavar="FILE_OR_DIR",
                         help="allowed client public keys: a .key file or a folder of them (overrides --keys)")
+    worker.add_argument("--client-key", metavar="FILE",
+                        help="with --connect: the client's public key to pin (overrides --keys' client.key)")
+    worker.add_argument("--keys-from-stdin", action="store_true",
+                        help="with --connect: read this worker's key pair and the client's public key from the "
+                             "first line of standard input, as JSON {\"public\", \"secret\", \"client\"} "
+                             "(what the SSH launcher sends: the keys touch no disk and no command line)")
+    worker.add_argument("--exit-with-stdin", action="store_true",
+                        help="stop when standard input closes (a launcher's lifeline: its end ends the worker)")
+    worker.add_argument("--idle-timeout", type=float, default=None, metavar="SECONDS",
+                        help="stop after this long without any client session (default: never)")
     worker.add_argument("--max-message-size", type=_positive_int, default=None, metavar="BYTES",
                         help="largest message frame accepted; a peer sending more is disconnected "
                              "(default: 1 GiB)")
@@ -120,6 +135,8 @@ def run_worker(args: argparse.Namespace) -> int:
         except SecurityError as exc:
             log.error("%s (--keys %s/worker)", exc, args.keys.rstrip("/"))
             return 2
+    if args.connect is not None:
+        return run_dialling_worker(args, log)
     secret_key = args.secret_key or (os.path.join(args.keys, "worker.key_secret") if args.keys else None)
     allow = args.allow or (os.path.join(args.keys, "client.key") if args.keys else None)
     bound = parse(args.bind, bind=True) if check_bind(args.bind, True) is None else None
@@ -149,6 +166,42 @@ def run_worker(args: argparse.Namespace) -> int:
         secret_key_file=secret_key, allow=allow, direct=args.direct,
         max_message_size=args.max_message_size or DEFAULT_MAX_MESSAGE_SIZE,
         drain_timeout=DEFAULT_DRAIN_TIMEOUT if args.drain_timeout is None else args.drain_timeout,
+        idle_timeout=args.idle_timeout, exit_with_stdin=args.exit_with_stdin,
+    )
+    return supervisor.run()
+
+
+def run_dialling_worker(args: argparse.Namespace, log: logging.Logger) -> int:
+    from ._errors import SecurityError
+    from ._protocol import DEFAULT_MAX_MESSAGE_SIZE
+    from ._security import dial_keys
+    from ._supervisor import DEFAULT_DRAIN_TIMEOUT, Supervisor
+    from ._worker import available_cpus
+
+    try:
+        parsed = parse(args.connect)
+    except (TypeError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        keys = dial_keys(args.connect, folder=args.keys, secret_key=args.secret_key, client_key=args.client_key,
+                         from_stdin=args.keys_from_stdin, insecure=args.insecure)
+    except SecurityError as exc:
+        log.error("%s", exc)
+        return 2
+    if keys is None and parsed.transport == "tcp" and not args.insecure:
+        log.error("refusing to dial %s without keys: a worker unpickles what it receives, so whoever answers "
+                  "at that address could run code here. Pass --keys DIR/worker (zmqexecutor keygen DIR), "
+                  "or --insecure on a network you trust entirely.", args.connect)
+        return 2
+    if keys is None and parsed.transport == "tcp":
+        log.warning("INSECURE: taking tasks from whoever answers at %s, without authentication or encryption",
+                    args.connect)
+    supervisor = Supervisor(
+        None, args.processes or available_cpus(), connect=args.connect, dial_keys=keys,
+        max_message_size=args.max_message_size or DEFAULT_MAX_MESSAGE_SIZE,
+        drain_timeout=DEFAULT_DRAIN_TIMEOUT if args.drain_timeout is None else args.drain_timeout,
+        idle_timeout=args.idle_timeout, exit_with_stdin=args.exit_with_stdin,
     )
     return supervisor.run()
 

@@ -1,4 +1,5 @@
-"""One worker endpoint as the client sees it: its socket and monitor, handshake state and heartbeats."""
+"""A worker as the client sees it (handshake state, load, heartbeats), and one bound worker endpoint's
+connection (its socket and monitor). Workers that dial in are in ``_dialin``."""
 
 from __future__ import annotations
 
@@ -53,14 +54,16 @@ class WorkerInfo(NamedTuple):
     error: Optional[str]
 
 
-class WorkerConnection:
+class Connection:
+    """A worker as the client sees it, however it is reached: handshake state, load and heartbeats."""
+
     CONNECTING = "connecting"
     READY = "ready"
     INCOMPATIBLE = "incompatible"
+    lanes: Optional[DirectLanes] = None  # the embedded worker's task processes, reached directly
 
-    def __init__(self, address: str, context: zmq.Context[Any], *, hello: list[bytes], heartbeat: float,
-                 worker_timeout: float, max_message_size: int, keys: Optional[ClientKeys],
-                 client_id: bytes, local: bool, sent_to: set[Any]) -> None:
+    def __init__(self, address: str, *, hello: list[bytes], heartbeat: float, local: bool,
+                 sent_to: set[Any]) -> None:
         self.address = address
         # Every connection that sent joins this set, so the engine checks it for input it took in silently.
         self.sent_to = sent_to
@@ -71,31 +74,17 @@ class WorkerConnection:
         self.load = Load(address, owner=self)
         self.local = local
         self.connecting_since = time.monotonic()
-        self.probe: Optional[list[str]] = None  # filled by a probe thread: why it is unreachable
-        # The embedded worker's task processes, when the client exchanges tasks with them directly.
-        self.lanes: Optional[DirectLanes] = None
         self.instance: Optional[str] = None
         self.info: dict[str, Any] = {}
         self.error: Optional[BaseException] = None
         # When the oldest unanswered heartbeat was sent; None while the worker has answered since.
         self.awaiting_since: Optional[float] = None
-        self.socket = _sockets.unbounded(context.socket(zmq.DEALER))
-        self.socket.setsockopt(zmq.ROUTING_ID, client_id)
-        # Queue nothing for a worker we are not connected to: a send then fails at once, and what
-        # would have waited in a dead connection's pipe stays in our backlog instead.
-        self.socket.setsockopt(zmq.IMMEDIATE, 1)
-        # libzmq's own heartbeats close a connection whose peer stopped answering (a cut link, a
-        # stopped process), so that it reconnects as soon as the peer is back.
-        self.socket.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(heartbeat * 1000)))
-        self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(worker_timeout * 1000)))
-        self.socket.setsockopt(zmq.RECONNECT_IVL, LOCAL_RECONNECT_IVL_MS if local else RECONNECT_IVL_MS)
-        self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, 0 if local else RECONNECT_IVL_MAX_MS)
-        # A worker (or an impostor) sending a bigger frame is disconnected by libzmq unread.
-        self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_size)
-        if keys is not None and keys.applies_to(address):
-            secure_client_socket(self.socket, keys, address)
-        self.monitor = self.socket.get_monitor_socket(_MONITORED_EVENTS)
-        self.socket.connect(address)
+
+    def send(self, frames: list[Any]) -> bool:
+        raise NotImplementedError
+
+    def look_into_silence(self, now: float) -> None:
+        pass
 
     @property
     def ready(self) -> bool:
@@ -114,16 +103,6 @@ class WorkerConnection:
 
     def send_tasks(self, batch: list[Task]) -> bool:
         return self.send(proto.encode_messages([proto.Item(Kind.TASK, task.ident, task.frames) for task in batch]))
-
-    def send(self, frames: list[Any]) -> bool:
-        self.sent_to.add(self)
-        try:
-            self.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            return False  # not connected right now
-        return True
-
-    # The handshake ------------------------------------------------------------------------------------
 
     def welcome(self, header: proto.Header, frames: list[Any]) -> Optional[str]:
         """Take a WELCOME. Returns why the tasks in flight here are lost (the worker restarted or
@@ -147,33 +126,16 @@ class WorkerConnection:
         self.instance = info["instance"]
         self.state = self.READY
         self.error = None
-        self.probe = None
+        self.forget_probe()
         self.awaiting_since = None
         logger.debug("worker %s ready with %d slots", self.address, info["slots"])
-        return lost
-
-    def connection_events(self) -> Optional[str]:
-        """Read the monitor; returns why the session is lost when the connection closed, else None."""
-        lost = None
-        for event in _sockets.monitor_events(self.monitor):
-            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.say_hello_again()
-            elif event in HANDSHAKE_FAILURES:
-                problem = HANDSHAKE_FAILURES[event]
-                if self.error is None or str(self.error) != problem:
-                    logger.error("cannot connect to worker %s: %s", self.address, problem)
-                self.error = SecurityError(problem)
-            elif event == zmq.EVENT_DISCONNECTED:
-                self.hello_at = float("-inf")  # that HELLO went with the connection
-                if self.ready:
-                    lost = "the connection closed"
         return lost
 
     def lost(self) -> None:
         """Forget the session; shake hands again at once (the handshake also repeats every beat)."""
         self.state = self.CONNECTING
         self.connecting_since = time.monotonic()
-        self.probe = None
+        self.forget_probe()
         if isinstance(self.error, ConnectionError):
             self.error = None
         self.awaiting_since = None
@@ -198,6 +160,75 @@ class WorkerConnection:
             self.look_into_silence(now)
         return None
 
+    @property
+    def definitely_unusable(self) -> bool:
+        """Refused for a reason that retrying will not change: versions or keys."""
+        return self.state == self.INCOMPATIBLE or isinstance(self.error, SecurityError)
+
+    def say_hello_again(self) -> None:
+        # Unless one just went out on this connection: its answer may still be on its way.
+        if self.state == self.CONNECTING and time.monotonic() - self.hello_at >= self.heartbeat:
+            self.say_hello()
+
+    def forget_probe(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.ready:
+            self.send([proto.encode_header(Kind.BYE)])
+
+
+class WorkerConnection(Connection):
+    """A worker bound at an endpoint: a DEALER of ours connects to it, and reconnects after a fault."""
+
+    def __init__(self, address: str, context: zmq.Context[Any], *, hello: list[bytes], heartbeat: float,
+                 worker_timeout: float, max_message_size: int, keys: Optional[ClientKeys],
+                 client_id: bytes, local: bool, sent_to: set[Any]) -> None:
+        super().__init__(address, hello=hello, heartbeat=heartbeat, local=local, sent_to=sent_to)
+        self.probe: Optional[list[str]] = None  # filled by a probe thread: why it is unreachable
+        self.socket = _sockets.unbounded(context.socket(zmq.DEALER))
+        self.socket.setsockopt(zmq.ROUTING_ID, client_id)
+        # Queue nothing for a worker we are not connected to: a send then fails at once, and what
+        # would have waited in a dead connection's pipe stays in our backlog instead.
+        self.socket.setsockopt(zmq.IMMEDIATE, 1)
+        # libzmq's own heartbeats close a connection whose peer stopped answering (a cut link, a
+        # stopped process), so that it reconnects as soon as the peer is back.
+        self.socket.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(heartbeat * 1000)))
+        self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(worker_timeout * 1000)))
+        self.socket.setsockopt(zmq.RECONNECT_IVL, LOCAL_RECONNECT_IVL_MS if local else RECONNECT_IVL_MS)
+        self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, 0 if local else RECONNECT_IVL_MAX_MS)
+        # A worker (or an impostor) sending a bigger frame is disconnected by libzmq unread.
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+        if keys is not None and keys.applies_to(address):
+            secure_client_socket(self.socket, keys, address)
+        self.monitor = self.socket.get_monitor_socket(_MONITORED_EVENTS)
+        self.socket.connect(address)
+
+    def send(self, frames: list[Any]) -> bool:
+        self.sent_to.add(self)
+        try:
+            self.socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False  # not connected right now
+        return True
+
+    def connection_events(self) -> Optional[str]:
+        """Read the monitor; returns why the session is lost when the connection closed, else None."""
+        lost = None
+        for event in _sockets.monitor_events(self.monitor):
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.say_hello_again()
+            elif event in HANDSHAKE_FAILURES:
+                problem = HANDSHAKE_FAILURES[event]
+                if self.error is None or str(self.error) != problem:
+                    logger.error("cannot connect to worker %s: %s", self.address, problem)
+                self.error = SecurityError(problem)
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.hello_at = float("-inf")  # that HELLO went with the connection
+                if self.ready:
+                    lost = "the connection closed"
+        return lost
+
     def look_into_silence(self, now: float) -> None:
         """Still no handshake after a few seconds: find out why once (in a thread, since DNS may
         block), then warn with the answer."""
@@ -214,19 +245,11 @@ class WorkerConnection:
             logger.warning("cannot reach worker %s after %.0f s: %s; still trying", self.address,
                            now - self.connecting_since, reason)
 
-    @property
-    def definitely_unusable(self) -> bool:
-        """Refused for a reason that retrying will not change: versions or keys."""
-        return self.state == self.INCOMPATIBLE or isinstance(self.error, SecurityError)
-
-    def say_hello_again(self) -> None:
-        # Unless one just went out on this connection: its answer may still be on its way.
-        if self.state == self.CONNECTING and time.monotonic() - self.hello_at >= self.heartbeat:
-            self.say_hello()
+    def forget_probe(self) -> None:
+        self.probe = None
 
     def close(self) -> None:
-        if self.ready:
-            self.send([proto.encode_header(Kind.BYE)])
+        super().close()
         self.socket.disable_monitor()
         self.monitor.close(linger=0)
         self.socket.close(linger=CLOSE_LINGER_MS)

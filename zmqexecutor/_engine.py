@@ -58,20 +58,25 @@ from typing import Any, Callable, Optional, Union
 import zmq
 
 from . import _protocol as proto
-from ._connection import WorkerConnection, WorkerInfo
+from ._connection import Connection, WorkerConnection, WorkerInfo
+from ._dialin import DialInPort, DialledConnection
 from ._direct import DirectLanes
 from ._errors import BrokenWorkerPool, MessageTooLargeError, WorkerLostError
 from ._local import LocalWorker
 from ._outcomes import Outcomes, copy_error, fail
 from ._protocol import Kind
 from ._scheduler import Scheduler, Task
-from ._security import ClientKeys
+from ._security import ClientKeys, ListenKeys
 from ._sockets import DRAIN_LIMIT, drain, fileno, readable
 
 logger = logging.getLogger("zmqexecutor")
 
 # Heartbeats sent per worker_timeout: enough that a few lost or late ones never look like a dead worker.
 HEARTBEATS_PER_TIMEOUT = 4
+
+# After a dialled-in worker's connection closed, every dialled worker is pinged again this soon, as
+# the ROUTER may still have known the identity when the first ping went out.
+RECHECK_AFTER_DISCONNECT = 0.05
 
 # While the engine owns a local worker it looks at it at least this often.
 LOCAL_CHECK_INTERVAL = 1.0
@@ -82,7 +87,8 @@ class Settings:
 
     def __init__(self, *, init_blob: bytes, max_tasks_per_child: Optional[int], max_in_flight: Optional[int],
                  connect_timeout: Optional[float], worker_timeout: float, max_retries: int,
-                 max_message_size: int, keys: Optional[ClientKeys], task_output: str = "print") -> None:
+                 max_message_size: int, keys: Optional[ClientKeys], task_output: str = "print",
+                 listen: Optional[str] = None, listen_keys: Optional[ListenKeys] = None) -> None:
         self.init_blob = init_blob
         self.max_tasks_per_child = max_tasks_per_child
         self.max_in_flight = max_in_flight
@@ -93,6 +99,8 @@ class Settings:
         self.max_message_size = max_message_size
         self.keys = keys
         self.task_output = task_output
+        self.listen = listen
+        self.listen_keys = listen_keys
 
     def hello(self) -> list[bytes]:
         info = dict(proto.local_versions(), host=socket.gethostname(), pid=os.getpid(),
@@ -114,11 +122,14 @@ class Engine(threading.Thread):
         self.scheduler = Scheduler(max_retries=settings.max_retries, max_in_flight=settings.max_in_flight)
         self.outcomes = Outcomes(self.scheduler, settings, local=local_worker is not None,
                                  break_executor=self.break_executor)
-        self.connections: list[WorkerConnection] = []
+        self.connections: list[Connection] = []
         self.direct: Optional[DirectLanes] = None  # the embedded worker's task processes
-        self.unread: set[Union[WorkerConnection, DirectLanes]] = set()
-        self.unread_events: set[WorkerConnection] = set()
-        self.sent_to: set[WorkerConnection] = set()
+        self.port: Optional[DialInPort] = None  # where workers dial in, with listen=
+        self.unread: set[Union[WorkerConnection, DirectLanes, DialInPort]] = set()
+        self.unread_events: set[Union[WorkerConnection, DialInPort]] = set()
+        self.sent_to: set[Union[WorkerConnection, DialInPort]] = set()
+        self.opened = threading.Event()  # set once the sockets are open (or failed to: open_error)
+        self.open_error: Optional[BaseException] = None
         self.next_tick = 0.0
         self.shutting_down = False
         self.stopping_workers = False
@@ -134,7 +145,13 @@ class Engine(threading.Thread):
         self.selector = selectors.DefaultSelector()
         self.lock.acquire()
         try:
-            self.open_connections()
+            try:
+                self.open_connections()
+            except BaseException as exc:
+                self.open_error = exc
+                raise
+            finally:
+                self.opened.set()
             self.callers_may_dispatch = self.direct is not None
             while True:
                 self.wait_for_input()
@@ -219,6 +236,13 @@ class Engine(threading.Thread):
                                       init_blob=s.init_blob, max_tasks_per_child=s.max_tasks_per_child)
             self.connections[0].lanes = self.direct
             self.selector.register(self.direct.fileno(), selectors.EVENT_READ, ("socket", self.direct))
+        if s.listen is not None:
+            self.port = DialInPort(self.context, s.listen, keys=s.listen_keys, max_message_size=s.max_message_size,
+                                   hello=hello, heartbeat=s.heartbeat, sent_to=self.sent_to)
+            self.selector.register(fileno(self.port.socket), selectors.EVENT_READ, ("socket", self.port))
+            self.selector.register(fileno(self.port.monitor), selectors.EVENT_READ, ("events", self.port))
+            self.unread_events.add(self.port)  # a ZeroMQ descriptor signals only once it has been read
+            logger.info("listening for workers at %s", self.port.address)
 
     def receive_replies(self) -> None:
         for source in list(self.unread):
@@ -231,6 +255,10 @@ class Engine(threading.Thread):
             messages = drain(source.socket)
             if len(messages) < DRAIN_LIMIT:
                 self.unread.discard(source)
+            if isinstance(source, DialInPort):
+                for frames in messages:
+                    self.handle_dialled(source, frames)
+                continue
             if messages:
                 source.awaiting_since = None
             for frames in messages:
@@ -239,7 +267,7 @@ class Engine(threading.Thread):
                 except proto.ProtocolError as exc:
                     logger.warning("dropped a malformed message from %s: %s", source.address, exc)
 
-    def handle_message(self, conn: WorkerConnection, frames: list[Any]) -> None:
+    def handle_message(self, conn: Connection, frames: list[Any]) -> None:
         proto.expect_frames(frames, 1)
         # Only the answer to our HELLO may speak another protocol version, before the session is up:
         # that is how a worker of another version reports the mismatch. Anything else is malformed.
@@ -266,6 +294,28 @@ class Engine(threading.Thread):
             elif kind != Kind.PONG:
                 raise proto.ProtocolError(f"unexpected {kind.name} from a worker")
 
+    def handle_dialled(self, port: DialInPort, frames: list[Any]) -> None:
+        routing_id, body = frames[0].bytes, frames[1:]
+        try:
+            proto.expect_frames(body, 1)
+            if proto.decode_header(body[0], any_version=True).kind == Kind.JOIN:
+                conn, session_was_up = port.join(routing_id, body)
+                if conn not in self.connections:
+                    self.connections.append(conn)
+                if session_was_up:  # a new connection: what it had in flight went with the old one
+                    self.lose(conn, "it reconnected")
+                else:
+                    conn.say_hello()
+                return
+            conn = port.workers.get(routing_id)
+            if conn is None:
+                logger.debug("ignored a message from a worker that has not joined")
+                return
+            conn.awaiting_since = None
+            self.handle_message(conn, body)
+        except proto.ProtocolError as exc:
+            logger.warning("dropped a malformed message from a worker that dialled in: %s", exc)
+
     def handle_direct(self, peer: Any, frames: list[Any]) -> None:
         assert self.direct is not None
         now = time.monotonic()
@@ -286,7 +336,7 @@ class Engine(threading.Thread):
         if ending is not None:
             self.outcomes.process_ended(ending, info, self.addresses[0], stopping=self.stopping_workers)
 
-    def welcome(self, conn: WorkerConnection, header: proto.Header, frames: list[Any]) -> None:
+    def welcome(self, conn: Connection, header: proto.Header, frames: list[Any]) -> None:
         was_ready = conn.ready
         lost = conn.welcome(header, frames)
         if lost is not None:
@@ -300,19 +350,35 @@ class Engine(threading.Thread):
                 conn.lanes.attach_all(self.scheduler)
         elif not conn.ready and was_ready:
             self.scheduler.detach(conn.load, "incompatible")
+        self.handle.workers_changed()
 
     def read_connection_events(self) -> None:
-        for conn in list(self.unread_events):
-            self.unread_events.discard(conn)
-            lost = conn.connection_events()
+        for source in list(self.unread_events):
+            self.unread_events.discard(source)
+            if isinstance(source, DialInPort):
+                if source.someone_left():  # whose, the ROUTER knows: ask it about each
+                    for conn in list(source.workers.values()):
+                        if not conn.still_there():
+                            self.lose(conn, "its connection closed")
+                    # Again soon: the ROUTER may not have dropped the identity yet when the event comes.
+                    self.next_tick = min(self.next_tick, time.monotonic() + RECHECK_AFTER_DISCONNECT)
+                continue
+            lost = source.connection_events()
             if lost is not None:
-                self.lose(conn, lost)
+                self.lose(source, lost)
 
-    def lose(self, conn: WorkerConnection, why: str) -> None:
+    def lose(self, conn: Connection, why: str) -> None:
+        self.handle.workers_changed()
+        if isinstance(conn, DialledConnection) and conn.gone:
+            if conn.instance is not None:
+                self.lose_tasks(conn, why)
+            self.connections.remove(conn)
+            conn.port.forget(conn)
+            return
         self.lose_tasks(conn, why)
         conn.lost()
 
-    def lose_tasks(self, conn: WorkerConnection, why: str) -> None:
+    def lose_tasks(self, conn: Connection, why: str) -> None:
         inflight = len(conn.load.inflight) + (conn.lanes.in_flight() if conn.lanes is not None else 0)
         failed = self.scheduler.detach(conn.load, why, retry=not self.stopping_workers)
         if conn.lanes is not None:  # its task processes went with it
@@ -348,7 +414,7 @@ class Engine(threading.Thread):
         if located is None:
             return  # done, or waiting here for a retry (it will not be sent again)
         load, task, position = located
-        if isinstance(load.owner, WorkerConnection):
+        if isinstance(load.owner, Connection):
             load.owner.send(proto.encode_cancel(task.ident))
         elif self.direct is not None and self.connections[0].ready:
             # Which of the tasks sent to that process: the lane knows the order it sent them in.
@@ -391,7 +457,8 @@ class Engine(threading.Thread):
 
     def expire_waiting_tasks(self) -> None:
         if self.scheduler.backlog and not self.scheduler.has_ready_worker():
-            self.outcomes.expire(self.connections, self.addresses)
+            listening = [f"listening at {self.port.address}"] if self.port is not None else []
+            self.outcomes.expire(self.connections, self.addresses + listening, listening=bool(listening))
 
     def watch_local_worker(self) -> None:
         if self.local_worker is not None:
@@ -424,6 +491,8 @@ class Engine(threading.Thread):
         try:
             for conn in self.connections:
                 conn.close()
+            if self.port is not None:
+                self.port.close()
             self.selector.close()
             self.context.term()
         finally:
@@ -521,9 +590,35 @@ class Handle:
         self.executor_ref: Callable[[], Any] = weakref.ref(executor, lambda _: wakeup.wake())
         self.addresses = addresses
         self.local_worker = local_worker
+        self.changed = threading.Condition()  # notified when a worker becomes ready or is lost
         self.engine = Engine(self, addresses, settings, local_worker)
         _live_engines.add(self.engine)
         self.engine.start()
+        if settings.listen is not None:  # so that a port in use is this call's error
+            self.engine.opened.wait()
+            if self.engine.open_error is not None:
+                self.engine.join()
+                raise self.engine.open_error
+
+    def workers_changed(self) -> None:
+        with self.changed:
+            self.changed.notify_all()
+
+    def wait_for_workers(self, n: int, timeout: Optional[float]) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.changed:
+            while True:
+                ready = sum(info.state == "ready" for info in self.snapshot())
+                if ready >= n:
+                    return
+                self.check_open()
+                if self.engine.opened.is_set() and not self.engine.is_alive():
+                    raise RuntimeError("the executor has stopped")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"{ready} of {n} workers ready after {timeout:g} s")
+                # Bounded, to look at shutdown and breakage now and then.
+                self.changed.wait(0.5 if remaining is None else min(remaining, 0.5))
 
     def check_open(self) -> None:
         if self.forked_from is not None:
@@ -575,10 +670,9 @@ class Handle:
         # Taken from the I/O thread's live objects; each field is read atomically, which is all a
         # snapshot for display needs. Until the thread has opened its sockets, all are connecting.
         seen = {info.endpoint: info for info in (conn.snapshot() for conn in list(self.engine.connections))}
-        return tuple(
-            seen.get(address) or WorkerInfo(address, "connecting", 0, 0, 0, 0, None, None, None, None)
-            for address in self.addresses
-        )
+        bound = [seen.pop(address, None) or WorkerInfo(address, "connecting", 0, 0, 0, 0, None, None, None, None)
+                 for address in self.addresses]
+        return tuple(bound + list(seen.values()))  # and those that dialled in
 
 
 # Interpreter exit: like the stdlib executors, finish submitted work before the interpreter goes away.

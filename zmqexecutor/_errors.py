@@ -18,6 +18,7 @@ __all__ = [
     "SecurityError",
     "MessageTooLargeError",
     "TaskTimeoutError",
+    "LaunchError",
 ]
 
 
@@ -122,6 +123,10 @@ class SecurityError(ZMQExecutorError):
 
 class MessageTooLargeError(ZMQExecutorError, ValueError):
     """Raised when a task or its result is bigger than ``max_message_size`` allows."""
+
+
+class LaunchError(ZMQExecutorError):
+    """Raised when a launcher cannot start its workers: a host or a job that failed, or did not start in time."""
 
 
 class ProtocolError(ValueError):

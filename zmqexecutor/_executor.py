@@ -114,6 +114,7 @@ class ZMQExecutor(Executor):
     ``concurrent.futures.Future`` objects.
 
     ``ZMQExecutor(4)`` is ``ZMQExecutor(max_workers=4)``, as ``ProcessPoolExecutor(4)`` is.
+    With ``listen``, workers dial in to this client instead (clusters, NAT, workers that come and go).
 
     Args:
         endpoints: worker endpoints, or None for local workers owned by this executor; a number here
@@ -149,6 +150,14 @@ class ZMQExecutor(Executor):
             SIGKILL 2 s later), starts another, and the future fails with ``TaskTimeoutError``, without
             a retry. None: no limit. ``options(task_timeout=...)`` sets it for some tasks only; with
             ``map(chunksize=N)`` it is the limit of each chunk.
+        listen: an address to bind (``"tcp://0.0.0.0:5555"``; port 0 picks a free one, see
+            ``listen_address``) for workers that dial in (``zmqexecutor worker --connect``, or a
+            launcher: ``SSHWorkers``, ``SlurmWorkers``). Alongside ``endpoints`` or instead of them;
+            without endpoints no local worker is started. Workers may join and leave at any time;
+            ``wait_for_workers`` waits for some. Secured as the endpoints are, roles reversed: with
+            ``keys``, this client is the CurveZMQ server and lets in the workers whose public key is
+            ``worker.key`` in that folder or a ``worker_keys`` value; an address other hosts can
+            reach needs keys or ``insecure=True``.
     """
 
     def __init__(
@@ -168,6 +177,7 @@ class ZMQExecutor(Executor):
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         task_output: str = "print",
         task_timeout: Optional[float] = None,
+        listen: Optional[str] = None,
     ) -> None:
         if isinstance(endpoints, int) and not isinstance(endpoints, bool):
             # The ProcessPoolExecutor(4) habit.
@@ -176,6 +186,11 @@ class ZMQExecutor(Executor):
                                 "max_workers; give endpoints as strings")
             endpoints, max_workers = None, endpoints
         addresses = self._check_endpoints(endpoints)
+        if listen is not None:
+            if not isinstance(listen, str):
+                raise TypeError(f"listen must be an address string like 'tcp://0.0.0.0:5555', not {type(listen).__name__}")
+            parse(listen, bind=True)
+        remote = bool(addresses) or listen is not None
         if max_workers is not None:
             _check_int("max_workers", max_workers, 1, "max_workers must be greater than 0")
         if initializer is not None and not callable(initializer):
@@ -192,10 +207,15 @@ class ZMQExecutor(Executor):
         if task_timeout is not None:
             _check_seconds("task_timeout", task_timeout, none_ok=True)
         self._task_timeout = task_timeout
+        listen_keys = None
+        if listen is not None:
+            listen_keys = _security.listen_keys(keys, worker_keys, listen, insecure=insecure)
         if addresses:
-            client_keys = _security.client_keys(keys, worker_keys, addresses, insecure=insecure)
+            client_keys = _security.client_keys(keys, None if listen else worker_keys, addresses, insecure=insecure)
             if client_keys is None and not insecure:
                 _refuse_plain_text_to_other_hosts(addresses)
+        elif remote:
+            client_keys = None
         elif keys is not None or worker_keys:
             raise ValueError("keys apply to remote endpoints; the embedded local workers are private already")
         else:
@@ -203,18 +223,20 @@ class ZMQExecutor(Executor):
         settings = Settings(
             init_blob=proto.encode_initializer(initializer, tuple(initargs)),
             max_tasks_per_child=max_tasks_per_child,
-            max_in_flight=max_workers if addresses else None,
+            max_in_flight=max_workers if remote else None,
             connect_timeout=connect_timeout,
             worker_timeout=float(worker_timeout),
             max_retries=max_retries,
             max_message_size=max_message_size,
             keys=client_keys,
             task_output=task_output,
+            listen=listen,
+            listen_keys=listen_keys,
         )
         self._max_message_size = max_message_size
         self._calls = CallEncoder()
         local_worker = None
-        if addresses:
+        if remote:
             self._max_workers = max_workers
         else:
             self._max_workers = max_workers or available_cpus()  # as `zmqexecutor worker` counts them
@@ -245,6 +267,23 @@ class ZMQExecutor(Executor):
         if duplicates:
             raise ValueError(f"duplicate endpoints: {', '.join(duplicates)}")
         return addresses
+
+    @property
+    def listen_address(self) -> Optional[str]:
+        """The address workers dial in to (``listen``, with the port filled in when it was 0), or None."""
+        port = self._handle.engine.port
+        return None if port is None else port.address
+
+    def wait_for_workers(self, n: int = 1, timeout: Optional[float] = None) -> None:
+        """Block until at least ``n`` workers are ready (bound or dialled in), as ``workers()`` counts them.
+
+        Raises ``TimeoutError`` after ``timeout`` seconds (None: wait as long as it takes), and
+        ``RuntimeError`` when the executor is shut down meanwhile.
+        """
+        _check_int("n", n, 1, "n must be >= 1")
+        if timeout is not None:
+            _check_seconds("timeout", timeout, none_ok=True)
+        self._handle.wait_for_workers(n, timeout)
 
     @property
     def endpoints(self) -> tuple[str, ...]:

@@ -93,17 +93,19 @@ class Outcomes:
                 f"the task was lost with {len(task.lost_on)} worker(s): {lost_on} "
                 f"(max_retries={self.settings.max_retries}); last: {why}", tuple(task.lost_on)))
 
-    def expire(self, connections: list[Any], addresses: list[str]) -> None:
-        """With no worker ready: fail what waits if no worker can ever take it, else what waited
-        longer than ``connect_timeout``."""
+    def expire(self, connections: list[Any], addresses: list[str], *, listening: bool = False) -> None:
+        """With no worker ready: fail what waits if no worker can ever take it (unless another may
+        still dial in), else what waited longer than ``connect_timeout``."""
         scheduler = self.scheduler
         reasons = "".join(f"; {c.address}: {c.error}" for c in connections if c.error is not None)
-        if all(conn.state == conn.INCOMPATIBLE for conn in connections):
+        if listening:
+            pass
+        elif all(conn.state == conn.INCOMPATIBLE for conn in connections):
             errors = "; ".join(str(conn.error) for conn in connections)
             for task in scheduler.take_backlog():
                 fail(task, VersionMismatchError(errors))
             return
-        if all(conn.definitely_unusable for conn in connections):
+        if not listening and all(conn.definitely_unusable for conn in connections):
             # Waiting out connect_timeout would change nothing: keys or versions are wrong everywhere.
             for task in scheduler.take_backlog():
                 error = NoWorkersError(f"no worker can be used{reasons}")

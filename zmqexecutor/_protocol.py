@@ -53,6 +53,14 @@ Client <-> worker supervisor (a DEALER per endpoint to the worker's bound ROUTER
                          concatenated in ``packed``, larger ones follow as frames of their own, in
                          order. A lone message goes as itself; every receiver takes both (``split``).
 
+A worker started with ``--connect`` dials the client instead (a DEALER to the client's bound
+ROUTER, the ``listen`` address); once connected it speaks first, then everything above goes as usual::
+
+    JOIN         w -> c  [hdr(0), json {instance, host, pid, slots}]: sent on every new connection;
+                         the client answers with HELLO. A JOIN from a worker whose session is up
+                         means it reconnected: the client counts its tasks there as lost and
+                         shakes hands again
+
 A HELLO from a client the worker already knows starts a new session: the client sends it only after
 it has given up on every task it had there, so the tasks still queued for it are dropped. A session
 that hears nothing from its client for a few of the client's timeouts is dropped the same way.
@@ -138,6 +146,7 @@ class Kind(enum.IntEnum):
     DRAIN = 23
     DRAINING = 24
     RETURNED = 25
+    JOIN = 26
 
 
 _KINDS = {int(k): k for k in Kind}
@@ -467,6 +476,18 @@ def read_welcome(header: Header, frames: Sequence[Frame], *, them: str) -> tuple
     if problem is None and not info.get("accepted", False):
         problem = str(info.get("reason") or "the worker refused the handshake")
     return info, problem
+
+
+def encode_join(info: dict[str, Any]) -> list[bytes]:
+    return [encode_header(Kind.JOIN), encode_json(info)]
+
+
+def decode_join(frames: Sequence[Frame]) -> dict[str, Any]:
+    expect_frames(frames, 2, 2)
+    info = decode_json(frames[1])
+    if not isinstance(info.get("instance"), str):
+        raise ProtocolError("JOIN without the worker's instance id")
+    return info
 
 
 # --- supervisor <-> task process ------------------------------------------------------------------------

@@ -11,6 +11,7 @@ default: without keys, a worker and a client of the same user both use that user
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple, Optional, Union
 
 import zmq
+from zmq.utils import z85
 from ._endpoints import is_loopback, parse
 from ._errors import SecurityError
 from ._sockets import monitor_events
@@ -145,7 +147,7 @@ def _load(path: Path) -> tuple[bytes, Optional[bytes]]:
 
 def _check_z85(key: bytes, what: str) -> None:
     try:
-        decoded = zmq.utils.z85.decode(key)
+        decoded = z85.decode(key)
     except Exception:
         decoded = b""
     if len(decoded) != 32:
@@ -260,7 +262,7 @@ def user_key_store(*, create: bool = False) -> Path:
 
 
 def _on_this_host(endpoint: str) -> bool:
-    return is_loopback(parse(endpoint).host)
+    return is_loopback(parse(endpoint, bind=True).host)
 
 
 def secure_client_socket(sock: zmq.Socket[Any], keys: ClientKeys, endpoint: str) -> None:
@@ -269,12 +271,122 @@ def secure_client_socket(sock: zmq.Socket[Any], keys: ClientKeys, endpoint: str)
     sock.curve_serverkey = keys.worker_key(endpoint)
 
 
-# --- the worker's guard ---------------------------------------------------------------------------
+# --- a worker that dials its client (roles reversed: the client is the CurveZMQ server) -------------
+
+
+class DialKeys(NamedTuple):
+    """A dialling worker's CurveZMQ keys: its own pair, and the client's public key it pins."""
+
+    public: bytes
+    secret: bytes
+    client: bytes
+
+
+def dial_keys(address: str, *, folder: Optional[PathLike], secret_key: Optional[PathLike],
+              client_key: Optional[PathLike], from_stdin: bool, insecure: bool) -> Optional[DialKeys]:
+    """The keys of a worker that dials ``address``: from standard input, from files (``--keys``,
+    ``--secret-key``, ``--client-key``), or this user's own store for loopback TCP; None for none."""
+    if from_stdin:
+        require_curve()
+        return keys_from_line(_read_line(0))
+    if folder is None and secret_key is None and client_key is None:
+        if insecure or not address.startswith("tcp://") or not _on_this_host(address):
+            return None
+        folder = user_key_store(create=True) / "worker"
+    root = Path(folder).expanduser() if folder is not None else None
+    secret_key = secret_key or (root / "worker.key_secret" if root is not None else None)
+    client_key = client_key or (root / "client.key" if root is not None else None)
+    if secret_key is None or client_key is None:
+        raise SecurityError("a worker that dials in with keys needs its secret key and the client's public key "
+                            "(--keys DIR/worker, or --secret-key and --client-key)")
+    require_curve()
+    public, secret = load_key_pair(secret_key)
+    return DialKeys(public, secret, load_public_key(client_key))
+
+
+def keys_line(keys: DialKeys) -> bytes:
+    """``keys`` as the one line ``--keys-from-stdin`` reads."""
+    return json.dumps({"public": keys.public.decode(), "secret": keys.secret.decode(),
+                       "client": keys.client.decode()}).encode() + b"\n"
+
+
+def keys_from_line(line: bytes) -> DialKeys:
+    try:
+        data = json.loads(line)
+        keys = DialKeys(*(str(data[name]).encode() for name in ("public", "secret", "client")))
+    except (ValueError, KeyError, TypeError):
+        raise SecurityError("expected the keys on standard input as one JSON line "
+                            "{\"public\": ..., \"secret\": ..., \"client\": ...}") from None
+    for key, what in zip(keys, ("worker public key", "worker secret key", "client public key")):
+        _check_z85(key, what)
+    if zmq.curve_public(keys.secret) != keys.public:
+        raise SecurityError("the worker public key on standard input does not belong to its secret key")
+    return keys
+
+
+def _read_line(fd: int) -> bytes:
+    # Unbuffered, byte by byte: whatever follows the line stays in the pipe (it is a lifeline).
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = os.read(fd, 1)
+        if not chunk:
+            break
+        line += chunk
+    return line
+
+
+# --- a client that workers dial in to ------------------------------------------------------------
+
+
+class ListenKeys(NamedTuple):
+    """A listening client's CurveZMQ keys: its own pair (it is the server), and the workers it lets in."""
+
+    public: bytes
+    secret: bytes
+    allowed: frozenset[bytes]
+
+
+def listen_keys(keys: Optional[PathLike], worker_keys: Optional[Mapping[str, Union[PathLike, bytes]]],
+                listen: str, *, insecure: bool = False) -> Optional[ListenKeys]:
+    """The keys guarding ``listen``: from ``keys`` or $ZMQEXECUTOR_KEYS (``client.key_secret``, and
+    ``worker.key`` with every ``worker_keys`` value as the allowed workers), else this user's own
+    store for loopback TCP; None for none (ipc://, or ``insecure``). Refuses a plain-text
+    ``listen`` that other hosts can reach."""
+    folder = keys if keys is not None else os.environ.get(KEYS_ENV) or None
+    if folder is None:
+        if worker_keys:
+            raise SecurityError("worker_keys needs the client's own key pair: pass keys=FOLDER")
+        if insecure or not listen.startswith("tcp://"):
+            return None
+        if not _on_this_host(listen):
+            raise SecurityError(
+                f"refusing to listen on {listen} in plain text: anyone who reaches that port could pose as a "
+                "worker and answer with results that run code here. Pass keys=FOLDER (made by 'zmqexecutor "
+                f"keygen'; a launcher's .keys), set ${KEYS_ENV}, or pass insecure=True on a network you "
+                "trust entirely")
+        folder = user_key_store(create=True) / "client"
+    require_curve()
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise SecurityError(f"key folder {root} does not exist (make one with: zmqexecutor keygen DIR)")
+    check_key_folder(root, "client")
+    public, secret = load_key_pair(root / "client.key_secret")
+    allowed = {load_public_key(source) for source in (worker_keys or {}).values()}
+    if (root / "worker.key").exists():
+        allowed.add(load_public_key(root / "worker.key"))
+    if not allowed:
+        raise SecurityError(f"no worker public key allowed to dial in: put worker.key in {root} or pass "
+                            "worker_keys={name: key file}")
+    return ListenKeys(public, secret, frozenset(allowed))
+
+
+# --- the guard of a socket others connect to --------------------------------------------------------------------------------------------------------------------------------
 
 
 class _AllowList:
-    def __init__(self, allowed: set[bytes]) -> None:
+    def __init__(self, allowed: set[bytes], peers: str) -> None:
         self.allowed = allowed
+        self.peers = peers
         self.self_check_key: Optional[bytes] = None  # the worker's own throwaway key, refused on purpose
 
     def callback(self, domain: str, key: bytes) -> bool:
@@ -283,22 +395,23 @@ class _AllowList:
         if key == self.self_check_key:
             logger.debug("self-check: a connection with a throwaway key was refused, as it must be")
         else:
-            logger.warning("rejected a client with unknown public key %s", key.decode(errors="replace"))
+            logger.warning("rejected a %s with unknown public key %s", self.peers, key.decode(errors="replace"))
         return False
 
 
-class WorkerGuard:
-    """The ZAP authenticator of one worker, in the worker's own ZeroMQ context."""
+class Guard:
+    """The ZAP authenticator of the socket that others connect to (a worker's bound endpoint, or a
+    client's ``listen`` address), in that socket's own ZeroMQ context."""
 
-    def __init__(self, context: zmq.Context[Any], secret_key_file: PathLike, allow: PathLike) -> None:
+    def __init__(self, context: zmq.Context[Any], public: bytes, secret: bytes, allowed: set[bytes], *,
+                 peers: str = "client", log: str = "zmqexecutor.worker.zap") -> None:
         require_curve()
-        self.public, self.secret = load_key_pair(secret_key_file)
-        self.allowed = load_allow_list(allow)
+        self.public, self.secret, self.allowed = public, secret, allowed
         from zmq.auth.thread import ThreadAuthenticator
 
-        self.authenticator = ThreadAuthenticator(context, log=logging.getLogger("zmqexecutor.worker.zap"))
+        self.authenticator = ThreadAuthenticator(context, log=logging.getLogger(log))
         self.authenticator.start()
-        self.policy = _AllowList(self.allowed)
+        self.policy = _AllowList(self.allowed, peers)
         self.authenticator.configure_curve_callback(ZAP_DOMAIN, self.policy)
 
     def secure(self, sock: zmq.Socket[Any]) -> None:
@@ -347,3 +460,9 @@ def _reachable(endpoint: str) -> str:
         if host in ("[::]", "::"):
             return f"tcp://[::1]:{port}"
     return endpoint
+
+
+def worker_guard(context: zmq.Context[Any], secret_key_file: PathLike, allow: PathLike) -> Guard:
+    """The guard of a worker's bound endpoint, from its key files."""
+    public, secret = load_key_pair(secret_key_file)
+    return Guard(context, public, secret, load_allow_list(allow))

@@ -54,24 +54,16 @@ import zmq
 
 from . import _protocol as proto
 from ._errors import MessageTooLargeError, SecurityError
+from ._front import BoundFront, DialFront, join_info
 from ._protocol import Item, Kind
-from ._security import WorkerGuard
+from ._security import DialKeys, Guard, worker_guard
 from ._sessions import Sessions
-from ._sockets import drain, unbounded
 from ._taskpool import MAX_STARTUP_FAILURES, TaskProcess, TaskProcessPool
 
 logger = logging.getLogger("zmqexecutor.worker")
 
 # How often the supervisor looks for a vanished parent and silent sessions when nothing happens.
 PARENT_CHECK_INTERVAL = 0.5
-
-# A client that connects but does not finish the ZMTP/CurveZMQ handshake is dropped after this long.
-HANDSHAKE_IVL_MS = 10_000
-
-# libzmq heartbeats on the bound socket: a connection whose client stopped answering is closed, which
-# frees whatever libzmq still queued for it.
-HEARTBEAT_IVL_MS = 2000
-HEARTBEAT_TIMEOUT_MS = 20000
 
 # One message to a client carries at most this many replies and, beyond its first, this many bytes.
 REPLY_BATCH = 256
@@ -89,20 +81,29 @@ _REPLIES = frozenset({Kind.RESULT, Kind.EXCEPTION, Kind.INIT_FAILED})
 class Supervisor:
     """Owns the bound endpoint and the task processes; routes frames between them."""
 
-    def __init__(self, bind: str, processes: int, *, parent_pid: Optional[int] = None,
+    def __init__(self, bind: Optional[str], processes: int, *, parent_pid: Optional[int] = None,
                  secret_key_file: Optional[str] = None, allow: Optional[str] = None, direct: Optional[str] = None,
                  max_message_size: int = proto.DEFAULT_MAX_MESSAGE_SIZE,
-                 drain_timeout: float = DEFAULT_DRAIN_TIMEOUT) -> None:
+                 drain_timeout: float = DEFAULT_DRAIN_TIMEOUT, connect: Optional[str] = None,
+                 dial_keys: Optional[DialKeys] = None, idle_timeout: Optional[float] = None,
+                 exit_with_stdin: bool = False) -> None:
+        if (bind is None) == (connect is None):
+            raise ValueError("a worker either binds an endpoint or connects to a client's, not both")
         self.bind = bind
+        self.connect = connect
+        self.dial_keys = dial_keys
+        self.idle_timeout = idle_timeout
+        self.idle_since = time.monotonic()
+        self.exit_with_stdin = exit_with_stdin
         self.secret_key_file = secret_key_file
         self.allow = allow
         self.max_message_size = max_message_size
-        self.guard: Optional[WorkerGuard] = None
+        self.guard: Optional[Guard] = None
         self.processes = processes
         self.parent_pid = parent_pid
         self.instance = uuid.uuid4().hex
         self.host = socket.gethostname()
-        self.endpoint = bind
+        self.endpoint = bind or connect
         self.sessions = Sessions()
         self.queue: collections.deque[tuple[bytes, int, Any]] = collections.deque()
         self.outbox: dict[bytes, list[Item]] = {}
@@ -144,21 +145,24 @@ class Supervisor:
 
     def start(self) -> None:
         if self.secret_key_file is not None:
-            self.guard = WorkerGuard(self.context, self.secret_key_file, self.allow or "")
+            self.guard = worker_guard(self.context, self.secret_key_file, self.allow or "")
         self.open_sockets()
         if self.guard is not None:
             self.guard.prove_strangers_are_rejected(self.endpoint)
         if not _CAN_FORK_EARLY:
             self.pool.start(self.processes)
-        logger.info(
-            "zmqexecutor worker ready: endpoint=%s processes=%d instance=%s pid=%d security=%s",
-            self.endpoint, self.processes, self.instance, os.getpid(),
-            f"CurveZMQ ({len(self.guard.allowed)} allowed client keys)" if self.guard else "none",
-        )
+        if self.guard is not None:
+            security = f"CurveZMQ ({len(self.guard.allowed)} allowed client keys)"
+        else:
+            security = "CurveZMQ (the client's key pinned)" if self.dial_keys is not None else "none"
+        logger.info("zmqexecutor worker ready: %s=%s processes=%d instance=%s pid=%d security=%s",
+                    "connect" if self.connect else "endpoint", self.endpoint, self.processes, self.instance,
+                    os.getpid(), security)
 
     def serve(self, signal_fd: int) -> None:
         poller = zmq.Poller()
-        for sock in (self.front, self.pool.listener, signal_fd):
+        stdin = sys.stdin.fileno() if self.exit_with_stdin else None
+        for sock in (self.front.socket, self.front.monitor, self.pool.listener, signal_fd, stdin):
             if sock is not None:
                 poller.register(sock, zmq.POLLIN)
         registered: set[int] = set()
@@ -173,6 +177,10 @@ class Supervisor:
             events = dict(poller.poll(int(timeout * 1000)))
             if signal_fd in events:
                 os.read(signal_fd, 4096)
+            if stdin in events and not os.read(stdin, 4096):
+                logger.info("standard input closed (whoever started this worker is gone); stopping")
+                self.stopping = True
+            self.front.connection_events()
             self.receive_from_processes()
             self.receive_from_clients()
             self.reap_processes([fd for fd in events if fd in self.pool.by_sentinel])
@@ -186,6 +194,7 @@ class Supervisor:
                 next_check = time.monotonic() + PARENT_CHECK_INTERVAL
                 self.expire_sessions()
                 self.check_parent()
+                self.check_idle()
             if not events and self.pool.listener is not None:  # a wait in vain: idle
                 self.pool.listener.trim_buffers()
 
@@ -207,29 +216,24 @@ class Supervisor:
     # Steps ----------------------------------------------------------------------------------------
 
     def open_sockets(self) -> None:
-        self.front = unbounded(self.context.socket(zmq.ROUTER), linger=0)
-        self.front.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # A client that reconnects (after a cut link, say) takes its identity over from the old connection.
-        self.front.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self.front.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-        self.front.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-        self.front.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
-        # libzmq disconnects a peer that sends a bigger frame, before we ever see it.
-        self.front.setsockopt(zmq.MAXMSGSIZE, self.max_message_size)
-        if self.guard is not None:
-            self.guard.secure(self.front)
-        try:
-            self.front.bind(self.bind)
-        except zmq.ZMQError as exc:
-            raise _GiveUp(f"cannot bind {self.bind}: {exc}") from None
-        self.endpoint = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
+        if self.connect is not None:
+            join = join_info(self.instance, self.processes, os.getpid())
+            self.front: BoundFront | DialFront = DialFront(
+                self.context, self.connect, join=join, max_message_size=self.max_message_size, keys=self.dial_keys)
+        else:
+            assert self.bind is not None
+            try:
+                self.front = BoundFront(self.context, self.bind, max_message_size=self.max_message_size,
+                                        guard=self.guard)
+            except zmq.ZMQError as exc:
+                raise _GiveUp(f"cannot bind {self.bind}: {exc}") from None
+        self.endpoint = self.front.endpoint
         self.pool.open()
 
     def receive_from_clients(self) -> None:
-        for frames in drain(self.front):
-            client = frames[0].bytes
+        for client, frames in self.front.messages():
             try:
-                self.handle_client_message(client, frames[1:])
+                self.handle_client_message(client, frames)
             except proto.ProtocolError as exc:
                 logger.warning("dropped a malformed message from client %r: %s", client, exc)
 
@@ -342,12 +346,7 @@ class Supervisor:
             self.tally["cancelled"] += 1
 
     def send_to_client(self, client: bytes, frames: list[Any]) -> None:
-        try:
-            self.front.send_multipart([client, *frames], copy=False)
-        except zmq.ZMQError as exc:
-            if exc.errno != zmq.EHOSTUNREACH:
-                raise
-            logger.debug("client %r is gone; dropped its message", client)
+        self.front.send(client, frames)
 
     def reply(self, client: bytes, item: Item) -> None:
         self.outbox.setdefault(client, []).append(item)
@@ -440,6 +439,13 @@ class Supervisor:
             for proc, items in self.pool.hand_out(self.queue, self.sessions):
                 self.pool.send(proc, proto.encode_messages(items))
 
+    def check_idle(self) -> None:
+        if self.sessions or self.pool.busy():
+            self.idle_since = time.monotonic()
+        elif self.idle_timeout is not None and time.monotonic() - self.idle_since >= self.idle_timeout:
+            logger.info("no client for %g s (--idle-timeout); stopping", self.idle_timeout)
+            self.stopping = True
+
     def check_parent(self) -> None:
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
             logger.info("parent process %d is gone; stopping", self.parent_pid)
@@ -450,7 +456,7 @@ class Supervisor:
         self.pool.stop()
         front = getattr(self, "front", None)
         if front is not None:
-            front.close(linger=0)
+            front.close()
         if self.guard is not None:
             self.guard.stop()
         self.context.term()
