@@ -123,12 +123,12 @@ class WorkerProcess:
     """A real ``zmqexecutor worker`` started through the command line."""
 
     def __init__(self, endpoint: str, processes: int = 2, extra: list[str] | None = None,
-                 prefix: list[str] | None = None) -> None:
+                 prefix: list[str] | None = None, connect: bool = False) -> None:
         self.endpoint = endpoint
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]))
         self.process = subprocess.Popen(
-            [*(prefix or []), sys.executable, "-m", "zmqexecutor", "worker", "--bind", endpoint,
-             "--processes", str(processes), *(extra or [])],
+            [*(prefix or []), sys.executable, "-m", "zmqexecutor", "worker", "--connect" if connect else "--bind",
+             endpoint, "--processes", str(processes), *(extra or [])],
             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, text=True,
         )
         self.lines: list[str] = []
@@ -141,7 +141,7 @@ class WorkerProcess:
             self.lines.append(line)
             if "worker ready" in line:
                 # The worker may have been asked for any free port ("tcp://127.0.0.1:*").
-                self.endpoint = line.split("endpoint=", 1)[1].split()[0]
+                self.endpoint = line.split("ready: ", 1)[1].split("=", 1)[1].split()[0]
                 self._ready.set()
 
     def wait_ready(self, timeout: float = 20.0) -> "WorkerProcess":
@@ -172,8 +172,9 @@ class WorkerProcess:
 def start_worker() -> Iterator:
     started: list[WorkerProcess] = []
 
-    def start(endpoint: str | None = None, processes: int = 2, wait: bool = True, extra: list[str] | None = None) -> WorkerProcess:
-        worker = WorkerProcess(endpoint or "tcp://127.0.0.1:*", processes, extra)
+    def start(endpoint: str | None = None, processes: int = 2, wait: bool = True, extra: list[str] | None = None,
+              connect: bool = False) -> WorkerProcess:
+        worker = WorkerProcess(endpoint or "tcp://127.0.0.1:*", processes, extra, connect=connect)
         started.append(worker)
         return worker.wait_ready() if wait else worker
 
@@ -200,14 +201,15 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)
 
 
-@pytest.fixture
-def namespace():
-    """A network namespace joined to this one by a veth pair: a second host on one machine."""
+@contextlib.contextmanager
+def network_namespace(index: int = 0):
+    """A network namespace joined to this one by a veth pair: a second host on one machine. Yields
+    its name, its address, and a function that takes its link down or up."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("network namespaces need root and iproute2's ip")
-    tag = f"{os.getpid() % 100000}"
+    tag = f"{os.getpid() % 100000}{'abcdefgh'[index]}"
     name, host_if, ns_if = f"zx{tag}", f"zxh{tag}", f"zxn{tag}"
-    subnet = f"10.{os.getpid() % 200 + 20}.{os.getpid() // 200 % 250}"
+    subnet = f"10.{os.getpid() % 200 + 20}.{(os.getpid() // 200 + index * 7) % 250}"
     try:
         _ip("netns", "add", name)
     except subprocess.CalledProcessError as exc:
@@ -228,6 +230,13 @@ def namespace():
     finally:
         _ip("link", "del", host_if, check=False)
         _ip("netns", "del", name, check=False)
+
+
+@pytest.fixture
+def namespace():
+    """A network namespace joined to this one by a veth pair: a second host on one machine."""
+    with network_namespace() as made:
+        yield made
 
 
 @pytest.fixture
@@ -266,3 +275,94 @@ def ssh_host(namespace, tmp_path: Path):
         if server.poll() is None:
             server.terminate()
             server.wait(10)
+
+
+def _munge_works() -> bool:
+    try:
+        encoded = subprocess.run(["munge", "-n"], capture_output=True, timeout=10)
+        return encoded.returncode == 0 and subprocess.run(
+            ["unmunge"], input=encoded.stdout, capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture
+def slurm_cluster(tmp_path: Path):
+    """A real Slurm (Debian's slurmctld, slurmd and munge; facts in shared/notes/single-node-slurm.md):
+    the controller here and two compute nodes, slurmds at two addresses of a network namespace (so
+    srun's traffic between them needs no forwarding through this host). Yields (the environment that
+    points sbatch and friends at it, the address the nodes reach here)."""
+    if any(shutil.which(tool) is None for tool in ("slurmctld", "slurmd", "sbatch", "munged")):
+        pytest.skip("needs Slurm and munge (apt-get install slurmctld slurmd slurm-client munge)")
+    with contextlib.ExitStack() as stack:
+        name, first, _ = stack.enter_context(network_namespace(1))
+        subnet = first.rsplit(".", 1)[0]
+        here = f"{subnet}.1"
+        _ip("netns", "exec", name, "ip", "addr", "add", f"{subnet}.3/24", "dev", f"zxn{os.getpid() % 100000}b")
+        nodes = [(f"zxnode{i}", f"{subnet}.{i + 1}", 6817 + i) for i in (1, 2)]
+        daemons: list[subprocess.Popen] = []
+
+        def stop_daemons() -> None:
+            for daemon in reversed(daemons):
+                if daemon.poll() is None:
+                    daemon.terminate()
+            for daemon in daemons:
+                try:
+                    daemon.wait(10)
+                except subprocess.TimeoutExpired:
+                    daemon.kill()
+
+        stack.callback(stop_daemons)
+        if not _munge_works():
+            os.makedirs("/run/munge", exist_ok=True)
+            shutil.chown("/run/munge", "munge", "munge")
+            daemons.append(subprocess.Popen(["runuser", "-u", "munge", "--", "munged", "-F"],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            if not wait_until(_munge_works, timeout=10):
+                pytest.fail("munged did not start")
+        folder = tmp_path / "slurm"
+        (folder / "state").mkdir(parents=True)
+        controller = socket.gethostname().split(".")[0]
+        node_lines = "\n".join(f"NodeName={node} NodeAddr={address} Port={port} CPUs={os.cpu_count()} State=UNKNOWN"
+                                for node, address, port in nodes)
+        conf = folder / "slurm.conf"
+        conf.write_text(f"""ClusterName=zxtest
+SlurmctldHost={controller}({here})
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerParameters=batch_sched_delay=0
+MailProg=/bin/true
+ReturnToService=2
+StateSaveLocation={folder / 'state'}
+SlurmdSpoolDir={folder}/spool-%n
+SlurmctldPidFile={folder}/slurmctld.pid
+SlurmdPidFile={folder}/slurmd-%n.pid
+SlurmctldLogFile={folder}/slurmctld.log
+SlurmdLogFile={folder}/slurmd-%n.log
+{node_lines}
+PartitionName=zx Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+""")
+        env = dict(os.environ, SLURM_CONF=str(conf))
+        daemons.append(subprocess.Popen(["slurmctld", "-D"], env=env, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL))
+        for node, _, _ in nodes:
+            # nsenter, not "ip netns exec": that remounts /sys, and slurmd needs the real one (cgroups, CPUs).
+            daemons.append(subprocess.Popen(["nsenter", f"--net=/run/netns/{name}", "slurmd", "-D", "-N", node],
+                                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+        def idle() -> bool:
+            shown = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], env=env, capture_output=True, text=True,
+                                   timeout=10).stdout.split()
+            return shown.count("idle") == len(nodes)
+
+        if not wait_until(idle, timeout=30, interval=0.3):
+            logs = "\n".join(p.read_text()[-2000:] for p in folder.glob("*.log"))
+            pytest.fail(f"the Slurm nodes did not come up:\n{logs}")
+        yield env, here

@@ -94,6 +94,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keygen.add_argument("dir", metavar="DIR")
     keygen.add_argument("--force", action="store_true", help="replace existing keys")
+    ssh = commands.add_parser(
+        "ssh", help="start dial-in workers on hosts over SSH; stop them on Ctrl-C",
+        description="Start 'zmqexecutor worker --connect ADDRESS' on each host with your ssh client and "
+                    "configuration (keys go over the connection, not on a command line), until Ctrl-C or "
+                    "SIGTERM; exit when every worker has ended.")
+    ssh.add_argument("hosts", nargs="+", metavar="HOST")
+    ssh.add_argument("--ssh-option", action="append", default=[], metavar="ARG",
+                     help="an argument for ssh before the host (repeat: --ssh-option=-p --ssh-option=2222)")
+    slurm = commands.add_parser(
+        "slurm", help="run dial-in workers as a Slurm job; cancel it on Ctrl-C",
+        description="Submit a job of one 'zmqexecutor worker --connect ADDRESS' per node (sbatch, srun), "
+                    "wait until it runs, and cancel it on Ctrl-C or SIGTERM; exit when the job has ended.")
+    slurm.add_argument("--nodes", type=_positive_int, default=1, metavar="N", help="nodes, one worker each")
+    slurm.add_argument("--partition", default=None)
+    slurm.add_argument("--time", dest="time_limit", default=None, metavar="LIMIT", help="as sbatch --time")
+    slurm.add_argument("--account", default=None)
+    slurm.add_argument("--sbatch-line", action="append", default=[], metavar="OPTION",
+                       help="another #SBATCH option, e.g. --sbatch-line=--mem=64G (repeat as needed)")
+    slurm.add_argument("--folder", default=None, metavar="DIR",
+                       help="where the job's keys and output go (seen by the nodes; default ~/.zmqexecutor/jobs)")
+    for command in (ssh, slurm):
+        command.add_argument("--connect", required=True, metavar="ADDRESS",
+                             help="what the workers dial: the client's ZMQExecutor(listen=...) address")
+        command.add_argument("--keys", metavar="DIR",
+                             help="a 'zmqexecutor keygen' folder (the client uses DIR/client); default: keys "
+                                  "made for this run, printed, removed at the end")
+        command.add_argument("--processes", type=_positive_int, default=None, metavar="N",
+                             help="task processes per worker (default: the CPUs each has)")
+        command.add_argument("--python", default=None, help="the interpreter on the workers' hosts")
+        command.add_argument("--start-timeout", type=float, default=None, metavar="SECONDS")
     return parser
 
 
@@ -278,6 +308,56 @@ def run_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_launcher(args: argparse.Namespace) -> int:
+    import signal
+    import time
+
+    from ._errors import LaunchError
+    from ._launchers import SlurmWorkers, SSHWorkers
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    common: dict[str, object] = dict(address=args.connect, keys=args.keys, processes=args.processes)
+    if args.python:
+        common["python"] = args.python
+    if args.start_timeout:
+        common["start_timeout"] = args.start_timeout
+    launcher: "SSHWorkers | SlurmWorkers"
+    if args.command == "ssh":
+        launcher = SSHWorkers(args.hosts, ssh_options=args.ssh_option, **common)  # type: ignore[arg-type]
+    else:
+        launcher = SlurmWorkers(args.nodes, partition=args.partition, time_limit=args.time_limit,
+                                account=args.account, sbatch_lines=args.sbatch_line, folder=args.folder,
+                                **common)  # type: ignore[arg-type]
+    stop = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        launcher.start()
+    except LaunchError as exc:
+        sys.stderr.write(f"zmqexecutor {args.command}: {exc}\n")
+        return 1
+    try:
+        what = f"job {launcher.job_id}" if isinstance(launcher, SlurmWorkers) else f"{len(args.hosts)} worker(s)"
+        sys.stdout.write(f"{what} dialling {launcher.address}; the client's keys: {launcher.keys} "
+                         f"(ZMQExecutor(listen=..., keys=...)); Ctrl-C stops\n")
+        sys.stdout.flush()
+        while not stop:
+            if isinstance(launcher, SlurmWorkers):
+                if not launcher.state()[0]:
+                    sys.stderr.write(f"zmqexecutor slurm: job {launcher.job_id} has ended:\n{launcher.output_tail()}\n")
+                    launcher.job_id = None
+                    return 1
+            elif len(launcher.failed()) == len(args.hosts):
+                sys.stderr.write("zmqexecutor ssh: every worker has ended\n")
+                return 1
+            time.sleep(1.0)
+        return 0
+    finally:
+        launcher.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "worker":
@@ -286,4 +366,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run_keygen(args)
     if args.command in ("status", "ping", "drain"):
         return run_status(args)
+    if args.command in ("ssh", "slurm"):
+        return run_launcher(args)
     return 2  # pragma: no cover - argparse rejects unknown commands

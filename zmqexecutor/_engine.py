@@ -128,6 +128,7 @@ class Engine(threading.Thread):
         self.unread: set[Union[WorkerConnection, DirectLanes, DialInPort]] = set()
         self.unread_events: set[Union[WorkerConnection, DialInPort]] = set()
         self.sent_to: set[Union[WorkerConnection, DialInPort]] = set()
+        self.removing: set[WorkerConnection] = set()  # remove_endpoints: once their tasks are done
         self.opened = threading.Event()  # set once the sockets are open (or failed to: open_error)
         self.open_error: Optional[BaseException] = None
         self.next_tick = 0.0
@@ -159,6 +160,8 @@ class Engine(threading.Thread):
                 self.read_connection_events()
                 self.take_submissions()
                 self.dispatch_tasks()
+                if self.removing:
+                    self.retire_removed()
                 self.tick()
                 self.expire_waiting_tasks()
                 if self.is_finished():
@@ -222,15 +225,9 @@ class Engine(threading.Thread):
         hello = s.hello()
         client_id = f"zx-{uuid.uuid4().hex}".encode()
         self.selector.register(self.handle.wakeup.fileno(), selectors.EVENT_READ, None)
+        self.hello, self.client_id = hello, client_id
         for address in self.addresses:
-            conn = WorkerConnection(address, self.context, hello=hello, heartbeat=s.heartbeat,
-                                    worker_timeout=s.worker_timeout, max_message_size=s.max_message_size,
-                                    keys=s.keys, client_id=client_id, local=self.local_worker is not None,
-                                    sent_to=self.sent_to)
-            self.connections.append(conn)
-            self.selector.register(fileno(conn.socket), selectors.EVENT_READ, ("socket", conn))
-            self.selector.register(fileno(conn.monitor), selectors.EVENT_READ, ("events", conn))
-            self.unread_events.add(conn)
+            self.connect(address, s.keys)
         if self.local_worker is not None:
             self.direct = DirectLanes(self.local_worker.direct_address, self.addresses[0], client_id=client_id,
                                       init_blob=s.init_blob, max_tasks_per_child=s.max_tasks_per_child)
@@ -243,6 +240,42 @@ class Engine(threading.Thread):
             self.selector.register(fileno(self.port.monitor), selectors.EVENT_READ, ("events", self.port))
             self.unread_events.add(self.port)  # a ZeroMQ descriptor signals only once it has been read
             logger.info("listening for workers at %s", self.port.address)
+
+    def connect(self, address: str, keys: Optional[ClientKeys]) -> None:
+        s = self.settings
+        conn = WorkerConnection(address, self.context, hello=self.hello, heartbeat=s.heartbeat,
+                                worker_timeout=s.worker_timeout, max_message_size=s.max_message_size,
+                                keys=keys, client_id=self.client_id, local=self.local_worker is not None,
+                                sent_to=self.sent_to)
+        self.connections.append(conn)
+        self.selector.register(fileno(conn.socket), selectors.EVENT_READ, ("socket", conn))
+        self.selector.register(fileno(conn.monitor), selectors.EVENT_READ, ("events", conn))
+        self.unread_events.add(conn)
+
+    def change_endpoints(self, change: "ChangeEndpointsRequest") -> None:
+        for address in change.add:  # in self.addresses already: the caller put them there
+            self.connect(address, change.keys)
+        for conn in self.connections:
+            if isinstance(conn, WorkerConnection) and conn.address in change.remove:
+                logger.info("removing worker %s: no more tasks go there; %d in flight finish there",
+                            conn.address, len(conn.load.inflight))
+                conn.load.draining = True
+                self.removing.add(conn)
+
+    def retire_removed(self) -> None:
+        for conn in list(self.removing):
+            if conn.load.inflight:
+                continue
+            self.removing.discard(conn)
+            self.scheduler.detach(conn.load, "removed")
+            for sock in (conn.socket, conn.monitor):
+                self.selector.unregister(fileno(sock))
+            conn.close()  # its BYE put it in sent_to: taken out below
+            for found in (self.unread, self.unread_events, self.sent_to):
+                found.discard(conn)
+            self.connections.remove(conn)
+            self.addresses.remove(conn.address)
+            self.handle.workers_changed()
 
     def receive_replies(self) -> None:
         for source in list(self.unread):
@@ -307,12 +340,12 @@ class Engine(threading.Thread):
                 else:
                     conn.say_hello()
                 return
-            conn = port.workers.get(routing_id)
-            if conn is None:
+            joined = port.workers.get(routing_id)
+            if joined is None:
                 logger.debug("ignored a message from a worker that has not joined")
                 return
-            conn.awaiting_since = None
-            self.handle_message(conn, body)
+            joined.awaiting_since = None
+            self.handle_message(joined, body)
         except proto.ProtocolError as exc:
             logger.warning("dropped a malformed message from a worker that dialled in: %s", exc)
 
@@ -345,6 +378,7 @@ class Engine(threading.Thread):
             limit = conn.info.get("max_message_size")
             if conn.lanes is None:
                 self.scheduler.attach(conn.load, conn.info["slots"], limit if isinstance(limit, int) else None)
+                conn.load.draining = conn in self.removing
             else:
                 conn.load.slots = conn.info["slots"]
                 conn.lanes.attach_all(self.scheduler)
@@ -402,6 +436,8 @@ class Engine(threading.Thread):
                     self.scheduler.cancel_backlog()
             elif isinstance(item, StopTaskRequest):
                 self.stop_task(item.future)
+            elif isinstance(item, ChangeEndpointsRequest):
+                self.change_endpoints(item)
             else:
                 self.stop_workers(item.signum)
         if not self.shutting_down and (self.handle.exiting or self.handle.executor_ref() is None):
@@ -566,6 +602,13 @@ class StopWorkersRequest:
         self.signum = signum
 
 
+class ChangeEndpointsRequest:
+    __slots__ = ("add", "remove", "keys")
+
+    def __init__(self, add: list[str], remove: list[str], keys: Optional[ClientKeys]) -> None:
+        self.add, self.remove, self.keys = add, remove, keys
+
+
 class StopTaskRequest:
     __slots__ = ("future",)
 
@@ -579,8 +622,8 @@ class Handle:
     def __init__(self, executor: Any, addresses: list[str], settings: Settings,
                  local_worker: Optional[LocalWorker]) -> None:
         self.lock = threading.Lock()
-        self.submissions: collections.deque[Union[Task, ShutdownRequest, StopWorkersRequest, StopTaskRequest]] = \
-            collections.deque()
+        self.submissions: collections.deque[Union[Task, ShutdownRequest, StopWorkersRequest, StopTaskRequest,
+                                                  ChangeEndpointsRequest]] = collections.deque()
         self.wakeup = Wakeup()
         self.shutdown_requested = False
         self.broken: Optional[BaseException] = None
@@ -660,6 +703,13 @@ class Handle:
             self.submissions.append(StopTaskRequest(future))
         self.wakeup.wake()
 
+    def change_endpoints(self, add: list[str], remove: list[str], keys: Optional[ClientKeys]) -> None:
+        with self.lock:
+            self.check_open()
+            self.addresses.extend(add)  # so that endpoints and workers() show them at once
+            self.submissions.append(ChangeEndpointsRequest(add, remove, keys))
+        self.wakeup.wake()
+
     def stop_workers(self, signum: int) -> None:
         self.shutdown(wait=False, cancel_futures=True)
         with self.lock:
@@ -670,8 +720,8 @@ class Handle:
         # Taken from the I/O thread's live objects; each field is read atomically, which is all a
         # snapshot for display needs. Until the thread has opened its sockets, all are connecting.
         seen = {info.endpoint: info for info in (conn.snapshot() for conn in list(self.engine.connections))}
-        bound = [seen.pop(address, None) or WorkerInfo(address, "connecting", 0, 0, 0, 0, None, None, None, None)
-                 for address in self.addresses]
+        bound = [seen.pop(address) if address in seen else
+                 WorkerInfo(address, "connecting", 0, 0, 0, 0, None, None, None, None) for address in self.addresses]
         return tuple(bound + list(seen.values()))  # and those that dialled in
 
 

@@ -207,11 +207,12 @@ class ZMQExecutor(Executor):
         if task_timeout is not None:
             _check_seconds("task_timeout", task_timeout, none_ok=True)
         self._task_timeout = task_timeout
+        self._security_args = (keys, worker_keys, insecure)  # for endpoints added later
         listen_keys = None
         if listen is not None:
             listen_keys = _security.listen_keys(keys, worker_keys, listen, insecure=insecure)
         if addresses:
-            client_keys = _security.client_keys(keys, None if listen else worker_keys, addresses, insecure=insecure)
+            client_keys = _security.client_keys(keys, worker_keys, addresses, insecure=insecure)
             if client_keys is None and not insecure:
                 _refuse_plain_text_to_other_hosts(addresses)
         elif remote:
@@ -242,7 +243,7 @@ class ZMQExecutor(Executor):
             self._max_workers = max_workers or available_cpus()  # as `zmqexecutor worker` counts them
             local_worker = LocalWorker(self._max_workers)
             addresses = [local_worker.endpoint]
-        self._endpoints = tuple(addresses)
+        self._remote = remote
         try:
             self._handle = Handle(self, addresses, settings, local_worker)
         except BaseException:
@@ -287,8 +288,36 @@ class ZMQExecutor(Executor):
 
     @property
     def endpoints(self) -> tuple[str, ...]:
-        """The worker endpoints this executor sends tasks to (the local worker's, when embedded)."""
-        return self._endpoints
+        """The worker endpoints this executor sends tasks to (the local worker's, when embedded),
+        ``add_endpoints`` and ``remove_endpoints`` included; workers that dialled in are not endpoints."""
+        return tuple(self._handle.addresses)
+
+    def add_endpoints(self, endpoints: Union[str, Sequence[str]]) -> None:
+        """Start sending tasks to more bound workers as well (secured like the first ones: keys,
+        ``worker_keys``, this user's key store on loopback, or ``insecure``)."""
+        if not self._remote:
+            raise RuntimeError("this executor runs on local workers of its own; give it endpoints or listen= "
+                               "when you create it to add workers")
+        addresses = self._check_endpoints(endpoints)
+        known = sorted(set(addresses) & set(self._handle.addresses))
+        if known:
+            raise ValueError(f"already an endpoint of this executor: {', '.join(known)}")
+        keys, worker_keys, insecure = self._security_args
+        client_keys = _security.client_keys(keys, worker_keys, addresses, insecure=insecure)
+        if client_keys is None and not insecure:
+            _refuse_plain_text_to_other_hosts(addresses)
+        self._handle.change_endpoints(addresses, [], client_keys)
+
+    def remove_endpoints(self, endpoints: Union[str, Sequence[str]]) -> None:
+        """Stop sending tasks to these workers: the tasks they are running finish there (and
+        resolve their futures), then the connections close. Nothing is lost and nothing retried."""
+        addresses = self._check_endpoints(endpoints)
+        unknown = sorted(set(addresses) - set(self._handle.addresses))
+        if unknown:
+            raise ValueError(f"not an endpoint of this executor: {', '.join(unknown)}")
+        if not self._remote:
+            raise RuntimeError("the local workers of this executor cannot be removed; shut it down instead")
+        self._handle.change_endpoints([], addresses, None)
 
     def workers(self) -> tuple[WorkerInfo, ...]:
         """A read-only snapshot of every worker endpoint: state, slots, tasks in flight, completed, lost.

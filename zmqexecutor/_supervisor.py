@@ -148,7 +148,7 @@ class Supervisor:
             self.guard = worker_guard(self.context, self.secret_key_file, self.allow or "")
         self.open_sockets()
         if self.guard is not None:
-            self.guard.prove_strangers_are_rejected(self.endpoint)
+            self.guard.prove_strangers_are_rejected(self.front.endpoint)
         if not _CAN_FORK_EARLY:
             self.pool.start(self.processes)
         if self.guard is not None:
@@ -177,7 +177,7 @@ class Supervisor:
             events = dict(poller.poll(int(timeout * 1000)))
             if signal_fd in events:
                 os.read(signal_fd, 4096)
-            if stdin in events and not os.read(stdin, 4096):
+            if stdin is not None and stdin in events and not os.read(stdin, 4096):
                 logger.info("standard input closed (whoever started this worker is gone); stopping")
                 self.stopping = True
             self.front.connection_events()
