@@ -286,8 +286,8 @@ def _munge_works() -> bool:
         return False
 
 
-@pytest.fixture
-def slurm_cluster(tmp_path: Path):
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
     """A real Slurm (Debian's slurmctld, slurmd and munge; facts in shared/notes/single-node-slurm.md):
     the controller here and two compute nodes, slurmds at two addresses of a network namespace (so
     srun's traffic between them needs no forwarding through this host). Yields (the environment that
@@ -320,7 +320,7 @@ def slurm_cluster(tmp_path: Path):
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             if not wait_until(_munge_works, timeout=10):
                 pytest.fail("munged did not start")
-        folder = tmp_path / "slurm"
+        folder = tmp_path_factory.mktemp("slurm")
         (folder / "state").mkdir(parents=True)
         controller = socket.gethostname().split(".")[0]
         node_lines = "\n".join(f"NodeName={node} NodeAddr={address} Port={port} CPUs={os.cpu_count()} State=UNKNOWN"

@@ -170,6 +170,6 @@ def test_idle_timeout_and_exit_with_stdin_stop_a_worker_nobody_uses() -> None:
     assert worker.stderr is not None and worker.stdin is not None
     while b"worker ready" not in worker.stderr.readline():
         pass
-    worker.stdin.close()  # as when the launcher (or the ssh connection) goes away
+    worker.stdin.close()  # as when the launcher (or the ssh connection) goes away: it drains
     assert worker.wait(20) == 0
-    assert b"standard input closed" in worker.stderr.read()
+    assert b"standard input closed (whoever started this worker is gone): draining" in worker.stderr.read()

@@ -31,7 +31,7 @@ RUN_WITH_WORKERS = "python, with a worker at each tcp://127.0.0.1 endpoint"
 TAGS = {
     RUN, RUN_WITH_WORKERS, "two-commands", "the command-line synopsis", "systemd unit", "dockerfile",
     "docker run", "walk-through, on the client", "walk-through, on the worker", "walk-through, client.py",
-    "walk-through, on the client again",
+    "walk-through, on the client again", "ssh example", "slurm example", "kubernetes manifest",
 }
 
 
@@ -156,7 +156,7 @@ def test_the_command_line_synopsis_lists_every_option() -> None:
             command = None  # "python -m zmqexecutor worker ...": the same command, another spelling
         if command:
             documented.setdefault(command, set()).update(re.findall(r"--[a-z][a-z-]*", line))
-    assert set(documented) == {"worker", "keygen", "status", "ping", "drain"}
+    assert set(documented) == {"worker", "keygen", "status", "ping", "drain", "ssh", "slurm"}
     for command, options in documented.items():
         usage = subprocess.run([sys.executable, "-m", "zmqexecutor", command, "--help"], capture_output=True,
                                text=True, timeout=30).stdout
@@ -340,3 +340,55 @@ def test_the_two_host_walk_through(namespace, tmp_path: Path) -> None:
             finally:
                 if worker.poll() is None:
                     worker.kill()
+
+
+# --- scaling out: the launchers and the Kubernetes recipe ---------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_ssh_example_against_a_real_sshd(ssh_host, tmp_path: Path) -> None:
+    host, _, options = ssh_host
+    text = _only("ssh example").text
+    assert '["node1", "node2"]' in text and 'python="/opt/venv/bin/python"' in text
+    # The example's own defaults otherwise: the address towards the host, keys made for the run.
+    text = text.replace('["node1", "node2"]', repr([host, host])).replace(
+        'python="/opt/venv/bin/python"', f"python={sys.executable!r}, ssh_options={options!r}")
+    assert _run_example(text, tmp_path).strip() == "500500"
+
+
+@pytest.mark.slow
+def test_the_slurm_example_against_a_real_slurm(slurm_cluster, tmp_path: Path) -> None:
+    env, here = slurm_cluster
+    text = _only("slurm example").text
+    assert 'partition="compute"' in text
+    text = text.replace('partition="compute"', f'partition="zx", address="tcp://{here}:0", folder={str(tmp_path)!r}')
+    assert _run_example(text, tmp_path, env=env).strip() == "500500"
+
+
+@pytest.mark.slow
+def test_the_kubernetes_manifest_command_starts_a_worker_that_dials_in(tmp_path: Path) -> None:
+    text = _only("kubernetes manifest").text
+    (line,) = [line for line in text.splitlines() if line.strip().startswith("command:")]
+    command = json.loads(line.split("command:", 1)[1])
+    assert command[:2] == ["sh", "-c"]
+    script = command[2]
+    assert "--connect tcp://client.example.org:5555" in script and "--keys /tmp/keys" in script
+    subprocess.run([sys.executable, "-m", "zmqexecutor", "keygen", str(tmp_path / "keys")], check=True,
+                   capture_output=True, timeout=60)
+    mounted = tmp_path / "mounted"  # as a Secret volume mounts it: readable by everyone
+    shutil.copytree(tmp_path / "keys" / "worker", mounted)
+    for path in [mounted, *mounted.iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    port = free_port()
+    zx = _zmqexecutor_script(tmp_path / "bin")
+    script = (script.replace("/tmp/keys", str(tmp_path / "private")).replace("/keys/", f"{mounted}/")
+              .replace("tcp://client.example.org:5555", f"tcp://127.0.0.1:{port}").replace("exec zmqexecutor", f"exec {zx}"))
+    with ZMQExecutor(listen=f"tcp://127.0.0.1:{port}", keys=tmp_path / "keys" / "client") as ex:
+        pod = subprocess.Popen(["sh", "-c", script], stderr=subprocess.PIPE, text=True)
+        try:
+            ex.wait_for_workers(1, timeout=30)
+            assert ex.submit(sum, [1, 2]).result(timeout=30) == 3
+            assert ex.workers()[0].slots == 4
+        finally:
+            pod.send_signal(signal.SIGTERM)  # what Kubernetes sends: it drains and exits 0
+            assert pod.wait(40) == 0, pod.stderr.read() if pod.stderr else ""

@@ -183,7 +183,7 @@ def test_worker_reports_a_port_in_use(start_worker) -> None:
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["worker"], "the following arguments are required: --bind"),
+    (["worker"], "one of the arguments --bind --connect is required"),
     (["worker", "--bind", "tcp://127.0.0.1:1", "--processes", "0"], "must be at least 1"),
     (["worker", "--bind", "nonsense"], "malformed endpoint 'nonsense'"),
 ])

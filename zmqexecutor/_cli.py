@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "first line of standard input, as JSON {\"public\", \"secret\", \"client\"} "
                              "(what the SSH launcher sends: the keys touch no disk and no command line)")
     worker.add_argument("--exit-with-stdin", action="store_true",
-                        help="stop when standard input closes (a launcher's lifeline: its end ends the worker)")
+                        help="drain and stop when standard input closes (a launcher's lifeline: its end, or "
+                             "the end of its ssh connection, ends the worker as SIGTERM does)")
     worker.add_argument("--idle-timeout", type=float, default=None, metavar="SECONDS",
                         help="stop after this long without any client session (default: never)")
     worker.add_argument("--max-message-size", type=_positive_int, default=None, metavar="BYTES",
@@ -101,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "SIGTERM; exit when every worker has ended.")
     ssh.add_argument("hosts", nargs="+", metavar="HOST")
     ssh.add_argument("--ssh-option", action="append", default=[], metavar="ARG",
-                     help="an argument for ssh before the host (repeat: --ssh-option=-p --ssh-option=2222)")
+                     help="an argument for ssh, put before the host; once per argument (a port: -p, then 2222)")
     slurm = commands.add_parser(
         "slurm", help="run dial-in workers as a Slurm job; cancel it on Ctrl-C",
         description="Submit a job of one 'zmqexecutor worker --connect ADDRESS' per node (sbatch, srun), "
@@ -111,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--time", dest="time_limit", default=None, metavar="LIMIT", help="as sbatch --time")
     slurm.add_argument("--account", default=None)
     slurm.add_argument("--sbatch-line", action="append", default=[], metavar="OPTION",
-                       help="another #SBATCH option, e.g. --sbatch-line=--mem=64G (repeat as needed)")
+                       help="another #SBATCH option such as mem=64G, once per option")
     slurm.add_argument("--folder", default=None, metavar="DIR",
                        help="where the job's keys and output go (seen by the nodes; default ~/.zmqexecutor/jobs)")
     for command in (ssh, slurm):

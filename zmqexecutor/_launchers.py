@@ -40,8 +40,9 @@ DEFAULT_IDLE_TIMEOUT = 300.0
 # Lines of a failed worker's standard error (or job output) quoted in the error.
 STDERR_TAIL_LINES = 20
 
-# How long stopping waits for workers to end once told to, before it kills.
-STOP_GRACE = 10.0
+# How long stopping waits for workers to end once told to, before it kills: told to stop, a worker
+# drains (its running tasks may take up to its --drain-timeout, 30 s by default, to finish).
+STOP_GRACE = 40.0
 
 # How often a Slurm job's state is polled while it starts and stops: squeue is a call to slurmctld.
 SLURM_POLL_INTERVAL = 0.5
@@ -169,7 +170,8 @@ class SSHWorkers(_Launcher):
         logger.info("started %d worker(s) over SSH, dialling %s", len(self._workers), self.address)
 
     def stop(self) -> None:
-        """Stop every worker (closing its standard input ends it), then ssh; kill what lingers."""
+        """Stop every worker: closing its standard input makes it drain (its running tasks finish,
+        queued ones go back to the client) and exit, then ssh ends; what lingers is killed."""
         self._stopping = True
         for worker in self._workers:
             worker.close_stdin()
@@ -268,7 +270,8 @@ class SlurmWorkers(_Launcher):
     Each worker runs as many task processes as the job has CPUs on its node (``SLURM_CPUS_ON_NODE``;
     ``processes`` overrides; ask for CPUs with ``sbatch_lines=["--cpus-per-task=32"]`` or
     ``["--exclusive"]``). ``start()`` returns once the job runs and raises ``LaunchError`` when it
-    fails or is not running within ``start_timeout`` (then it is cancelled). ``stop()`` cancels it.
+    fails or its workers are not all running within ``start_timeout`` (then it is cancelled), with
+    the end of the job's output. ``stop()`` cancels it.
     The job's keys and output go to a fresh folder under ``folder``, readable by you alone, which the
     nodes must see: by default ``~/.zmqexecutor/jobs`` (home is shared on most clusters).
 
@@ -300,8 +303,8 @@ class SlurmWorkers(_Launcher):
         self.output: Optional[Path] = None
 
     def start(self) -> None:
-        """Submit the job and wait until it runs; raise ``LaunchError`` (having cancelled it) if it
-        fails or does not run within ``start_timeout``."""
+        """Submit the job and wait until every node's worker has started; raise ``LaunchError``
+        (having cancelled the job) if it fails or is not that far within ``start_timeout``."""
         if self.job_id is not None:
             raise RuntimeError("this job is submitted already")
         worker_keys = self._prepare(None, parent=self.folder)
@@ -327,19 +330,29 @@ class SlurmWorkers(_Launcher):
         deadline = time.monotonic() + self.start_timeout
         while True:
             state, reason = self.state()
-            if state == "RUNNING":
+            if state == "RUNNING" and self.workers_started() >= self.nodes:
                 return
-            if state not in ("PENDING", "CONFIGURING", "RESIZING", "REQUEUED"):
+            if state not in ("PENDING", "CONFIGURING", "RUNNING", "RESIZING", "REQUEUED"):
                 problem = f"Slurm job {self.job_id} ended before its workers ran ({state or 'gone'})"
                 break
             if time.monotonic() >= deadline:
-                problem = (f"Slurm job {self.job_id} was not running within start_timeout={self.start_timeout:g} s "
-                           f"(state {state}, reason {reason})")
+                problem = (f"Slurm job {self.job_id}'s {self.nodes} worker(s) were not running within "
+                           f"start_timeout={self.start_timeout:g} s (job state {state}"
+                           f"{', reason ' + reason if reason and reason != 'None' else ''}; "
+                           f"{self.workers_started()} started)")
                 break
             time.sleep(SLURM_POLL_INTERVAL)
         tail = self.output_tail()
         self.stop()
         raise LaunchError(problem + (":\n    " + tail.replace("\n", "\n    ") if tail else ""))
+
+    def workers_started(self) -> int:
+        """How many of the job's workers have said they are ready, in its output."""
+        try:
+            assert self.output is not None
+            return self.output.read_text(errors="replace").count("zmqexecutor worker ready")
+        except (OSError, AssertionError):
+            return 0
 
     def state(self) -> tuple[str, str]:
         """The job's state and reason as ``squeue`` tells them; ``("", "")`` once it left the queue."""
@@ -359,7 +372,7 @@ class SlurmWorkers(_Launcher):
         """Cancel the job and wait until it has left the queue; remove its keys."""
         if self.job_id is not None:
             _run(["scancel", str(self.job_id)])
-            deadline = time.monotonic() + STOP_GRACE * 3
+            deadline = time.monotonic() + STOP_GRACE
             while self.state()[0] and time.monotonic() < deadline:
                 time.sleep(SLURM_POLL_INTERVAL)
             self.job_id = None

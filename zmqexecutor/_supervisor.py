@@ -22,7 +22,8 @@ the client's Unix socket at PATH instead and exchange tasks with it directly; th
 answers the client's HELLO and PINGs, starts, reaps and replaces processes, signals them on
 TERMINATE, and sends EXITED (the process's counters) when one ends.
 
-SIGTERM (or DRAIN, from ``zmqexecutor drain``) makes it drain: every client hears DRAINING, queued
+SIGTERM (or DRAIN, from ``zmqexecutor drain``, or the end of standard input with ``--exit-with-stdin``)
+makes it drain: every client hears DRAINING, queued
 tasks go back to their clients (RETURNED, sent elsewhere without counting a retry), and so do tasks
 that arrive later; the running ones (and those already sent ahead to a task process) finish; then,
 or after ``drain_timeout`` seconds, it exits 0. A second SIGTERM, or SIGINT, stops it at once. The
@@ -178,8 +179,10 @@ class Supervisor:
             if signal_fd in events:
                 os.read(signal_fd, 4096)
             if stdin is not None and stdin in events and not os.read(stdin, 4096):
-                logger.info("standard input closed (whoever started this worker is gone); stopping")
-                self.stopping = True
+                poller.unregister(stdin)  # it stays readable at its end
+                stdin = None
+                if not self.request_drain("standard input closed (whoever started this worker is gone)"):
+                    self.stopping = True
             self.front.connection_events()
             self.receive_from_processes()
             self.receive_from_clients()
