@@ -33,7 +33,6 @@ def measure(fault: str, worker_timeout: float) -> float:
     try:
         with ZMQExecutor(endpoint, worker_timeout=worker_timeout, connect_timeout=5) as ex:
             ex.submit(abs, 1).result(timeout=30)
-            ep = ex._engine.endpoints[0]
             started = time.monotonic()
             if fault == "SIGKILL":
                 process.kill()
@@ -41,7 +40,7 @@ def measure(fault: str, worker_timeout: float) -> float:
                 frozen = [process.pid, *_children(process.pid)]
                 for pid in frozen:
                     os.kill(pid, signal.SIGSTOP)
-            while ep.state == "ready":
+            while ex.workers()[0].state == "ready":
                 time.sleep(0.005)
             detected = time.monotonic() - started
             for pid in frozen:

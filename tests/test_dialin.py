@@ -43,6 +43,7 @@ def test_workers_dial_in_with_keys_and_take_tasks(start_worker, keys: Path) -> N
         assert sum(info.completed for info in ex.workers()) == 50
 
 
+@pytest.mark.slow  # sockets and processes, the same on every Python
 def test_a_worker_with_a_key_the_client_does_not_allow_is_refused(start_worker, keys: Path, tmp_path: Path) -> None:
     stranger = tmp_path / "stranger"
     subprocess.run([sys.executable, "-m", "zmqexecutor", "keygen", str(stranger)], check=True, timeout=60,
@@ -78,6 +79,7 @@ def test_workers_join_late_and_leave_mid_run_and_every_task_runs_exactly_once(st
         assert wait_until(lambda: [info.pid for info in ex.workers()] == [late.pid], timeout=10)
 
 
+@pytest.mark.slow  # sockets and processes, the same on every Python
 def test_a_killed_worker_is_lost_at_once_and_its_tasks_are_retried(start_worker, tmp_path: Path) -> None:
     with ZMQExecutor(listen="tcp://127.0.0.1:0") as ex:
         doomed = start_worker(ex.listen_address, processes=1, connect=True)
@@ -95,6 +97,7 @@ def test_a_killed_worker_is_lost_at_once_and_its_tasks_are_retried(start_worker,
         assert [info.pid for info in ex.workers()] == [survivor.pid]
 
 
+@pytest.mark.slow  # sockets and processes, the same on every Python
 def test_bound_and_dialled_workers_together_and_endpoints_added_and_removed(start_worker) -> None:
     bound = start_worker(processes=1)
     spare = start_worker(processes=1)
@@ -138,6 +141,7 @@ def test_listen_is_checked_where_it_is_given(tmp_path: Path) -> None:
             ex.add_endpoints("tcp://127.0.0.1:5555")
 
 
+@pytest.mark.slow  # sockets and processes, the same on every Python
 def test_a_task_waits_connect_timeout_for_a_worker_to_dial_in() -> None:
     with ZMQExecutor(listen="tcp://127.0.0.1:0", connect_timeout=0.5) as ex:
         future = ex.submit(abs, -1)
@@ -150,6 +154,7 @@ def run_worker(*args: str, stdin: bytes | None = None, timeout: float = 30) -> s
                           capture_output=True, timeout=timeout)
 
 
+@pytest.mark.slow  # sockets and processes, the same on every Python
 def test_the_dialling_worker_refuses_plain_text_to_another_host_and_bad_keys_on_stdin() -> None:
     done = run_worker("--connect", "tcp://192.0.2.1:5555", "--processes", "1")
     assert done.returncode == 2 and b"refusing to dial tcp://192.0.2.1:5555 without keys" in done.stderr
@@ -159,6 +164,7 @@ def test_the_dialling_worker_refuses_plain_text_to_another_host_and_bad_keys_on_
     assert done.returncode == 2 and b"not allowed with argument" in done.stderr
 
 
+@pytest.mark.slow  # sockets and processes, the same on every Python
 def test_idle_timeout_and_exit_with_stdin_stop_a_worker_nobody_uses() -> None:
     began = time.monotonic()
     done = run_worker("--connect", f"tcp://127.0.0.1:{free_port()}", "--processes", "1", "--idle-timeout", "1")

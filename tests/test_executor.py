@@ -649,6 +649,7 @@ def pid_and(x: int) -> tuple[int, int]:
     return os.getpid(), x
 
 
+@pytest.mark.slow  # scheduling, the same on every Python
 def test_max_tasks_per_child_holds_for_tiny_tasks_sent_many_at_a_time() -> None:
     with ZMQExecutor(max_workers=2, max_tasks_per_child=7) as executor:
         results = list(executor.map(pid_and, range(300)))

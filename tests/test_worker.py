@@ -213,6 +213,7 @@ with ZMQExecutor(sys.argv[1:], connect_timeout=20) as ex:
 '''
 
 
+@pytest.mark.slow  # timers and connection probes, the same on every Python
 def test_an_unreachable_endpoint_is_named_early_with_its_reason(tmp_path, tcp_endpoint, start_worker) -> None:
     good = start_worker(processes=1)
     script = tmp_path / "script.py"
@@ -228,6 +229,7 @@ def test_an_unreachable_endpoint_is_named_early_with_its_reason(tmp_path, tcp_en
     assert results == "[0, 1, 2, 3]"
 
 
+@pytest.mark.slow  # timers and connection probes, the same on every Python
 def test_the_final_error_says_why_no_worker_was_reachable(tmp_path) -> None:
     missing = tmp_path / "nothing-here"
     with ZMQExecutor(f"ipc://{missing}", connect_timeout=6) as ex:

@@ -19,7 +19,12 @@ Data flow::
                                                   |
                                                   |  embedded worker only (_direct): its task processes
                                                   +---- DirectLanes (Unix socket) <-> a lane per process:
-                                                        TASK or BATCH, STOP -->  <-- READY, replies
+                                                  |     TASK or BATCH, STOP -->  <-- READY, replies
+                                                  |
+                                                  |  with listen= (_dialin): workers that dial in
+                                                  +---- DialInPort (ROUTER) <-> a DialledConnection each:
+                                                        <-- JOIN, then as a WorkerConnection; monitor:
+                                                        a connection closed (whose: ping them all)
 
 The embedded worker's tasks skip its supervisor: the scheduler sees each of its task processes as a
 worker of one slot, and the supervisor reports (EXITED) when one ends so the engine can settle what

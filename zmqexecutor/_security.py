@@ -226,12 +226,7 @@ def client_keys(
         if insecure or not tcp or not all(_on_this_host(endpoint) for endpoint in tcp):
             return None
         folder, own_store = user_key_store(create=True) / "client", True
-    require_curve()
-    root = Path(folder).expanduser()
-    if not root.is_dir():
-        raise SecurityError(f"key folder {root} does not exist (make one with: zmqexecutor keygen DIR)")
-    check_key_folder(root, "client")
-    public, secret = load_key_pair(root / "client.key_secret")
+    root, (public, secret) = _client_pair(folder)
     default = load_public_key(root / "worker.key") if (root / "worker.key").exists() else None
     pinned = {endpoint: load_public_key(source) for endpoint, source in (worker_keys or {}).items()}
     result = ClientKeys(public, secret, pinned, default, tcp_only=own_store)
@@ -239,6 +234,16 @@ def client_keys(
         if result.applies_to(endpoint):
             result.worker_key(endpoint)
     return result
+
+
+def _client_pair(folder: PathLike) -> tuple[Path, tuple[bytes, bytes]]:
+    """A client key folder and the key pair in it, checked."""
+    require_curve()
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise SecurityError(f"key folder {root} does not exist (make one with: zmqexecutor keygen DIR)")
+    check_key_folder(root, "client")
+    return root, load_key_pair(root / "client.key_secret")
 
 
 def user_key_store(*, create: bool = False) -> Path:
@@ -365,12 +370,7 @@ def listen_keys(keys: Optional[PathLike], worker_keys: Optional[Mapping[str, Uni
                 f"keygen'; a launcher's .keys), set ${KEYS_ENV}, or pass insecure=True on a network you "
                 "trust entirely")
         folder = user_key_store(create=True) / "client"
-    require_curve()
-    root = Path(folder).expanduser()
-    if not root.is_dir():
-        raise SecurityError(f"key folder {root} does not exist (make one with: zmqexecutor keygen DIR)")
-    check_key_folder(root, "client")
-    public, secret = load_key_pair(root / "client.key_secret")
+    root, (public, secret) = _client_pair(folder)
     allowed = {load_public_key(source) for source in (worker_keys or {}).values()}
     if (root / "worker.key").exists():
         allowed.add(load_public_key(root / "worker.key"))

@@ -1,13 +1,15 @@
-"""The worker supervisor: owns one bound endpoint and routes tasks to its task processes.
+"""The worker supervisor: owns one bound endpoint (or dials one client) and routes tasks to its task
+processes.
 
 Data flow::
 
     clients (DEALER, one per executor)
         |  HELLO  TASK or BATCH of TASKs  PING  TERMINATE  CANCEL  STATUS  DRAIN  BYE
-        |                                 ^  WELCOME  PONG  REJECTED  STATUS_REPLY  DRAINING
+        |                                 ^  WELCOME  PONG  REJECTED  STATUS_REPLY  DRAINING  JOIN
         v                                 |  RESULT EXCEPTION INIT_FAILED OUTPUT CRASHED DROPPED RETURNED
     +------------------ supervisor (one thread, never unpickles) -----|---- (a BATCH per client
-    | front ROUTER (the user's endpoint)                                     per loop turn)
+    | front (_front): a ROUTER bound to the user's endpoint, or, with        per loop turn)
+    |   --connect, a DEALER dialling the client's listen address (JOIN on each new connection)
     |   Sessions: client id -> handshake info + initializer pickle
     |   queue: tasks waiting for credit in a task process, first in first out
     |   TaskProcessPool: the processes, what each was given, crash accounting
