@@ -55,7 +55,6 @@ import selectors
 import socket
 import threading
 import time
-import uuid
 import weakref
 from concurrent.futures import Future
 from typing import Any, Callable, Optional, Union
@@ -63,8 +62,9 @@ from typing import Any, Callable, Optional, Union
 import zmq
 
 from . import _protocol as proto
-from ._connection import Connection, WorkerConnection, WorkerInfo
+from ._connection import Connection, WorkerInfo
 from ._dialin import DialInPort, DialledConnection
+from ._fleet import Fleet
 from ._direct import DirectLanes
 from ._errors import BrokenWorkerPool, MessageTooLargeError, WorkerLostError
 from ._local import LocalWorker
@@ -72,7 +72,7 @@ from ._outcomes import Outcomes, copy_error, fail
 from ._protocol import Kind
 from ._scheduler import Scheduler, Task
 from ._security import ClientKeys, ListenKeys
-from ._sockets import DRAIN_LIMIT, drain, fileno, readable
+from ._sockets import DRAIN_LIMIT, drain
 
 logger = logging.getLogger("zmqexecutor")
 
@@ -127,13 +127,12 @@ class Engine(threading.Thread):
         self.scheduler = Scheduler(max_retries=settings.max_retries, max_in_flight=settings.max_in_flight)
         self.outcomes = Outcomes(self.scheduler, settings, local=local_worker is not None,
                                  break_executor=self.break_executor)
-        self.connections: list[Connection] = []
         self.direct: Optional[DirectLanes] = None  # the embedded worker's task processes
-        self.port: Optional[DialInPort] = None  # where workers dial in, with listen=
-        self.unread: set[Union[WorkerConnection, DirectLanes, DialInPort]] = set()
-        self.unread_events: set[Union[WorkerConnection, DialInPort]] = set()
-        self.sent_to: set[Union[WorkerConnection, DialInPort]] = set()
-        self.removing: set[WorkerConnection] = set()  # remove_endpoints: once their tasks are done
+        # Sockets are made and closed by this thread alone (in run): the fleet makes them there.
+        self.context: zmq.Context[Any] = zmq.Context()
+        self.selector = selectors.DefaultSelector()
+        self.fleet = Fleet(addresses, settings, self.context, self.selector, local=local_worker is not None)
+        self.connections = self.fleet.connections
         self.opened = threading.Event()  # set once the sockets are open (or failed to: open_error)
         self.open_error: Optional[BaseException] = None
         self.next_tick = 0.0
@@ -147,8 +146,6 @@ class Engine(threading.Thread):
     # The loop -------------------------------------------------------------------------------------
 
     def run(self) -> None:
-        self.context = zmq.Context()
-        self.selector = selectors.DefaultSelector()
         self.lock.acquire()
         try:
             try:
@@ -165,8 +162,8 @@ class Engine(threading.Thread):
                 self.read_connection_events()
                 self.take_submissions()
                 self.dispatch_tasks()
-                if self.removing:
-                    self.retire_removed()
+                if self.fleet.removing and self.fleet.retire_removed(self.scheduler):
+                    self.handle.workers_changed()
                 self.tick()
                 self.expire_waiting_tasks()
                 if self.is_finished():
@@ -202,12 +199,9 @@ class Engine(threading.Thread):
             self.lock.release()
 
     def wait_for_input(self) -> None:
-        for conn in self.sent_to:
-            if readable(conn.socket):
-                self.unread.add(conn)
-        self.sent_to.clear()
+        self.fleet.look_at_sent()
         timeout = 0.0
-        if not self.unread and not self.unread_events:
+        if not self.fleet.has_input():
             deadlines = [self.next_tick]
             expiry = self.scheduler.next_expiry(self.settings.connect_timeout)
             if expiry is not None:
@@ -218,81 +212,33 @@ class Engine(threading.Thread):
             ready = self.selector.select(timeout)
         finally:
             self.lock.acquire()
-        for key, _ in ready:
-            if key.data is not None:
-                which, conn = key.data
-                (self.unread if which == "socket" else self.unread_events).add(conn)
+        self.fleet.take_ready(ready)
 
     # Steps ----------------------------------------------------------------------------------------
 
     def open_connections(self) -> None:
         s = self.settings
-        hello = s.hello()
-        client_id = f"zx-{uuid.uuid4().hex}".encode()
         self.selector.register(self.handle.wakeup.fileno(), selectors.EVENT_READ, None)
-        self.hello, self.client_id = hello, client_id
-        for address in self.addresses:
-            self.connect(address, s.keys)
+        self.fleet.open()
         if self.local_worker is not None:
-            self.direct = DirectLanes(self.local_worker.direct_address, self.addresses[0], client_id=client_id,
-                                      init_blob=s.init_blob, max_tasks_per_child=s.max_tasks_per_child)
+            self.direct = DirectLanes(self.local_worker.direct_address, self.addresses[0],
+                                      client_id=self.fleet.client_id, init_blob=s.init_blob,
+                                      max_tasks_per_child=s.max_tasks_per_child)
             self.connections[0].lanes = self.direct
-            self.selector.register(self.direct.fileno(), selectors.EVENT_READ, ("socket", self.direct))
-        if s.listen is not None:
-            self.port = DialInPort(self.context, s.listen, keys=s.listen_keys, max_message_size=s.max_message_size,
-                                   hello=hello, heartbeat=s.heartbeat, sent_to=self.sent_to)
-            self.selector.register(fileno(self.port.socket), selectors.EVENT_READ, ("socket", self.port))
-            self.selector.register(fileno(self.port.monitor), selectors.EVENT_READ, ("events", self.port))
-            self.unread_events.add(self.port)  # a ZeroMQ descriptor signals only once it has been read
-            logger.info("listening for workers at %s", self.port.address)
-
-    def connect(self, address: str, keys: Optional[ClientKeys]) -> None:
-        s = self.settings
-        conn = WorkerConnection(address, self.context, hello=self.hello, heartbeat=s.heartbeat,
-                                worker_timeout=s.worker_timeout, max_message_size=s.max_message_size,
-                                keys=keys, client_id=self.client_id, local=self.local_worker is not None,
-                                sent_to=self.sent_to)
-        self.connections.append(conn)
-        self.selector.register(fileno(conn.socket), selectors.EVENT_READ, ("socket", conn))
-        self.selector.register(fileno(conn.monitor), selectors.EVENT_READ, ("events", conn))
-        self.unread_events.add(conn)
-
-    def change_endpoints(self, change: "ChangeEndpointsRequest") -> None:
-        for address in change.add:  # in self.addresses already: the caller put them there
-            self.connect(address, change.keys)
-        for conn in self.connections:
-            if isinstance(conn, WorkerConnection) and conn.address in change.remove:
-                logger.info("removing worker %s: no more tasks go there; %d in flight finish there",
-                            conn.address, len(conn.load.inflight))
-                conn.load.draining = True
-                self.removing.add(conn)
-
-    def retire_removed(self) -> None:
-        for conn in list(self.removing):
-            if conn.load.inflight:
-                continue
-            self.removing.discard(conn)
-            self.scheduler.detach(conn.load, "removed")
-            for sock in (conn.socket, conn.monitor):
-                self.selector.unregister(fileno(sock))
-            conn.close()  # its BYE put it in sent_to: taken out below
-            for found in (self.unread, self.unread_events, self.sent_to):
-                found.discard(conn)
-            self.connections.remove(conn)
-            self.addresses.remove(conn.address)
-            self.handle.workers_changed()
+            self.fleet.watch_socket(self.direct, self.direct.fileno())
 
     def receive_replies(self) -> None:
-        for source in list(self.unread):
+        unread = self.fleet.unread
+        for source in list(unread):
             if isinstance(source, DirectLanes):
                 # Level-triggered: its descriptor stays readable while anything is left unread.
-                self.unread.discard(source)
+                unread.discard(source)
                 for peer, frames in source.messages():
                     self.handle_direct(peer, frames)
                 continue
             messages = drain(source.socket)
             if len(messages) < DRAIN_LIMIT:
-                self.unread.discard(source)
+                unread.discard(source)
             if isinstance(source, DialInPort):
                 for frames in messages:
                     self.handle_dialled(source, frames)
@@ -337,9 +283,7 @@ class Engine(threading.Thread):
         try:
             proto.expect_frames(body, 1)
             if proto.decode_header(body[0], any_version=True).kind == Kind.JOIN:
-                conn, session_was_up = port.join(routing_id, body)
-                if conn not in self.connections:
-                    self.connections.append(conn)
+                conn, session_was_up = self.fleet.joined(port, routing_id, body)
                 if session_was_up:  # a new connection: what it had in flight went with the old one
                     self.lose(conn, "it reconnected")
                 else:
@@ -383,7 +327,7 @@ class Engine(threading.Thread):
             limit = conn.info.get("max_message_size")
             if conn.lanes is None:
                 self.scheduler.attach(conn.load, conn.info["slots"], limit if isinstance(limit, int) else None)
-                conn.load.draining = conn in self.removing
+                conn.load.draining = conn in self.fleet.removing
             else:
                 conn.load.slots = conn.info["slots"]
                 conn.lanes.attach_all(self.scheduler)
@@ -392,30 +336,19 @@ class Engine(threading.Thread):
         self.handle.workers_changed()
 
     def read_connection_events(self) -> None:
-        for source in list(self.unread_events):
-            self.unread_events.discard(source)
-            if isinstance(source, DialInPort):
-                if source.someone_left():  # whose, the ROUTER knows: ask it about each
-                    for conn in list(source.workers.values()):
-                        if not conn.still_there():
-                            self.lose(conn, "its connection closed")
-                    # Again soon: the ROUTER may not have dropped the identity yet when the event comes.
-                    self.next_tick = min(self.next_tick, time.monotonic() + RECHECK_AFTER_DISCONNECT)
-                continue
-            lost = source.connection_events()
-            if lost is not None:
-                self.lose(source, lost)
+        if self.fleet.unread_events:
+            for conn, why in self.fleet.departures():
+                self.lose(conn, why)
+            if self.fleet.port is not None:
+                # Again soon: the ROUTER may not have dropped the identity yet when an event comes.
+                self.next_tick = min(self.next_tick, time.monotonic() + RECHECK_AFTER_DISCONNECT)
 
     def lose(self, conn: Connection, why: str) -> None:
         self.handle.workers_changed()
-        if isinstance(conn, DialledConnection) and conn.gone:
-            if conn.instance is not None:
-                self.lose_tasks(conn, why)
-            self.connections.remove(conn)
-            conn.port.forget(conn)
-            return
-        self.lose_tasks(conn, why)
-        conn.lost()
+        if conn.instance is not None or not isinstance(conn, DialledConnection):
+            self.lose_tasks(conn, why)
+        if not self.fleet.gone(conn):
+            conn.lost()
 
     def lose_tasks(self, conn: Connection, why: str) -> None:
         inflight = len(conn.load.inflight) + (conn.lanes.in_flight() if conn.lanes is not None else 0)
@@ -442,7 +375,7 @@ class Engine(threading.Thread):
             elif isinstance(item, StopTaskRequest):
                 self.stop_task(item.future)
             elif isinstance(item, ChangeEndpointsRequest):
-                self.change_endpoints(item)
+                self.fleet.change(item.add, item.remove, item.keys)
             else:
                 self.stop_workers(item.signum)
         if not self.shutting_down and (self.handle.exiting or self.handle.executor_ref() is None):
@@ -490,15 +423,14 @@ class Engine(threading.Thread):
         if self.local_worker is not None:
             interval = min(interval, LOCAL_CHECK_INTERVAL)
         self.next_tick = now + interval
-        for conn in self.connections:
-            lost = conn.beat(now, self.settings.worker_timeout)
-            if lost is not None:
-                self.lose(conn, lost)
+        for conn, why in self.fleet.beats(now):
+            self.lose(conn, why)
         self.watch_local_worker()
 
     def expire_waiting_tasks(self) -> None:
         if self.scheduler.backlog and not self.scheduler.has_ready_worker():
-            listening = [f"listening at {self.port.address}"] if self.port is not None else []
+            port = self.fleet.port
+            listening = [f"listening at {port.address}"] if port is not None else []
             self.outcomes.expire(self.connections, self.addresses + listening, listening=bool(listening))
 
     def watch_local_worker(self) -> None:
@@ -530,10 +462,7 @@ class Engine(threading.Thread):
 
     def close(self) -> None:
         try:
-            for conn in self.connections:
-                conn.close()
-            if self.port is not None:
-                self.port.close()
+            self.fleet.close()
             self.selector.close()
             self.context.term()
         finally:

@@ -272,7 +272,7 @@ class ZMQExecutor(Executor):
     @property
     def listen_address(self) -> Optional[str]:
         """The address workers dial in to (``listen``, with the port filled in when it was 0), or None."""
-        port = self._handle.engine.port
+        port = self._handle.engine.fleet.port
         return None if port is None else port.address
 
     def wait_for_workers(self, n: int = 1, timeout: Optional[float] = None) -> None:

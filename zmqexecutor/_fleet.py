@@ -1,0 +1,165 @@
+"""The workers one executor reaches, as connections: a DEALER per bound endpoint (endpoints may be added
+and removed while it runs) and the ROUTER that workers dial in to. It knows which sockets exist and
+which of them the I/O thread must read; nothing about tasks, which are the scheduler's.
+
+What it learns that matters to tasks, it returns to the engine: which workers were lost, and why.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import uuid
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+import zmq
+
+from ._connection import Connection, WorkerConnection
+from ._dialin import DialInPort, DialledConnection
+from ._scheduler import Scheduler
+from ._security import ClientKeys
+from ._sockets import fileno, readable
+
+if TYPE_CHECKING:
+    from ._direct import DirectLanes
+    from ._engine import Settings
+
+logger = logging.getLogger("zmqexecutor")
+
+Source = Union[WorkerConnection, DialInPort, "DirectLanes"]
+
+
+class Fleet:
+    """Every worker connection of one executor, and the sockets the I/O thread watches for them."""
+
+    def __init__(self, addresses: list[str], settings: "Settings", context: zmq.Context[Any],
+                 selector: selectors.BaseSelector, *, local: bool) -> None:
+        self.addresses = addresses  # the executor's list: it adds to it, for endpoints to show at once
+        self.settings = settings
+        self.context = context
+        self.selector = selector
+        self.local = local
+        self.hello = settings.hello()
+        self.client_id = f"zx-{uuid.uuid4().hex}".encode()
+        self.connections: list[Connection] = []
+        self.port: Optional[DialInPort] = None  # where workers dial in, with listen=
+        self.removing: set[Connection] = set()  # remove_endpoints: until their tasks are done
+        self.unread: set[Source] = set()  # sockets with input (maybe) left to read
+        self.unread_events: set[Union[WorkerConnection, DialInPort]] = set()  # monitors, likewise
+        self.sent_to: set[Union[WorkerConnection, DialInPort]] = set()  # sockets that sent this turn
+
+    def open(self) -> None:
+        for address in self.addresses:
+            self.connect(address, self.settings.keys)
+        s = self.settings
+        if s.listen is not None:
+            self.port = port = DialInPort(self.context, s.listen, keys=s.listen_keys,
+                                          max_message_size=s.max_message_size, hello=self.hello,
+                                          heartbeat=s.heartbeat, sent_to=self.sent_to)
+            self.watch(port)
+            logger.info("listening for workers at %s", port.address)
+
+    def watch(self, source: Union[WorkerConnection, DialInPort]) -> None:
+        self.watch_socket(source, fileno(source.socket))
+        self.selector.register(fileno(source.monitor), selectors.EVENT_READ, ("events", source))
+        self.unread_events.add(source)  # a ZeroMQ descriptor signals only once it has been read
+
+    def watch_socket(self, source: Source, fd: int) -> None:
+        self.selector.register(fd, selectors.EVENT_READ, ("socket", source))
+
+    def connect(self, address: str, keys: Optional[ClientKeys]) -> None:
+        s = self.settings
+        conn = WorkerConnection(address, self.context, hello=self.hello, heartbeat=s.heartbeat,
+                                worker_timeout=s.worker_timeout, max_message_size=s.max_message_size,
+                                keys=keys, client_id=self.client_id, local=self.local, sent_to=self.sent_to)
+        self.connections.append(conn)
+        self.watch(conn)
+
+    # What the waiting thread saw ------------------------------------------------------------------
+
+    def look_at_sent(self) -> None:
+        """A send may take a socket's news in silently (libzmq signals a change only once): look."""
+        for source in self.sent_to:
+            if readable(source.socket):
+                self.unread.add(source)
+        self.sent_to.clear()
+
+    def take_ready(self, ready: list[tuple[selectors.SelectorKey, int]]) -> None:
+        for key, _ in ready:
+            if key.data is not None:
+                which, source = key.data
+                (self.unread if which == "socket" else self.unread_events).add(source)
+
+    def has_input(self) -> bool:
+        return bool(self.unread or self.unread_events)
+
+    # Comings and goings ---------------------------------------------------------------------------
+
+    def change(self, add: list[str], remove: list[str], keys: Optional[ClientKeys]) -> None:
+        for address in add:  # in self.addresses already: the caller put them there
+            self.connect(address, keys)
+        for conn in self.connections:
+            if isinstance(conn, WorkerConnection) and conn.address in remove:
+                logger.info("removing worker %s: no more tasks go there; %d in flight finish there",
+                            conn.address, len(conn.load.inflight))
+                conn.load.draining = True
+                self.removing.add(conn)
+
+    def retire_removed(self, scheduler: Scheduler) -> bool:
+        """Close the removed connections that have nothing in flight anymore; True if any."""
+        retired = False
+        for conn in list(self.removing):
+            if conn.load.inflight or not isinstance(conn, WorkerConnection):
+                continue
+            self.removing.discard(conn)
+            scheduler.detach(conn.load, "removed")
+            for sock in (conn.socket, conn.monitor):
+                self.selector.unregister(fileno(sock))
+            conn.close()  # its BYE put it in sent_to: taken out below
+            for found in (self.unread, self.unread_events, self.sent_to):
+                found.discard(conn)
+            self.connections.remove(conn)
+            self.addresses.remove(conn.address)
+            retired = True
+        return retired
+
+    def joined(self, port: DialInPort, routing_id: bytes, frames: list[Any]) -> tuple[DialledConnection, bool]:
+        """A worker said JOIN: its connection, and whether its session was up (so it reconnected)."""
+        conn, session_was_up = port.join(routing_id, frames)
+        if conn not in self.connections:
+            self.connections.append(conn)
+        return conn, session_was_up
+
+    def departures(self) -> list[tuple[Connection, str]]:
+        """Read the monitors: the connections whose session is lost, and why."""
+        lost: list[tuple[Connection, str]] = []
+        for source in list(self.unread_events):
+            self.unread_events.discard(source)
+            if isinstance(source, DialInPort):
+                if source.someone_left():  # whose, the ROUTER knows: ask it about each
+                    lost += [(conn, "its connection closed") for conn in list(source.workers.values())
+                             if not conn.still_there()]
+                continue
+            why = source.connection_events()
+            if why is not None:
+                lost.append((source, why))
+        return lost
+
+    def gone(self, conn: Connection) -> bool:
+        """Whether ``conn`` is a dialled-in worker whose connection closed (then it is forgotten)."""
+        if not (isinstance(conn, DialledConnection) and conn.gone):
+            return False
+        self.connections.remove(conn)
+        conn.port.forget(conn)
+        return True
+
+    def beats(self, now: float) -> list[tuple[Connection, str]]:
+        """One heartbeat for every connection: those found lost, and why."""
+        timeout = self.settings.worker_timeout
+        return [(conn, why) for conn in list(self.connections) if (why := conn.beat(now, timeout)) is not None]
+
+    def close(self) -> None:
+        for conn in self.connections:
+            conn.close()
+        if self.port is not None:
+            self.port.close()
