@@ -286,10 +286,13 @@ def _munge_works() -> bool:
         return False
 
 
+SLURM_NODES = 4
+
+
 @pytest.fixture(scope="module")
 def slurm_cluster(tmp_path_factory):
     """A real Slurm (Debian's slurmctld, slurmd and munge; facts in shared/notes/single-node-slurm.md):
-    the controller here and two compute nodes, slurmds at two addresses of a network namespace (so
+    the controller here and four compute nodes, slurmds at four addresses of a network namespace (so
     srun's traffic between them needs no forwarding through this host). Yields (the environment that
     points sbatch and friends at it, the address the nodes reach here)."""
     if any(shutil.which(tool) is None for tool in ("slurmctld", "slurmd", "sbatch", "munged")):
@@ -298,8 +301,9 @@ def slurm_cluster(tmp_path_factory):
         name, first, _ = stack.enter_context(network_namespace(1))
         subnet = first.rsplit(".", 1)[0]
         here = f"{subnet}.1"
-        _ip("netns", "exec", name, "ip", "addr", "add", f"{subnet}.3/24", "dev", f"zxn{os.getpid() % 100000}b")
-        nodes = [(f"zxnode{i}", f"{subnet}.{i + 1}", 6817 + i) for i in (1, 2)]
+        for extra in range(3, 3 + SLURM_NODES - 1):
+            _ip("netns", "exec", name, "ip", "addr", "add", f"{subnet}.{extra}/24", "dev", f"zxn{os.getpid() % 100000}b")
+        nodes = [(f"zxnode{i}", f"{subnet}.{i + 1}", 6817 + i) for i in range(1, SLURM_NODES + 1)]
         daemons: list[subprocess.Popen] = []
 
         def stop_daemons() -> None:
