@@ -373,6 +373,37 @@ def test_a_network_partition_mid_task_is_survived_and_healed(namespace, start_wo
         remote.stop()
 
 
+
+def test_a_dialled_in_worker_across_a_cut_link_is_lost_then_joins_again(namespace, start_worker) -> None:
+    name, address, link = namespace
+    here = address.rsplit(".", 1)[0] + ".1"
+    listen = f"tcp://{here}:{free_port()}"
+    local = start_worker(processes=1, extra=["--insecure"])
+    remote = WorkerProcess(listen, processes=1, extra=["--insecure"], prefix=["ip", "netns", "exec", name],
+                           connect=True)
+    try:
+        seen = Resolutions()
+        with ZMQExecutor(local.endpoint, listen=listen, insecure=True, **FAST) as ex:
+            ex.wait_for_workers(2, timeout=20)
+            futures = seen.track([ex.submit(sleep_then_whoami, 2.0, i) for i in range(4)])
+            assert wait_until(lambda: [w.in_flight for w in ex.workers()] == [2, 2])
+            link(False)
+            try:
+                # Its connection is not closed (nothing says so across a cut link): heartbeats tell.
+                assert wait_until(lambda: sum(w.state == "ready" for w in ex.workers()) == 1, timeout=10)
+                results = [f.result(timeout=60) for f in futures]
+            finally:
+                link(True)
+            assert [tag for _, _, tag in results] == [0, 1, 2, 3]
+            assert {parent for parent, _, _ in results} == {local.pid}  # the two lost ones ran again here
+            # Healed: the same worker shakes hands again and takes tasks; late replies change nothing.
+            assert wait_until(lambda: sum(w.state == "ready" for w in ex.workers()) == 2, timeout=30)
+            later = [f.result(timeout=30) for f in [ex.submit(sleep_then_whoami, 0.3) for _ in range(6)]]
+            assert remote.pid in {parent for parent, _, _ in later}
+            seen.assert_exactly_once(futures)
+    finally:
+        remote.stop()
+
 # --- Ctrl-C and clients that vanish -----------------------------------------------------------------
 
 _CTRL_C_SCRIPT = '''

@@ -160,3 +160,61 @@ def test_the_ssh_command_runs_workers_until_interrupted(ssh_host, keys: Path) ->
     finally:
         if launcher.poll() is None:
             launcher.kill()
+
+
+def test_the_slurm_command_submits_a_job_and_cancels_it_when_interrupted(slurm_cluster, keys: Path,
+                                                                         tmp_path: Path) -> None:
+    env, here = slurm_cluster
+    address = f"tcp://{here}:{free_port()}"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "zmqexecutor", "slurm", "--connect", address, "--keys", str(keys), "--nodes", "2",
+         "--processes", "1", "--folder", str(tmp_path / "jobs"), "--sbatch-line=--job-name=zx-cli"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        with ZMQExecutor(listen=address, keys=keys / "client") as ex:
+            ex.wait_for_workers(2, timeout=60)
+            assert sum(ex.map(abs, range(-10, 0))) == 55
+            names = subprocess.run(["squeue", "-h", "-o", "%j"], env=env, capture_output=True, text=True,
+                                   timeout=30).stdout.split()
+            assert names == ["zx-cli"]
+            launcher.send_signal(signal.SIGINT)
+            assert launcher.wait(60) == 0
+            assert subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True,
+                                  timeout=30).stdout.strip() == ""
+            assert wait_until(lambda: ex.workers() == (), timeout=15)
+        assert "dialling " + address in launcher.stdout.read()  # type: ignore[union-attr]
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+
+
+_KILLED_CLIENT = '''
+import sys
+from zmqexecutor import SSHWorkers, ZMQExecutor
+w = SSHWorkers([{host!r}], address={address!r}, ssh_options={options!r}, python=sys.executable, processes=1)
+w.start()
+ex = ZMQExecutor(listen=w.address, keys=w.keys)
+ex.wait_for_workers(1, timeout=30)
+print(ex.workers()[0].pid, flush=True)
+ex.submit(__import__("time").sleep, 600)
+sys.stdin.read()
+'''
+
+
+def test_ssh_workers_end_when_their_client_is_killed(ssh_host, tmp_path: Path) -> None:
+    host, here, options = ssh_host
+    script = tmp_path / "client.py"
+    script.write_text(_KILLED_CLIENT.format(host=host, address=f"tcp://{here}:0", options=options))
+    client = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert client.stdout is not None
+        worker = int(client.stdout.readline())
+        assert alive(worker)
+        client.kill()  # no clean-up at all: the SSH connection's end is the worker's lifeline
+        client.wait()
+        # It drains: the running task may take up to --drain-timeout (30 s) to be stopped.
+        assert wait_until(lambda: not alive(worker), timeout=45)
+    finally:
+        if client.poll() is None:
+            client.kill()

@@ -369,3 +369,13 @@ def test_cancel_round_trips_and_refuses_a_bad_seq() -> None:
             proto.decode_cancel([json.dumps(bad).encode()])
     with pytest.raises(ProtocolError):
         proto.decode_cancel([b"{}", b"{}"])
+
+
+def test_join_carries_the_workers_instance_and_refuses_one_without() -> None:
+    frames = proto.encode_join({"instance": "abc", "host": "node1", "pid": 42, "slots": 4})
+    assert proto.decode_header(frames[0]).kind == proto.Kind.JOIN
+    assert proto.decode_join(frames)["slots"] == 4
+    with pytest.raises(proto.ProtocolError, match="without the worker's instance id"):
+        proto.decode_join([frames[0], proto.encode_json({"host": "node1"})])
+    with pytest.raises(proto.ProtocolError, match="frames"):
+        proto.decode_join(frames[:1])

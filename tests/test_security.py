@@ -390,3 +390,22 @@ def test_a_worker_whose_authenticator_lets_strangers_in_refuses_to_start(keys, t
     assert done.returncode == 2, done.stderr
     assert "refusing to run: a client with an unknown key was let in" in done.stderr
     assert "worker ready" not in done.stderr
+
+
+def test_keys_sent_on_stdin_are_checked_before_use() -> None:
+    import zmq
+
+    from zmqexecutor._security import DialKeys, keys_from_line, keys_line
+
+    public, secret = zmq.curve_keypair()
+    client, _ = zmq.curve_keypair()
+    line = keys_line(DialKeys(public, secret, client))
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert keys_from_line(line) == DialKeys(public, secret, client)
+    other, _ = zmq.curve_keypair()
+    with pytest.raises(SecurityError, match="does not belong to its secret key"):
+        keys_from_line(keys_line(DialKeys(other, secret, client)))
+    with pytest.raises(SecurityError, match="malformed client public key"):
+        keys_from_line(keys_line(DialKeys(public, secret, b"short")))
+    with pytest.raises(SecurityError, match="one JSON line"):
+        keys_from_line(b'{"public": "x"}\n')
