@@ -10,8 +10,8 @@ Data flow::
     +------------------ supervisor (one thread, never unpickles) -----|---- (a BATCH per client
     | front (_front): a ROUTER bound to the user's endpoint, or, with        per loop turn)
     |   --connect, a DEALER dialling the client's listen address (JOIN on each new connection)
-    |   Sessions: client id -> handshake info + initializer pickle
-    |   queue: tasks waiting for credit in a task process, first in first out
+    |   Router (_router): Sessions (client id -> handshake info + initializer pickle), the queue
+    |     of tasks waiting for credit in a task process (first in first out), replies going back
     |   TaskProcessPool: the processes, what each was given, crash accounting
     | Listener (a Unix socket in a private folder, _channel)
     +---------------------------------------------------------------------------------
@@ -32,14 +32,14 @@ or after ``drain_timeout`` seconds, it exits 0. A second SIGTERM, or SIGINT, sto
 embedded worker does not drain: its executor stops it only when it has nothing running there.
 
 Each loop turn reads both sockets until they would block (bounded), reaps dead task processes, hands
-queued tasks to processes with credit, and sends each client its replies as one message. A process
+queued tasks to processes with credit, and sends each client its replies as one message: the routing
+steps are the Router's; this class owns the lifecycle (sockets, signals, draining, exiting). A process
 that dies gets the task it was running (and any finished ones whose replies died with it) reported
 as CRASHED; the tasks it had not started yet go back to the front of the queue; a replacement starts.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import multiprocessing
@@ -56,21 +56,18 @@ from typing import Any, Iterator, Optional
 import zmq
 
 from . import _protocol as proto
-from ._errors import MessageTooLargeError, SecurityError
+from ._errors import SecurityError
 from ._front import BoundFront, DialFront, join_info
-from ._protocol import Item, Kind
+from ._protocol import Kind
 from ._security import DialKeys, Guard, worker_guard
-from ._sessions import Sessions
-from ._taskpool import MAX_STARTUP_FAILURES, TaskProcess, TaskProcessPool
+from ._router import GiveUp, Router
+from ._taskpool import TaskProcessPool
 
 logger = logging.getLogger("zmqexecutor.worker")
 
 # How often the supervisor looks for a vanished parent and silent sessions when nothing happens.
 PARENT_CHECK_INTERVAL = 0.5
 
-# One message to a client carries at most this many replies and, beyond its first, this many bytes.
-REPLY_BATCH = 256
-REPLY_BATCH_BYTES = 1 << 20
 
 # How long a draining worker waits for its running tasks by default, before it stops them.
 DEFAULT_DRAIN_TIMEOUT = 30.0
@@ -78,7 +75,6 @@ DEFAULT_DRAIN_TIMEOUT = 30.0
 # Forking is only known to be safe on Linux (macOS frameworks break in forked children).
 _CAN_FORK_EARLY = sys.platform.startswith("linux")
 
-_REPLIES = frozenset({Kind.RESULT, Kind.EXCEPTION, Kind.INIT_FAILED})
 
 
 class Supervisor:
@@ -107,9 +103,6 @@ class Supervisor:
         self.instance = uuid.uuid4().hex
         self.host = socket.gethostname()
         self.endpoint = bind or connect
-        self.sessions = Sessions()
-        self.queue: collections.deque[tuple[bytes, int, Any]] = collections.deque()
-        self.outbox: dict[bytes, list[Item]] = {}
         self.direct = direct
         # Relayed, the task processes connect to a socket in a folder of our own; direct, to the client's.
         self.private_dir = None if direct else tempfile.mkdtemp(prefix="zmqexecutor-worker-")
@@ -121,7 +114,10 @@ class Supervisor:
         self.drain_deadline: Optional[float] = None  # draining since: until then
         self.orphaned = False
         self.started = time.monotonic()
-        self.tally = {"done": 0, "failed": 0, "crashed": 0, "cancelled": 0}
+        self.router = Router(self.pool, host=self.host, direct=direct is not None, status=self.status,
+                             on_drain=self.asked_to_drain,
+                             worker_info=dict(slots=processes, instance=self.instance, host=self.host,
+                                              max_message_size=max_message_size))
 
     # The loop -------------------------------------------------------------------------------------
 
@@ -137,7 +133,7 @@ class Supervisor:
                 self.start()
                 self.serve(signal_fd)
             return 0
-        except _GiveUp as exc:
+        except GiveUp as exc:
             logger.error("%s", exc)
             return 1
         except SecurityError as exc:
@@ -186,18 +182,19 @@ class Supervisor:
                 if not self.request_drain("standard input closed (whoever started this worker is gone)"):
                     self.stopping = True
             self.front.connection_events()
-            self.receive_from_processes()
-            self.receive_from_clients()
-            self.reap_processes([fd for fd in events if fd in self.pool.by_sentinel])
+            router = self.router
+            router.receive_from_processes()
+            router.receive_from_clients()
+            router.reap_processes([fd for fd in events if fd in self.pool.by_sentinel])
             self.drain()
-            self.dispatch_tasks()
-            self.send_replies()
+            router.dispatch_tasks()
+            router.send_replies()
             limits_due = self.pool.enforce_time_limits(time.monotonic())
             if self.drain_deadline is not None and (self.pool.idle() or time.monotonic() >= self.drain_deadline):
                 self.stopping = True
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + PARENT_CHECK_INTERVAL
-                self.expire_sessions()
+                self.router.expire_sessions()
                 self.check_parent()
                 self.check_idle()
             if not events and self.pool.listener is not None:  # a wait in vain: idle
@@ -231,190 +228,18 @@ class Supervisor:
                 self.front = BoundFront(self.context, self.bind, max_message_size=self.max_message_size,
                                         guard=self.guard)
             except zmq.ZMQError as exc:
-                raise _GiveUp(f"cannot bind {self.bind}: {exc}") from None
+                raise GiveUp(f"cannot bind {self.bind}: {exc}") from None
         self.endpoint = self.front.endpoint
+        self.router.front = self.front
         self.pool.open()
 
-    def receive_from_clients(self) -> None:
-        for client, frames in self.front.messages():
-            try:
-                self.handle_client_message(client, frames)
-            except proto.ProtocolError as exc:
-                logger.warning("dropped a malformed message from client %r: %s", client, exc)
-
-    def handle_client_message(self, client: bytes, frames: list[Any]) -> None:
-        proto.expect_frames(frames, 1)
-        header = proto.decode_header(frames[0], any_version=True)
-        if header.kind == Kind.HELLO:
-            self.greet(client, header, frames)
-            return
-        if header.kind in (Kind.STATUS, Kind.DRAIN):
-            if header.kind == Kind.DRAIN and self.request_drain("asked to drain"):
-                self.drain()
-            self.send_to_client(client, [proto.encode_header(Kind.STATUS_REPLY), proto.encode_json(self.status())])
-            return
-        if header.version != proto.PROTOCOL_VERSION:
-            raise proto.ProtocolError(f"protocol version {header.version}, expected {proto.PROTOCOL_VERSION}")
-        if header.kind not in (Kind.TASK, Kind.BATCH, Kind.PING, Kind.TERMINATE, Kind.CANCEL, Kind.BYE):
-            raise proto.ProtocolError(f"unexpected {header.kind.name} from a client")
-        tasks = proto.split(header, frames)
-        session = self.sessions.get(client)
-        if session is None:
-            if header.kind != Kind.BYE:
-                reason = "this worker has no session for the client (it restarted, or the session expired)"
-                self.send_to_client(client, [proto.encode_header(Kind.REJECTED, tasks[0].ident),
-                                             *proto.encode_reason(reason)])
-            return
-        session.last_seen = time.monotonic()
-        if header.kind in (Kind.TASK, Kind.BATCH):
-            for task in tasks:
-                if task.kind != Kind.TASK or not task.frames:
-                    raise proto.ProtocolError(f"a {task.kind.name} without a call among the tasks")
-            if self.direct is not None:  # its processes take tasks from the embedding client only
-                dropped = proto.encode_reason("this worker takes tasks only from the executor that embeds it")
-                for task in tasks:
-                    self.reply(client, Item(Kind.DROPPED, task.ident, dropped))
-                return
-            if self.drain_deadline is not None:  # sent before the client heard DRAINING: elsewhere
-                for task in tasks:
-                    self.reply(client, Item(Kind.RETURNED, task.ident, []))
-                return
-            self.queue.extend((client, task.ident, task.frames) for task in tasks)
-        elif header.kind == Kind.PING:
-            self.send_to_client(client, [proto.encode_header(Kind.PONG)])
-        elif header.kind == Kind.TERMINATE:
-            self.terminate_tasks_of(client, header.ident)
-        elif header.kind == Kind.CANCEL:
-            self.cancel_task(client, header.ident, proto.decode_cancel(frames[1:]))
-        else:
-            self.forget_session(client, "said goodbye")
-
-    def greet(self, client: bytes, header: proto.Header, frames: list[Any]) -> None:
-        welcome, info, init_blob = proto.answer_hello(header, frames, dict(
-            slots=self.processes, instance=self.instance, host=self.host, pid=os.getpid(),
-            max_message_size=self.max_message_size))
-        # A client shakes hands again only after giving up on its tasks here: drop the old session.
-        self.forget_session(client, "started a new session" if info is not None else "was refused")
-        if info is not None:
-            self.sessions.open(client, init_blob, info)
-            logger.info("client %s connected (host %s, pid %s)", client.decode(errors="replace"),
-                        info.get("host"), info.get("pid"))
-        else:
-            logger.warning("refused client %r: %s", client, proto.decode_json(welcome[1]).get("reason"))
-        self.send_to_client(client, welcome)
-        if info is not None and self.drain_deadline is not None:
-            self.send_to_client(client, [proto.encode_header(Kind.DRAINING)])
-
     def status(self) -> dict[str, Any]:
-        return dict(proto.local_versions(), slots=self.processes, busy=self.pool.busy(), queued=len(self.queue),
-                    **self.tally, timed_out=self.pool.timed_out, clients=len(self.sessions),
+        router = self.router
+        return dict(proto.local_versions(), slots=self.processes, busy=self.pool.busy(), queued=len(router.queue),
+                    **router.tally, timed_out=self.pool.timed_out, clients=len(router.sessions),
                     uptime=time.monotonic() - self.started, draining=self.drain_requested,
                     instance=self.instance, host=self.host, pid=os.getpid(),
                     security="CurveZMQ" if self.guard is not None else "none")
-
-    def forget_session(self, client: bytes, why: str) -> None:
-        if not self.sessions.close(client):
-            return
-        kept = collections.deque(item for item in self.queue if item[0] != client)
-        dropped = len(self.queue) - len(kept)
-        self.queue = kept
-        self.outbox.pop(client, None)
-        logger.info("client %s %s; dropped its session and %d queued task(s)",
-                    client.decode(errors="replace"), why, dropped)
-        # Nobody waits for what its running tasks return anymore: stop them, freeing their slots.
-        self.pool.signal_running(client, signal.SIGTERM, "because its client's session ended")
-        self.pool.forget_client(client)
-
-    def expire_sessions(self) -> None:
-        for session in self.sessions.expired(time.monotonic()):
-            self.forget_session(session.client, f"was silent for {session.expiry:g} s")
-
-    def terminate_tasks_of(self, client: bytes, signum: int) -> None:
-        reason = proto.encode_reason("the task was dropped before it started: its client stopped the workers")
-        for item in self.queue:
-            if item[0] == client:
-                self.reply(client, Item(Kind.DROPPED, item[1], reason))
-        self.queue = collections.deque(item for item in self.queue if item[0] != client)
-        self.pool.signal_running(client, signal.SIGKILL if signum == signal.SIGKILL else signal.SIGTERM,
-                                 "at its client's request")
-
-    def cancel_task(self, client: bytes, ident: int, seq: Optional[int]) -> None:
-        """Stop one task: relayed, ``ident`` is the client's task id; direct, the process's pid and
-        ``seq`` which of the tasks the client sent it."""
-        if self.direct is None:
-            for item in self.queue:
-                if item[0] == client and item[1] == ident:
-                    self.queue.remove(item)
-                    self.reply(client, Item(Kind.DROPPED, ident, proto.encode_reason("the task was cancelled")))
-                    return
-        if self.pool.kill_running(client, ident, seq):
-            self.tally["cancelled"] += 1
-
-    def send_to_client(self, client: bytes, frames: list[Any]) -> None:
-        self.front.send(client, frames)
-
-    def reply(self, client: bytes, item: Item) -> None:
-        self.outbox.setdefault(client, []).append(item)
-
-    def send_replies(self) -> None:
-        outbox, self.outbox = self.outbox, {}
-        for client, items in outbox.items():
-            for batch in _batches(items):
-                self.send_to_client(client, proto.encode_messages(batch))
-
-    def receive_from_processes(self, ending: tuple[TaskProcess, ...] = ()) -> None:
-        now = time.monotonic()
-        for proc, items in self.pool.receive(ending):
-            for item in items:
-                if item.kind in _REPLIES:
-                    self.finish_task(proc, item, now)
-                elif item.kind == Kind.OUTPUT:
-                    assignment = proc.assigned.get(item.ident)
-                    if assignment is not None and self.sessions.get(assignment.client) is not None:
-                        self.reply(assignment.client, Item(Kind.OUTPUT, assignment.task_id, item.frames))
-
-    def finish_task(self, proc: TaskProcess, item: Item, now: float) -> None:
-        assignment = self.pool.finished(proc, item.ident, now)
-        if assignment is None:
-            logger.error("task process %s replied for a task it was not given", proc.process.pid)
-            return
-        self.tally["done" if item.kind == Kind.RESULT else "failed"] += 1
-        session = self.sessions.get(assignment.client)
-        if session is not None:
-            reply = Item(item.kind, assignment.task_id, item.frames)
-            size = _size(reply)
-            if session.max_message_size is not None and size > session.max_message_size:
-                reply = self.too_large(assignment.task_id, size, session.max_message_size)
-            self.reply(assignment.client, reply)
-        else:
-            logger.debug("dropped the result of task %d: its client's session is gone", assignment.task_id)
-        if item.kind == Kind.INIT_FAILED:
-            proc.closing = True
-        if proc.closing and not proc.assigned and not proc.retiring:
-            self.pool.retire(proc)
-
-    def too_large(self, task_id: int, size: int, limit: int) -> Item:
-        error = MessageTooLargeError(
-            f"the task's result is {size} bytes, more than the client's max_message_size={limit}")
-        return Item(Kind.EXCEPTION, task_id, proto.encode_exception(error, host=self.host, pid=os.getpid()))
-
-    def reap_processes(self, sentinels: list[int]) -> None:
-        if sentinels:  # first, what they sent just before they ended
-            self.receive_from_processes(tuple(self.pool.by_sentinel[fd] for fd in sentinels))
-        for fd in sentinels:
-            replies, unstarted = self.pool.reap(fd, self.host)
-            for client, item in replies:
-                if self.sessions.get(client) is not None:
-                    self.tally["crashed"] += item.kind == Kind.CRASHED
-                    self.reply(client, item)
-            self.queue.extendleft(reversed(unstarted))
-            for info in self.pool.exits:  # direct: the client accounts for that process's tasks
-                for session in self.sessions:
-                    self.reply(session.client, Item(Kind.EXITED, info["pid"],
-                                                    proto.encode_exited(host=self.host, **info)[1:]))
-            self.pool.exits.clear()
-            if self.pool.startup_failures >= MAX_STARTUP_FAILURES:
-                raise _GiveUp(f"{self.pool.startup_failures} task processes in a row died before starting; giving up")
 
     def request_drain(self, why: str) -> bool:
         """Begin draining (the loop does it), unless already asked or embedded; False then."""
@@ -425,27 +250,24 @@ class Supervisor:
         self.drain_requested = True
         return True
 
+    def asked_to_drain(self) -> None:
+        if self.request_drain("asked to drain"):
+            self.drain()
+
     def drain(self) -> None:
         """Once asked to drain: tell every client, and give back what waits here."""
         if not self.drain_requested:
             return
         if self.drain_deadline is None:
             self.drain_deadline = time.monotonic() + self.drain_timeout
-            for session in self.sessions:
-                self.send_to_client(session.client, [proto.encode_header(Kind.DRAINING)])
+            self.router.draining = True
+            self.router.tell_all([proto.encode_header(Kind.DRAINING)])
             logger.info("draining: %d task(s) running; no more are taken", self.pool.busy())
         # Also what a crashed task process had not started yet, put back here by reap_processes.
-        for client, task_id, _ in self.queue:
-            self.reply(client, Item(Kind.RETURNED, task_id, []))
-        self.queue.clear()
-
-    def dispatch_tasks(self) -> None:
-        if self.queue:
-            for proc, items in self.pool.hand_out(self.queue, self.sessions):
-                self.pool.send(proc, proto.encode_messages(items))
+        self.router.give_back_queue()
 
     def check_idle(self) -> None:
-        if self.sessions or self.pool.busy():
+        if self.router.sessions or self.pool.busy():
             self.idle_since = time.monotonic()
         elif self.idle_timeout is not None and time.monotonic() - self.idle_since >= self.idle_timeout:
             logger.info("no client for %g s (--idle-timeout); stopping", self.idle_timeout)
@@ -476,10 +298,6 @@ class Supervisor:
         logger.info("zmqexecutor worker stopped")
 
 
-class _GiveUp(Exception):
-    pass
-
-
 @contextlib.contextmanager
 def _signals_to(handler: Any) -> Iterator[int]:
     """SIGINT and SIGTERM call ``handler`` and make the yielded descriptor readable (to wake a poll)."""
@@ -495,21 +313,3 @@ def _signals_to(handler: Any) -> Iterator[int]:
             signal.signal(sig, old)
         os.close(signal_r)
         os.close(signal_w)
-
-
-def _batches(items: list[Item]) -> list[list[Item]]:
-    """``items`` in messages of at most REPLY_BATCH replies and REPLY_BATCH_BYTES beyond the first."""
-    batches: list[list[Item]] = []
-    size = 0
-    for item in items:
-        item_size = _size(item)
-        if not batches or len(batches[-1]) >= REPLY_BATCH or size + item_size > REPLY_BATCH_BYTES:
-            batches.append([])
-            size = 0
-        batches[-1].append(item)
-        size += item_size
-    return batches
-
-
-def _size(item: Item) -> int:
-    return sum(map(len, item.frames))

@@ -1,0 +1,261 @@
+"""The worker's routing between its clients and its task processes: sessions, the queue of tasks
+waiting for a process, and the replies going back, one message per client per loop turn.
+
+The supervisor (``_supervisor``) owns the lifecycle around it: sockets, signals, draining, exiting.
+Nothing here unpickles; frames are passed on as they came.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable, Optional, Union
+
+from . import _protocol as proto
+from ._errors import MessageTooLargeError
+from ._front import BoundFront, DialFront
+from ._protocol import Item, Kind
+from ._sessions import Sessions
+from ._taskpool import MAX_STARTUP_FAILURES, TaskProcess, TaskProcessPool
+
+logger = logging.getLogger("zmqexecutor.worker")
+
+# One message to a client carries at most this many replies and, beyond its first, this many bytes.
+REPLY_BATCH = 256
+REPLY_BATCH_BYTES = 1 << 20
+
+_REPLIES = frozenset({Kind.RESULT, Kind.EXCEPTION, Kind.INIT_FAILED})
+
+
+class GiveUp(Exception):
+    """Raised when the worker cannot go on (it cannot bind; its task processes keep dying at start)."""
+
+
+class Router:
+    """Routes tasks from clients to task processes and replies back; knows each client's session."""
+
+    def __init__(self, pool: TaskProcessPool, *, host: str, worker_info: dict[str, Any], direct: bool,
+                 status: Callable[[], dict[str, Any]], on_drain: Callable[[], None]) -> None:
+        self.pool = pool
+        self.host = host
+        self.worker_info = worker_info  # what WELCOME tells: slots, instance, host, max_message_size
+        self.direct = direct  # embedded: the task processes take tasks from the client itself
+        self.status = status
+        self.on_drain = on_drain
+        self.front: Optional[Union[BoundFront, DialFront]] = None
+        self.sessions = Sessions()
+        self.queue: collections.deque[tuple[bytes, int, Any]] = collections.deque()
+        self.outbox: dict[bytes, list[Item]] = {}
+        self.draining = False  # then tasks go back (RETURNED), and new sessions hear DRAINING
+        self.tally = {"done": 0, "failed": 0, "crashed": 0, "cancelled": 0}
+
+    def receive_from_clients(self) -> None:
+        assert self.front is not None
+        for client, frames in self.front.messages():
+            try:
+                self.handle_client_message(client, frames)
+            except proto.ProtocolError as exc:
+                logger.warning("dropped a malformed message from client %r: %s", client, exc)
+
+    def handle_client_message(self, client: bytes, frames: list[Any]) -> None:
+        proto.expect_frames(frames, 1)
+        header = proto.decode_header(frames[0], any_version=True)
+        if header.kind == Kind.HELLO:
+            self.greet(client, header, frames)
+            return
+        if header.kind in (Kind.STATUS, Kind.DRAIN):
+            if header.kind == Kind.DRAIN:
+                self.on_drain()
+            self.send(client, [proto.encode_header(Kind.STATUS_REPLY), proto.encode_json(self.status())])
+            return
+        if header.version != proto.PROTOCOL_VERSION:
+            raise proto.ProtocolError(f"protocol version {header.version}, expected {proto.PROTOCOL_VERSION}")
+        if header.kind not in (Kind.TASK, Kind.BATCH, Kind.PING, Kind.TERMINATE, Kind.CANCEL, Kind.BYE):
+            raise proto.ProtocolError(f"unexpected {header.kind.name} from a client")
+        tasks = proto.split(header, frames)
+        session = self.sessions.get(client)
+        if session is None:
+            if header.kind != Kind.BYE:
+                reason = "this worker has no session for the client (it restarted, or the session expired)"
+                self.send(client, [proto.encode_header(Kind.REJECTED, tasks[0].ident),
+                                             *proto.encode_reason(reason)])
+            return
+        session.last_seen = time.monotonic()
+        if header.kind in (Kind.TASK, Kind.BATCH):
+            for task in tasks:
+                if task.kind != Kind.TASK or not task.frames:
+                    raise proto.ProtocolError(f"a {task.kind.name} without a call among the tasks")
+            if self.direct:  # its processes take tasks from the embedding client only
+                dropped = proto.encode_reason("this worker takes tasks only from the executor that embeds it")
+                for task in tasks:
+                    self.reply(client, Item(Kind.DROPPED, task.ident, dropped))
+                return
+            if self.draining:  # sent before the client heard DRAINING: elsewhere
+                for task in tasks:
+                    self.reply(client, Item(Kind.RETURNED, task.ident, []))
+                return
+            self.queue.extend((client, task.ident, task.frames) for task in tasks)
+        elif header.kind == Kind.PING:
+            self.send(client, [proto.encode_header(Kind.PONG)])
+        elif header.kind == Kind.TERMINATE:
+            self.terminate_tasks_of(client, header.ident)
+        elif header.kind == Kind.CANCEL:
+            self.cancel_task(client, header.ident, proto.decode_cancel(frames[1:]))
+        else:
+            self.forget_session(client, "said goodbye")
+
+    def greet(self, client: bytes, header: proto.Header, frames: list[Any]) -> None:
+        welcome, info, init_blob = proto.answer_hello(header, frames, dict(
+            self.worker_info, pid=os.getpid()))
+        # A client shakes hands again only after giving up on its tasks here: drop the old session.
+        self.forget_session(client, "started a new session" if info is not None else "was refused")
+        if info is not None:
+            self.sessions.open(client, init_blob, info)
+            logger.info("client %s connected (host %s, pid %s)", client.decode(errors="replace"),
+                        info.get("host"), info.get("pid"))
+        else:
+            logger.warning("refused client %r: %s", client, proto.decode_json(welcome[1]).get("reason"))
+        self.send(client, welcome)
+        if info is not None and self.draining:
+            self.send(client, [proto.encode_header(Kind.DRAINING)])
+
+    def forget_session(self, client: bytes, why: str) -> None:
+        if not self.sessions.close(client):
+            return
+        kept = collections.deque(item for item in self.queue if item[0] != client)
+        dropped = len(self.queue) - len(kept)
+        self.queue = kept
+        self.outbox.pop(client, None)
+        logger.info("client %s %s; dropped its session and %d queued task(s)",
+                    client.decode(errors="replace"), why, dropped)
+        # Nobody waits for what its running tasks return anymore: stop them, freeing their slots.
+        self.pool.signal_running(client, signal.SIGTERM, "because its client's session ended")
+        self.pool.forget_client(client)
+
+    def expire_sessions(self) -> None:
+        for session in self.sessions.expired(time.monotonic()):
+            self.forget_session(session.client, f"was silent for {session.expiry:g} s")
+
+    def terminate_tasks_of(self, client: bytes, signum: int) -> None:
+        reason = proto.encode_reason("the task was dropped before it started: its client stopped the workers")
+        for item in self.queue:
+            if item[0] == client:
+                self.reply(client, Item(Kind.DROPPED, item[1], reason))
+        self.queue = collections.deque(item for item in self.queue if item[0] != client)
+        self.pool.signal_running(client, signal.SIGKILL if signum == signal.SIGKILL else signal.SIGTERM,
+                                 "at its client's request")
+
+    def cancel_task(self, client: bytes, ident: int, seq: Optional[int]) -> None:
+        """Stop one task: relayed, ``ident`` is the client's task id; direct, the process's pid and
+        ``seq`` which of the tasks the client sent it."""
+        if not self.direct:
+            for item in self.queue:
+                if item[0] == client and item[1] == ident:
+                    self.queue.remove(item)
+                    self.reply(client, Item(Kind.DROPPED, ident, proto.encode_reason("the task was cancelled")))
+                    return
+        if self.pool.kill_running(client, ident, seq):
+            self.tally["cancelled"] += 1
+
+    def send(self, client: bytes, frames: list[Any]) -> None:
+        assert self.front is not None
+        self.front.send(client, frames)
+
+    def reply(self, client: bytes, item: Item) -> None:
+        self.outbox.setdefault(client, []).append(item)
+
+    def send_replies(self) -> None:
+        outbox, self.outbox = self.outbox, {}
+        for client, items in outbox.items():
+            for batch in _batches(items):
+                self.send(client, proto.encode_messages(batch))
+
+    def receive_from_processes(self, ending: tuple[TaskProcess, ...] = ()) -> None:
+        now = time.monotonic()
+        for proc, items in self.pool.receive(ending):
+            for item in items:
+                if item.kind in _REPLIES:
+                    self.finish_task(proc, item, now)
+                elif item.kind == Kind.OUTPUT:
+                    assignment = proc.assigned.get(item.ident)
+                    if assignment is not None and self.sessions.get(assignment.client) is not None:
+                        self.reply(assignment.client, Item(Kind.OUTPUT, assignment.task_id, item.frames))
+
+    def finish_task(self, proc: TaskProcess, item: Item, now: float) -> None:
+        assignment = self.pool.finished(proc, item.ident, now)
+        if assignment is None:
+            logger.error("task process %s replied for a task it was not given", proc.process.pid)
+            return
+        self.tally["done" if item.kind == Kind.RESULT else "failed"] += 1
+        session = self.sessions.get(assignment.client)
+        if session is not None:
+            reply = Item(item.kind, assignment.task_id, item.frames)
+            size = _size(reply)
+            if session.max_message_size is not None and size > session.max_message_size:
+                reply = self.too_large(assignment.task_id, size, session.max_message_size)
+            self.reply(assignment.client, reply)
+        else:
+            logger.debug("dropped the result of task %d: its client's session is gone", assignment.task_id)
+        if item.kind == Kind.INIT_FAILED:
+            proc.closing = True
+        if proc.closing and not proc.assigned and not proc.retiring:
+            self.pool.retire(proc)
+
+    def too_large(self, task_id: int, size: int, limit: int) -> Item:
+        error = MessageTooLargeError(
+            f"the task's result is {size} bytes, more than the client's max_message_size={limit}")
+        return Item(Kind.EXCEPTION, task_id, proto.encode_exception(error, host=self.host, pid=os.getpid()))
+
+    def reap_processes(self, sentinels: list[int]) -> None:
+        if sentinels:  # first, what they sent just before they ended
+            self.receive_from_processes(tuple(self.pool.by_sentinel[fd] for fd in sentinels))
+        for fd in sentinels:
+            replies, unstarted = self.pool.reap(fd, self.host)
+            for client, item in replies:
+                if self.sessions.get(client) is not None:
+                    self.tally["crashed"] += item.kind == Kind.CRASHED
+                    self.reply(client, item)
+            self.queue.extendleft(reversed(unstarted))
+            for info in self.pool.exits:  # direct: the client accounts for that process's tasks
+                for session in self.sessions:
+                    self.reply(session.client, Item(Kind.EXITED, info["pid"],
+                                                    proto.encode_exited(host=self.host, **info)[1:]))
+            self.pool.exits.clear()
+            if self.pool.startup_failures >= MAX_STARTUP_FAILURES:
+                raise GiveUp(f"{self.pool.startup_failures} task processes in a row died before starting; giving up")
+
+    def dispatch_tasks(self) -> None:
+        if self.queue:
+            for proc, items in self.pool.hand_out(self.queue, self.sessions):
+                self.pool.send(proc, proto.encode_messages(items))
+
+    def tell_all(self, frames: list[Any]) -> None:
+        for session in self.sessions:
+            self.send(session.client, frames)
+
+    def give_back_queue(self) -> None:
+        """Hand every queued task back to its client (draining): sent elsewhere, no retry counted."""
+        for client, task_id, _ in self.queue:
+            self.reply(client, Item(Kind.RETURNED, task_id, []))
+        self.queue.clear()
+
+
+def _batches(items: list[Item]) -> list[list[Item]]:
+    """``items`` in messages of at most REPLY_BATCH replies and REPLY_BATCH_BYTES beyond the first."""
+    batches: list[list[Item]] = []
+    size = 0
+    for item in items:
+        item_size = _size(item)
+        if not batches or len(batches[-1]) >= REPLY_BATCH or size + item_size > REPLY_BATCH_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(item)
+        size += item_size
+    return batches
+
+
+def _size(item: Item) -> int:
+    return sum(map(len, item.frames))
