@@ -132,8 +132,10 @@ def test_listen_is_checked_where_it_is_given(tmp_path: Path) -> None:
     port = free_port()
     with ZMQExecutor(listen=f"tcp://127.0.0.1:{port}") as ex:
         assert ex.listen_address == f"tcp://127.0.0.1:{port}"
-        with pytest.raises(OSError, match="cannot listen on"):
+        with pytest.raises(OSError, match="cannot listen on .*Address already in use"):
             ZMQExecutor(listen=f"tcp://127.0.0.1:{port}")
+    with pytest.raises(OSError, match="listen takes an address of this machine"):
+        ZMQExecutor(listen="tcp://192.0.2.1:5555", insecure=True)  # not ours (a documentation address)
         with pytest.raises(ValueError, match="n must be >= 1"):
             ex.wait_for_workers(0)
     with pytest.raises(RuntimeError, match="local workers of its own"):

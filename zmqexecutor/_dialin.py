@@ -9,7 +9,9 @@ ZMQ_ROUTER_MANDATORY) are lost at once. Heartbeats catch whatever that misses.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 from typing import Any, Optional
 
 import zmq
@@ -51,7 +53,10 @@ class DialInPort:
             self.socket.bind(listen)
         except zmq.ZMQError as exc:
             self.close()
-            raise OSError(f"cannot listen on {listen}: {exc}") from None
+            hint = ""
+            if exc.errno in (errno.ENODEV, errno.EADDRNOTAVAIL):
+                hint = " (listen takes an address of this machine, or 0.0.0.0 for all of them)"
+            raise OSError(exc.errno, f"cannot listen on {listen}: {os.strerror(exc.errno)}{hint}") from None
         self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.workers: dict[bytes, DialledConnection] = {}

@@ -150,9 +150,10 @@ class Engine(threading.Thread):
         try:
             try:
                 self.open_connections()
-            except BaseException as exc:
+            except OSError as exc:  # listen= cannot be bound: the constructor raises it
                 self.open_error = exc
-                raise
+                self.break_executor(exc)
+                return
             finally:
                 self.opened.set()
             self.callers_may_dispatch = self.direct is not None
