@@ -56,7 +56,8 @@ class DialInPort:
             hint = ""
             if exc.errno in (errno.ENODEV, errno.EADDRNOTAVAIL):
                 hint = " (listen takes an address of this machine, or 0.0.0.0 for all of them)"
-            raise OSError(exc.errno, f"cannot listen on {listen}: {os.strerror(exc.errno)}{hint}") from None
+            reason = os.strerror(exc.errno) if exc.errno is not None else str(exc)
+            raise OSError(exc.errno, f"cannot listen on {listen}: {reason}{hint}") from None
         self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.workers: dict[bytes, DialledConnection] = {}
