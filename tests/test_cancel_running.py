@@ -22,7 +22,8 @@ def nap(seconds: float) -> int:
     return os.getpid()
 
 
-@pytest.fixture(params=["local", "remote"])
+# The relayed variant runs the supervisor's side, the same on every Python: with the slow tests (3.11 in CI).
+@pytest.fixture(params=["local", pytest.param("remote", marks=pytest.mark.slow)])
 def endpoints(request, start_worker) -> list[str]:
     return [start_worker(processes=2).endpoint] if request.param == "remote" else []
 

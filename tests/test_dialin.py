@@ -59,6 +59,7 @@ def test_a_worker_with_a_key_the_client_does_not_allow_is_refused(start_worker, 
             ex.wait_for_workers(1, timeout=0.5)
 
 
+@pytest.mark.slow  # sockets and processes, the same on every Python
 def test_workers_join_late_and_leave_mid_run_and_every_task_runs_exactly_once(start_worker, tmp_path: Path) -> None:
     # Own key store on loopback, so no keys to pass: the default a user gets on one machine.
     done = tmp_path / "done"
