@@ -324,7 +324,9 @@ class ZMQExecutor(Executor):
 
         ``state`` is ``"connecting"`` (no handshake yet, or lost and reconnecting), ``"ready"``,
         ``"draining"`` (asked to stop: it finishes its tasks, takes no more) or ``"incompatible"``
-        (another version; ``error`` says why). Meant for dashboards and tests.
+        (another version; ``error`` says why). The endpoints come first, in their order, then the
+        workers that dialled in to ``listen`` (``endpoint`` is ``"HOST:PID via LISTEN"``), which are
+        dropped from the list once they have left. Meant for dashboards and tests.
         """
         return self._handle.snapshot()
 
