@@ -20,14 +20,9 @@ from . import _protocol as proto
 from ._connection import Connection
 from ._protocol import Kind
 from ._security import ListenKeys, Guard
-from ._sockets import monitor_events, unbounded
+from ._sockets import listening_router, monitor_events
 
 logger = logging.getLogger("zmqexecutor")
-
-# libzmq heartbeats on the listening socket: a connection whose worker stopped answering is closed.
-HEARTBEAT_IVL_MS = 2000
-HEARTBEAT_TIMEOUT_MS = 20000
-HANDSHAKE_IVL_MS = 10_000
 
 
 class DialInPort:
@@ -37,14 +32,7 @@ class DialInPort:
                  max_message_size: int, hello: list[bytes], heartbeat: float, sent_to: set[Any]) -> None:
         self.hello, self.heartbeat, self.sent_to = hello, heartbeat, sent_to
         self.guard: Optional[Guard] = None
-        self.socket = unbounded(context.socket(zmq.ROUTER), linger=0)
-        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # A worker that reconnects (after a cut link) takes its identity over from the old connection.
-        self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self.socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-        self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-        self.socket.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+        self.socket = listening_router(context, max_message_size)
         if keys is not None:
             self.guard = Guard(context, keys.public, keys.secret, set(keys.allowed), peers="worker",
                                log="zmqexecutor.zap")

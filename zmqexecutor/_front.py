@@ -11,17 +11,9 @@ import zmq
 
 from . import _protocol as proto
 from ._security import HANDSHAKE_FAILURE_EVENTS, DialKeys, Guard
-from ._sockets import drain, monitor_events, unbounded
+from ._sockets import drain, listening_router, monitor_events, peer_link_options, unbounded
 
 logger = logging.getLogger("zmqexecutor.worker")
-
-# A client that connects but does not finish the ZMTP/CurveZMQ handshake is dropped after this long.
-HANDSHAKE_IVL_MS = 10_000
-
-# libzmq heartbeats: a connection whose peer stopped answering is closed, which frees whatever
-# libzmq still queued for it (bound) or makes it dial again (dialling).
-HEARTBEAT_IVL_MS = 2000
-HEARTBEAT_TIMEOUT_MS = 20000
 
 # A dialling worker retries this often while its client is not there, backing off to the maximum:
 # a client that starts after its workers (the usual order with a launcher) is found within a second.
@@ -39,11 +31,7 @@ class BoundFront:
 
     def __init__(self, context: zmq.Context[Any], bind: str, *, max_message_size: int,
                  guard: Optional[Guard]) -> None:
-        self.socket = unbounded(context.socket(zmq.ROUTER), linger=0)
-        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # A client that reconnects (after a cut link, say) takes its identity over from the old connection.
-        self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        _set_common_options(self.socket, max_message_size)
+        self.socket = listening_router(context, max_message_size)
         if guard is not None:
             guard.secure(self.socket)
         self.socket.bind(bind)  # a ZMQError here is the caller's to report
@@ -81,7 +69,7 @@ class DialFront:
         self.socket.setsockopt(zmq.ROUTING_ID, str(join["instance"]).encode())
         self.socket.setsockopt(zmq.RECONNECT_IVL, DIAL_RECONNECT_IVL_MS)
         self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, DIAL_RECONNECT_IVL_MAX_MS)
-        _set_common_options(self.socket, max_message_size)
+        peer_link_options(self.socket, max_message_size)
         if keys is not None:
             self.socket.curve_publickey = keys.public
             self.socket.curve_secretkey = keys.secret
@@ -120,14 +108,6 @@ class DialFront:
         self.socket.disable_monitor()
         self.monitor.close(linger=0)
         self.socket.close()
-
-
-def _set_common_options(sock: zmq.Socket[Any], max_message_size: int) -> None:
-    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-    sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
-    # libzmq disconnects a peer that sends a bigger frame, before we ever see it.
-    sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
 
 
 def _dialling_failure(event: int) -> str:

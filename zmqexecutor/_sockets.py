@@ -10,6 +10,14 @@ from zmq.utils.monitor import recv_monitor_message
 # Most messages read from one socket per loop turn, so that one busy peer cannot starve the others.
 DRAIN_LIMIT = 256
 
+# On the sockets others connect to (a worker's endpoint, a client's listen address) and on a worker
+# that dials: a peer that connects but does not finish the ZMTP/CurveZMQ handshake is dropped after
+# HANDSHAKE_IVL_MS, and libzmq's heartbeats close a connection whose peer stopped answering (which
+# frees what libzmq queued for it, or makes a dialling worker dial again).
+HANDSHAKE_IVL_MS = 10_000
+HEARTBEAT_IVL_MS = 2000
+HEARTBEAT_TIMEOUT_MS = 20000
+
 
 def unbounded(sock: zmq.Socket[Any], *, linger: Optional[int] = None) -> zmq.Socket[Any]:
     """No high-water marks: credit bounds what is queued, and a high-water mark would only drop or
@@ -19,6 +27,25 @@ def unbounded(sock: zmq.Socket[Any], *, linger: Optional[int] = None) -> zmq.Soc
     if linger is not None:
         sock.setsockopt(zmq.LINGER, linger)
     return sock
+
+
+def peer_link_options(sock: zmq.Socket[Any], max_message_size: int) -> zmq.Socket[Any]:
+    """Handshake and heartbeat intervals, and the largest frame a peer may send (libzmq drops a
+    peer that sends more, before anything reads it)."""
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+    return sock
+
+
+def listening_router(context: zmq.Context[Any], max_message_size: int) -> zmq.Socket[Any]:
+    """A ROUTER for others to connect to: a send to a peer that is gone fails (EHOSTUNREACH) rather
+    than vanishing, and a peer that reconnects takes its identity over from its old connection."""
+    sock = unbounded(context.socket(zmq.ROUTER), linger=0)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    return peer_link_options(sock, max_message_size)
 
 
 def drain(sock: zmq.Socket[Any], limit: int = DRAIN_LIMIT) -> list[list[Any]]:
