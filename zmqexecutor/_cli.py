@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from . import __version__
 from ._endpoints import is_loopback, parse
@@ -146,10 +146,6 @@ def check_bind(endpoint: str, insecure: bool = False, secured: bool = False) -> 
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from ._protocol import DEFAULT_MAX_MESSAGE_SIZE
-    from ._supervisor import DEFAULT_DRAIN_TIMEOUT, Supervisor
-    from ._worker import available_cpus
-
     logging.basicConfig(
         level=getattr(logging, args.log_level),
         format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s",
@@ -192,22 +188,13 @@ def run_worker(args: argparse.Namespace) -> int:
         whom = "any other user of this host" if is_loopback(bound.host) else "anyone who can reach it"
         log.warning("INSECURE: %s accepts tasks from %s, without authentication or encryption; whoever "
                     "connects can run any code as this user", args.bind, whom)
-    supervisor = Supervisor(
-        args.bind, args.processes or available_cpus(), parent_pid=args.parent_pid,
-        secret_key_file=secret_key, allow=allow, direct=args.direct,
-        max_message_size=args.max_message_size or DEFAULT_MAX_MESSAGE_SIZE,
-        drain_timeout=DEFAULT_DRAIN_TIMEOUT if args.drain_timeout is None else args.drain_timeout,
-        idle_timeout=args.idle_timeout, exit_with_stdin=args.exit_with_stdin,
-    )
-    return supervisor.run()
+    return run_supervisor(args, bind=args.bind, parent_pid=args.parent_pid, secret_key_file=secret_key,
+                          allow=allow, direct=args.direct)
 
 
 def run_dialling_worker(args: argparse.Namespace, log: logging.Logger) -> int:
     from ._errors import SecurityError
-    from ._protocol import DEFAULT_MAX_MESSAGE_SIZE
     from ._security import dial_keys
-    from ._supervisor import DEFAULT_DRAIN_TIMEOUT, Supervisor
-    from ._worker import available_cpus
 
     try:
         parsed = parse(args.connect)
@@ -228,8 +215,17 @@ def run_dialling_worker(args: argparse.Namespace, log: logging.Logger) -> int:
     if keys is None and parsed.transport == "tcp":
         log.warning("INSECURE: taking tasks from whoever answers at %s, without authentication or encryption",
                     args.connect)
+    return run_supervisor(args, bind=None, connect=args.connect, dial_keys=keys)
+
+
+def run_supervisor(args: argparse.Namespace, *, bind: Optional[str], **where: Any) -> int:
+    """Run a worker with the options ``--bind`` and ``--connect`` share; ``where`` says the rest."""
+    from ._protocol import DEFAULT_MAX_MESSAGE_SIZE
+    from ._supervisor import DEFAULT_DRAIN_TIMEOUT, Supervisor
+    from ._worker import available_cpus
+
     supervisor = Supervisor(
-        None, args.processes or available_cpus(), connect=args.connect, dial_keys=keys,
+        bind, args.processes or available_cpus(), **where,
         max_message_size=args.max_message_size or DEFAULT_MAX_MESSAGE_SIZE,
         drain_timeout=DEFAULT_DRAIN_TIMEOUT if args.drain_timeout is None else args.drain_timeout,
         idle_timeout=args.idle_timeout, exit_with_stdin=args.exit_with_stdin,
