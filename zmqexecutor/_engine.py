@@ -552,7 +552,8 @@ class StopTaskRequest:
 
 
 class Handle:
-    """All the executor sees of its engine: push a task, shut down, stop workers, snapshot, broken."""
+    """All the executor sees of its engine: push a task, shut down, stop workers, change endpoints,
+    wait for workers, snapshot, broken."""
 
     def __init__(self, executor: Any, addresses: list[str], settings: Settings,
                  local_worker: Optional[LocalWorker]) -> None:
@@ -577,6 +578,10 @@ class Handle:
             if self.engine.open_error is not None:
                 self.engine.join()
                 raise self.engine.open_error
+
+    def listen_address(self) -> Optional[str]:
+        port = self.engine.fleet.port  # set before the constructor returns, when listening
+        return None if port is None else port.address
 
     def workers_changed(self) -> None:
         with self.changed:

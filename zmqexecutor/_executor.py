@@ -207,20 +207,13 @@ class ZMQExecutor(Executor):
         if task_timeout is not None:
             _check_seconds("task_timeout", task_timeout, none_ok=True)
         self._task_timeout = task_timeout
-        self._security_args = (keys, worker_keys, insecure)  # for endpoints added later
+        self._security_args = (keys, worker_keys, insecure)  # for these endpoints and those added later
         listen_keys = None
         if listen is not None:
             listen_keys = _security.listen_keys(keys, worker_keys, listen, insecure=insecure)
-        if addresses:
-            client_keys = _security.client_keys(keys, worker_keys, addresses, insecure=insecure)
-            if client_keys is None and not insecure:
-                _refuse_plain_text_to_other_hosts(addresses)
-        elif remote:
-            client_keys = None
-        elif keys is not None or worker_keys:
+        if not remote and (keys is not None or worker_keys):
             raise ValueError("keys apply to remote endpoints; the embedded local workers are private already")
-        else:
-            client_keys = None
+        client_keys = self._keys_for(addresses) if addresses else None
         settings = Settings(
             init_blob=proto.encode_initializer(initializer, tuple(initargs)),
             max_tasks_per_child=max_tasks_per_child,
@@ -272,8 +265,7 @@ class ZMQExecutor(Executor):
     @property
     def listen_address(self) -> Optional[str]:
         """The address workers dial in to (``listen``, with the port filled in when it was 0), or None."""
-        port = self._handle.engine.fleet.port
-        return None if port is None else port.address
+        return self._handle.listen_address()
 
     def wait_for_workers(self, n: int = 1, timeout: Optional[float] = None) -> None:
         """Block until at least ``n`` workers are ready (bound or dialled in), as ``workers()`` counts them.
@@ -302,11 +294,15 @@ class ZMQExecutor(Executor):
         known = sorted(set(addresses) & set(self._handle.addresses))
         if known:
             raise ValueError(f"already an endpoint of this executor: {', '.join(known)}")
+        self._handle.change_endpoints(addresses, [], self._keys_for(addresses))
+
+    def _keys_for(self, addresses: list[str]) -> Optional[_security.ClientKeys]:
+        """The keys for these endpoints; refuses plain text to another host unless ``insecure``."""
         keys, worker_keys, insecure = self._security_args
         client_keys = _security.client_keys(keys, worker_keys, addresses, insecure=insecure)
         if client_keys is None and not insecure:
             _refuse_plain_text_to_other_hosts(addresses)
-        self._handle.change_endpoints(addresses, [], client_keys)
+        return client_keys
 
     def remove_endpoints(self, endpoints: Union[str, Sequence[str]]) -> None:
         """Stop sending tasks to these workers: the tasks they are running finish there (and
