@@ -43,7 +43,7 @@ class Fleet:
         self.client_id = f"zx-{uuid.uuid4().hex}".encode()
         self.connections: list[Connection] = []
         self.port: Optional[DialInPort] = None  # where workers dial in, with listen=
-        self.removing: set[Connection] = set()  # remove_endpoints: until their tasks are done
+        self.removing: set[WorkerConnection] = set()  # remove_endpoints: until their tasks are done
         self.unread: set[Source] = set()  # sockets with input (maybe) left to read
         self.unread_events: set[Union[WorkerConnection, DialInPort]] = set()  # monitors, likewise
         self.sent_to: set[Union[WorkerConnection, DialInPort]] = set()  # sockets that sent this turn
@@ -109,7 +109,7 @@ class Fleet:
         """Close the removed connections that have nothing in flight anymore; True if any."""
         retired = False
         for conn in list(self.removing):
-            if conn.load.inflight or not isinstance(conn, WorkerConnection):
+            if conn.load.inflight:
                 continue
             self.removing.discard(conn)
             scheduler.detach(conn.load, "removed")
