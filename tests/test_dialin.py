@@ -177,8 +177,7 @@ def test_idle_timeout_and_exit_with_stdin_stop_a_worker_nobody_uses() -> None:
                                f"tcp://127.0.0.1:{free_port()}", "--processes", "1", "--exit-with-stdin"],
                               stdin=subprocess.PIPE, stderr=subprocess.PIPE)
     assert worker.stderr is not None and worker.stdin is not None
-    while b"worker ready" not in worker.stderr.readline():
-        pass
+    assert any(b"worker ready" in line for line in worker.stderr)  # stops reading there (or at its end)
     worker.stdin.close()  # as when the launcher (or the ssh connection) goes away: it drains
     assert worker.wait(20) == 0
     assert b"standard input closed (whoever started this worker is gone): draining" in worker.stderr.read()
