@@ -495,6 +495,8 @@ class Wakeup:
         return self._read_fd
 
     def wake(self) -> None:
+        if self._pending:  # read without the lock: the thread has yet to clear it, so it will look
+            return
         with self._lock:
             if self._pending or self._closed:
                 return

@@ -370,7 +370,8 @@ class ZMQExecutor(Executor):
         except Exception as exc:
             future.set_exception(exc)
             return future
-        size = sum(memoryview(f).nbytes for f in frames)
+        size = len(frames[0]) if len(frames) == 1 and type(frames[0]) is bytes else \
+            sum(memoryview(f).nbytes for f in frames)
         if size > self._max_message_size:
             future.set_exception(MessageTooLargeError(
                 f"the task pickles to {size} bytes, more than max_message_size={self._max_message_size}"))

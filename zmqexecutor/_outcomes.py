@@ -35,6 +35,9 @@ task_logger = logging.getLogger("zmqexecutor.task")
 
 _REPLIES = frozenset({Kind.RESULT, Kind.EXCEPTION, Kind.CRASHED, Kind.INIT_FAILED, Kind.DROPPED, Kind.LOST})
 
+# A Future's states once it has its outcome (concurrent.futures._base, unchanged since Python 3.2).
+_DONE_STATES = frozenset({"CANCELLED", "CANCELLED_AND_NOTIFIED", "FINISHED"})
+
 
 class Outcomes:
     """Turns what the workers say, and what becomes of them, into results and errors on futures."""
@@ -195,7 +198,7 @@ def settled(task: Task, what: str) -> bool:
     """Whether the task's future has its outcome already. Cancelled is expected (by its user, or by
     force); anything else would mean a second outcome for one task, which must never happen: it is
     logged as an error, so that tests can see it (a Future refuses it silently)."""
-    if not task.future.done():
+    if task.future._state not in _DONE_STATES:  # done(), without taking its lock
         return False
     if not task.future.cancelled():
         logger.error("task %d already had its outcome; a second one (%s) was ignored", task.ident, what)

@@ -24,7 +24,7 @@ import pickle
 import re
 import types
 import weakref
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import cloudpickle
 
@@ -153,17 +153,17 @@ class CallEncoder:
         process that says when its task started)."""
         blob = self.function_pickle(fn)
         limit = () if time_limit is None else (float(time_limit),)
-        if all(is_plain(a) for a in args) and all(is_plain(v) for v in kwargs.values()):
+        if _all_plain(args) and (not kwargs or _all_plain(kwargs.values())):
             return [pickle.dumps((blob, args, kwargs, *limit), protocol=5)]
         wrapped_args = tuple(_wrap(a) for a in args)
         wrapped_kwargs = {k: _wrap(v) for k, v in kwargs.items()}
         return dumps((blob, wrapped_args, wrapped_kwargs, *limit))
 
     def function_pickle(self, fn: Any) -> bytes:
-        registry = frozenset(_registry())
+        registry = _registry()
         if registry != self._by_value_modules:  # what pickles by reference just changed
             self._cache.clear()
-            self._by_value_modules = registry
+            self._by_value_modules = frozenset(registry)
         cached = self._cache.get(id(fn))
         if cached is not None and cached[0] is fn and cached[1] == ():
             return cached[2]  # pickled by reference: its pickle is its name, which cannot change
@@ -185,8 +185,20 @@ _MISSING = object()
 
 
 def _registry() -> Any:
+    # The modules registered with cloudpickle.register_pickle_by_value. Its own set is compared, not
+    # a copy of it (what the public listing makes), since this is looked at on every submit.
+    registered = getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", None)
+    if isinstance(registered, set):
+        return registered
     listing = getattr(cloudpickle, "list_registry_pickle_by_value", None)
-    return listing() if listing is not None else ()
+    return listing() if listing is not None else frozenset()
+
+
+def _all_plain(values: Iterable[Any]) -> bool:
+    for value in values:
+        if not is_plain(value):
+            return False
+    return True
 
 
 def _fingerprint(obj: Any, depth: int, seen: set[int]) -> Optional[tuple[Any, ...]]:

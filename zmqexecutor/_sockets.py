@@ -18,6 +18,9 @@ HANDSHAKE_IVL_MS = 10_000
 HEARTBEAT_IVL_MS = 2000
 HEARTBEAT_TIMEOUT_MS = 20000
 
+# Plain ints: pyzmq's constants are enum flags, and ``int & flag`` builds a new enum member each time.
+_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
+
 
 def unbounded(sock: zmq.Socket[Any], *, linger: Optional[int] = None) -> zmq.Socket[Any]:
     """No high-water marks: credit bounds what is queued, and a high-water mark would only drop or
@@ -51,19 +54,19 @@ def listening_router(context: zmq.Context[Any], max_message_size: int) -> zmq.So
 def drain(sock: zmq.Socket[Any], limit: int = DRAIN_LIMIT) -> list[list[Any]]:
     """The messages waiting on ``sock``, up to ``limit``, without blocking (frames uncopied)."""
     messages: list[list[Any]] = []
-    while len(messages) < limit and _events(sock) & zmq.POLLIN:
-        messages.append(sock.recv_multipart(zmq.NOBLOCK, copy=False))
+    while len(messages) < limit and _events(sock) & _POLLIN:
+        messages.append(sock.recv_multipart(_NOBLOCK, copy=False))
     return messages
 
 
 def readable(sock: zmq.Socket[Any]) -> bool:
     """Whether a message waits; checked after every send, since libzmq signals its descriptor only
     on a change it has not reported yet, and a send may take that change in silently."""
-    return bool(_events(sock) & zmq.POLLIN)
+    return bool(_events(sock) & _POLLIN)
 
 
 def _events(sock: zmq.Socket[Any]) -> int:
-    return int(sock.getsockopt(zmq.EVENTS))
+    return sock.getsockopt(_EVENTS)  # type: ignore[return-value]
 
 
 def fileno(sock: zmq.Socket[Any]) -> int:
