@@ -16,7 +16,7 @@ from ._errors import SecurityError, VersionMismatchError
 from ._protocol import Kind
 from ._direct import DirectLanes
 from ._endpoints import probe
-from ._scheduler import Load, Task
+from ._scheduler import Load, Scheduler, Task
 from ._security import HANDSHAKE_FAILURE_EVENTS, HANDSHAKE_FAILURES, ClientKeys, secure_client_socket
 
 logger = logging.getLogger("zmqexecutor")
@@ -103,6 +103,16 @@ class Connection:
 
     def send_tasks(self, batch: list[Task]) -> bool:
         return self.send(proto.encode_messages([proto.Item(Kind.TASK, task.ident, task.frames) for task in batch]))
+
+    def take_tasks_from(self, scheduler: Scheduler, *, draining: bool) -> None:
+        """The worker is ready (first, or again after a restart): the scheduler may give it tasks."""
+        limit = self.info.get("max_message_size")
+        if self.lanes is None:
+            scheduler.attach(self.load, self.info["slots"], limit if isinstance(limit, int) else None)
+            self.load.draining = draining
+        else:  # the embedded worker: its task processes take them, a lane each
+            self.load.slots = self.info["slots"]
+            self.lanes.attach_all(scheduler)
 
     def welcome(self, header: proto.Header, frames: list[Any]) -> Optional[str]:
         """Take a WELCOME. Returns why the tasks in flight here are lost (the worker restarted or

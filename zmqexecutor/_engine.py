@@ -17,8 +17,8 @@ Data flow::
                                                   |     PONG, REJECTED, EXITED (embedded worker)
                                                   +---- monitor: handshake done/failed, disconnected
                                                   |
-                                                  |  embedded worker only (_direct): its task processes
-                                                  +---- DirectLanes (Unix socket) <-> a lane per process:
+                                                  |  embedded worker only (Embedded, _local): its task
+                                                  +---- processes' DirectLanes (Unix socket), a lane each:
                                                   |     TASK or BATCH, STOP -->  <-- READY, replies
                                                   |
                                                   |  with listen= (_dialin): workers that dial in
@@ -27,8 +27,9 @@ Data flow::
                                                         a connection closed (whose: ping them all)
 
 The embedded worker's tasks skip its supervisor: the scheduler sees each of its task processes as a
-worker of one slot, and the supervisor reports (EXITED) when one ends so the engine can settle what
-it held. Remote workers get their tasks through their supervisor.
+worker of one slot, and the supervisor reports (EXITED) when one ends so that ``Embedded`` can settle
+what it held. Remote workers get their tasks through their supervisor. What replies and lost workers
+do to futures is ``Outcomes``' business (_outcomes); which worker gets what, the ``Scheduler``'s.
 
 Each loop turn waits once (epoll over the sockets' descriptors, so a turn costs the same however many
 workers there are), reads every socket that has input until it would block (bounded per socket),
@@ -66,8 +67,8 @@ from ._connection import Connection, WorkerInfo
 from ._dialin import DialInPort, DialledConnection
 from ._fleet import Fleet
 from ._direct import DirectLanes
-from ._errors import BrokenWorkerPool, MessageTooLargeError, WorkerLostError
-from ._local import LocalWorker
+from ._errors import BrokenWorkerPool, WorkerLostError
+from ._local import Embedded, LocalWorker
 from ._outcomes import Outcomes, copy_error, fail
 from ._protocol import Kind
 from ._scheduler import Scheduler, Task
@@ -123,11 +124,10 @@ class Engine(threading.Thread):
         self.handle = handle
         self.addresses = addresses
         self.settings = settings
-        self.local_worker = local_worker
         self.scheduler = Scheduler(max_retries=settings.max_retries, max_in_flight=settings.max_in_flight)
         self.outcomes = Outcomes(self.scheduler, settings, local=local_worker is not None,
                                  break_executor=self.break_executor)
-        self.direct: Optional[DirectLanes] = None  # the embedded worker's task processes
+        self.embedded = None if local_worker is None else Embedded(local_worker, self.scheduler, self.outcomes)
         # Sockets are made and closed by this thread alone (in run): the fleet makes them there.
         self.context: zmq.Context[Any] = zmq.Context()
         self.selector = selectors.DefaultSelector()
@@ -156,7 +156,7 @@ class Engine(threading.Thread):
                 return
             finally:
                 self.opened.set()
-            self.callers_may_dispatch = self.direct is not None
+            self.callers_may_dispatch = self.embedded is not None
             while True:
                 self.wait_for_input()
                 self.receive_replies()
@@ -221,12 +221,8 @@ class Engine(threading.Thread):
         s = self.settings
         self.selector.register(self.handle.wakeup.fileno(), selectors.EVENT_READ, None)
         self.fleet.open()
-        if self.local_worker is not None:
-            self.direct = DirectLanes(self.local_worker.direct_address, self.addresses[0],
-                                      client_id=self.fleet.client_id, init_blob=s.init_blob,
-                                      max_tasks_per_child=s.max_tasks_per_child)
-            self.connections[0].lanes = self.direct
-            self.fleet.watch_socket(self.direct, self.direct.fileno())
+        if self.embedded is not None:
+            self.embedded.open(self.fleet, s)
 
     def receive_replies(self) -> None:
         unread = self.fleet.unread
@@ -234,8 +230,8 @@ class Engine(threading.Thread):
             if isinstance(source, DirectLanes):
                 # Level-triggered: its descriptor stays readable while anything is left unread.
                 unread.discard(source)
-                for peer, frames in source.messages():
-                    self.handle_direct(peer, frames)
+                assert self.embedded is not None
+                self.embedded.receive()
                 continue
             messages = drain(source.socket)
             if len(messages) < DRAIN_LIMIT:
@@ -269,8 +265,8 @@ class Engine(threading.Thread):
             if kind == Kind.REJECTED:
                 if conn.ready:
                     self.lose(conn, proto.decode_reason(rest))
-            elif kind == Kind.EXITED and self.direct is not None:
-                self.process_exited(proto.decode_exited(rest))
+            elif kind == Kind.EXITED and self.embedded is not None:
+                self.embedded.process_exited(proto.decode_exited(rest), stopping=self.stopping_workers)
             elif kind == Kind.DRAINING:
                 if not conn.load.draining:
                     logger.info("worker %s is draining: no more tasks go there; %d in flight finish there",
@@ -284,11 +280,9 @@ class Engine(threading.Thread):
         try:
             proto.expect_frames(body, 1)
             if proto.decode_header(body[0], any_version=True).kind == Kind.JOIN:
-                conn, session_was_up = self.fleet.joined(port, routing_id, body)
-                if session_was_up:  # a new connection: what it had in flight went with the old one
-                    self.lose(conn, "it reconnected")
-                else:
-                    conn.say_hello()
+                rejoined = self.fleet.joined(port, routing_id, body)
+                if rejoined is not None:  # a new connection: what it had in flight went with the old one
+                    self.lose(rejoined, "it reconnected")
                 return
             joined = port.workers.get(routing_id)
             if joined is None:
@@ -299,39 +293,13 @@ class Engine(threading.Thread):
         except proto.ProtocolError as exc:
             logger.warning("dropped a malformed message from a worker that dialled in: %s", exc)
 
-    def handle_direct(self, peer: Any, frames: list[Any]) -> None:
-        assert self.direct is not None
-        now = time.monotonic()
-        try:
-            for load, (kind, ident, rest) in self.direct.receive(peer, frames, self.scheduler,
-                                                                 self.connections[0].ready):
-                if not self.outcomes.reply(load, kind, ident, rest, now):
-                    raise proto.ProtocolError(f"unexpected {kind.name} from a task process")
-        except proto.ProtocolError as exc:
-            logger.warning("dropped a malformed message from a local task process: %s", exc)
-
-    def process_exited(self, info: dict[str, Any]) -> None:
-        """A task process of the embedded worker ended: settle what it had been sent."""
-        assert self.direct is not None
-        for peer, frames in self.direct.last_words(info["pid"]):
-            self.handle_direct(peer, frames)
-        ending = self.direct.exited(info, self.scheduler, retry=not self.stopping_workers)
-        if ending is not None:
-            self.outcomes.process_ended(ending, info, self.addresses[0], stopping=self.stopping_workers)
-
     def welcome(self, conn: Connection, header: proto.Header, frames: list[Any]) -> None:
         was_ready = conn.ready
         lost = conn.welcome(header, frames)
         if lost is not None:
-            self.lose_tasks(conn, lost)
+            self.outcomes.worker_lost(conn, lost, retry=not self.stopping_workers)
         if conn.ready and (lost is not None or not was_ready):
-            limit = conn.info.get("max_message_size")
-            if conn.lanes is None:
-                self.scheduler.attach(conn.load, conn.info["slots"], limit if isinstance(limit, int) else None)
-                conn.load.draining = conn in self.fleet.removing
-            else:
-                conn.load.slots = conn.info["slots"]
-                conn.lanes.attach_all(self.scheduler)
+            conn.take_tasks_from(self.scheduler, draining=conn in self.fleet.removing)
         elif not conn.ready and was_ready:
             self.scheduler.detach(conn.load, "incompatible")
         self.handle.workers_changed()
@@ -347,20 +315,9 @@ class Engine(threading.Thread):
     def lose(self, conn: Connection, why: str) -> None:
         self.handle.workers_changed()
         if conn.instance is not None or not isinstance(conn, DialledConnection):
-            self.lose_tasks(conn, why)
+            self.outcomes.worker_lost(conn, why, retry=not self.stopping_workers)
         if not self.fleet.gone(conn):
             conn.lost()
-
-    def lose_tasks(self, conn: Connection, why: str) -> None:
-        inflight = len(conn.load.inflight) + (conn.lanes.in_flight() if conn.lanes is not None else 0)
-        failed = self.scheduler.detach(conn.load, why, retry=not self.stopping_workers)
-        if conn.lanes is not None:  # its task processes went with it
-            failed += conn.lanes.detach_all(self.scheduler, why, retry=not self.stopping_workers)
-        if conn.load.draining and not inflight:  # as it said it would: no loss
-            logger.info("worker %s finished draining and left", conn.address)
-        else:
-            logger.warning("lost worker %s (%s) with %d task(s) in flight", conn.address, why, inflight)
-        self.outcomes.lost(failed, why)
 
     def take_submissions(self) -> None:
         self.handle.wakeup.clear()
@@ -391,25 +348,19 @@ class Engine(threading.Thread):
         load, task, position = located
         if isinstance(load.owner, Connection):
             load.owner.send(proto.encode_cancel(task.ident))
-        elif self.direct is not None and self.connections[0].ready:
-            # Which of the tasks sent to that process: the lane knows the order it sent them in.
-            seq = load.owner.given - len(load.inflight) + position
-            self.connections[0].send(proto.encode_cancel(load.owner.pid, seq))
+        elif self.embedded is not None:
+            self.embedded.cancel(load.owner, position)
 
     def stop_workers(self, signum: int) -> None:
         self.stopping_workers = True
         for task in self.scheduler.take_backlog():
             fail(task, WorkerLostError("the task was waiting for a retry when the workers were stopped"))
-        for conn in self.connections:
-            if conn.ready:
-                conn.send([proto.encode_header(Kind.TERMINATE, signum)])
+        self.fleet.tell_ready([proto.encode_header(Kind.TERMINATE, signum)])
 
     def dispatch_tasks(self) -> None:
         batches, too_large = self.scheduler.next_batches(time.monotonic())
         for task, load in too_large:
-            fail(task, MessageTooLargeError(
-                f"the task is {task.size} bytes, more than worker {load.name} accepts "
-                f"(its --max-message-size is {load.max_task_bytes})"))
+            self.outcomes.too_large(task, load)
         for load, batch in batches:
             # A connection (or a lane of the embedded worker) that disconnected since its last
             # message: an event follows.
@@ -421,25 +372,19 @@ class Engine(threading.Thread):
         if now < self.next_tick:
             return
         interval = self.settings.heartbeat
-        if self.local_worker is not None:
+        if self.embedded is not None:
             interval = min(interval, LOCAL_CHECK_INTERVAL)
         self.next_tick = now + interval
         for conn, why in self.fleet.beats(now):
             self.lose(conn, why)
-        self.watch_local_worker()
+        problem = None if self.embedded is None else self.embedded.revive(self.connections, self.stopping_workers)
+        if problem is not None:
+            self.break_executor(BrokenWorkerPool(problem))
 
     def expire_waiting_tasks(self) -> None:
         if self.scheduler.backlog and not self.scheduler.has_ready_worker():
             port = self.fleet.port
-            listening = [f"listening at {port.address}"] if port is not None else []
-            self.outcomes.expire(self.connections, self.addresses + listening, listening=bool(listening))
-
-    def watch_local_worker(self) -> None:
-        if self.local_worker is not None:
-            never_ready = all(conn.instance is None for conn in self.connections)
-            problem = self.local_worker.revive(never_ready=never_ready, stopping=self.stopping_workers)
-            if problem is not None:
-                self.break_executor(BrokenWorkerPool(problem))
+            self.outcomes.expire(self.connections, self.addresses, listening=None if port is None else port.address)
 
     def is_finished(self) -> bool:
         if self.handle.broken is not None:
@@ -455,8 +400,8 @@ class Engine(threading.Thread):
                 self.handle.broken = error
         self.take_submissions()
         loads = [conn.load for conn in self.connections]
-        if self.direct is not None:
-            loads += [lane.load for lane in self.direct.lanes.values()]
+        if self.embedded is not None:
+            loads += self.embedded.loads()
         tasks = [task for load in loads for task in self.scheduler.take_inflight(load)]
         for task in tasks + self.scheduler.take_all():
             fail(task, copy_error(error))
@@ -467,11 +412,8 @@ class Engine(threading.Thread):
             self.selector.close()
             self.context.term()
         finally:
-            if self.local_worker is not None:
-                self.local_worker.stop()
-            # After the worker: its task processes, which end when this closes, are not replaced.
-            if self.direct is not None:
-                self.direct.close()
+            if self.embedded is not None:
+                self.embedded.close()
             self.handle.wakeup.close()
             _live_engines.discard(self)
 

@@ -123,12 +123,22 @@ class Fleet:
             retired = True
         return retired
 
-    def joined(self, port: DialInPort, routing_id: bytes, frames: list[Any]) -> tuple[DialledConnection, bool]:
-        """A worker said JOIN: its connection, and whether its session was up (so it reconnected)."""
+    def joined(self, port: DialInPort, routing_id: bytes, frames: list[Any]) -> Optional[DialledConnection]:
+        """A worker said JOIN: shake hands with it; returns its connection if its session was up
+        (it reconnected, so its session is lost), else None."""
         conn, session_was_up = port.join(routing_id, frames)
         if conn not in self.connections:
             self.connections.append(conn)
-        return conn, session_was_up
+        if session_was_up:
+            return conn
+        conn.say_hello()
+        return None
+
+    def tell_ready(self, frames: list[Any]) -> None:
+        """Send ``frames`` to every worker with a session."""
+        for conn in self.connections:
+            if conn.ready:
+                conn.send(frames)
 
     def departures(self) -> list[tuple[Connection, str]]:
         """Read the monitors: the connections whose session is lost, and why."""

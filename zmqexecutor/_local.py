@@ -1,4 +1,16 @@
-"""The embedded default: a worker on this machine, started and owned by one executor."""
+"""The embedded default: a worker on this machine, started and owned by one executor, and what its
+executor's engine does with it.
+
+Data flow::
+
+    Engine (I/O thread)
+      Embedded ---- owns ----> LocalWorker: the ``zmqexecutor worker`` process (revived if it dies)
+        |  its task processes, reached directly (DirectLanes, _direct):
+        +---- TASK or BATCH, STOP -->   <-- READY, RESULT EXCEPTION INIT_FAILED OUTPUT ---> Outcomes.reply
+        |  its supervisor, over the engine's connection to it:
+        +<--- EXITED (a task process ended: its tasks sorted out) -------------------> Outcomes.process_ended
+        +---- CANCEL (pid, which of the tasks sent to it) -------------------------->
+"""
 
 from __future__ import annotations
 
@@ -9,7 +21,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+from . import _protocol as proto
+from ._direct import DirectLanes, Lane
+from ._scheduler import Load
+
+if TYPE_CHECKING:
+    from ._connection import Connection
+    from ._fleet import Fleet
+    from ._outcomes import Outcomes
+    from ._scheduler import Scheduler
 
 logger = logging.getLogger("zmqexecutor")
 
@@ -98,3 +120,67 @@ class LocalWorker:
                     process.kill()
                     process.wait()
         shutil.rmtree(self.private_dir, ignore_errors=True)
+
+
+class Embedded:
+    """The engine's side of the worker it embeds: the worker process, and the lanes to its task
+    processes, which take their tasks from the engine itself; what their replies and ends do."""
+
+    def __init__(self, worker: LocalWorker, scheduler: "Scheduler", outcomes: "Outcomes") -> None:
+        self.worker = worker
+        self.scheduler = scheduler
+        self.outcomes = outcomes
+        self.lanes: Optional[DirectLanes] = None  # made in the I/O thread, by open
+        self.supervisor: Optional["Connection"] = None  # the engine's connection to the worker
+
+    def open(self, fleet: "Fleet", settings: Any) -> None:
+        self.supervisor = fleet.connections[0]
+        self.lanes = DirectLanes(self.worker.direct_address, self.supervisor.address, client_id=fleet.client_id,
+                                 init_blob=settings.init_blob, max_tasks_per_child=settings.max_tasks_per_child)
+        self.supervisor.lanes = self.lanes
+        fleet.watch_socket(self.lanes, self.lanes.fileno())
+
+    def receive(self) -> None:
+        assert self.lanes is not None
+        for peer, frames in self.lanes.messages():
+            self.handle(peer, frames)
+
+    def handle(self, peer: Any, frames: list[Any]) -> None:
+        assert self.lanes is not None and self.supervisor is not None
+        now = time.monotonic()
+        try:
+            for load, (kind, ident, rest) in self.lanes.receive(peer, frames, self.scheduler, self.supervisor.ready):
+                if not self.outcomes.reply(load, kind, ident, rest, now):
+                    raise proto.ProtocolError(f"unexpected {kind.name} from a task process")
+        except proto.ProtocolError as exc:
+            logger.warning("dropped a malformed message from a local task process: %s", exc)
+
+    def process_exited(self, info: dict[str, Any], *, stopping: bool) -> None:
+        """A task process ended (its supervisor said EXITED): settle what it had been sent."""
+        assert self.lanes is not None and self.supervisor is not None
+        for peer, frames in self.lanes.last_words(info["pid"]):
+            self.handle(peer, frames)
+        ending = self.lanes.exited(info, self.scheduler, retry=not stopping)
+        if ending is not None:
+            self.outcomes.process_ended(ending, info, self.supervisor.address, stopping=stopping)
+
+    def cancel(self, lane: Lane, position: int) -> None:
+        """Have the supervisor stop the task at ``position`` among those in flight on ``lane``'s
+        process: the lane knows the order it sent them in, the supervisor what the process started."""
+        if self.supervisor is not None and self.supervisor.ready:
+            seq = lane.given - len(lane.load.inflight) + position
+            self.supervisor.send(proto.encode_cancel(lane.pid, seq))
+
+    def revive(self, connections: list["Connection"], stopping: bool) -> Optional[str]:
+        """Start the worker again if it died; returns why the executor must break instead, or None."""
+        never_ready = all(conn.instance is None for conn in connections)
+        return self.worker.revive(never_ready=never_ready, stopping=stopping)
+
+    def loads(self) -> list[Load]:
+        return [] if self.lanes is None else [lane.load for lane in self.lanes.lanes.values()]
+
+    def close(self) -> None:
+        self.worker.stop()
+        # After the worker: its task processes, which end when this closes, are not replaced.
+        if self.lanes is not None:
+            self.lanes.close()

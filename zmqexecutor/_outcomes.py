@@ -6,7 +6,7 @@ Data flow::
       a reply: RESULT EXCEPTION CRASHED INIT_FAILED DROPPED LOST, or OUTPUT -----> Outcomes.reply
           (found in flight by the Scheduler; late and duplicate ones fall through)   -> set_result,
       a task process that ended (EXITED), its tasks sorted out by DirectLanes ---> .process_ended
-      tasks lost with their worker, out of retries ---------------------------------> .lost
+      a worker lost: its tasks in flight retried, or failed once out of retries ----> .worker_lost
       tasks that waited for a worker too long, or for one that can never take them --> .expire
                                                                                        set_exception
 
@@ -24,7 +24,7 @@ from concurrent.futures import Future
 from typing import Any, Callable, Optional, Union
 
 from . import _protocol as proto
-from ._errors import BrokenWorkerPool, NoWorkersError, TaskCrashedError, TaskTimeoutError, VersionMismatchError, \
+from ._errors import BrokenWorkerPool, MessageTooLargeError, NoWorkersError, TaskCrashedError, TaskTimeoutError, VersionMismatchError, \
     WorkerLostError
 from ._protocol import Kind
 from ._scheduler import Load, Scheduler, Task
@@ -87,6 +87,24 @@ class Outcomes:
             for task in ending.unstarted:
                 fail(task, BrokenWorkerPool("the task was dropped before it started: its client stopped the workers"))
 
+    def worker_lost(self, conn: Any, why: str, *, retry: bool) -> None:
+        """``conn``'s worker is lost (or restarted): its tasks in flight go back to the backlog, and
+        those lost too often already (or all, without ``retry``) fail."""
+        scheduler = self.scheduler
+        inflight = len(conn.load.inflight) + (conn.lanes.in_flight() if conn.lanes is not None else 0)
+        failed = scheduler.detach(conn.load, why, retry=retry)
+        if conn.lanes is not None:  # its task processes went with it
+            failed += conn.lanes.detach_all(scheduler, why, retry=retry)
+        if conn.load.draining and not inflight:  # as it said it would: no loss
+            logger.info("worker %s finished draining and left", conn.address)
+        else:
+            logger.warning("lost worker %s (%s) with %d task(s) in flight", conn.address, why, inflight)
+        self.lost(failed, why)
+
+    def too_large(self, task: Task, load: Load) -> None:
+        fail(task, MessageTooLargeError(f"the task is {task.size} bytes, more than worker {load.name} accepts "
+                                        f"(its --max-message-size is {load.max_task_bytes})"))
+
     def lost(self, failed: list[tuple[Task, str]], why: str) -> None:
         """Tasks lost with their workers once too often: they fail."""
         for task, lost_on in failed:
@@ -96,19 +114,19 @@ class Outcomes:
                 f"the task was lost with {len(task.lost_on)} worker(s): {lost_on} "
                 f"(max_retries={self.settings.max_retries}); last: {why}", tuple(task.lost_on)))
 
-    def expire(self, connections: list[Any], addresses: list[str], *, listening: bool = False) -> None:
+    def expire(self, connections: list[Any], addresses: list[str], *, listening: Optional[str] = None) -> None:
         """With no worker ready: fail what waits if no worker can ever take it (unless another may
-        still dial in), else what waited longer than ``connect_timeout``."""
+        still dial in at ``listening``), else what waited longer than ``connect_timeout``."""
         scheduler = self.scheduler
         reasons = "".join(f"; {c.address}: {c.error}" for c in connections if c.error is not None)
-        if listening:
-            pass
+        if listening is not None:
+            addresses = addresses + [f"listening at {listening}"]
         elif all(conn.state == conn.INCOMPATIBLE for conn in connections):
             errors = "; ".join(str(conn.error) for conn in connections)
             for task in scheduler.take_backlog():
                 fail(task, VersionMismatchError(errors))
             return
-        if not listening and all(conn.definitely_unusable for conn in connections):
+        if listening is None and all(conn.definitely_unusable for conn in connections):
             # Waiting out connect_timeout would change nothing: keys or versions are wrong everywhere.
             for task in scheduler.take_backlog():
                 error = NoWorkersError(f"no worker can be used{reasons}")
