@@ -259,6 +259,19 @@ def test_map_timeout_counts_from_the_call() -> None:
     assert results == [0, 0]
 
 
+def test_results_finished_before_a_long_task_arrive_while_it_runs() -> None:
+    # Replies wait in the task process to go back together while more tasks are queued there; a
+    # long task queued behind short ones must not hold theirs back until it ends.
+    with ZMQExecutor(max_workers=1) as executor:
+        executor.submit(slow_identity, 0).result()
+        for _ in range(2):
+            shorts = [executor.submit(slow_identity, 0.001) for _ in range(20)]
+            long = executor.submit(slow_identity, 2.5)
+            done, _ = cf.wait(shorts, timeout=1.5)
+            assert len(done) == 20 and not long.done()
+            assert long.result() == 2.5
+
+
 def test_map_without_buffersize_collects_the_iterables_at_once(ex) -> None:
     pulled = []
 

@@ -149,9 +149,13 @@ class TaskLoop:
         self.socket_lock = threading.Lock()
         self.running: Optional[int] = None
         self.forwarder: Optional[threading.Thread] = None
-        # Set when a task starts while replies are held: the forwarder sends them once they have
-        # waited HOLD_SECONDS, so that they never wait for the end of a long task.
+        # Set when a task starts while replies are held: the forwarder sends them if the task then
+        # running (armed_for) still runs once they have waited HOLD_SECONDS, so that they never wait
+        # for the end of a long task. The forwarder takes the socket only then: the tiny tasks of a
+        # batch are over long before, and taking it from the main thread for each had cost more
+        # than those tasks themselves.
         self.held_waiting = threading.Event()
+        self.armed_for: Optional[int] = None
         # A task may fork (multiprocessing): the child must not inherit a lock the forwarder held.
         os.register_at_fork(after_in_child=self.forget_locks)
 
@@ -211,7 +215,9 @@ class TaskLoop:
         self.running = task_id
         namespace = self.namespace(client)
         if self.held:
-            self.held_waiting.set()
+            self.armed_for = task_id
+            if not self.held_waiting.is_set():
+                self.held_waiting.set()
         self.socket_lock.release()
         try:
             if len(proto.as_buffer(init_blob)):
@@ -277,15 +283,18 @@ class TaskLoop:
         if self.held:
             self.sock.send(proto.encode_messages(self.held))
             self.held, self.held_bytes = [], 0
+        self.armed_for = None
 
     def forward_output(self) -> None:
         while True:
             if self.held_waiting.wait(OUTPUT_INTERVAL):
                 self.held_waiting.clear()
                 time.sleep(max(0.0, self.held_since + HOLD_SECONDS - time.monotonic()))
-                with self.socket_lock:
-                    if self.running is not None:  # the task still runs: its predecessors' replies go now
-                        self.send_held()
+                armed_for = self.armed_for
+                if armed_for is not None and self.running == armed_for:  # without the lock: mostly over
+                    with self.socket_lock:
+                        if self.running == armed_for:  # it still runs: its predecessors' replies go now
+                            self.send_held()
                 continue
             with self.socket_lock:
                 if self.running is not None:
