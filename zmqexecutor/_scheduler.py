@@ -22,8 +22,10 @@ INITIAL_PREFETCH_PER_SLOT = 1
 
 # Sent ahead per slot: enough tasks to keep a slot busy this long, within [1, MAX_PREFETCH_PER_SLOT].
 # More hides the round trip better and fills batches; but tasks sent ahead can no longer be cancelled.
+# The time bound is what limits real tasks; the count only binds for the tiniest (no-ops), where each
+# message costs most: it wakes a peer that ran dry, which on a VM costs its sender tens of µs.
 QUEUE_AHEAD_SECONDS = 0.005
-MAX_PREFETCH_PER_SLOT = 64
+MAX_PREFETCH_PER_SLOT = 256
 
 # Tasks that take this long get no company sent ahead: a round trip is then a small price, while a
 # task stuck behind a long one could leave another slot idle for that long.
@@ -34,7 +36,7 @@ SERVICE_SMOOTHING = 0.1
 
 # One batch (one message) carries at most this many tasks and, beyond its first task, this many bytes:
 # bigger batches amortize more per-message cost but delay the worker's first task by their copying.
-BATCH_TASKS = 64
+BATCH_TASKS = 256
 BATCH_BYTES = 1 << 20
 
 

@@ -33,9 +33,10 @@ STOP_GRACE = 2.0
 
 # Tasks queued inside a task process beyond the one it runs: enough to keep it busy this long, at most
 # MAX_AHEAD. None go ahead while tasks take longer than QUEUE_AHEAD_SECONDS, so a long task never
-# holds back one that another process could start now.
+# holds back one that another process could start now. The count binds only for the tiniest tasks,
+# where a process that runs dry sooner costs a wake-up per handful of tasks.
 QUEUE_AHEAD_SECONDS = 0.002
-MAX_AHEAD = 64
+MAX_AHEAD = 256
 
 # How fast the estimate of a task's duration follows new samples (an exponential average).
 SERVICE_SMOOTHING = 0.1

@@ -41,7 +41,7 @@ PARENT_CHECK_INTERVAL = 0.5
 # Replies wait while more tasks are queued here, to go back together: up to this many, this many
 # bytes, or this long. Longer holds make bigger batches, but a crash loses the held results with the
 # process (their tasks fail), and the supervisor sends no more work until it hears back.
-HOLD_REPLIES = 64
+HOLD_REPLIES = 256
 HOLD_BYTES = 256 * 1024
 HOLD_SECONDS = 0.002
 
