@@ -57,3 +57,18 @@ def test_the_quick_suite_writes_a_report(tmp_path) -> None:
     else:
         assert (out / "workloads.png").stat().st_size > 1000
         assert (out / "scaling.png").stat().st_size > 1000
+
+
+@pytest.mark.timeout(300)
+def test_the_overhead_profile_accounts_for_every_process_over_tcp() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.profile_overhead", "--system", "zmq-tcp", "--tasks", "2000", "--rounds", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=280, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    spent = dict(re.findall(r"^  (client|supervisor|task process \d|total) +([\d.]+) us CPU per task", run.stdout,
+                            re.MULTILINE))
+    assert set(spent) == {"client", "supervisor", "task process 0", "task process 1", "total"}, run.stdout
+    # A relayed worker's supervisor does work for every task (the embedded one does not).
+    assert float(spent["supervisor"]) > 0 and float(spent["client"]) > 0
+    assert "zmqexecutor-io" in run.stdout and "MainThread" in run.stdout

@@ -21,13 +21,16 @@ import logging
 import sys
 import time
 from concurrent.futures import Future
-from typing import Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from . import _protocol as proto
 from ._errors import BrokenWorkerPool, MessageTooLargeError, NoWorkersError, TaskCrashedError, TaskTimeoutError, VersionMismatchError, \
     WorkerLostError
 from ._protocol import Kind
 from ._scheduler import Load, Scheduler, Task
+
+if TYPE_CHECKING:
+    from ._connection import Connection
 
 logger = logging.getLogger("zmqexecutor")
 # What tasks print on their workers, forwarded here (INFO) with ZMQExecutor(task_output="log").
@@ -87,7 +90,7 @@ class Outcomes:
             for task in ending.unstarted:
                 fail(task, BrokenWorkerPool("the task was dropped before it started: its client stopped the workers"))
 
-    def worker_lost(self, conn: Any, why: str, *, retry: bool) -> None:
+    def worker_lost(self, conn: "Connection", why: str, *, retry: bool) -> None:
         """``conn``'s worker is lost (or restarted): its tasks in flight go back to the backlog, and
         those lost too often already (or all, without ``retry``) fail."""
         scheduler = self.scheduler
