@@ -259,6 +259,7 @@ def test_map_timeout_counts_from_the_call() -> None:
     assert results == [0, 0]
 
 
+@pytest.mark.slow  # about 10 s of sleeps; the task process's logic is the same on every Python
 def test_results_finished_before_a_long_task_arrive_while_it_runs() -> None:
     # Replies wait in the task process to go back together while more tasks are queued there; a
     # long task queued behind short ones must not hold theirs back until it ends.
