@@ -20,8 +20,11 @@ logger = logging.getLogger("zmqexecutor.worker")
 DIAL_RECONNECT_IVL_MS = 100
 DIAL_RECONNECT_IVL_MAX_MS = 1000
 
-# How long closing may spend flushing the last replies (DRAINING, a final result) to a dialled client.
-DIAL_LINGER_MS = 500
+# How long closing may spend flushing the last replies (DRAINING, the result of the last task a drain
+# waited for) to the clients. Without it a reply queued just before the worker exits can be dropped
+# unsent, and its task counts as lost. Bounded, so that a client that stopped reading cannot hold the
+# exit; a bound ROUTER refuses messages to clients already gone, so only live ones are waited for.
+CLOSE_LINGER_MS = 500
 
 
 class BoundFront:
@@ -52,7 +55,7 @@ class BoundFront:
         pass
 
     def close(self) -> None:
-        self.socket.close(linger=0)
+        self.socket.close(linger=CLOSE_LINGER_MS)
 
 
 class DialFront:
@@ -63,7 +66,7 @@ class DialFront:
         self.endpoint = address
         self.client = address.encode()  # the one session's key
         self.join = proto.encode_join(join)
-        self.socket = unbounded(context.socket(zmq.DEALER), linger=DIAL_LINGER_MS)
+        self.socket = unbounded(context.socket(zmq.DEALER), linger=CLOSE_LINGER_MS)
         # Stable across reconnections, so that the client's ROUTER hands the identity over to the
         # new connection and knows it is the same worker.
         self.socket.setsockopt(zmq.ROUTING_ID, str(join["instance"]).encode())
