@@ -306,10 +306,11 @@ class Engine(threading.Thread):
 
     def read_connection_events(self) -> None:
         if self.fleet.unread_events:
-            for conn, why in self.fleet.departures():
+            lost, someone_left = self.fleet.departures()
+            for conn, why in lost:
                 self.lose(conn, why)
-            if self.fleet.port is not None:
-                # Again soon: the ROUTER may not have dropped the identity yet when an event comes.
+            if someone_left:
+                # Again soon: the ROUTER may not have dropped the identity yet when the event comes.
                 self.next_tick = min(self.next_tick, time.monotonic() + RECHECK_AFTER_DISCONNECT)
 
     def lose(self, conn: Connection, why: str) -> None:

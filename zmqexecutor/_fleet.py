@@ -140,20 +140,23 @@ class Fleet:
             if conn.ready:
                 conn.send(frames)
 
-    def departures(self) -> list[tuple[Connection, str]]:
-        """Read the monitors: the connections whose session is lost, and why."""
+    def departures(self) -> tuple[list[tuple[Connection, str]], bool]:
+        """Read the monitors: the connections whose session is lost, and why; and whether a
+        dialled-in worker's connection closed (then its ROUTER is to be asked again soon)."""
         lost: list[tuple[Connection, str]] = []
+        someone_left = False
         for source in list(self.unread_events):
             self.unread_events.discard(source)
             if isinstance(source, DialInPort):
                 if source.someone_left():  # whose, the ROUTER knows: ask it about each
+                    someone_left = True
                     lost += [(conn, "its connection closed") for conn in list(source.workers.values())
                              if not conn.still_there()]
                 continue
             why = source.connection_events()
             if why is not None:
                 lost.append((source, why))
-        return lost
+        return lost, someone_left
 
     def gone(self, conn: Connection) -> bool:
         """Whether ``conn`` is a dialled-in worker whose connection closed (then it is forgotten)."""

@@ -29,6 +29,7 @@ from ._scheduler import Load
 
 if TYPE_CHECKING:
     from ._connection import Connection
+    from ._engine import Settings
     from ._fleet import Fleet
     from ._outcomes import Outcomes
     from ._scheduler import Scheduler
@@ -133,7 +134,7 @@ class Embedded:
         self.lanes: Optional[DirectLanes] = None  # made in the I/O thread, by open
         self.supervisor: Optional["Connection"] = None  # the engine's connection to the worker
 
-    def open(self, fleet: "Fleet", settings: Any) -> None:
+    def open(self, fleet: "Fleet", settings: "Settings") -> None:
         self.supervisor = fleet.connections[0]
         self.lanes = DirectLanes(self.worker.direct_address, self.supervisor.address, client_id=fleet.client_id,
                                  init_blob=settings.init_blob, max_tasks_per_child=settings.max_tasks_per_child)
