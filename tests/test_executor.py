@@ -8,6 +8,7 @@ import concurrent.futures as cf
 import gc
 import glob
 import itertools
+import operator
 import os
 import re
 import shutil
@@ -211,6 +212,43 @@ def test_large_messages_reuse_memory_only_when_nobody_holds_it(where: str, start
         echoed = [f.result(timeout=60) for f in [ex.submit(np.copy, a) for a in arrays]]
     assert sums == [(1.0 * n, 1.0 * n, 1), (2.0 * n, 1.0 * n, 2), (3.0 * n, 1.0 * n, 3)]
     assert all(np.array_equal(e, a) for e, a in zip(echoed, arrays))
+
+
+def echo_array(array: "np.ndarray") -> "np.ndarray":
+    return array
+
+
+def double_in_place(array: "np.ndarray") -> "np.ndarray":
+    array *= 2
+    return array
+
+
+def keep_and_return(array: "np.ndarray") -> "np.ndarray":
+    _kept[:] = [array]
+    return array
+
+
+def change_what_was_kept() -> float:
+    _kept[0][:] = -1.0
+    return float(_kept[0].sum())
+
+
+def test_a_remote_task_that_returns_its_argument_gets_it_back_as_it_was_when_it_returned(start_worker) -> None:
+    # Between a worker's supervisor and its task processes, large frames travel as sealed memfds, and
+    # one that comes back unchanged goes back as the same memfd. What the client gets must be what the
+    # task returned: changed before it returned, or changed by a later task while it is still on its way.
+    n = 2 << 20  # 16 MiB of float64
+    with ZMQExecutor([start_worker(processes=1).endpoint], max_workers=1) as ex:
+        for i in range(3):
+            original = np.random.default_rng(i).random(n)
+            assert np.array_equal(ex.submit(echo_array, original).result(timeout=60), original)
+            assert np.array_equal(ex.submit(double_in_place, original).result(timeout=60), 2 * original)
+            view = ex.submit(operator.itemgetter(slice(1000, None)), original).result(timeout=60)
+            assert np.array_equal(view, original[1000:])
+            kept, changed = ex.submit(keep_and_return, original), ex.submit(change_what_was_kept)
+            assert changed.result(timeout=60) == -1.0 * n
+            result = kept.result(timeout=60)
+            assert np.array_equal(result, original) and result.flags.writeable
 
 
 # --- map ------------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ import uuid
 from typing import Any, Iterator, Optional
 
 import zmq
+import zmq.utils.garbage as zmq_garbage
 
 from . import _protocol as proto
 from ._errors import SecurityError
@@ -146,6 +147,11 @@ class Supervisor:
         if self.secret_key_file is not None:
             self.guard = worker_guard(self.context, self.secret_key_file, self.allow or "")
         self.open_sockets()
+        if not self.direct:
+            # pyzmq lets go of a zero-copy send's memory from a thread of its own (with a ZeroMQ context
+            # of its own), started on the first such send: without this, a worker's first large result
+            # would wait for that start (about 10 ms here).
+            zmq_garbage.gc.start()
         if self.guard is not None:
             self.guard.prove_strangers_are_rejected(self.front.endpoint)
         if not _CAN_FORK_EARLY:
