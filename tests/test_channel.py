@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import multiprocessing
 import os
 import select
@@ -12,7 +11,7 @@ import time
 
 import pytest
 
-from zmqexecutor._channel import MAX_FRAMES, SHARE_MIN, BufferPool, Link, Listener, Peer
+from zmqexecutor._channel import MAX_FRAMES, BufferPool, Link, Listener, Peer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -204,110 +203,3 @@ def test_pooled_memory_stays_within_its_limit_and_trim_lets_go_of_it():
     del held, extra
     pool.trim()
     assert pool.free_when_done == []
-
-
-# Large frames between a supervisor and its task processes: memfds ----------------------------------
-
-
-def _memfd_inodes() -> set[str]:
-    """The memfds of shared frames this process has mapped now."""
-    with open("/proc/self/maps") as maps:
-        return {line.split()[4] for line in maps if "memfd:zmqexecutor-frame" in line}
-
-
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def _echo_shared(path: str) -> None:
-    """Echo frames back unchanged; then write into them and send them again; on b"report", say which
-    memfds this process maps and how many descriptors it has open, once the frames are let go."""
-    link = Link(path, give_up=lambda: False, share_large=True)
-    while not link.closed:
-        link.poll(1.0)
-        for frames in link.receive():
-            if bytes(frames[0]) == b"report":
-                link.poll(0)  # a wait in vain lets go of what is no longer used
-                link.send([b"report", repr((sorted(_memfd_inodes()), _open_fds())).encode()])
-                continue
-            link.send([b"unchanged", repr(sorted(_memfd_inodes())).encode(), *frames])
-            for frame in frames:
-                if len(frame) >= SHARE_MIN:
-                    frame[0] = (frame[0] + 1) % 256  # the sender's memfd is sealed: this page is ours
-            link.send([b"changed", *frames])
-            del frames, frame
-
-
-@pytest.fixture
-def shared(tmp_path):
-    listener = Listener(str(tmp_path / "shared"), share_large=True)
-    process = multiprocessing.get_context("fork").Process(target=_echo_shared, args=(listener.path,))
-    process.start()
-    yield listener, _wait_for_peer(listener)
-    listener.close()
-    process.join(10)
-    if process.is_alive():
-        process.kill()
-
-
-def _receive(listener: Listener, count: int) -> list[list[memoryview]]:
-    received: list[list[memoryview]] = []
-    end = time.monotonic() + 30
-    while len(received) < count:
-        assert time.monotonic() < end, f"only {len(received)} of {count} messages arrived"
-        select.select([listener], [], [], 0.1)
-        received += [frames for _, frames in listener.receive()]
-    return received
-
-
-def test_large_frames_travel_as_memfds_and_one_sent_back_unchanged_as_the_same_memfd(shared):
-    listener, peer = shared
-    big = os.urandom(3 << 20)
-    assert peer.send([b"small", big, b"x" * 1000])
-    unchanged, changed = _receive(listener, 2)
-    assert bytes(unchanged[0]) == b"unchanged" and bytes(changed[0]) == b"changed"
-    [theirs] = ast.literal_eval(bytes(unchanged[1]).decode())  # the process mapped the one large frame, and only that
-    assert [bytes(f) for f in unchanged[2:]] == [b"small", big, b"x" * 1000]
-    # Written after it was sent back, yet what arrived stays as it was: the memfd is sealed, and the
-    # writes went to pages of the process's own; the changed frame came as a memfd of its own.
-    assert bytes(unchanged[3]) == big
-    assert bytes(changed[2][:1]) == bytes([(big[0] + 1) % 256]) and bytes(changed[2][1:]) == big[1:]
-    both = _memfd_inodes()
-    del changed
-    assert _memfd_inodes() == {theirs} and len(both) == 2  # what came back unchanged is that memfd
-
-
-def test_shared_frames_leave_no_descriptor_or_mapping_behind(shared):
-    listener, peer = shared
-    before = _open_fds()
-    assert peer.send([b"report"])
-    [[_, report]] = _receive(listener, 1)
-    _, theirs_before = ast.literal_eval(bytes(report).decode())
-    for size in (1 << 20, 5 << 20):
-        for _ in range(3):
-            assert peer.send([os.urandom(size), os.urandom(size)])
-            received = _receive(listener, 2)
-            assert len(received[0][2]) == size
-            del received
-    assert _memfd_inodes() == set()  # every mapping went with the last view of it
-    assert _open_fds() == before
-    assert peer.send([b"report"])
-    [[_, report]] = _receive(listener, 1)
-    inodes, theirs_after = ast.literal_eval(bytes(report).decode())
-    assert inodes == [] and theirs_after == theirs_before  # nothing kept for frames let go
-
-
-def test_a_shared_frame_on_a_link_without_them_or_without_its_descriptor_closes_it(tmp_path):
-    for share in (False, True):
-        listener = Listener(str(tmp_path / f"corrupt-{share}"), share_large=share)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(listener.path)
-        peer = _wait_for_peer(listener)
-        sock.sendall(struct.pack("<IQQ", 1, (1 << 63) | (2 << 20), 0))  # a memfd frame, no memfd
-        end = time.monotonic() + 10
-        while not peer.closed:
-            assert time.monotonic() < end
-            select.select([listener], [], [], 0.1)
-            assert listener.receive() == []
-        sock.close()
-        listener.close()

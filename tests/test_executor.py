@@ -234,9 +234,9 @@ def change_what_was_kept() -> float:
 
 
 def test_a_remote_task_that_returns_its_argument_gets_it_back_as_it_was_when_it_returned(start_worker) -> None:
-    # Between a worker's supervisor and its task processes, large frames travel as sealed memfds, and
-    # one that comes back unchanged goes back as the same memfd. What the client gets must be what the
-    # task returned: changed before it returned, or changed by a later task while it is still on its way.
+    # What the client gets must be what the task returned, however its bytes travel back (a worker
+    # reads large messages into memory it used before): changed before it returned, or changed by a
+    # later task of the same process while the result may still be on its way.
     n = 2 << 20  # 16 MiB of float64
     with ZMQExecutor([start_worker(processes=1).endpoint], max_workers=1) as ex:
         for i in range(3):

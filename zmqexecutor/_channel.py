@@ -19,21 +19,11 @@ every link that crosses hosts or users.
 A message is its frame count (u32), each frame's length (u64), then the frames back to back. Frames
 are written from the caller's buffers (no copy into one blob) and read as views of one buffer per
 message.
-
-Between a supervisor and its task processes (``share_large``), a frame of SHARE_MIN bytes or more
-travels instead as a sealed memfd whose descriptor rides along (SCM_RIGHTS, attached to the bytes
-that start its message): its length has the SHARED bit set, its offset in the memfd follows the
-lengths (u64 each), and the reader maps the pages the writer filled. The reader then needs no fresh
-memory of its own, which costs more than the copy on this kind of machine (the kernel makes and
-zeroes every page), and the bytes cross no socket. The embedded worker's processes talk to the
-client's I/O thread without it: there one copy through the socket already beats the ZeroMQ floor.
 """
 
 from __future__ import annotations
 
-import array
 import collections
-import fcntl
 import itertools
 import mmap
 import os
@@ -69,24 +59,6 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 # more is read into fresh memory each time.
 POOL_BYTES = 256 * 1024 * 1024
 
-# Frames at least this big go as a shared memfd on links that allow it: below, a copy through the socket
-# costs less than making, mapping and unmapping a memfd.
-SHARE_MIN = 1 << 20
-
-# Memfds per message (Linux passes at most 253 descriptors per call); further large frames of the same
-# message go through the socket.
-SHARE_PER_MESSAGE = 64
-
-_SHARED = 1 << 63
-_ANCILLARY = socket.CMSG_SPACE(SHARE_PER_MESSAGE * array.array("i").itemsize)
-# A shared frame's memfd is sealed as it is passed: nobody can change or shrink it anymore, so a reader
-# may map it and keep it (its own writes go to private copies of the pages it writes).
-_SEALS = sum(getattr(fcntl, name, 0) for name in ("F_SEAL_SHRINK", "F_SEAL_GROW", "F_SEAL_WRITE", "F_SEAL_SEAL"))
-_MUST_SEAL = getattr(fcntl, "F_SEAL_SHRINK", 0) | getattr(fcntl, "F_SEAL_WRITE", 0)
-
-# pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst): in memory, swapped, a page of the file
-_PRESENT, _SWAPPED, _FILE_PAGE = 1 << 63, 1 << 62, 1 << 61
-
 _WAIT_READ = select.EPOLLIN
 _WAIT_BOTH = select.EPOLLIN | select.EPOLLOUT
 
@@ -100,32 +72,14 @@ def _raw(frame: Any) -> memoryview:
     return view
 
 
-class _Descriptors:
-    """Memfds to pass with the bytes that follow them in a Peer's ``out``; ours to close once sent."""
-
-    __slots__ = ("fds",)
-
-    def __init__(self, fds: list[int]) -> None:
-        self.fds = fds
-
-    def close(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
-
-
-def _not_descriptors(item: Any) -> bool:
-    return type(item) is not _Descriptors
-
-
 class Peer:
     """One end of a connection, never blocking: what it cannot write now waits in ``out``."""
 
     __slots__ = ("sock", "fd", "owner", "closed", "out", "pending", "scratch", "body", "body_frames", "filled",
-                 "poller", "watching_out", "buffers", "share", "received_fds", "marks", "mapped", "kept")
+                 "poller", "watching_out", "buffers")
 
     def __init__(self, sock: socket.socket, poller: Optional["select.epoll"] = None,
-                 buffers: Optional["BufferPool"] = None, share: bool = False) -> None:
+                 buffers: Optional["BufferPool"] = None) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.fd = sock.fileno()
@@ -142,13 +96,6 @@ class Peer:
         self.poller = poller
         self.watching_out = False  # the poller also reports room to write: something waits in ``out``
         self.buffers = buffers  # where large messages are read into, if not fresh memory
-        self.share = share  # large frames go and come as memfds
-        self.received_fds: collections.deque[int] = collections.deque()  # not yet claimed by a frame
-        self.marks = 0  # _Descriptors waiting in ``out``
-        self.mapped: dict[int, memoryview] = {}  # the body being read: its frames that came as memfds
-        # With ``keep_received()``: the memfds that came in and are still in use, so that a frame sent
-        # back unchanged (a task that returns its argument, or part of it) goes back as the same memfd.
-        self.kept: Optional[list[_Kept]] = None
 
     # Writing --------------------------------------------------------------------------------------
 
@@ -158,83 +105,22 @@ class Peer:
             return False
         views = [frame if type(frame) is bytes else _raw(frame) for frame in frames]
         out = self.out
-        if self.share and any(len(view) >= SHARE_MIN for view in views):
-            self.queue_shared(views)
-        else:
-            out.append(struct.pack(f"<I{len(views)}Q", len(views), *map(len, views)))
-            out.extend(view for view in views if len(view))
+        out.append(struct.pack(f"<I{len(views)}Q", len(views), *map(len, views)))
+        out.extend(view for view in views if len(view))
         self.flush()
         return not self.closed
-
-    def keep_received(self) -> None:
-        self.kept = []
-
-    def queue_shared(self, views: list[Any]) -> None:
-        lengths: list[int] = []
-        offsets: list[int] = []
-        fds: list[int] = []
-        stream: list[Any] = []
-        for view in views:
-            size = len(view)
-            shared = None
-            if size >= SHARE_MIN and len(fds) < SHARE_PER_MESSAGE:
-                shared = self.find_kept(view) if self.kept else None
-                if shared is None:
-                    fd = _share(view)
-                    shared = None if fd is None else (fd, 0)
-            if shared is None:
-                lengths.append(size)
-                if size:
-                    stream.append(view)
-            else:
-                lengths.append(size | _SHARED)
-                fds.append(shared[0])
-                offsets.append(shared[1])
-        if fds:
-            self.out.append(_Descriptors(fds))
-            self.marks += 1
-        self.out.append(struct.pack(f"<I{len(lengths)}Q{len(offsets)}Q", len(lengths), *lengths, *offsets))
-        self.out.extend(stream)
-
-    def find_kept(self, view: Any) -> Optional[tuple[int, int]]:
-        """A new descriptor of the memfd that ``view`` lies in, and its offset there, if its pages
-        are still the memfd's own (none written since it was mapped); None otherwise."""
-        assert self.kept is not None
-        self.kept = [kept for kept in self.kept if kept.in_use()]
-        address = _address(view)
-        if address is not None:
-            for kept in self.kept:
-                if kept.start <= address and address + len(view) <= kept.end:
-                    if _unwritten(address, len(view)):
-                        return os.dup(kept.fd), kept.offset + address - kept.start
-                    return None
-        return None
 
     def flush(self) -> None:
         """Write what is queued until the socket would block."""
         out = self.out
         while out:
-            ancillary: list[tuple[int, int, bytes]] = []
-            if self.marks:
-                # Descriptors go with the call that writes the first bytes of their message, so they
-                # reach the reader no later than the lengths that claim them.
-                rest: Any = iter(out)
-                if type(out[0]) is _Descriptors:
-                    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", out[0].fds).tobytes())]
-                    rest = itertools.islice(out, 1, None)
-                buffers = list(itertools.islice(itertools.takewhile(_not_descriptors, rest), IOV_MAX))
-            else:
-                buffers = list(itertools.islice(out, IOV_MAX))
             try:
-                sent = self.sock.sendmsg(buffers, ancillary, socket.MSG_NOSIGNAL)
+                sent = self.sock.sendmsg(list(itertools.islice(out, IOV_MAX)), [], socket.MSG_NOSIGNAL)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 self.close()
                 return
-            if ancillary:  # passed: the reader holds them now
-                out.popleft().close()
-                self.marks -= 1
             while sent:
                 head = out[0]
                 if len(head) <= sent:
@@ -259,15 +145,15 @@ class Peer:
         for _ in range(reads):
             try:
                 if self.body is not None:
-                    count = self.read(self.body[self.filled:])
+                    count = self.sock.recv_into(self.body[self.filled:])
                     if count:
                         self.filled += count
                         if self.filled == len(self.body):
-                            messages.append(self.cut(self.body, self.body_frames, self.mapped))
-                            self.body, self.mapped = None, {}
+                            messages.append(self.cut(self.body, self.body_frames))
+                            self.body = None
                         continue
                 else:
-                    count = self.read(self.scratch)
+                    count = self.sock.recv_into(self.scratch)
                     if count:
                         self.pending += self.scratch[:count]
                         self.parse(messages)
@@ -276,24 +162,11 @@ class Peer:
                         continue
             except (BlockingIOError, InterruptedError):
                 break
-            except (OSError, ValueError):
+            except OSError:
                 pass
             self.close()
             break
         return messages
-
-    def read(self, into: memoryview) -> int:
-        if not self.share:
-            return self.sock.recv_into(into)
-        count, ancillary, flags, _ = self.sock.recvmsg_into([into], _ANCILLARY)
-        for level, kind, data in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-                self.received_fds.extend(fds)
-        if flags & socket.MSG_CTRUNC:
-            raise ValueError("descriptors were cut off")  # cannot happen within SHARE_PER_MESSAGE
-        return count
 
     def parse(self, messages: list[list[memoryview]]) -> None:
         pending = self.pending
@@ -307,67 +180,35 @@ class Peer:
             if len(pending) - start < head:
                 break
             lengths = list(struct.unpack_from(f"<{count}Q", pending, start + _COUNT.size))
-            mapped: dict[int, memoryview] = {}
-            if self.share and any(length & _SHARED for length in lengths):
-                shared = [index for index, length in enumerate(lengths) if length & _SHARED]
-                if len(pending) - start < head + 8 * len(shared):
-                    break
-                offsets = struct.unpack_from(f"<{len(shared)}Q", pending, start + head)
-                head += 8 * len(shared)
-                if self.kept:
-                    self.kept = [kept for kept in self.kept if kept.in_use()]
-                try:
-                    for index, offset in zip(shared, offsets):
-                        mapped[index] = _map(self.received_fds.popleft(), offset, lengths[index] & ~_SHARED,
-                                             self.kept)
-                        lengths[index] = 0
-                except (IndexError, OSError, ValueError, OverflowError):
-                    self.close()  # a corrupt stream, or descriptors that are not what they claim
-                    return
             size = sum(lengths)
-            if size >= _SHARED:
-                self.close()  # a shared frame where none may be, or a corrupt stream
-                return
             have = len(pending) - start - head
             if have >= size:
                 body = bytes(pending[start + head:start + head + size])
-                messages.append(self.cut(memoryview(body), lengths, mapped))
+                messages.append(self.cut(memoryview(body), lengths))
                 start += head + size
                 continue
             if size > READ_SIZE:
                 # Read the rest straight into the message's own buffer, not through ``pending``.
                 buffer = self.buffers.take(size) if self.buffers is not None else memoryview(_fresh_buffer(size))
                 buffer[:have] = pending[start + head:]
-                self.body, self.body_frames, self.filled, self.mapped = buffer, lengths, have, mapped
+                self.body, self.body_frames, self.filled = buffer, lengths, have
                 start = len(pending)
             break
         del pending[:start]
 
     @staticmethod
-    def cut(body: memoryview, lengths: list[int], mapped: dict[int, memoryview]) -> list[memoryview]:
+    def cut(body: memoryview, lengths: list[int]) -> list[memoryview]:
         frames = []
         position = 0
         for length in lengths:
             frames.append(body[position:position + length])
             position += length
-        for index, frame in mapped.items():
-            frames[index] = frame
         return frames
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            for item in self.out:
-                if type(item) is _Descriptors:
-                    item.close()
             self.out.clear()
-            self.marks = 0
-            while self.received_fds:
-                os.close(self.received_fds.popleft())
-            self.mapped = {}
-            for kept in self.kept or ():
-                kept.close()
-            self.kept = None if self.kept is None else []
             if self.poller is not None:
                 try:
                     self.poller.unregister(self.fd)
@@ -383,13 +224,11 @@ class Listener:
     (or room for what waits to be written), so a caller's own poll needs this one descriptor.
     """
 
-    def __init__(self, path: str, *, reuse_buffers: bool = False, share_large: bool = False) -> None:
+    def __init__(self, path: str, *, reuse_buffers: bool = False) -> None:
         """``reuse_buffers``: large messages are read into memory used before, once nothing refers to
         it anymore; for a reader that only passes messages on (a supervisor), never for one whose
-        messages become the user's objects. ``share_large``: large frames go both ways as memfds
-        (the processes' Links must say so too)."""
+        messages become the user's objects."""
         self.path = path
-        self.share_large = share_large
         self.buffers = BufferPool() if reuse_buffers else None
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(path)
@@ -454,7 +293,7 @@ class Listener:
                 sock.close()
                 continue
             _configure(sock)
-            peer = Peer(sock, self.epoll, self.buffers, self.share_large)
+            peer = Peer(sock, self.epoll, self.buffers)
             self.peers[peer.fd] = peer
             self.epoll.register(peer.fd, _WAIT_READ)
 
@@ -473,9 +312,8 @@ class Listener:
 class Link:
     """The task process's end: a peer it waits on, and writes to until each message is out."""
 
-    def __init__(self, path: str, give_up: Any, *, share_large: bool = False) -> None:
-        """Connect to ``path``, retrying while nothing listens there yet, until ``give_up()`` says so;
-        ``share_large`` as the Listener's."""
+    def __init__(self, path: str, give_up: Any) -> None:
+        """Connect to ``path``, retrying while nothing listens there yet, until ``give_up()`` says so."""
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -489,9 +327,7 @@ class Link:
         _configure(sock)
         # A task's arguments are gone once its reply is written, unless the task kept them: then their
         # memory is not used again (the pool sees who still refers to it).
-        self.peer = Peer(sock, buffers=BufferPool(), share=share_large)
-        if share_large:
-            self.peer.keep_received()
+        self.peer = Peer(sock, buffers=BufferPool())
         self.poller = select.poll()
         self.poller.register(self.peer.fd, select.POLLIN)
 
@@ -506,8 +342,6 @@ class Link:
             return True
         assert self.peer.buffers is not None
         self.peer.buffers.trim()
-        if self.peer.kept:
-            self.peer.kept = [kept for kept in self.peer.kept if kept.in_use()]
         return False
 
     def receive(self) -> list[list[memoryview]]:
@@ -572,90 +406,6 @@ def _fresh_buffer(size: int) -> Any:
 
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
-
-
-class _Kept:
-    """A memfd that was passed to us, mapped at ``start``; its descriptor stays open while it is in use."""
-
-    __slots__ = ("fd", "mapping", "offset", "start", "end")
-
-    def __init__(self, fd: int, mapping: mmap.mmap, offset: int, start: int) -> None:
-        self.fd, self.mapping, self.offset = fd, mapping, offset
-        self.start, self.end = start, start + len(mapping) - offset
-
-    def in_use(self) -> bool:
-        # This object's reference, getrefcount's argument, and a view's if any is left.
-        if sys.getrefcount(self.mapping) > 2:
-            return True
-        self.close()
-        return False
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-def _share(view: Any) -> Optional[int]:
-    """A sealed memfd holding ``view``'s bytes (None where there are no memfds: then the socket)."""
-    try:
-        fd = os.memfd_create("zmqexecutor-frame", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    except (AttributeError, OSError):
-        return None
-    try:
-        written = 0
-        while written < len(view):
-            written += os.write(fd, view[written:])
-        # The reader maps it: a writer that could shrink it later would crash the reader (SIGBUS).
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def _map(fd: int, offset: int, length: int, kept: Optional[list[_Kept]] = None) -> memoryview:
-    """``length`` bytes at ``offset`` of a sealed memfd that was passed to us, mapped privately (our
-    writes stay ours); its descriptor is closed, or kept in ``kept`` while the mapping is in use."""
-    keep = False
-    try:
-        if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & _MUST_SEAL != _MUST_SEAL or os.fstat(fd).st_size < offset + length:
-            raise ValueError("a shared frame that is not a sealed memfd of its size")
-        mapping = mmap.mmap(fd, offset + length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        if kept is not None and (start := _address(memoryview(mapping))) is not None:
-            kept.append(_Kept(fd, mapping, offset, start + offset))
-            keep = True
-    finally:
-        if not keep:
-            os.close(fd)
-    return memoryview(mapping)[offset:offset + length]
-
-
-def _address(view: Any) -> Optional[int]:
-    """Where a writable buffer's bytes are in memory (None for a read-only one)."""
-    import ctypes
-
-    try:
-        anchor = ctypes.c_char.from_buffer(view)
-    except (TypeError, ValueError):
-        return None
-    address = ctypes.addressof(anchor)
-    del anchor
-    return address
-
-
-def _unwritten(address: int, length: int) -> bool:
-    """Whether no page of this private mapping of a file was written (copied) since it was mapped."""
-    first, last = address // mmap.PAGESIZE, (address + length - 1) // mmap.PAGESIZE
-    try:
-        with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
-            entries = array.array("Q", os.pread(pagemap.fileno(), 8 * (last - first + 1), 8 * first))
-    except OSError:
-        return False
-    if len(entries) != last - first + 1:
-        return False
-    # A page not in memory (and not swapped) still reads from the file; one in memory must be the file's.
-    return all(entry & _FILE_PAGE or not entry & (_PRESENT | _SWAPPED) for entry in entries)
 
 
 def _configure(sock: socket.socket) -> None:

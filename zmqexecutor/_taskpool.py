@@ -104,7 +104,7 @@ class TaskProcessPool:
     def open(self) -> None:
         """The socket the processes connect to when relayed (in direct mode they connect to the client)."""
         if not self.direct:
-            self.listener = Listener(self.address, reuse_buffers=True, share_large=True)
+            self.listener = Listener(self.address, reuse_buffers=True)
 
     def receive(self, ending: tuple[TaskProcess, ...] = ()) -> list[tuple[TaskProcess, list[Item]]]:
         """What the processes sent, READY taken in, and all that the ``ending`` ones sent before they
@@ -151,7 +151,7 @@ class TaskProcessPool:
             counters = context.RawArray("Q", COUNTERS)
             # The embedded worker's processes print into the user's terminal through the client only.
             process = context.Process(target=task_process_main,
-                                      args=(self.address, os.getpid(), counters, not self.direct, not self.direct),
+                                      args=(self.address, os.getpid(), counters, not self.direct),
                                       name="zmqexecutor-task", daemon=True)
             process.start()
             proc = TaskProcess(process, counters)

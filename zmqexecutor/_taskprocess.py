@@ -311,8 +311,7 @@ class TaskLoop:
         return Item(Kind.OUTPUT, task_id, frames[1:])
 
 
-def task_process_main(address: str, supervisor_pid: int, counters: Any, echo: bool = True,
-                      share_large: bool = False) -> None:
+def task_process_main(address: str, supervisor_pid: int, counters: Any, echo: bool = True) -> None:
     _die_with_parent(supervisor_pid)
     # Ctrl-C in a terminal reaches the whole process group; the supervisor decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -321,7 +320,7 @@ def task_process_main(address: str, supervisor_pid: int, counters: Any, echo: bo
     multiprocessing.current_process().daemon = False
     pid = os.getpid()
     # Whoever listens (the client, for a direct worker) may do so a moment after we start.
-    sock = Link(address, give_up=lambda: os.getppid() != supervisor_pid, share_large=share_large)
+    sock = Link(address, give_up=lambda: os.getppid() != supervisor_pid)
     sock.send(proto.encode_ready(pid))
     counters[UP] = 1
     # A forked task process inherits the supervisor's log handlers, which write to the real stderr;
