@@ -398,7 +398,16 @@ class BufferPool:
 def _fresh_buffer(size: int) -> Any:
     """Writable memory for a large message. Not a bytearray, which zero-fills it first (then the
     kernel zeroes each page again on first touch): an anonymous mapping with its pages made at once,
-    which saved a fifth of a 64 MiB transfer's time here."""
+    which saved a fifth of a 64 MiB transfer's time here. Making the pages is most of the cost, and
+    the process that sends the message waits meanwhile, so a large one is made by several threads."""
+    if size >= 2 * POPULATE_PART and _POPULATE_THREADS > 1:
+        try:
+            buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        except (OSError, ValueError):
+            return bytearray(size)
+        if _populate_in_parallel(buffer, size):
+            return buffer
+        buffer.close()
     try:
         return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _POPULATE)
     except (OSError, ValueError):
@@ -406,6 +415,44 @@ def _fresh_buffer(size: int) -> Any:
 
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+# Fresh buffers of at least two of these are populated by up to _POPULATE_THREADS threads at once (a
+# thread's start costs about 0.1 ms; 4 MiB of pages take 2 ms to make here).
+POPULATE_PART = 4 * 1024 * 1024
+_POPULATE_THREADS = min(4, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else 1
+_MADV_POPULATE_WRITE = 23  # Linux 5.14; older kernels say EINVAL, and then MAP_POPULATE it is
+_madvise: Any = None
+
+
+def _populate_in_parallel(buffer: mmap.mmap, size: int) -> bool:
+    global _madvise, _POPULATE_THREADS
+    import ctypes
+    import threading
+
+    if _madvise is None:
+        _madvise = ctypes.CDLL(None, use_errno=True).madvise  # ctypes lets go of the GIL during the call
+        _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    anchor = ctypes.c_char.from_buffer(buffer)
+    start = ctypes.addressof(anchor)
+    del anchor
+    parts = min(_POPULATE_THREADS, size // POPULATE_PART)
+    step = size // parts & ~(mmap.PAGESIZE - 1)
+    spans = [(start + i * step, step if i < parts - 1 else size - i * step) for i in range(parts)]
+    results = [0] * parts
+
+    def populate(index: int) -> None:
+        results[index] = _madvise(spans[index][0], spans[index][1], _MADV_POPULATE_WRITE)
+
+    helpers = [threading.Thread(target=populate, args=(i,), daemon=True) for i in range(1, parts)]
+    for helper in helpers:
+        helper.start()
+    populate(0)
+    for helper in helpers:
+        helper.join()
+    if any(results):
+        _POPULATE_THREADS = 1  # not this kernel
+        return False
+    return True
 
 
 def _configure(sock: socket.socket) -> None:
