@@ -72,3 +72,20 @@ def test_the_overhead_profile_accounts_for_every_process_over_tcp() -> None:
     # A relayed worker's supervisor does work for every task (the embedded one does not).
     assert float(spent["supervisor"]) > 0 and float(spent["client"]) > 0
     assert "zmqexecutor-io" in run.stdout and "MainThread" in run.stdout
+
+
+@pytest.mark.timeout(300)
+def test_the_overhead_profile_of_lone_tasks_compares_with_process_pool_executor() -> None:
+    for system, processes in (("process", {"worker 0", "worker 1"}), ("zmq-ipc", {"supervisor", "task process 0",
+                                                                                  "task process 1"})):
+        run = subprocess.run(
+            [sys.executable, "-m", "benchmarks.profile_overhead", "--system", system, "--lone", "--tasks", "300",
+             "--rounds", "1"],
+            cwd=ROOT, capture_output=True, text=True, timeout=140, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert re.search(r"300 no-op tasks one at a time in [\d.]+ s: \d+ us per round trip", run.stdout), run.stdout
+        spent = dict(re.findall(r"^  (\S.*?) +([\d.]+) us CPU per task", run.stdout, re.MULTILINE))
+        assert set(spent) == {"client", "total", *processes}, run.stdout
+        assert float(spent["client"]) > 0 and "at most" not in run.stdout
+        assert "MainThread" in run.stdout
