@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (1 if args.quick else 5)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # An earlier run's report in the same folder would otherwise pass for this run's until this one
+    # ends, and its plots stay for good where this run makes none.
+    for name in REPORT_FILES:
+        (out / name).unlink(missing_ok=True)
 
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     if args.quick and repeats == 1:
@@ -87,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"report: {out / 'results.md'}; plots: {', '.join(str(p) for p in plots) or 'none (no matplotlib)'}")
     return 0
+
+
+REPORT_FILES = ("results.json", "results.md", "summary.rst", "workloads.png", "scaling.png")
 
 
 def _measures(system: str, workload: str) -> bool:

@@ -89,3 +89,18 @@ def test_the_overhead_profile_of_lone_tasks_compares_with_process_pool_executor(
         assert set(spent) == {"client", "total", *processes}, run.stdout
         assert float(spent["client"]) > 0 and "at most" not in run.stdout
         assert "MainThread" in run.stdout
+
+
+@pytest.mark.timeout(300)
+def test_a_run_leaves_no_report_of_an_earlier_run_in_its_folder(tmp_path) -> None:
+    for name in ("summary.rst", "scaling.png", "results.md"):
+        (tmp_path / name).write_text("an earlier run's")
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--repeats", "1", "--systems", "process", "--workloads",
+         "latency", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=280, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert not (tmp_path / "scaling.png").exists()  # this run measured no scaling
+    assert "an earlier run's" not in (tmp_path / "summary.rst").read_text()
+    assert "| process |" in (tmp_path / "results.md").read_text()
