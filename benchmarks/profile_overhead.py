@@ -97,13 +97,14 @@ def main() -> None:
                 print(f"  {name:<16}{value:8.1f} us CPU per task")
                 if name == "client":
                     for tid, thread in threads.items():
-                        spent = (after_threads[tid] - before_threads[tid]) / args.tasks * 1e6
+                        spent = (after_threads[tid] - before_threads[tid]) / tasks * 1e6
                         if spent >= 0.5:
                             print(f"    {thread:<18}{spent:6.1f}")
             total = sum(per_task.values())
             bound = ("" if args.lone  # a round trip is bound by its wake-ups, not by the CPU
                      else f" -> at most {(os.cpu_count() or 1) / total * 1e6:.0f} tasks/s")
             print(f"  {'total':<16}{total:8.1f} us CPU per task{bound}")
+
 
 if __name__ == "__main__":
     main()

@@ -76,15 +76,18 @@ def test_the_overhead_profile_accounts_for_every_process_over_tcp() -> None:
 
 @pytest.mark.timeout(300)
 def test_the_overhead_profile_of_lone_tasks_compares_with_process_pool_executor() -> None:
-    for system, processes in (("process", {"worker 0", "worker 1"}), ("zmq-ipc", {"supervisor", "task process 0",
-                                                                                  "task process 1"})):
+    # zmq-ipc with the default number of tasks (3000 round trips), so that the default is run too.
+    for system, processes, tasks in (("process", {"worker 0", "worker 1"}, ["--tasks", "300"]),
+                                     ("zmq-ipc", {"supervisor", "task process 0", "task process 1"}, [])):
         run = subprocess.run(
-            [sys.executable, "-m", "benchmarks.profile_overhead", "--system", system, "--lone", "--tasks", "300",
+            [sys.executable, "-m", "benchmarks.profile_overhead", "--system", system, "--lone", *tasks,
              "--rounds", "1"],
             cwd=ROOT, capture_output=True, text=True, timeout=140, env=dict(os.environ, PYTHONPATH=str(ROOT)),
         )
         assert run.returncode == 0, run.stdout + run.stderr
-        assert re.search(r"300 no-op tasks one at a time in [\d.]+ s: \d+ us per round trip", run.stdout), run.stdout
+        count = tasks[1] if tasks else "3000"
+        assert re.search(rf"{count} no-op tasks one at a time in [\d.]+ s: \d+ us per round trip", run.stdout), \
+            run.stdout
         spent = dict(re.findall(r"^  (\S.*?) +([\d.]+) us CPU per task", run.stdout, re.MULTILINE))
         assert set(spent) == {"client", "total", *processes}, run.stdout
         assert float(spent["client"]) > 0 and "at most" not in run.stdout
