@@ -425,12 +425,19 @@ _madvise: Any = None
 
 
 def _populate_in_parallel(buffer: mmap.mmap, size: int) -> bool:
+    """Make ``buffer``'s pages, a span per thread; False when that cannot be done here (MAP_POPULATE
+    then), for good where this kernel or libc has no such madvise."""
     global _madvise, _POPULATE_THREADS
     import ctypes
+    import errno
     import threading
 
     if _madvise is None:
-        _madvise = ctypes.CDLL(None, use_errno=True).madvise  # ctypes lets go of the GIL during the call
+        try:
+            _madvise = ctypes.CDLL(None, use_errno=True).madvise  # ctypes lets go of the GIL during the call
+        except (OSError, AttributeError):
+            _POPULATE_THREADS = 1
+            return False
         _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     anchor = ctypes.c_char.from_buffer(buffer)
     start = ctypes.addressof(anchor)
@@ -438,21 +445,27 @@ def _populate_in_parallel(buffer: mmap.mmap, size: int) -> bool:
     parts = min(_POPULATE_THREADS, size // POPULATE_PART)
     step = size // parts & ~(mmap.PAGESIZE - 1)
     spans = [(start + i * step, step if i < parts - 1 else size - i * step) for i in range(parts)]
-    results = [0] * parts
+    errors = [0] * parts  # errno per span (ctypes keeps one per thread)
 
     def populate(index: int) -> None:
-        results[index] = _madvise(spans[index][0], spans[index][1], _MADV_POPULATE_WRITE)
+        if _madvise(spans[index][0], spans[index][1], _MADV_POPULATE_WRITE) != 0:
+            errors[index] = ctypes.get_errno() or errno.EIO
 
-    helpers = [threading.Thread(target=populate, args=(i,), daemon=True) for i in range(1, parts)]
-    for helper in helpers:
-        helper.start()
+    helpers = []
+    for index in range(1, parts):
+        helper = threading.Thread(target=populate, args=(index,), daemon=True)
+        try:
+            helper.start()
+        except RuntimeError:  # no thread to spare: this one makes that span too
+            populate(index)
+            continue
+        helpers.append(helper)
     populate(0)
     for helper in helpers:
         helper.join()
-    if any(results):
-        _POPULATE_THREADS = 1  # not this kernel
-        return False
-    return True
+    if errno.EINVAL in errors:
+        _POPULATE_THREADS = 1  # a kernel older than MADV_POPULATE_WRITE
+    return not any(errors)
 
 
 def _configure(sock: socket.socket) -> None:
