@@ -7,6 +7,7 @@ import os
 import select
 import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -215,3 +216,19 @@ def test_fresh_buffers_of_any_size_are_whole_zeroed_and_writable():
         assert bytes(buffer) == bytes(size)
         buffer[0], buffer[size // 2], buffer[size - 1] = 1, 2, 3
         assert (buffer[0], buffer[size // 2], buffer[size - 1]) == (1, 2, 3)
+
+
+def test_looking_for_a_message_awake_finds_one_that_comes_and_gives_up_in_time(listener, tmp_path) -> None:
+    link = Link(listener.path, give_up=lambda: False)
+    try:
+        peer = _wait_for_peer(listener)
+        started = time.monotonic()
+        assert not link.look_for(0.05)
+        assert 0.05 <= time.monotonic() - started < 1.0
+        sender = threading.Timer(0.01, peer.send, ([b"now"],))
+        sender.start()
+        assert link.look_for(5.0)
+        sender.join()
+        assert [bytes(f) for f in link.receive()[0]] == [b"now"]
+    finally:
+        link.close()

@@ -344,6 +344,15 @@ class Link:
         self.peer.buffers.trim()
         return False
 
+    def look_for(self, seconds: float) -> bool:
+        """As ``poll``, but awake all along: no wake-up to pay when something comes."""
+        deadline = time.monotonic() + seconds
+        poll = self.poller.poll
+        while not poll(0):
+            if time.monotonic() >= deadline:
+                return False
+        return True
+
     def receive(self) -> list[list[memoryview]]:
         return self.peer.receive()
 

@@ -63,6 +63,7 @@ from ._protocol import Kind
 from ._security import DialKeys, Guard, worker_guard
 from ._router import GiveUp, Router
 from ._taskpool import TaskProcessPool
+from ._worker import available_cpus
 
 logger = logging.getLogger("zmqexecutor.worker")
 
@@ -108,7 +109,7 @@ class Supervisor:
         # Relayed, the task processes connect to a socket in a folder of our own; direct, to the client's.
         self.private_dir = None if direct else tempfile.mkdtemp(prefix="zmqexecutor-worker-")
         self.pool = TaskProcessPool(direct or f"{self.private_dir}/tasks", multiprocessing.get_context("spawn"),
-                                    direct=direct is not None)
+                                    direct=direct is not None, spin=processes <= available_cpus())
         self.stopping = False
         self.drain_timeout = drain_timeout
         self.drain_requested = False  # by SIGTERM or DRAIN; taken up by the loop

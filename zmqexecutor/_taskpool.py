@@ -88,8 +88,11 @@ class TaskProcess:
 
 
 class TaskProcessPool:
-    def __init__(self, address: str, mp: Any, *, direct: bool = False) -> None:
+    def __init__(self, address: str, mp: Any, *, direct: bool = False, spin: bool = False) -> None:
+        """``spin``: the processes look for their next task awake a moment after each reply (when
+        each has a CPU of its own)."""
         self.address = address
+        self.spin = spin
         self.mp = mp
         self.direct = direct
         self.exits: list[dict[str, Any]] = []  # direct: processes that ended, for the client
@@ -151,7 +154,7 @@ class TaskProcessPool:
             counters = context.RawArray("Q", COUNTERS)
             # The embedded worker's processes print into the user's terminal through the client only.
             process = context.Process(target=task_process_main,
-                                      args=(self.address, os.getpid(), counters, not self.direct),
+                                      args=(self.address, os.getpid(), counters, not self.direct, self.spin),
                                       name="zmqexecutor-task", daemon=True)
             process.start()
             proc = TaskProcess(process, counters)
