@@ -63,6 +63,7 @@ from typing import Any, Callable, Optional, Union
 import zmq
 
 from . import _protocol as proto
+from ._caller import CallerPath
 from ._connection import Connection, WorkerInfo
 from ._dialin import DialInPort, DialledConnection
 from ._fleet import Fleet
@@ -138,10 +139,10 @@ class Engine(threading.Thread):
         self.next_tick = 0.0
         self.shutting_down = False
         self.stopping_workers = False
-        # Held by this thread except while it waits for input; a submitting thread that gets it may
-        # send its own task (see dispatch_now). Taken without blocking by them, so never a wait.
+        # Held by this thread except while it waits for input; a caller's thread that gets it may send
+        # its own task and read replies (_caller). Taken without blocking by them, so never a wait.
         self.lock = threading.Lock()
-        self.callers_may_dispatch = False
+        self.caller = CallerPath(self)
 
     # The loop -------------------------------------------------------------------------------------
 
@@ -156,7 +157,9 @@ class Engine(threading.Thread):
                 return
             finally:
                 self.opened.set()
-            self.callers_may_dispatch = self.embedded is not None
+            if self.embedded is not None:
+                assert self.embedded.lanes is not None
+                self.caller.start(self.embedded.lanes, self.selector.fileno())
             while True:
                 self.wait_for_input()
                 self.receive_replies()
@@ -173,31 +176,9 @@ class Engine(threading.Thread):
             logger.exception("the zmqexecutor I/O thread failed")
             self.break_executor(BrokenWorkerPool(f"the executor's I/O thread failed: {exc!r}"))
         finally:
-            self.callers_may_dispatch = False
+            self.caller.stop()
             self.lock.release()
             self.close()
-
-    def dispatch_now(self, task: Task) -> bool:
-        """Called by a submitting thread: send ``task`` from that thread, if a local task process is
-        free and this thread is only waiting; False when it must go the usual way (the queue).
-
-        That spares a lone task the hop through this thread (a wake-up, a loop turn) on its way out,
-        about a fifth of its round trip. Only the embedded worker's task processes, which are plain
-        sockets, are sent to this way: every ZeroMQ socket stays with this thread.
-        """
-        if not self.callers_may_dispatch or not self.lock.acquire(blocking=False):
-            return False
-        try:
-            scheduler = self.scheduler
-            if not self.callers_may_dispatch or scheduler.backlog or not scheduler.turns:
-                return False
-            scheduler.add(task)
-            self.dispatch_tasks()
-            if scheduler.backlog:  # its process just went away: this thread must see to it
-                self.handle.wakeup.wake()
-            return True
-        finally:
-            self.lock.release()
 
     def wait_for_input(self) -> None:
         self.fleet.look_at_sent()
@@ -415,6 +396,7 @@ class Engine(threading.Thread):
         finally:
             if self.embedded is not None:
                 self.embedded.close()
+            self.caller.close()
             self.handle.wakeup.close()
             _live_engines.discard(self)
 
@@ -566,7 +548,7 @@ class Handle:
             if queued:  # behind those, in order
                 self.submissions.append(task)
         if not queued:
-            if self.engine.dispatch_now(task):
+            if self.engine.caller.send(task):
                 return
             with self.lock:
                 self.check_open()  # again: a shutdown since then may have let the I/O thread finish
@@ -580,7 +562,9 @@ class Handle:
             if first or cancel_futures:
                 self.submissions.append(ShutdownRequest(cancel_futures))
         self.wakeup.wake()
-        if wait and self.engine is not threading.current_thread():
+        # Not from the I/O thread, nor from a caller reading replies (a future's callback): the I/O
+        # thread could not finish while that thread waits for it.
+        if wait and self.engine is not threading.current_thread() and not self.engine.caller.reading_here():
             self.engine.join()
 
     def stop_task(self, future: "Future[Any]") -> None:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 
 from . import _protocol as proto
 from . import _security
+from ._caller import new_future
 from ._connection import WorkerInfo
 from ._endpoints import is_loopback, parse
 from ._engine import Handle, Settings
@@ -364,7 +365,7 @@ class ZMQExecutor(Executor):
     def _submit(self, fn: Callable[..., _T], args: tuple[Any, ...], kwargs: dict[str, Any],
                 task_timeout: Optional[float]) -> Future[_T]:
         self._handle.check_open()
-        future: Future[_T] = Future()
+        future: Future[_T] = new_future(None if self._remote else self._handle.engine.caller)
         try:
             frames = self._calls.encode(fn, args, kwargs, task_timeout)
         except Exception as exc:
