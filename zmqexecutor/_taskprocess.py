@@ -39,7 +39,7 @@ from ._serialize import FunctionCache, MainNamespace, decode_call, encode_result
 PARENT_CHECK_INTERVAL = 0.5
 
 # A process that has just replied and has nothing queued looks for its next task this long without
-# sleeping, when it has a CPU of its own. A caller's next lone task typically follows its result within
+# sleeping, when it has a CPU of its own and its replies go to the caller directly (the embedded worker). A caller's next lone task typically follows its result within
 # a few hundred µs; found awake, the process spares its sender a wake-up, which on a VM costs the
 # sender tens of µs in the system call. Longer catches slower callers but burns a CPU for nothing when
 # none comes (at most this much per idle spell, never while the process is busy).
