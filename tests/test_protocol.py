@@ -379,3 +379,13 @@ def test_join_carries_the_workers_instance_and_refuses_one_without() -> None:
         proto.decode_join([frames[0], proto.encode_json({"host": "node1"})])
     with pytest.raises(proto.ProtocolError, match="frames"):
         proto.decode_join(frames[:1])
+
+
+def test_a_lone_task_is_a_task_of_its_own_kind_for_a_task_process() -> None:
+    lone = proto.process_task(7, b"client", b"", [b"call"], lone=True)
+    plain = proto.process_task(7, b"client", b"", [b"call"])
+    assert (lone.kind, plain.kind) == (proto.Kind.LONE_TASK, proto.Kind.TASK)
+    assert lone.frames == plain.frames == [b"client", b"", b"call"]
+    frames = proto.encode_messages([lone])
+    header = proto.decode_header(frames[0])
+    assert (header.kind, header.ident) == (proto.Kind.LONE_TASK, 7)

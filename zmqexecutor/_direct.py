@@ -70,6 +70,7 @@ class DirectLanes:
         self.max_tasks_per_child = max_tasks_per_child
         self.lanes: dict[bytes, Lane] = {}
         self.completed = 0  # by processes that ended
+        self.lone_next = False  # the next batch of one goes as a LONE_TASK (set by _caller)
         # No size limit: the peers are our own processes in a folder only this user can enter, and a
         # result too large for one would be dropped with the connection, its task left waiting.
         self.listener = Listener(path)
@@ -132,9 +133,10 @@ class DirectLanes:
     def send(self, lane: Lane, batch: list[Task]) -> bool:
         items = []
         lane.given += len(batch)
+        lone = self.lone_next and len(batch) == 1
         for task in batch:
             items.append(proto.process_task(task.ident, self.client_id,
-                                            b"" if lane.initialized else self.init_blob, task.frames))
+                                            b"" if lane.initialized else self.init_blob, task.frames, lone=lone))
             lane.initialized = True
         if not lane.peer.send(proto.encode_messages(items)):
             # The process is gone; its EXITED accounts for what it had. It gets nothing more.

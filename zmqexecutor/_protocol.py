@@ -84,6 +84,9 @@ supervisor sees no task, only the processes, and tells the client when one ends:
                          (past its time limit ``timed_out``, if that is set), the rest never started
     CANCEL       c -> w  [hdr(pid), json {seq}]: kill that process if the task it is running is the
                          ``seq``-th (from 0) the client sent it
+    LONE_TASK    c -> t  as TASK, for a caller that waits for each reply before its next task: the
+                         process looks for the next task awake a moment after replying (never
+                         relayed: a supervisor refuses it from a client)
 """
 
 from __future__ import annotations
@@ -147,6 +150,7 @@ class Kind(enum.IntEnum):
     DRAINING = 24
     RETURNED = 25
     JOIN = 26
+    LONE_TASK = 27
 
 
 _KINDS = {int(k): k for k in Kind}
@@ -497,8 +501,8 @@ def encode_ready(pid: int) -> list[bytes]:
     return [encode_header(Kind.READY, pid)]
 
 
-def process_task(task_id: int, client: bytes, init_blob: bytes, call: Sequence[Any]) -> Item:
-    return Item(Kind.TASK, task_id, [client, init_blob, *call])
+def process_task(task_id: int, client: bytes, init_blob: bytes, call: Sequence[Any], *, lone: bool = False) -> Item:
+    return Item(Kind.LONE_TASK if lone else Kind.TASK, task_id, [client, init_blob, *call])
 
 
 def decode_process_task(frames: Sequence[Any]) -> tuple[bytes, Any, Sequence[Any]]:
