@@ -2,7 +2,8 @@
 
 Data flow::
 
-    submit --> CallerPath.send: the engine idle and a task process free? --- TASK ---> its Lane
+    submit --> CallerPath.send: nothing else out, the engine idle? --- TASK or LONE_TASK ---> a Lane
+               (LONE_TASK when this caller read its last reply itself: see _taskprocess)
     Future.result / exception --> its condition's wait (ReadingCondition) --> CallerPath.read_for:
         the I/O thread's interest in the lanes paused (epoll_ctl, no wake-up), then in this thread:
         <--- READY, RESULT EXCEPTION INIT_FAILED OUTPUT --- Embedded.receive, then dispatch_tasks

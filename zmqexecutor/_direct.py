@@ -6,6 +6,7 @@ Data flow::
       Scheduler: a Load of one slot per task process
       DirectLanes: a Listener (_channel) in the executor's private folder; a Peer per process
           --- TASK or BATCH of TASKs (a process's first with the initializer), STOP --->  Link
+          --- LONE_TASK (sent from the caller's thread, _caller) ------------------->
           <-- READY (pid), RESULT EXCEPTION INIT_FAILED OUTPUT (alone or in a BATCH) ---
 
     local supervisor --- EXITED (pid, tasks started and finished, exit code) ---> Engine (its connection)

@@ -3,8 +3,9 @@
 Data flow::
 
     supervisor's Listener --- TASK (alone or in a BATCH), STOP ---> Link --> local queue
-    (or the client's, for                                                   | run in order
-    the embedded worker)  <-- READY RESULT EXCEPTION INIT_FAILED -- replies held while more tasks
+    (or the client's, for     LONE_TASK (client only: look awake                | run in order
+    the embedded worker)      for the next one after replying)
+                          <-- READY RESULT EXCEPTION INIT_FAILED -- replies held while more tasks
                               OUTPUT (alone or in a BATCH)          wait here (bounded), then sent
 
 The link is a Unix stream socket (``_channel``), not ZeroMQ: both ends are this user's processes on
