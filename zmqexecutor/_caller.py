@@ -65,11 +65,8 @@ class CallerPath:
         self.lanes: Optional["DirectLanes"] = None
         self.io_interest: Optional[select.epoll] = None
         self.waiting: Optional[select.epoll] = None
-        # Also orders a reader's leaving against close(). Reentrant: the held-back Ctrl-C rings, and it
-        # may come while this thread holds the lock.
-        self.bell_lock = threading.RLock()
+        self.bell_lock = threading.Lock()
         self.bell = -1
-        self.closing = False  # close() came while a reader was still on its way out
 
     def start(self, lanes: "DirectLanes", io_selector_fd: int) -> None:
         """Called by the I/O thread, its lock held, once the lanes are open."""
@@ -153,16 +150,12 @@ class CallerPath:
     def stop_reading(self) -> None:
         engine = self.engine
         with engine.lock:
-            with self.bell_lock:
-                self.reader = None
-                close_now = self.closing
+            self.reader = None
             if self.open:
                 self.pause_io_thread(False)
             wake = self.open and (engine.handle.shutdown_requested or bool(engine.scheduler.backlog))
         if wake:  # the I/O thread may be waiting for what was settled here
             engine.handle.wakeup.wake()
-        if close_now:
-            self.close()
 
     def read_until(self, waiting: "ReadingCondition", timeout: Optional[float], held: "_HeldInterrupt") -> None:
         engine = self.engine
@@ -228,15 +221,14 @@ class CallerPath:
     def close(self) -> None:
         """Called by the I/O thread as it ends (no new reader can start: see stop)."""
         with self.bell_lock:
-            if self.reader is not None:  # still polling them: it closes them as it stops reading
-                self.closing = True
+            if self.reader is not None:  # on its way out: what it still uses goes with the objects
                 return
             for epoll in (self.io_interest, self.waiting):
                 if epoll is not None:
                     epoll.close()
             if self.bell >= 0:
-                bell, self.bell = self.bell, -1  # a ring in between finds none
-                os.close(bell)
+                os.close(self.bell)
+                self.bell = -1
 
 
 class _HeldInterrupt:
