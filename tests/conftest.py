@@ -239,11 +239,21 @@ def namespace():
         yield made
 
 
+def wait_for_system_packages() -> None:
+    """.ci/run installs sshd, Slurm and munge while the tests run; the tests that need them wait for
+    that here (it names a file it writes once apt-get is done) instead of skipping."""
+    done = os.environ.get("ZMQEXECUTOR_TEST_PACKAGES_DONE")
+    # Within the tests' own time limit; by the time the first of them runs, the install is long over.
+    if done and not wait_until(lambda: os.path.exists(done), timeout=100):
+        pytest.fail("the system packages for this test were still being installed")
+
+
 @pytest.fixture
 def ssh_host(namespace, tmp_path: Path):
     """A real OpenSSH server (Debian's openssh-server) in the network namespace: a second host to ssh
     to, as root, with a key made for this test. Yields (its address, this host's address on that
     link, the ssh options that reach it)."""
+    wait_for_system_packages()
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
     if not os.path.exists(sshd) or shutil.which("ssh") is None or shutil.which("ssh-keygen") is None:
         pytest.skip("needs OpenSSH (apt-get install openssh-server openssh-client)")
@@ -295,6 +305,7 @@ def slurm_cluster(tmp_path_factory):
     the controller here and four compute nodes, slurmds at four addresses of a network namespace (so
     srun's traffic between them needs no forwarding through this host). Yields (the environment that
     points sbatch and friends at it, the address the nodes reach here)."""
+    wait_for_system_packages()
     if any(shutil.which(tool) is None for tool in ("slurmctld", "slurmd", "sbatch", "munged")):
         pytest.skip("needs Slurm and munge (apt-get install slurmctld slurmd slurm-client munge)")
     with contextlib.ExitStack() as stack:

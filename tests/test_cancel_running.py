@@ -67,6 +67,7 @@ def test_force_cancel_of_a_pending_task_never_runs_it_and_of_a_done_one_is_refus
     assert not (tmp_path / "pending").exists()
 
 
+@pytest.mark.slow  # scheduling, the same on every Python (the running task's kill stays)
 def test_force_cancel_drops_a_task_waiting_in_a_workers_queue(start_worker, tmp_path) -> None:
     worker = start_worker(processes=1)
     with ZMQExecutor([worker.endpoint]) as ex:

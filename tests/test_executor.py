@@ -452,6 +452,7 @@ def test_32_threads_submitting_at_once_each_get_their_own_results(ex) -> None:
     assert all(outcomes[n] == [n * 1000 + i for i in range(100)] for n in range(32)), sorted(outcomes)
 
 
+@pytest.mark.slow  # tracemalloc makes its 100,000 submits take 10 s; a Future is pure Python on every version
 def test_100000_pending_futures_cost_the_client_little_memory() -> None:
     import tracemalloc
 
@@ -801,6 +802,7 @@ def _worker_folders() -> set[str]:
     return set(glob.glob(os.path.join(tempfile.gettempdir(), "zmqexecutor-worker-*")))
 
 
+@pytest.mark.slow  # the supervisor's restart logic, the same on every Python
 def test_a_dead_local_worker_is_started_again_and_its_task_retried(caplog) -> None:
     folders = _worker_folders()
     with ZMQExecutor(max_workers=1) as executor:
@@ -818,6 +820,7 @@ def test_a_dead_local_worker_is_started_again_and_its_task_retried(caplog) -> No
     assert _worker_folders() <= folders
 
 
+@pytest.mark.slow  # the supervisor's restart logic, the same on every Python
 def test_a_local_worker_that_keeps_dying_breaks_the_executor_with_a_clear_error() -> None:
     executor = ZMQExecutor(max_workers=1)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -352,14 +353,20 @@ def test_another_local_user_cannot_pose_as_our_worker(stranger, tmp_path) -> Non
                 sock.curve_server = True
                 sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
             sock.bind(f"tcp://127.0.0.1:{port}")
+        stop: list[int] = []
+        signal.signal(signal.SIGUSR1, lambda *_: stop.append(1))  # our client is done
         ready()
         heard = {name: 0 for name in sockets}
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
+        while not stop and time.monotonic() < deadline:
             for name, sock in sockets.items():
                 if sock.poll(50):
                     sock.recv_multipart()
                     heard[name] += 1
+        for name, sock in sockets.items():  # and what came just before the end
+            while sock.poll(500):
+                sock.recv_multipart()
+                heard[name] += 1
         for sock in sockets.values():
             sock.close(0)
         context.term()
@@ -371,6 +378,7 @@ def test_another_local_user_cannot_pose_as_our_worker(stranger, tmp_path) -> Non
         with ZMQExecutor([f"tcp://127.0.0.1:{port}"], connect_timeout=4) as ex:
             with pytest.raises(NoWorkersError):
                 ex.submit(write_canary, str(tmp_path / "canary")).result(timeout=30)
+    os.kill(pid, signal.SIGUSR1)
     # Not even our HELLO reached them: the handshake failed first (it pins this user's worker key).
     assert finish(pid, reader) == {"plain": 0, "curve": 0}
     assert not (tmp_path / "canary").exists()

@@ -69,6 +69,7 @@ def test_a_task_past_its_limit_fails_alone_and_its_process_is_replaced(executor_
         assert list(limited.map(abs, [-1, -2])) == [1, 2]
 
 
+@pytest.mark.slow  # options passed through, the same on every Python
 def test_the_executors_limit_applies_to_every_task_and_options_can_lift_it(executor_args) -> None:
     with open_executor(executor_args, task_timeout=1.0) as ex:
         fast, slow = ex.submit(nap, 0.1), ex.submit(nap, 30)
@@ -81,6 +82,7 @@ def test_the_executors_limit_applies_to_every_task_and_options_can_lift_it(execu
         assert len(results) == 4
 
 
+@pytest.mark.slow  # the supervisor's timer, the same on every Python
 def test_a_task_that_ignores_sigterm_is_killed_after_the_grace_period(executor_args) -> None:
     with open_executor(executor_args) as ex:
         started = time.monotonic()

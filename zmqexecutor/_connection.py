@@ -114,6 +114,13 @@ class Connection:
             self.load.slots = self.info["slots"]
             self.lanes.attach_all(scheduler)
 
+    def draining(self) -> None:
+        """The worker said DRAINING: it takes no more tasks; those in flight there finish."""
+        if not self.load.draining:
+            logger.info("worker %s is draining: no more tasks go there; %d in flight finish there",
+                        self.address, len(self.load.inflight))
+        self.load.draining = True
+
     def welcome(self, header: proto.Header, frames: list[Any]) -> Optional[str]:
         """Take a WELCOME. Returns why the tasks in flight here are lost (the worker restarted or
         became incompatible), or None."""

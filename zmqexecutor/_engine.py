@@ -249,10 +249,7 @@ class Engine(threading.Thread):
             elif kind == Kind.EXITED and self.embedded is not None:
                 self.embedded.process_exited(proto.decode_exited(rest), stopping=self.stopping_workers)
             elif kind == Kind.DRAINING:
-                if not conn.load.draining:
-                    logger.info("worker %s is draining: no more tasks go there; %d in flight finish there",
-                                conn.address, len(conn.load.inflight))
-                conn.load.draining = True
+                conn.draining()
             elif kind != Kind.PONG:
                 raise proto.ProtocolError(f"unexpected {kind.name} from a worker")
 
@@ -308,36 +305,10 @@ class Engine(threading.Thread):
             item = submissions.popleft()
             if isinstance(item, Task):
                 self.scheduler.add(item)
-            elif isinstance(item, ShutdownRequest):
-                self.shutting_down = True
-                if item.cancel_futures:
-                    self.scheduler.cancel_backlog()
-            elif isinstance(item, StopTaskRequest):
-                self.stop_task(item.future)
-            elif isinstance(item, ChangeEndpointsRequest):
-                self.fleet.change(item.add, item.remove, item.keys)
             else:
-                self.stop_workers(item.signum)
+                item.apply(self)
         if not self.shutting_down and (self.handle.exiting or self.handle.executor_ref() is None):
             self.shutting_down = True
-
-    def stop_task(self, future: "Future[Any]") -> None:
-        """The future of a task in flight was cancelled by force: have its worker stop it (dropped if
-        queued there, its process killed if running). What comes back for it is ignored."""
-        located = self.scheduler.locate(future)
-        if located is None:
-            return  # done, or waiting here for a retry (it will not be sent again)
-        load, task, position = located
-        if isinstance(load.owner, Connection):
-            load.owner.send(proto.encode_cancel(task.ident))
-        elif self.embedded is not None:
-            self.embedded.cancel(load.owner, position)
-
-    def stop_workers(self, signum: int) -> None:
-        self.stopping_workers = True
-        for task in self.scheduler.take_backlog():
-            fail(task, WorkerLostError("the task was waiting for a retry when the workers were stopped"))
-        self.fleet.tell_ready([proto.encode_header(Kind.TERMINATE, signum)])
 
     def dispatch_tasks(self) -> None:
         batches, too_large = self.scheduler.next_batches(time.monotonic())
@@ -450,11 +421,18 @@ class Wakeup:
                 os.close(self._write_fd)
 
 
+# What other threads ask of the I/O thread, besides tasks: each is applied there, in the order asked.
+
 class ShutdownRequest:
     __slots__ = ("cancel_futures",)
 
     def __init__(self, cancel_futures: bool) -> None:
         self.cancel_futures = cancel_futures
+
+    def apply(self, engine: Engine) -> None:
+        engine.shutting_down = True
+        if self.cancel_futures:
+            engine.scheduler.cancel_backlog()
 
 
 class StopWorkersRequest:
@@ -463,6 +441,12 @@ class StopWorkersRequest:
     def __init__(self, signum: int) -> None:
         self.signum = signum
 
+    def apply(self, engine: Engine) -> None:
+        engine.stopping_workers = True
+        for task in engine.scheduler.take_backlog():
+            fail(task, WorkerLostError("the task was waiting for a retry when the workers were stopped"))
+        engine.fleet.tell_ready([proto.encode_header(Kind.TERMINATE, self.signum)])
+
 
 class ChangeEndpointsRequest:
     __slots__ = ("add", "remove", "keys")
@@ -470,12 +454,31 @@ class ChangeEndpointsRequest:
     def __init__(self, add: list[str], remove: list[str], keys: Optional[ClientKeys]) -> None:
         self.add, self.remove, self.keys = add, remove, keys
 
+    def apply(self, engine: Engine) -> None:
+        engine.fleet.change(self.add, self.remove, self.keys)
+
 
 class StopTaskRequest:
+    """The future of a task in flight was cancelled by force: have its worker stop it (dropped if
+    queued there, its process killed if running). What comes back for it is ignored."""
+
     __slots__ = ("future",)
 
     def __init__(self, future: "Future[Any]") -> None:
         self.future = future
+
+    def apply(self, engine: Engine) -> None:
+        located = engine.scheduler.locate(self.future)
+        if located is None:
+            return  # done, or waiting here for a retry (it will not be sent again)
+        load, task, position = located
+        if isinstance(load.owner, Connection):
+            load.owner.send(proto.encode_cancel(task.ident))
+        elif engine.embedded is not None:
+            engine.embedded.cancel(load.owner, position)
+
+
+Request = Union[ShutdownRequest, StopWorkersRequest, ChangeEndpointsRequest, StopTaskRequest]
 
 
 class Handle:
@@ -485,8 +488,7 @@ class Handle:
     def __init__(self, executor: Any, addresses: list[str], settings: Settings,
                  local_worker: Optional[LocalWorker]) -> None:
         self.lock = threading.Lock()
-        self.submissions: collections.deque[Union[Task, ShutdownRequest, StopWorkersRequest, StopTaskRequest,
-                                                  ChangeEndpointsRequest]] = collections.deque()
+        self.submissions: collections.deque[Union[Task, Request]] = collections.deque()
         self.wakeup = Wakeup()
         self.shutdown_requested = False
         self.broken: Optional[BaseException] = None

@@ -86,6 +86,29 @@ class TaskProcess:
                     return assignment
         return None
 
+    def enforce_time_limit(self, now: float) -> Optional[float]:
+        """SIGTERM the process if its task ran past its time limit, SIGKILL it if that did not end it;
+        returns when to look again, or None while it runs no task."""
+        counters = self.counters
+        if self.timed_out is not None:
+            if now >= self.kill_at:
+                _signal(self, signal.SIGKILL)
+                self.kill_at = now + TIME_LIMIT_GRACE
+            return self.kill_at
+        started = counters[STARTED]
+        if started == counters[FINISHED]:
+            return None
+        deadline = counters[DEADLINE]
+        # Read after the counters, and again below: a deadline seen is that of the task running.
+        if deadline and int(now * 1e9) >= deadline and counters[STARTED] == started > counters[FINISHED]:
+            self.timed_out = counters[LIMIT_MS] / 1000
+            self.kill_at = now + TIME_LIMIT_GRACE
+            logger.warning("task process %s ran a task past its time limit of %g s; stopping it",
+                           self.process.pid, self.timed_out)
+            _signal(self, signal.SIGTERM)
+            return self.kill_at
+        return deadline / 1e9 if deadline else now + TIME_LIMIT_CHECK
+
 
 class TaskProcessPool:
     def __init__(self, address: str, mp: Any, *, direct: bool = False, spin: bool = False) -> None:
@@ -252,32 +275,8 @@ class TaskProcessPool:
     def enforce_time_limits(self, now: float) -> Optional[float]:
         """End the processes whose task ran past its time limit (SIGTERM, later SIGKILL); returns when
         to look again (a monotonic time), or None while no task runs."""
-        wake = None
-        now_ns = int(now * 1e9)
-        for proc in self.by_ident.values():
-            counters = proc.counters
-            if proc.timed_out is not None:
-                if now >= proc.kill_at:
-                    _signal(proc, signal.SIGKILL)
-                    proc.kill_at = now + TIME_LIMIT_GRACE
-                wake = proc.kill_at if wake is None else min(wake, proc.kill_at)
-                continue
-            started = counters[STARTED]
-            if started == counters[FINISHED]:
-                continue
-            deadline = counters[DEADLINE]
-            # Read after the counters, and again below: a deadline seen is that of the task running.
-            if deadline and now_ns >= deadline and counters[STARTED] == started > counters[FINISHED]:
-                proc.timed_out = counters[LIMIT_MS] / 1000
-                proc.kill_at = now + TIME_LIMIT_GRACE
-                logger.warning("task process %s ran a task past its time limit of %g s; stopping it",
-                               proc.process.pid, proc.timed_out)
-                _signal(proc, signal.SIGTERM)
-                due = proc.kill_at
-            else:
-                due = deadline / 1e9 if deadline else now + TIME_LIMIT_CHECK
-            wake = due if wake is None else min(wake, due)
-        return wake
+        dues = [due for proc in self.by_ident.values() if (due := proc.enforce_time_limit(now)) is not None]
+        return min(dues, default=None)
 
     def hand_out(self, queue: "collections.deque[tuple[bytes, int, Any]]", sessions: Sessions
                  ) -> list[tuple[TaskProcess, list[Item]]]:
