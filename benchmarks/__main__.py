@@ -19,8 +19,8 @@ from benchmarks import report, workloads
 from benchmarks.systems import SYSTEMS
 
 DEFAULT_SYSTEMS = ["thread", "process", "loky", "dask", "zmq-ipc", "zmq-tcp", "zmq-curve", "pyzmq-floor", "ray", "mpi4py"]
-BASIC_WORKLOADS = ["throughput", "main-function", "latency", "map", "payload", "cpu", "heterogeneous", "startup",
-                   "memory"]
+BASIC_WORKLOADS = ["throughput", "main-function", "latency", "map", "payload", "payload-again", "cpu",
+                   "heterogeneous", "startup", "memory"]
 # Starting 64 workers of every peer on two cores takes minutes; scaling compares the pools that matter.
 SCALING_SYSTEMS = {"process", "loky", "zmq-tcp"}
 # Long sleep workloads: the pools that matter, and each of ours.
@@ -103,7 +103,7 @@ def _measures(system: str, workload: str) -> bool:
     if kind in LONG_WORKLOADS or workload in LONG_WORKLOADS:
         return system in LONG_WORKLOADS.get(kind, LONG_WORKLOADS.get(workload, set()))
     if system == "pyzmq-floor":
-        return workload == "payload"
+        return workload in ("payload", "payload-again")
     return True
 
 

@@ -18,9 +18,9 @@ from benchmarks import systems, workloads
 
 def measure(system: str, workload: str, quick: bool) -> dict[str, object]:
     if system == "pyzmq-floor":
-        if workload != "payload":
-            return {"skipped": "the pyzmq floor is measured for the payload workload only"}
-        return workloads.payload_floor(quick)
+        if workload not in ("payload", "payload-again"):
+            return {"skipped": "the pyzmq floor is measured for the payload workloads only"}
+        return workloads.payload_floor(quick, again=workload == "payload-again")
     if workload == "startup":
         started = time.perf_counter()
         with systems.open_system(system, workloads.WORKERS) as ex:

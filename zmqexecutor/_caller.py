@@ -20,11 +20,14 @@ ours, which ``result`` and ``exception`` wait on, and which every change to done
 The lanes are plain Unix sockets: every ZeroMQ socket stays with the I/O thread. Whoever holds the
 engine's lock may touch the scheduler and the lanes; the I/O thread lets go of it only while it
 waits. While a caller sends or reads, Ctrl-C is held back and raised once that is over, so that no
-KeyboardInterrupt leaves the lock taken, a task half sent or a reply half read.
+KeyboardInterrupt leaves the lock taken, a task half sent or a reply half read. A future's own lock
+is a C lock (SafeCondition), for the same reason: a Ctrl-C can leave a stdlib Condition's taken.
 """
 
 from __future__ import annotations
 
+import _thread
+import collections
 import logging
 import os
 import select
@@ -65,8 +68,11 @@ class CallerPath:
         self.lanes: Optional["DirectLanes"] = None
         self.io_interest: Optional[select.epoll] = None
         self.waiting: Optional[select.epoll] = None
-        self.bell_lock = threading.Lock()
+        # Also orders a reader's leaving against close(). Reentrant: the held-back Ctrl-C rings, and it
+        # may come while this thread holds the lock.
+        self.bell_lock = threading.RLock()
         self.bell = -1
+        self.closing = False  # close() came while a reader was still on its way out
 
     def start(self, lanes: "DirectLanes", io_selector_fd: int) -> None:
         """Called by the I/O thread, its lock held, once the lanes are open."""
@@ -115,19 +121,22 @@ class CallerPath:
         finally:
             engine.lock.release()
 
-    def read_for(self, waiting: "ReadingCondition", timeout: Optional[float]) -> bool:
+    def may_read(self) -> bool:
+        """Whether a caller could read now (hints, read without the lock: see become_reader)."""
+        scheduler = self.engine.scheduler
+        return self.open and self.reader is None and not scheduler.backlog \
+            and self.lanes is not None and scheduler.in_flight <= len(self.lanes.lanes)
+
+    def read_for(self, waiting: "ReadingCondition", timeout: Optional[float], held: "_HeldInterrupt") -> bool:
         """Read the lanes in this thread until ``waiting``'s future is done or ``timeout`` passes, if no
-        other thread reads them and only a few tasks are out; False, at once, if not."""
-        if not self.open or self.reader is not None:
+        other thread reads them and only a few tasks are out; False, at once, if not. Called with
+        Ctrl-C held back (``held``)."""
+        if not self.become_reader(waiting):
             return False
-        held = _HeldInterrupt(self.ring)
-        with held:  # raises a Ctrl-C that came meanwhile, once all is as it was
-            if not self.become_reader(waiting):
-                return False
-            try:
-                self.read_until(waiting, timeout, held)
-            finally:
-                self.stop_reading()
+        try:
+            self.read_until(waiting, timeout, held)
+        finally:
+            self.stop_reading()
         return True
 
     def become_reader(self, waiting: "ReadingCondition") -> bool:
@@ -150,12 +159,16 @@ class CallerPath:
     def stop_reading(self) -> None:
         engine = self.engine
         with engine.lock:
-            self.reader = None
+            with self.bell_lock:
+                self.reader = None
+                close_now = self.closing
             if self.open:
                 self.pause_io_thread(False)
             wake = self.open and (engine.handle.shutdown_requested or bool(engine.scheduler.backlog))
         if wake:  # the I/O thread may be waiting for what was settled here
             engine.handle.wakeup.wake()
+        if close_now:
+            self.close()
 
     def read_until(self, waiting: "ReadingCondition", timeout: Optional[float], held: "_HeldInterrupt") -> None:
         engine = self.engine
@@ -221,14 +234,15 @@ class CallerPath:
     def close(self) -> None:
         """Called by the I/O thread as it ends (no new reader can start: see stop)."""
         with self.bell_lock:
-            if self.reader is not None:  # on its way out: what it still uses goes with the objects
+            if self.reader is not None:  # still polling them: it closes them as it stops reading
+                self.closing = True
                 return
             for epoll in (self.io_interest, self.waiting):
                 if epoll is not None:
                     epoll.close()
             if self.bell >= 0:
-                os.close(self.bell)
-                self.bell = -1
+                bell, self.bell = self.bell, -1  # a ring in between finds none
+                os.close(bell)
 
 
 class _HeldInterrupt:
@@ -260,38 +274,78 @@ class _HeldInterrupt:
             self.saved(*self.caught)
 
 
-class ReadingCondition(threading.Condition):
+class SafeCondition(_thread.RLock):  # type: ignore[misc]  # final in typeshed only
+    """A ``threading.Condition`` whose lock a Ctrl-C cannot leave taken.
+
+    ``with`` on a stdlib Condition runs its Python ``__enter__`` and ``__exit__``, and a
+    KeyboardInterrupt can strike inside either while the lock is taken: then nobody releases it.
+    Here that happened to one Ctrl-C in three in a contended ``with``; for a future's condition the
+    I/O thread then waits for its lock for good, in ``set_result``. This one is the lock itself, so
+    ``with`` takes and releases it in C. Used for our futures and for the executor's own waits."""
+
+    def __init__(self) -> None:
+        self._waiters: collections.deque[Any] = collections.deque()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        if not self._is_owned():  # type: ignore[attr-defined]
+            raise RuntimeError("cannot wait on un-acquired lock")
+        waiter = _thread.allocate_lock()
+        waiter.acquire()
+        self._waiters.append(waiter)
+        state = self._release_save()  # type: ignore[attr-defined]
+        woken = False
+        try:
+            if timeout is None:
+                woken = waiter.acquire()
+            else:
+                woken = waiter.acquire(True, timeout) if timeout > 0 else waiter.acquire(False)
+            return woken
+        finally:
+            self._acquire_restore(state)  # type: ignore[attr-defined]
+            if not woken:
+                try:
+                    self._waiters.remove(waiter)
+                except ValueError:
+                    pass
+
+    def notify(self, n: int = 1) -> None:
+        if not self._is_owned():  # type: ignore[attr-defined]
+            raise RuntimeError("cannot notify on un-acquired lock")
+        waiters = self._waiters
+        while waiters and n > 0:
+            waiters.popleft().release()
+            n -= 1
+
+    def notify_all(self) -> None:
+        self.notify(len(self._waiters))
+
+
+class ReadingCondition(SafeCondition):  # type: ignore[misc]
     """The condition of a standard Future of the embedded worker: waited on, it reads the reply itself
     when it can (``CallerPath.read_for``), and waits as any condition when it cannot."""
 
-    path: CallerPath
-    done: bool  # the future is done: every change to done notifies
-
-    @classmethod
-    def replacing(cls, condition: threading.Condition, path: CallerPath) -> "ReadingCondition":
-        # Made from the Future's own condition (its lock and waiters) rather than anew: this runs
-        # once per task, and a second Condition.__init__ per submit cost a tenth of a no-op's
-        # throughput in a burst.
-        made = cls.__new__(cls)
-        made.__dict__.update(condition.__dict__)
-        made.path = path
-        made.done = False
-        return made
+    def __init__(self, path: CallerPath) -> None:
+        self._waiters = collections.deque()
+        self.path = path
+        self.done = False  # the future is done: every change to done notifies
 
     def notify_all(self) -> None:
         self.done = True
-        super().notify_all()
+        self.notify(len(self._waiters))
         if self.path.reader is not None:
             self.path.done_elsewhere()
 
     def wait(self, timeout: Optional[float] = None) -> bool:
-        if not self.done and self.path.open and self.path.reader is None:
+        if not self.done and self.path.may_read():
             started = time.monotonic()
-            state = self._release_save()  # type: ignore[attr-defined]
-            try:
-                read = self.path.read_for(self, timeout)
-            finally:
-                self._acquire_restore(state)  # type: ignore[attr-defined]
+            # Held back from before the lock is let go until it is taken again: a Ctrl-C in between
+            # would leave the future's ``with`` without its lock.
+            with _HeldInterrupt(self.path.ring) as held:
+                state = self._release_save()  # type: ignore[attr-defined]
+                try:
+                    read = self.path.read_for(self, timeout, held)
+                finally:
+                    self._acquire_restore(state)  # type: ignore[attr-defined]
             if read and (self.done or timeout is not None):
                 return self.done
             if timeout is not None:
@@ -300,8 +354,8 @@ class ReadingCondition(threading.Condition):
 
 
 def new_future(path: Optional[CallerPath]) -> "futures.Future[Any]":
-    """A standard Future; for the embedded worker (``path``), one whose waits may read its reply."""
+    """A standard Future whose condition survives Ctrl-C (SafeCondition); for the embedded worker
+    (``path``), one whose waits may read its reply."""
     future: futures.Future[Any] = futures.Future()
-    if path is not None:
-        future._condition = ReadingCondition.replacing(future._condition, path)
+    future._condition = SafeCondition() if path is None else ReadingCondition(path)  # type: ignore[assignment]
     return future

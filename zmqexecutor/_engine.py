@@ -63,7 +63,7 @@ from typing import Any, Callable, Optional, Union
 import zmq
 
 from . import _protocol as proto
-from ._caller import CallerPath
+from ._caller import CallerPath, SafeCondition
 from ._connection import Connection, WorkerInfo
 from ._dialin import DialInPort, DialledConnection
 from ._fleet import Fleet
@@ -498,7 +498,7 @@ class Handle:
         self.executor_ref: Callable[[], Any] = weakref.ref(executor, lambda _: wakeup.wake())
         self.addresses = addresses
         self.local_worker = local_worker
-        self.changed = threading.Condition()  # notified when a worker becomes ready or is lost
+        self.changed = SafeCondition()  # notified when a worker becomes ready or is lost
         self.engine = Engine(self, addresses, settings, local_worker)
         _live_engines.add(self.engine)
         self.engine.start()
