@@ -18,6 +18,11 @@ import zmq
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 
+# Started in the background by a non-interactive shell, the run inherits SIGINT ignored, and so would
+# every script the tests start (ignored signals stay ignored across exec): the Ctrl-C tests need it.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def own_key_store(tmp_path_factory) -> Iterator[Path]:
