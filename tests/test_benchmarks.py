@@ -24,7 +24,7 @@ def test_the_quick_suite_writes_a_report(tmp_path) -> None:
     key_folders = set(glob.glob(os.path.join(tempfile.gettempdir(), "zmqexecutor-bench-*")))
     run = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--systems", "process,zmq-ipc,zmq-tcp,zmq-curve,pyzmq-floor,ray",
-         "--workloads", "throughput,latency,payload,startup,scaling", "--out", str(out)],
+         "--workloads", "throughput,latency,payload,payload-again,startup,scaling", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=580,
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
     )
@@ -37,12 +37,13 @@ def test_the_quick_suite_writes_a_report(tmp_path) -> None:
     assert set(glob.glob(os.path.join(tempfile.gettempdir(), "zmqexecutor-bench-*"))) == key_folders
     report = json.loads((out / "results.json").read_text())
     results = report["results"]
-    assert set(results) == {"throughput", "latency", "payload", "startup", "scaling-1", "scaling-4"}
-    for workload in ("throughput", "latency", "payload", "startup"):
+    assert set(results) == {"throughput", "latency", "payload", "payload-again", "startup", "scaling-1", "scaling-4"}
+    for workload in ("throughput", "latency", "payload", "payload-again", "startup"):
         for system in ("process", "zmq-ipc", "zmq-tcp"):
             (run_result,) = results[workload][system]
             assert run_result["value"] > 0, (workload, system, run_result)
     assert results["payload"]["pyzmq-floor"][0]["value"] > 0
+    assert results["payload-again"]["pyzmq-floor"][0]["value"] > 0
     assert set(results["scaling-4"]) == {"process", "zmq-tcp"}
     table = (out / "results.md").read_text()
     assert "| zmq-ipc |" in table and "vs process" in table and "Machine:" in table
