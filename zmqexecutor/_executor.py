@@ -68,6 +68,48 @@ def _check_seconds(name: str, value: object, *, none_ok: bool = False) -> None:
         raise ValueError(f"{name} must be > 0{' or None' if none_ok else ''}")
 
 
+def _check_endpoints(endpoints: object) -> list[str]:
+    if endpoints is None:
+        return []
+    if isinstance(endpoints, str):
+        endpoints = [endpoints]
+    if not isinstance(endpoints, Iterable):
+        raise TypeError(f"endpoints must be a string, a list of strings or None, not {type(endpoints).__name__}")
+    addresses = list(endpoints)
+    if not addresses:
+        raise ValueError("endpoints must not be empty; pass None to run on local worker processes")
+    for address in addresses:
+        parse(address)
+    duplicates = sorted({a for a in addresses if addresses.count(a) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate endpoints: {', '.join(duplicates)}")
+    return addresses
+
+
+def _check_arguments(*, listen: object, max_workers: object, initializer: object, max_tasks_per_child: object,
+                     connect_timeout: object, worker_timeout: object, max_retries: object, max_message_size: object,
+                     task_output: object, task_timeout: object) -> None:
+    if listen is not None:
+        if not isinstance(listen, str):
+            raise TypeError(f"listen must be an address string like 'tcp://0.0.0.0:5555', not {type(listen).__name__}")
+        parse(listen, bind=True)
+    if max_workers is not None:
+        _check_int("max_workers", max_workers, 1, "max_workers must be greater than 0")
+    if initializer is not None and not callable(initializer):
+        raise TypeError("initializer must be a callable")
+    if max_tasks_per_child is not None:
+        _check_int("max_tasks_per_child", max_tasks_per_child, 1, "max_tasks_per_child must be >= 1")
+    if connect_timeout is not None:
+        _check_seconds("connect_timeout", connect_timeout, none_ok=True)
+    _check_seconds("worker_timeout", worker_timeout)
+    _check_int("max_retries", max_retries, 0, "max_retries must be >= 0")
+    _check_int("max_message_size", max_message_size, 1, "max_message_size must be >= 1")
+    if task_output not in ("print", "log"):
+        raise ValueError(f"task_output must be 'print' or 'log', not {task_output!r}")
+    if task_timeout is not None:
+        _check_seconds("task_timeout", task_timeout, none_ok=True)
+
+
 def _cancel_running(future: Future[Any]) -> bool:
     """Move a running future to cancelled, as ``Future.cancel`` does for a pending one (which it
     refuses for a running one). The stdlib offers no public way, so this follows its own steps, on
@@ -186,27 +228,12 @@ class ZMQExecutor(Executor):
                 raise TypeError(f"ZMQExecutor({endpoints}, {max_workers!r}): a number as the first argument is "
                                 "max_workers; give endpoints as strings")
             endpoints, max_workers = None, endpoints
-        addresses = self._check_endpoints(endpoints)
-        if listen is not None:
-            if not isinstance(listen, str):
-                raise TypeError(f"listen must be an address string like 'tcp://0.0.0.0:5555', not {type(listen).__name__}")
-            parse(listen, bind=True)
+        addresses = _check_endpoints(endpoints)
+        _check_arguments(listen=listen, max_workers=max_workers, initializer=initializer,
+                         max_tasks_per_child=max_tasks_per_child, connect_timeout=connect_timeout,
+                         worker_timeout=worker_timeout, max_retries=max_retries,
+                         max_message_size=max_message_size, task_output=task_output, task_timeout=task_timeout)
         remote = bool(addresses) or listen is not None
-        if max_workers is not None:
-            _check_int("max_workers", max_workers, 1, "max_workers must be greater than 0")
-        if initializer is not None and not callable(initializer):
-            raise TypeError("initializer must be a callable")
-        if max_tasks_per_child is not None:
-            _check_int("max_tasks_per_child", max_tasks_per_child, 1, "max_tasks_per_child must be >= 1")
-        if connect_timeout is not None:
-            _check_seconds("connect_timeout", connect_timeout, none_ok=True)
-        _check_seconds("worker_timeout", worker_timeout)
-        _check_int("max_retries", max_retries, 0, "max_retries must be >= 0")
-        _check_int("max_message_size", max_message_size, 1, "max_message_size must be >= 1")
-        if task_output not in ("print", "log"):
-            raise ValueError(f"task_output must be 'print' or 'log', not {task_output!r}")
-        if task_timeout is not None:
-            _check_seconds("task_timeout", task_timeout, none_ok=True)
         self._task_timeout = task_timeout
         self._security_args = (keys, worker_keys, insecure)  # for these endpoints and those added later
         listen_keys = None
@@ -245,24 +272,6 @@ class ZMQExecutor(Executor):
                 local_worker.stop()
             raise
 
-    @staticmethod
-    def _check_endpoints(endpoints: object) -> list[str]:
-        if endpoints is None:
-            return []
-        if isinstance(endpoints, str):
-            endpoints = [endpoints]
-        if not isinstance(endpoints, Iterable):
-            raise TypeError(f"endpoints must be a string, a list of strings or None, not {type(endpoints).__name__}")
-        addresses = list(endpoints)
-        if not addresses:
-            raise ValueError("endpoints must not be empty; pass None to run on local worker processes")
-        for address in addresses:
-            parse(address)
-        duplicates = sorted({a for a in addresses if addresses.count(a) > 1})
-        if duplicates:
-            raise ValueError(f"duplicate endpoints: {', '.join(duplicates)}")
-        return addresses
-
     @property
     def listen_address(self) -> Optional[str]:
         """The address workers dial in to (``listen``, with the port filled in when it was 0), or None."""
@@ -291,7 +300,7 @@ class ZMQExecutor(Executor):
         if not self._remote:
             raise RuntimeError("this executor runs on local workers of its own; give it endpoints or listen= "
                                "when you create it to add workers")
-        addresses = self._check_endpoints(endpoints)
+        addresses = _check_endpoints(endpoints)
         known = sorted(set(addresses) & set(self._handle.addresses))
         if known:
             raise ValueError(f"already an endpoint of this executor: {', '.join(known)}")
@@ -308,7 +317,7 @@ class ZMQExecutor(Executor):
     def remove_endpoints(self, endpoints: Union[str, Sequence[str]]) -> None:
         """Stop sending tasks to these workers: the tasks they are running finish there (and
         resolve their futures), then the connections close. Nothing is lost and nothing retried."""
-        addresses = self._check_endpoints(endpoints)
+        addresses = _check_endpoints(endpoints)
         unknown = sorted(set(addresses) - set(self._handle.addresses))
         if unknown:
             raise ValueError(f"not an endpoint of this executor: {', '.join(unknown)}")
