@@ -217,18 +217,15 @@ def test_idle_task_processes_sleep(ex) -> None:
 
 
 @pytest.mark.parametrize("where", ["local", pytest.param("remote", marks=pytest.mark.slow)])
-def test_ctrl_c_while_another_thread_holds_a_futures_lock_leaves_it_free(tmp_path, where) -> None:
+def test_ctrl_c_while_another_thread_holds_a_futures_lock_leaves_it_free(tmp_path, start_worker, where) -> None:
     # A stdlib Condition's lock stays taken when Ctrl-C lands in its Python __enter__ or __exit__ (a
     # third of the time here, under contention); the I/O thread then hangs in set_result. Ours may not.
+    endpoints = [start_worker(f"ipc://{tmp_path}/w", processes=1).endpoint] if where == "remote" else None
     process = _script(tmp_path, f"""
-        import concurrent.futures as cf, os, signal, subprocess, sys, threading, time
+        import concurrent.futures as cf, os, signal, threading, time
         from zmqexecutor import ZMQExecutor
 
-        worker = None
-        if {where == "remote"!r}:
-            worker = subprocess.Popen([sys.executable, "-m", "zmqexecutor", "worker", "--bind",
-                                       "ipc://{tmp_path}/w", "--processes", "1"])
-        with ZMQExecutor(["ipc://{tmp_path}/w"] if worker else None, max_workers=1) as ex:
+        with ZMQExecutor({endpoints!r}, max_workers=1) as ex:
             ex.submit(abs, 1).result(timeout=30)
             future = ex.submit(time.sleep, 3)
             stop = False
@@ -263,9 +260,6 @@ def test_ctrl_c_while_another_thread_holds_a_futures_lock_leaves_it_free(tmp_pat
             # lets it go in another way than result() does, which would hide it).
             done, _ = cf.wait([future], timeout=15)
             print("caught", caught, "stuck", contender.is_alive(), "done", future in done, flush=True)
-        if worker:
-            worker.terminate()
-            worker.wait(10)
     """)
     try:
         out, err = process.communicate(timeout=60)
