@@ -108,7 +108,7 @@ class CallerPath:
             assert self.lanes is not None
             # A caller that waited for its last reply and sends while nothing else is out works one
             # task at a time: the process it goes to may look for the next one awake.
-            self.lanes.lone_next = self.read_its_reply and scheduler.in_flight == 0
+            self.lanes.lone_next = self.read_its_reply
             self.read_its_reply = False
             scheduler.add(task)
             try:
@@ -122,7 +122,8 @@ class CallerPath:
             engine.lock.release()
 
     def may_read(self) -> bool:
-        """Whether a caller could read now (hints, read without the lock: see become_reader)."""
+        """Whether a caller could read now: only a few tasks out and no other reader (a hint without
+        the engine's lock; the answer that counts is taken with it, in become_reader)."""
         scheduler = self.engine.scheduler
         return self.open and self.reader is None and not scheduler.backlog \
             and self.lanes is not None and scheduler.in_flight <= len(self.lanes.lanes)
@@ -144,11 +145,8 @@ class CallerPath:
         if not engine.lock.acquire(blocking=False):
             return False
         try:
-            scheduler = engine.scheduler
-            assert self.lanes is not None
             # With many tasks out, the I/O thread's batching does better than a reader per future.
-            if not self.open or self.reader is not None or waiting.done or scheduler.backlog \
-                    or scheduler.in_flight > len(self.lanes.lanes):
+            if waiting.done or not self.may_read():
                 return False
             self.reader = threading.get_ident()
             self.pause_io_thread(True)
@@ -325,13 +323,13 @@ class ReadingCondition(SafeCondition):  # type: ignore[misc]
     when it can (``CallerPath.read_for``), and waits as any condition when it cannot."""
 
     def __init__(self, path: CallerPath) -> None:
-        self._waiters = collections.deque()
+        super().__init__()
         self.path = path
         self.done = False  # the future is done: every change to done notifies
 
     def notify_all(self) -> None:
         self.done = True
-        self.notify(len(self._waiters))
+        super().notify_all()
         if self.path.reader is not None:
             self.path.done_elsewhere()
 
