@@ -128,13 +128,14 @@ class WorkerProcess:
     """A real ``zmqexecutor worker`` started through the command line."""
 
     def __init__(self, endpoint: str, processes: int = 2, extra: list[str] | None = None,
-                 prefix: list[str] | None = None, connect: bool = False) -> None:
+                 prefix: list[str] | None = None, connect: bool = False, own_group: bool = False) -> None:
         self.endpoint = endpoint
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]))
         self.process = subprocess.Popen(
             [*(prefix or []), sys.executable, "-m", "zmqexecutor", "worker", "--connect" if connect else "--bind",
              endpoint, "--processes", str(processes), *(extra or [])],
             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, text=True,
+            start_new_session=own_group,  # a process group of its own, to signal as a whole
         )
         self.lines: list[str] = []
         self._ready = threading.Event()

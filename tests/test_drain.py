@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, TESTS, WorkerProcess, free_port, mark_then_nap, wait_until
+from conftest import ROOT, TESTS, WorkerProcess, alive, free_port, mark_then_nap, wait_until
 from zmqexecutor import WorkerLostError, ZMQExecutor
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -38,8 +39,9 @@ def zmqexecutor(*args: str) -> subprocess.CompletedProcess:
 def workers():
     started: list[WorkerProcess] = []
 
-    def start(endpoint: str, processes: int = 1, extra: list[str] | None = None) -> WorkerProcess:
-        worker = WorkerProcess(endpoint, processes, extra).wait_ready()
+    def start(endpoint: str, processes: int = 1, extra: list[str] | None = None, connect: bool = False,
+              own_group: bool = False) -> WorkerProcess:
+        worker = WorkerProcess(endpoint, processes, extra, connect=connect, own_group=own_group).wait_ready()
         started.append(worker)
         return worker
 
@@ -167,3 +169,119 @@ def test_zmqexecutor_drain_asks_a_worker_to_drain_and_it_exits(workers) -> None:
     assert done.returncode == 0, done.stderr
     assert "draining: 0 task(s) running" in done.stdout
     assert worker.process.wait(30) == 0
+
+
+# --- stopped the way clusters stop a worker: every one of its processes gets the signal ---------------
+
+
+def sigterm_all(worker: WorkerProcess, order: str) -> None:
+    """SIGTERM to each of the worker's processes: to its process group at once (``kill -TERM -PGID``,
+    Slurm, systemd's control group), or to its task processes a moment before or after the supervisor."""
+    if order == "group":
+        os.killpg(worker.pid, signal.SIGTERM)
+        return
+    tasks = sorted(other_pids(worker))
+    assert tasks
+    for pids in ([worker.pid], tasks) if order == "supervisor first" else (tasks, [worker.pid]):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):  # a quick drain may be over already
+                os.kill(pid, signal.SIGTERM)
+        time.sleep(0.3)
+
+
+@pytest.mark.parametrize("order", ["group", "task processes first", "supervisor first"])
+def test_sigterm_to_every_process_of_a_worker_drains_it_and_runs_each_task_once(workers, tmp_path, order) -> None:
+    stopped = workers(f"tcp://127.0.0.1:{free_port()}", processes=2, own_group=True)
+    other = workers(f"tcp://127.0.0.1:{free_port()}", processes=2)
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    # max_retries=0: a task killed with its worker, or retried, fails the map.
+    with ZMQExecutor([stopped.endpoint, other.endpoint], max_retries=0, connect_timeout=60) as ex:
+        assert wait_until(lambda: all(w.state == "ready" for w in ex.workers()), 30)
+        results = ex.map(run_once, [str(folder)] * 200, range(200))
+        got = [next(results) for _ in range(20)]  # under way on both workers
+        time.sleep(0.5)
+        sigterm_all(stopped, order)
+        got += list(results)
+        assert stopped.process.wait(30) == 0
+    assert got == list(range(200))
+    assert sorted(int(name) for name in os.listdir(folder)) == list(range(200))
+    assert "killed by SIGTERM" not in stopped.log()
+
+
+def test_sigterm_to_a_dialled_in_worker_s_process_group_drains_it(workers, tmp_path) -> None:
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    with ZMQExecutor(listen="tcp://127.0.0.1:0", max_retries=0, connect_timeout=None) as ex:
+        assert ex.listen_address is not None
+        stopped = workers(ex.listen_address, processes=2, connect=True, own_group=True)
+        ex.wait_for_workers(1, timeout=30)
+        results = ex.map(run_once, [str(folder)] * 200, range(200))
+        got = [next(results) for _ in range(10)]
+        workers(ex.listen_address, processes=2, connect=True)  # joins late
+        ex.wait_for_workers(2, timeout=30)
+        os.killpg(stopped.pid, signal.SIGTERM)
+        got += list(results)
+        assert stopped.process.wait(30) == 0
+    assert got == list(range(200))
+    assert sorted(int(name) for name in os.listdir(folder)) == list(range(200))
+
+
+def test_a_second_sigterm_to_the_group_still_stops_at_once_and_the_task_is_retried(workers, tmp_path) -> None:
+    stopped = workers(f"tcp://127.0.0.1:{free_port()}", own_group=True)
+    other = workers(f"tcp://127.0.0.1:{free_port()}")
+    marker = tmp_path / "long"
+    with ZMQExecutor([stopped.endpoint, other.endpoint], max_retries=1) as ex:
+        assert wait_until(lambda: all(w.state == "ready" for w in ex.workers()), 30)
+        blocker = ex.submit(mark_then_nap, str(tmp_path / "other"), 3.0)  # keeps the other worker busy
+        assert wait_until((tmp_path / "other").exists, 30)
+        future = ex.submit(mark_then_nap, str(marker), 60)
+        assert wait_until(marker.exists, 30)
+        first_pid = int(marker.read_text())
+        os.killpg(stopped.pid, signal.SIGTERM)
+        time.sleep(1.5)  # past the task processes' wait for the supervisor's drain: they still run
+        assert stopped.process.poll() is None and alive(first_pid)
+        marker.unlink()
+        started = time.monotonic()
+        os.killpg(stopped.pid, signal.SIGTERM)
+        assert stopped.process.wait(15) == 0
+        assert time.monotonic() - started < 10
+        # Lost with its worker, not crashed: it runs again on the other worker (one retry allowed).
+        assert wait_until(marker.exists, 30)
+        assert int(marker.read_text()) in other_pids(other)
+        assert ex.cancel(future, force=True)
+        assert blocker.result(timeout=30)
+
+
+def test_a_task_killed_by_sigkill_while_its_worker_drains_is_retried_not_crashed(workers, tmp_path) -> None:
+    stopped = workers(f"tcp://127.0.0.1:{free_port()}", own_group=True)
+    other = workers(f"tcp://127.0.0.1:{free_port()}")
+    marker = tmp_path / "long"
+    with ZMQExecutor([stopped.endpoint], max_retries=1, connect_timeout=60) as ex:
+        assert wait_until(lambda: ex.workers()[0].state == "ready", 30)
+        future = ex.submit(mark_then_nap, str(marker), 3.0)
+        assert wait_until(marker.exists, 30)
+        os.killpg(stopped.pid, signal.SIGTERM)
+        assert wait_until(lambda: ex.workers()[0].state == "draining", 10)
+        ex.add_endpoints(other.endpoint)
+        # What Slurm does after KillWait, the task process reached first: SIGKILL.
+        marker_pid = int(marker.read_text())
+        marker.unlink()
+        os.kill(marker_pid, signal.SIGKILL)
+        assert future.result(timeout=30) in other_pids(other)
+        assert stopped.process.wait(30) == 0
+
+
+def test_a_task_cut_short_by_the_drain_timeout_is_retried_elsewhere(workers, tmp_path) -> None:
+    stopped = workers(f"tcp://127.0.0.1:{free_port()}", extra=["--drain-timeout", "1"], own_group=True)
+    marker = tmp_path / "long"
+    with ZMQExecutor([stopped.endpoint], max_retries=1, connect_timeout=60) as ex:
+        future = ex.submit(mark_then_nap, str(marker), 5.0)
+        assert wait_until(marker.exists, 30)
+        marker.unlink()
+        os.killpg(stopped.pid, signal.SIGTERM)
+        assert stopped.process.wait(30) == 0
+        assert not future.done()  # lost with its worker: it waits for another
+        other = workers(f"tcp://127.0.0.1:{free_port()}")
+        ex.add_endpoints(other.endpoint)
+        assert future.result(timeout=30) in other_pids(other)

@@ -103,10 +103,12 @@ def test_two_executors_share_one_worker(start_worker) -> None:
     "fn, args, expect",
     [
         (kill_myself, (signal.SIGKILL,), "was killed by SIGKILL"),
+        # Held a moment (the worker may be draining: Slurm signals all its processes), then deadly.
+        (kill_myself, (signal.SIGTERM,), "was killed by SIGTERM"),
         (segfault, (), "was killed by SIGSEGV"),
         (os._exit, (7,), "exited with code 7"),
     ],
-    ids=["sigkill", "segfault", "os_exit"],
+    ids=["sigkill", "sigterm", "segfault", "os_exit"],
 )
 def test_a_dying_task_process_fails_one_future_and_is_replaced(start_worker, fn, args, expect) -> None:
     worker = start_worker(processes=2)

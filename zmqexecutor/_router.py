@@ -236,6 +236,11 @@ class Router:
         for session in self.sessions:
             self.send(session.client, frames)
 
+    def abandon_running(self, why: str) -> None:
+        for client, item in self.pool.abandon(why):
+            if self.sessions.get(client) is not None:
+                self.reply(client, item)
+
     def give_back_queue(self) -> None:
         """Hand every queued task back to its client (draining): sent elsewhere, no retry counted."""
         for client, task_id, _ in self.queue:

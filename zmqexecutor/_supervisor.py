@@ -138,6 +138,7 @@ class Supervisor:
             with _signals_to(self._on_signal) as signal_fd:
                 self.start()
                 self.serve(signal_fd)
+                self.leave()
             return 0
         except GiveUp as exc:
             logger.error("%s", exc)
@@ -259,6 +260,7 @@ class Supervisor:
         logger.info("%s: draining (running tasks get up to %g s); a second SIGTERM stops at once",
                     why, self.drain_timeout)
         self.drain_requested = True
+        self.pool.mark_draining()
         return True
 
     def asked_to_drain(self) -> None:
@@ -276,6 +278,25 @@ class Supervisor:
             logger.info("draining: %d task(s) running; no more are taken", self.pool.busy())
         # Also what a crashed task process had not started yet, put back here by reap_processes.
         self.router.give_back_queue()
+
+    def leave(self) -> None:
+        """Stopping with tasks still here: queued ones go back to their clients, and those the processes
+        were given are lost with this worker (each client retries them elsewhere) rather than left to
+        its heartbeat to find out."""
+        if self.direct is not None:
+            return  # its client accounts for its processes itself
+        router = self.router
+        if not router.draining:  # so that no client sends more meanwhile
+            router.draining = True
+            router.tell_all([proto.encode_header(Kind.DRAINING)])
+        router.receive_from_processes()
+        router.give_back_queue()
+        if self.drain_deadline is not None and time.monotonic() >= self.drain_deadline:
+            why = f"its worker stopped when its drain timeout of {self.drain_timeout:g} s passed"
+        else:
+            why = "its worker was stopped at once, before the task finished"
+        router.abandon_running(why)
+        router.send_replies()
 
     def check_idle(self) -> None:
         if self.router.sessions or self.pool.busy():

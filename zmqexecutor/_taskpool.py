@@ -20,7 +20,8 @@ from . import _protocol as proto
 from ._channel import Listener, Peer
 from ._protocol import Item, Kind
 from ._sessions import Sessions
-from ._taskprocess import COUNTERS, DEADLINE, FINISHED, LIMIT_MS, RETIRED, STARTED, UP, task_process_main
+from ._taskprocess import COUNTERS, DEADLINE, DRAINING, FINISHED, LIMIT_MS, RETIRED, STARTED, TERM_OK, UP, \
+    task_process_main
 
 logger = logging.getLogger("zmqexecutor.worker")
 
@@ -125,6 +126,7 @@ class TaskProcessPool:
         self.startup_failures = 0
         self.ids = 0  # the supervisor's own task ids, unique across clients
         self.timed_out = 0  # tasks ended for running past their time limit
+        self.draining = False  # the worker is going away: what dies now is not replaced
         self.listener: Optional[Listener] = None
 
     def open(self) -> None:
@@ -176,13 +178,21 @@ class TaskProcessPool:
             context = mp or self.mp
             counters = context.RawArray("Q", COUNTERS)
             # The embedded worker's processes print into the user's terminal through the client only.
+            counters[DRAINING] = self.draining
             process = context.Process(target=task_process_main,
-                                      args=(self.address, os.getpid(), counters, not self.direct, self.spin),
+                                      args=(self.address, os.getpid(), counters, not self.direct, self.spin,
+                                            not self.direct),
                                       name="zmqexecutor-task", daemon=True)
             process.start()
             proc = TaskProcess(process, counters)
             self.by_ident[proc.ident] = proc
             self.by_sentinel[process.sentinel] = proc
+
+    def mark_draining(self) -> None:
+        """From now on a SIGTERM that reaches the processes from outside leaves their tasks running."""
+        self.draining = True
+        for proc in self.by_ident.values():
+            proc.counters[DRAINING] = 1
 
     def idle(self) -> bool:
         """Nothing is running or waiting in any process."""
@@ -239,9 +249,10 @@ class TaskProcessPool:
     def retire(self, proc: TaskProcess) -> None:
         """Stop ``proc`` once the tasks it has are done; a replacement starts now."""
         if not self.send(proc, [proto.encode_header(Kind.STOP)]):
-            proc.process.terminate()
+            _signal(proc, signal.SIGTERM)
         proc.retiring = True
-        self.start(1)
+        if not self.draining:
+            self.start(1)
 
     def kill_running(self, client: bytes, ident: int, seq: Optional[int]) -> bool:
         """Kill the process running the client's task ``ident`` (direct: process ``ident`` if the task
@@ -324,31 +335,51 @@ class TaskProcessPool:
             self.exits.append(dict(pid=pid, started=started, finished=finished, exitcode=code, retired=retired,
                                    timed_out=proc.timed_out))
         self.timed_out += proc.timed_out is not None
+        # Killed from outside while the worker is being stopped (SIGKILL after Slurm's KillWait, say): the
+        # task went with its worker, which is no fault of the task's.
+        stopped_with_worker = (self.draining and signal_name in ("SIGKILL", "SIGTERM") and not proc.signalled
+                               and proc.timed_out is None)
         replies = []
         for a in proc.assigned.values():
             if a.seq < finished:  # it ran; its reply died with the process: the client retries it
                 reason = proto.encode_reason(f"its reply was lost when task process {pid} {how} in a later task")
                 replies.append((a.client, Item(Kind.LOST, a.task_id, reason)))
+            elif a.seq < started and stopped_with_worker:
+                reason = proto.encode_reason(f"task process {pid} {how} while its worker was stopping")
+                replies.append((a.client, Item(Kind.LOST, a.task_id, reason)))
             elif a.seq < started:
                 crash = proto.encode_crash(exitcode=code, signal_name=signal_name, host=host, pid=pid,
                                            timed_out=proc.timed_out)
                 replies.append((a.client, Item(Kind.CRASHED, a.task_id, crash)))
+        replacing = "; not replaced: the worker is stopping" if self.draining else "; replacing it"
         if started > finished:
-            # Expected when we stopped it for its client; news otherwise.
-            logger.log(logging.INFO if proc.signalled or proc.timed_out is not None else logging.WARNING,
-                       "task process %d %s while running a task; replacing it", pid, how)
+            # Expected when we stopped it for its client, or with its worker; news otherwise.
+            expected = proc.signalled or proc.timed_out is not None or stopped_with_worker
+            logger.log(logging.INFO if expected else logging.WARNING,
+                       "task process %d %s while running a task%s", pid, how, replacing)
         elif not retired:
-            logger.warning("idle task process %d %s; replacing it", pid, how)
-        self.start(1)
+            logger.warning("idle task process %d %s%s", pid, how, replacing)
+        if not self.draining:
+            self.start(1)
         return replies, [(a.client, a.task_id, a.frames) for a in proc.assigned.values() if a.seq >= started]
+
+    def abandon(self, why: str) -> list[tuple[bytes, Item]]:
+        """The worker stops before its processes are done: each task they were given is lost with it (the
+        client sends it elsewhere), said here since no reply will come."""
+        replies = []
+        for proc in self.by_ident.values():
+            for a in proc.assigned.values():
+                replies.append((a.client, Item(Kind.LOST, a.task_id, proto.encode_reason(why))))
+            proc.assigned.clear()
+        return replies
 
     def stop(self) -> None:
         if self.listener is not None:
             self.listener.close()
+        for proc in self.by_ident.values():
+            if proc.process.is_alive():
+                _signal(proc, signal.SIGTERM)
         procs = [proc.process for proc in self.by_ident.values()]
-        for process in procs:
-            if process.is_alive():
-                process.terminate()
         deadline = time.monotonic() + STOP_GRACE
         for process in procs:
             process.join(max(0.0, deadline - time.monotonic()))
@@ -358,6 +389,8 @@ class TaskProcessPool:
 
 
 def _signal(proc: TaskProcess, sig: signal.Signals) -> None:
+    if sig == signal.SIGTERM:
+        proc.counters[TERM_OK] = 1  # it is ours: the process dies of it at once, draining or not
     if proc.process.pid is not None:
         try:
             os.kill(proc.process.pid, sig)

@@ -68,11 +68,19 @@ MAX_CLIENT_NAMESPACES = 16
 
 _PR_SET_PDEATHSIG = 1
 
+# A relayed task process that gets a SIGTERM its supervisor did not announce waits this long for the
+# supervisor to begin draining before it takes the signal as meant for itself alone and dies of it.
+# Clusters stop a worker by signalling all its processes at once (Slurm, systemd's control group, a
+# process group), in any order: the supervisor's drain then lets the running task finish. Longer covers
+# a slower supervisor; it is also how much later a task that sends itself SIGTERM dies of it.
+UNANNOUNCED_SIGTERM_WAIT = 1.0
+
 # The counters shared with the supervisor: tasks started and finished; set once started up; set when
 # it exits because it was told to (STOP), not because of a task; while a task with a time limit runs,
-# when it must end (time.monotonic_ns(), which every process of the host shares) and the limit (ms).
-STARTED, FINISHED, UP, RETIRED, DEADLINE, LIMIT_MS = range(6)
-COUNTERS = 6
+# when it must end (time.monotonic_ns(), which every process of the host shares) and the limit (ms);
+# set by the supervisor before it sends SIGTERM on purpose (TERM_OK), and while it drains (DRAINING).
+STARTED, FINISHED, UP, RETIRED, DEADLINE, LIMIT_MS, TERM_OK, DRAINING = range(8)
+COUNTERS = 8
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -83,6 +91,26 @@ def _die_with_parent(parent_pid: int) -> None:
         pass  # not Linux: the poll loop's parent check still ends the process
     if os.getppid() != parent_pid:
         os._exit(0)
+
+
+def _hold_unannounced_sigterm(counters: Any) -> None:
+    """SIGTERM ends this process only when the supervisor sent it, or when the supervisor does not begin
+    to drain within UNANNOUNCED_SIGTERM_WAIT: a SIGTERM to the whole worker leaves its tasks running."""
+
+    ours = os.getpid()
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        deadline = time.monotonic() + UNANNOUNCED_SIGTERM_WAIT
+        while not counters[TERM_OK] and os.getpid() == ours:  # a task's forked child dies at once
+            if counters[DRAINING]:
+                return  # the supervisor ends us once the task is done, or its drain timeout passed
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.01)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 class _Capture:
@@ -332,10 +360,13 @@ class TaskLoop:
 
 
 def task_process_main(address: str, supervisor_pid: int, counters: Any, echo: bool = True,
-                      spin: bool = False) -> None:
+                      spin: bool = False, drains: bool = True) -> None:
+    """``drains``: our supervisor drains on SIGTERM (not the embedded worker's)."""
     _die_with_parent(supervisor_pid)
     # Ctrl-C in a terminal reaches the whole process group; the supervisor decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if drains:
+        _hold_unannounced_sigterm(counters)
     # The supervisor starts us as daemons (reaped with it); tasks may still start processes of their
     # own, as they can in ProcessPoolExecutor's workers, which multiprocessing forbids to daemons.
     multiprocessing.current_process().daemon = False
