@@ -180,6 +180,11 @@ def sigterm_all(worker: WorkerProcess, order: str) -> None:
     if order == "group":
         os.killpg(worker.pid, signal.SIGTERM)
         return
+    if order == "group, echoed":  # Slurm's step signal, then srun's copy of it: one request
+        os.killpg(worker.pid, signal.SIGTERM)
+        time.sleep(0.02)
+        os.killpg(worker.pid, signal.SIGTERM)
+        return
     tasks = sorted(other_pids(worker))
     assert tasks
     for pids in ([worker.pid], tasks) if order == "supervisor first" else (tasks, [worker.pid]):
@@ -189,7 +194,7 @@ def sigterm_all(worker: WorkerProcess, order: str) -> None:
         time.sleep(0.3)
 
 
-@pytest.mark.parametrize("order", ["group", "task processes first", "supervisor first"])
+@pytest.mark.parametrize("order", ["group", "group, echoed", "task processes first", "supervisor first"])
 def test_sigterm_to_every_process_of_a_worker_drains_it_and_runs_each_task_once(workers, tmp_path, order) -> None:
     stopped = workers(f"tcp://127.0.0.1:{free_port()}", processes=2, own_group=True)
     other = workers(f"tcp://127.0.0.1:{free_port()}", processes=2)

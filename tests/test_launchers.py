@@ -3,10 +3,12 @@ against a real Slurm (slurmctld here, two slurmds on another host), workers dial
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -218,3 +220,51 @@ def test_ssh_workers_end_when_their_client_is_killed(ssh_host, tmp_path: Path) -
     finally:
         if client.poll() is None:
             client.kill()
+
+
+def mark_then_nap(folder: str):
+    # Defined here so that it is pickled by value (see exactly_once); slower, so that tasks run when
+    # the job is stopped.
+    def mark(i: int) -> int:
+        os.close(os.open(os.path.join(folder, str(i)), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        time.sleep(0.2)
+        return i
+    return mark
+
+
+def run_until_stopped(ex: ZMQExecutor, job: SlurmWorkers, task, give_up: float) -> list[int]:
+    """Keep both workers busy (a few tasks waiting beyond the running ones) until ``job`` has left the
+    queue, then finish; the results in order."""
+    futures = []
+    deadline = time.monotonic() + give_up
+    while job.state()[0] and time.monotonic() < deadline:
+        futures += [ex.submit(task, len(futures) + i) for i in range(4)]
+        concurrent.futures.wait(futures[-8:-4] or futures, timeout=30)
+    assert not job.state()[0], "the job was not stopped in time"
+    futures += [ex.submit(task, len(futures) + i) for i in range(8)]  # and the one left still serves
+    return [f.result(timeout=60) for f in futures]
+
+
+@pytest.mark.parametrize("stop", ["scancel", "time limit"])
+def test_a_slurm_job_stopped_mid_map_drains_and_each_task_runs_once(slurm_cluster, keys: Path, tmp_path: Path,
+                                                                     monkeypatch, stop: str) -> None:
+    env, here = slurm_cluster
+    monkeypatch.setenv("SLURM_CONF", env["SLURM_CONF"])
+    done = tmp_path / "done"
+    done.mkdir()
+    port = free_port()
+    address = f"tcp://{here}:{port}"
+    # Slurm signals every process of the job (SIGTERM, then SIGKILL after KillWait): the worker drains.
+    with SlurmWorkers(address=address, keys=keys, folder=tmp_path / "jobs", processes=2, job_name="ending",
+                      time_limit="1" if stop == "time limit" else None, start_timeout=60) as ending, \
+            SlurmWorkers(address=address, keys=keys, folder=tmp_path / "jobs", processes=2, start_timeout=60), \
+            ZMQExecutor(listen=f"tcp://0.0.0.0:{port}", keys=keys / "client", max_retries=0,
+                        connect_timeout=None) as ex:
+        ex.wait_for_workers(2, timeout=60)
+        if stop == "scancel":
+            threading.Timer(3.0, subprocess.run, (["scancel", str(ending.job_id)],)).start()
+        results = run_until_stopped(ex, ending, mark_then_nap(str(done)), give_up=150)
+        output = ending.output_tail()
+    assert results == list(range(len(results)))
+    assert sorted(int(name) for name in os.listdir(done)) == results
+    assert "draining" in output and "killed by" not in output, output

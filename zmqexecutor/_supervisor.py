@@ -30,6 +30,11 @@ tasks go back to their clients (RETURNED, sent elsewhere without counting a retr
 that arrive later; the running ones (and those already sent ahead to a task process) finish; then,
 or after ``drain_timeout`` seconds, it exits 0. A second SIGTERM, or SIGINT, stops it at once. The
 embedded worker does not drain: its executor stops it only when it has nothing running there.
+Clusters stop a worker by signalling every one of its processes (Slurm, systemd's control group, a
+process group): a task process holds a SIGTERM the supervisor did not announce until the supervisor
+drains (``_taskprocess``), and a SIGTERM echoed within SIGTERM_ECHO_SECONDS counts as the first. Tasks
+the worker stops before they finish (the drain timeout, a stop at once, a SIGKILL during the drain)
+are LOST with it, for their clients to retry elsewhere, never CRASHED.
 
 Each loop turn reads both sockets until they would block (bounded), reaps dead task processes, hands
 queued tasks to processes with credit, and sends each client its replies as one message: the routing
@@ -74,6 +79,12 @@ PARENT_CHECK_INTERVAL = 0.5
 # How long a draining worker waits for its running tasks by default, before it stops them.
 DEFAULT_DRAIN_TIMEOUT = 30.0
 
+# A second SIGTERM this soon after the first is the same request delivered twice, not a second one:
+# Slurm signals a job step's tasks, and its srun, signalled too, passes the same SIGTERM on (7 ms later
+# here). Later, a second SIGTERM stops the worker at once. Longer covers a slower echo, but a person who
+# sends SIGTERM twice within it gets a drain instead of a stop.
+SIGTERM_ECHO_SECONDS = 0.5
+
 # Forking is only known to be safe on Linux (macOS frameworks break in forked children).
 _CAN_FORK_EARLY = sys.platform.startswith("linux")
 
@@ -117,6 +128,7 @@ class Supervisor:
         self.stopping = False
         self.drain_timeout = drain_timeout
         self.drain_requested = False  # by SIGTERM or DRAIN; taken up by the loop
+        self.first_sigterm: Optional[float] = None  # when the SIGTERM that began the drain came
         self.drain_deadline: Optional[float] = None  # draining since: until then
         self.orphaned = False
         self.started = time.monotonic()
@@ -213,8 +225,15 @@ class Supervisor:
                 self.pool.listener.trim_buffers()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGTERM and self.request_drain("received SIGTERM"):
-            return
+        if signum == signal.SIGTERM:
+            now = time.monotonic()
+            if self.request_drain("received SIGTERM"):
+                self.first_sigterm = now
+                return
+            if self.first_sigterm is not None and now - self.first_sigterm < SIGTERM_ECHO_SECONDS:
+                logger.info("received SIGTERM again %.0f ms after the first: taken as the same request",
+                            (now - self.first_sigterm) * 1000)
+                return
         logger.info("received %s, stopping", signal.Signals(signum).name)
         self.stopping = True
 
