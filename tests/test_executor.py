@@ -677,6 +677,74 @@ def test_an_initializer_in_the_script_sets_globals_its_tasks_see(where: str, tmp
     ]
 
 
+_MUTATED_GLOBALS_SCRIPT = """
+import os, sys
+from zmqexecutor import ZMQExecutor
+
+STATE = {}
+SEEN = []
+class Box:
+    pass
+BOX = Box()
+_cache = {}
+LOADS = sys.argv[1]
+
+def init(tag):  # fills globals in place, the usual way to keep a connection or a model
+    STATE["tag"] = tag
+    SEEN.append(tag)
+    BOX.tag = tag
+
+def read(_):
+    return STATE.get("tag"), tuple(SEEN), getattr(BOX, "tag", None)
+
+def remember(value):
+    STATE.setdefault("remembered", []).append(value)
+    return os.getpid(), value
+
+def recall(_):
+    return os.getpid(), STATE.get("remembered", [])
+
+def load():
+    open(os.path.join(LOADS, f"{os.getpid()}-{len(os.listdir(LOADS))}"), "x").close()
+    return "model"
+
+def predict(_):
+    if "m" not in _cache:
+        _cache["m"] = load()
+    return os.getpid(), _cache["m"]
+
+with ZMQExecutor(sys.argv[2:] or None, max_workers=2, initializer=init, initargs=("hello",)) as ex:
+    print(set(ex.map(read, range(6))))
+    remembered = {}
+    for pid, value in ex.map(remember, range(10)):
+        remembered.setdefault(pid, []).append(value)
+    print(all(remembered[pid] == values for pid, values in ex.map(recall, range(10))))
+    pids = {pid for pid, _ in ex.map(predict, range(40))}
+    loads = [name.split("-")[0] for name in os.listdir(LOADS)]
+    print(sorted(loads) == sorted(str(pid) for pid in set(loads)) and set(loads) >= {str(p) for p in pids})
+    STATE["tag"] = "from the client"  # the client's own change arrives
+    print(set(ex.map(read, range(6))))
+"""
+
+
+@pytest.mark.parametrize("where", ["local", "remote"])
+def test_globals_an_initializer_or_a_task_fills_in_place_stay_filled(where: str, tmp_path, start_worker) -> None:
+    args = [start_worker(processes=2).endpoint] if where == "remote" else []
+    loads = tmp_path / "loads"
+    loads.mkdir()
+    script = tmp_path / "script.py"
+    script.write_text(_MUTATED_GLOBALS_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), str(loads), *args], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "{('hello', ('hello',), 'hello')}",  # ProcessPoolExecutor's answer; each read brought STATE = {} anew
+        "True",  # each process recalls what its own earlier tasks remembered
+        "True",  # the lazy cache loaded once per process
+        "{('from the client', ('hello',), 'hello')}",
+    ]
+
+
 def test_a_failing_initializer_breaks_the_executor() -> None:
     executor = ZMQExecutor(max_workers=1, initializer=failing_initializer)
     try:

@@ -323,6 +323,7 @@ def test_plain_arguments_and_results_take_the_c_pickler() -> None:
 
 _MAIN_SOURCE = """
 x = {x}
+state = {state!r}
 def get():
     return x
 def set_x(value):
@@ -330,13 +331,18 @@ def set_x(value):
     x = value
 def closure(k):
     return lambda: (k, x)
+def fill(key, value):
+    state[key] = value
+def read(key):
+    return state.get(key)
 """
 
 
-def _as_sent_from_main(x: int) -> dict:
-    # What cloudpickle rebuilds for functions of the client's __main__: their own copy of its globals.
+def _as_sent_from_main(x: int, state: dict | None = None) -> dict:
+    # What cloudpickle rebuilds for functions of the client's __main__: their own copy of its globals,
+    # a fresh one for each function that arrives.
     namespace = {"__name__": "__main__"}
-    exec(_MAIN_SOURCE.format(x=x), namespace)
+    exec(_MAIN_SOURCE.format(x=x, state=state or {}), namespace)
     return namespace
 
 
@@ -346,10 +352,20 @@ def test_main_functions_share_one_namespace_where_the_process_rebinding_stands()
     assert main.adopt(first["get"])() == 1
     main.adopt(first["set_x"])(5)  # an initializer setting a global
     assert main.adopt(first["get"])() == 5
-    later = _as_sent_from_main(2)  # the client sends x = 2 later: the process's own value stands
-    assert main.adopt(later["get"])() == 5
-    assert main.adopt(later["closure"](7))() == (7, 5)  # closures keep their cells
+    again = _as_sent_from_main(1)  # another function brings x = 1 again, unchanged: the process's value stands
+    assert main.adopt(again["get"])() == 5
+    assert main.adopt(again["closure"](7))() == (7, 5)  # closures keep their cells
+    later = _as_sent_from_main(2)  # the client's x is now 2: it arrives
+    assert main.adopt(later["get"])() == 2
     assert main.adopt(abs) is abs  # importable functions are left alone
+
+
+def test_a_global_filled_in_place_stays_filled_until_the_client_changes_it() -> None:
+    main = serialize.MainNamespace()
+    main.adopt(_as_sent_from_main(1)["fill"])("tag", "hello")  # an initializer filling a dict
+    assert main.adopt(_as_sent_from_main(1)["read"])("tag") == "hello"  # the client's {} again: ignored
+    assert main.adopt(_as_sent_from_main(1, {"v": 2})["read"])("v") == 2  # the client filled it: it arrives
+    assert main.adopt(_as_sent_from_main(1, {"v": 2})["read"])("tag") is None
 
 
 def test_a_global_the_process_never_rebound_follows_the_client() -> None:

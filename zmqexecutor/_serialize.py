@@ -18,6 +18,7 @@ else goes through cloudpickle with pickle protocol 5, large buffers as frames of
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import linecache
 import pickle
@@ -288,13 +289,16 @@ class MainNamespace:
     so an initializer that sets a global would set it in its own copy, never seen by the tasks. Here
     every such function (the submitted one, the initializer, and the ``__main__`` functions they call)
     runs in one namespace per client and process, as module globals do in ProcessPoolExecutor's
-    workers. What the client sends updates a name unless code in this process rebound it (an
-    initializer's connection, a task's counter): then the process's value stays.
+    workers. A name keeps what code in this process made of it (an initializer's connection, a dict a
+    task filled, a counter) while the client's value stays as it was: every function that arrives
+    brings its own copy of that value, equal in content to the last one, and that copy is ignored.
+    When the client's value changes (rebound to other content, mutated, a function redefined), the new
+    one replaces the process's.
     """
 
     def __init__(self) -> None:
         self.globals: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}
-        self.sent: dict[str, Any] = {}  # name -> the client's value we put there last
+        self.marks: dict[str, Optional[bytes]] = {}  # name -> a digest of the client's value as it came last
         self.adopted: dict[int, tuple[Any, Any]] = {}  # id(function as unpickled) -> (it, its copy here)
 
     def adopt(self, fn: Any) -> Any:
@@ -321,15 +325,16 @@ class MainNamespace:
         for name, value in sent.items():
             if name == "__builtins__":
                 continue
-            current = self.globals.get(name, _MISSING)
-            if current is _MISSING or current is self.sent.get(name, _MISSING):
-                self.globals[name] = self.sent[name] = value
-        # The __main__ functions it calls came in the same pickle, sharing its copy of the globals.
-        for name, value in list(self.globals.items()):
             if isinstance(value, types.FunctionType) and value.__globals__ is sent:
+                # A __main__ function it calls, in the same pickle: the client's code always wins.
                 self.globals[name] = self._rebind(value)
-                if self.sent.get(name) is value:
-                    self.sent[name] = self.globals[name]
+                self.marks.pop(name, None)
+                continue
+            mark = _content_mark(value)
+            if mark is not None and name in self.globals and self.marks.get(name) == mark:
+                continue  # the client's value is as it was: what this process made of it stays
+            self.globals[name] = value
+            self.marks[name] = mark
         return self._rebind(fn)
 
     def _rebind(self, fn: types.FunctionType) -> types.FunctionType:
@@ -339,6 +344,20 @@ class MainNamespace:
         copy.__qualname__, copy.__module__, copy.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
         copy.__annotations__ = fn.__annotations__
         return copy
+
+
+def _content_mark(value: Any) -> Optional[bytes]:
+    """A digest of ``value``'s pickle (None if it has none): equal for the copies of one unchanged value
+    that functions bring one after another."""
+    buffers: list[pickle.PickleBuffer] = []
+    try:
+        digest = hashlib.blake2b(cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append),
+                                 digest_size=16)
+        for buffer in buffers:
+            digest.update(buffer.raw())
+    except Exception:
+        return None
+    return digest.digest()
 
 
 def explain_load_failure(exc: BaseException, where: str) -> None:
