@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import report, workloads
-from benchmarks.systems import SYSTEMS
+from benchmarks.systems import SYSTEMS, process_env
 
 DEFAULT_SYSTEMS = ["thread", "process", "loky", "dask", "zmq-ipc", "zmq-tcp", "zmq-curve", "pyzmq-floor", "ray", "mpi4py"]
 BASIC_WORKLOADS = ["throughput", "main-function", "latency", "map", "payload", "payload-again", "cpu",
@@ -119,7 +119,8 @@ def _smoke(systems: list[str], names: list[str], timeout: float,
             continue
         command = [sys.executable, "-m", "benchmarks.run_one", system, ",".join(chosen), "--quick", "--each"]
         started = time.monotonic()
-        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as process:
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              env=process_env(system)) as process:
             assert process.stdout is not None
             seen = set()
             last = started
@@ -150,7 +151,7 @@ def _run(system: str, workload: str, quick: bool, timeout: float) -> dict[str, A
     command = [sys.executable, "-m", "benchmarks.run_one", system, workload, *(["--quick"] if quick else [])]
     started = time.monotonic()
     try:
-        out = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        out = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=process_env(system))
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:g} s"}
     lines = out.stdout.strip().splitlines()

@@ -162,9 +162,21 @@ SYSTEMS: dict[str, Callable[..., Any]] = {
     "zmq-ipc": lambda workers, **_: _zmq_ipc(workers),
     "zmq-tcp": lambda workers, single_slot=False, **_: _zmq_tcp(workers, 1 if single_slot else None, False),
     "zmq-curve": lambda workers, single_slot=False, **_: _zmq_tcp(workers, 1 if single_slot else None, True),
+    # Ours without the Linux-only calls, as on macOS: see process_env.
+    "zmq-ipc-portable": lambda workers, **_: _zmq_ipc(workers),
+    "zmq-tcp-portable": lambda workers, single_slot=False, **_: _zmq_tcp(workers, 1 if single_slot else None, False),
     "ray": lambda workers, **_: _ray(workers),
     "mpi4py": lambda workers, **_: _mpi4py(workers),
 }
+
+
+def process_env(system: str) -> dict[str, str] | None:
+    """The environment a measurement of ``system`` runs in (None: this one). The portable systems run
+    with tests/portable first on the path: every process they start then lacks the Linux-only calls."""
+    if not system.endswith("-portable"):
+        return None
+    path = os.pathsep.join([str(ROOT / "tests" / "portable"), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    return dict(os.environ, PYTHONPATH=path, ZMQEXECUTOR_PORTABLE="1")
 
 
 def open_system(name: str, workers: int, *, single_slot: bool = False) -> contextlib.AbstractContextManager[Executor]:

@@ -92,7 +92,8 @@ def test_the_overhead_profile_of_lone_tasks_compares_with_process_pool_executor(
         spent = dict(re.findall(r"^  (\S.*?) +([\d.]+) us CPU per task", run.stdout, re.MULTILINE))
         assert set(spent) == {"client", "total", *processes}, run.stdout
         assert float(spent["client"]) > 0 and "at most" not in run.stdout
-        assert "MainThread" in run.stdout
+        if system == "zmq-ipc":  # 300 round trips of ProcessPoolExecutor take about one 10 ms clock tick
+            assert "MainThread" in run.stdout  # of CPU, which /proc may count to another of its threads
 
 
 @pytest.mark.timeout(300)

@@ -38,6 +38,7 @@ from concurrent import futures
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from . import _features
 from ._errors import BrokenWorkerPool
 from ._scheduler import Task
 
@@ -74,12 +75,15 @@ class CallerPath:
         self.bell = -1
         self.closing = False  # close() came while a reader was still on its way out
 
-    def start(self, lanes: "DirectLanes", io_selector_fd: int) -> None:
-        """Called by the I/O thread, its lock held, once the lanes are open."""
+    def start(self, lanes: "DirectLanes", io_selector: Any) -> None:
+        """Called by the I/O thread, its lock held, once the lanes are open. Without epoll and eventfd
+        (not Linux) the path stays closed: the I/O thread sends and reads every task."""
+        if not (_features.EPOLL and _features.EVENTFD):
+            return
         self.lanes = lanes
         # The same epoll instance as the I/O thread's selector, so that a caller can pause the
         # lanes there without the selector's bookkeeping (and without waking the thread).
-        self.io_interest = select.epoll.fromfd(os.dup(io_selector_fd))
+        self.io_interest = select.epoll.fromfd(os.dup(io_selector.fileno()))
         self.bell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.waiting = select.epoll()
         self.waiting.register(lanes.fileno(), select.EPOLLIN)

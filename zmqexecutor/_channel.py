@@ -35,6 +35,9 @@ import sys
 import time
 from typing import Any, Optional
 
+from . import _features
+from ._readiness import ReadinessSet, readiness_set
+
 _COUNT = struct.Struct("<I")
 
 # The most frames one message may have; a larger count is a corrupt stream (a BATCH of the most
@@ -59,8 +62,9 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 # more is read into fresh memory each time.
 POOL_BYTES = 256 * 1024 * 1024
 
-_WAIT_READ = select.EPOLLIN
-_WAIT_BOTH = select.EPOLLIN | select.EPOLLOUT
+# Where the system has it (Linux, FreeBSD): a peer that has gone away is an error, not a SIGPIPE.
+# Python ignores SIGPIPE anyway, so elsewhere the send fails with EPIPE all the same.
+_NO_SIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 
 
 def _raw(frame: Any) -> memoryview:
@@ -78,7 +82,7 @@ class Peer:
     __slots__ = ("sock", "fd", "owner", "closed", "out", "pending", "scratch", "body", "body_frames", "filled",
                  "poller", "watching_out", "buffers")
 
-    def __init__(self, sock: socket.socket, poller: Optional["select.epoll"] = None,
+    def __init__(self, sock: socket.socket, poller: Optional[ReadinessSet] = None,
                  buffers: Optional["BufferPool"] = None) -> None:
         sock.setblocking(False)
         self.sock = sock
@@ -115,7 +119,7 @@ class Peer:
         out = self.out
         while out:
             try:
-                sent = self.sock.sendmsg(list(itertools.islice(out, IOV_MAX)), [], socket.MSG_NOSIGNAL)
+                sent = self.sock.sendmsg(list(itertools.islice(out, IOV_MAX)), [], _NO_SIGNAL)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
@@ -135,7 +139,7 @@ class Peer:
         # One epoll_ctl per change of state, not per message.
         if self.poller is not None and not self.closed and self.watching_out != bool(self.out):
             self.watching_out = bool(self.out)
-            self.poller.modify(self.fd, _WAIT_BOTH if self.watching_out else _WAIT_READ)
+            self.poller.modify(self.fd, self.watching_out)
 
     # Reading --------------------------------------------------------------------------------------
 
@@ -212,7 +216,7 @@ class Peer:
             if self.poller is not None:
                 try:
                     self.poller.unregister(self.fd)
-                except (OSError, ValueError):
+                except (OSError, ValueError, KeyError):
                     pass
             self.sock.close()
 
@@ -220,8 +224,8 @@ class Peer:
 class Listener:
     """The accepting side: a socket bound at ``path``, and a peer per process that connected.
 
-    ``fileno()`` is an epoll descriptor over all of them, readable whenever one has something to say
-    (or room for what waits to be written), so a caller's own poll needs this one descriptor.
+    ``fileno()`` is one descriptor over all of them (``_readiness``), readable whenever one has
+    something to say (or room for what waits to be written), so a caller's own poll needs this one.
     """
 
     def __init__(self, path: str, *, reuse_buffers: bool = False) -> None:
@@ -234,34 +238,35 @@ class Listener:
         self.sock.bind(path)
         self.sock.listen(128)
         self.sock.setblocking(False)
-        self.epoll = select.epoll()
-        self.epoll.register(self.sock.fileno(), select.EPOLLIN)
+        self.readiness = readiness_set()
+        self.readiness.register(self.sock.fileno())
         self.peers: dict[int, Peer] = {}
         self.uid = os.getuid()
 
     def fileno(self) -> int:
-        return self.epoll.fileno()
+        return self.readiness.fileno()
 
     def receive(self) -> list[tuple[Peer, list[memoryview]]]:
         """Every message that arrived whole from any peer, without blocking; new peers are taken in."""
         received: list[tuple[Peer, list[memoryview]]] = []
-        for fd, events in self.epoll.poll(0):
+        for fd, readable, writable in self.readiness.ready():
             if fd == self.sock.fileno():
                 self.accept()
                 continue
             peer = self.peers.get(fd)
             if peer is None:  # cannot happen; if it did, the descriptor would wake every poll
                 try:
-                    self.epoll.unregister(fd)
-                except OSError:
+                    self.readiness.unregister(fd)
+                except (OSError, KeyError):
                     pass
                 continue
-            if events & select.EPOLLOUT:
+            if writable:
                 peer.flush()
-            if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+            if readable:
                 received.extend((peer, frames) for frames in peer.receive())
             if peer.closed:
                 del self.peers[fd]
+        self.readiness.taken()
         return received
 
     def trim_buffers(self) -> None:
@@ -287,21 +292,22 @@ class Listener:
                 sock, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            # The folder already keeps other users out; a peer of another user is refused all the same.
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            if struct.unpack("3i", creds)[1] != self.uid:
+            # The folder already keeps other users out; a peer of another user is refused all the same
+            # where the system says who it is.
+            uid = _features.peer_uid(sock)
+            if uid is not None and uid != self.uid:
                 sock.close()
                 continue
             _configure(sock)
-            peer = Peer(sock, self.epoll, self.buffers)
+            peer = Peer(sock, self.readiness, self.buffers)
             self.peers[peer.fd] = peer
-            self.epoll.register(peer.fd, _WAIT_READ)
+            self.readiness.register(peer.fd)
 
     def close(self) -> None:
         for peer in list(self.peers.values()):
             peer.close()
         self.peers.clear()
-        self.epoll.close()
+        self.readiness.close()
         self.sock.close()
         try:
             os.unlink(self.path)
@@ -423,12 +429,12 @@ def _fresh_buffer(size: int) -> Any:
         return bytearray(size)
 
 
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0) if _features.POPULATE else 0
 
 # Fresh buffers of at least two of these are populated by up to _POPULATE_THREADS threads at once (a
 # thread's start costs about 0.1 ms; 4 MiB of pages take 2 ms to make here).
 POPULATE_PART = 4 * 1024 * 1024
-_POPULATE_THREADS = min(4, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else 1
+_POPULATE_THREADS = min(4, len(os.sched_getaffinity(0))) if _features.POPULATE and _features.AFFINITY else 1
 _MADV_POPULATE_WRITE = 23  # Linux 5.14; older kernels say EINVAL, and then MAP_POPULATE it is
 _madvise: Any = None
 

@@ -152,6 +152,11 @@ def run_worker(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     log = logging.getLogger("zmqexecutor.worker")
+    from ._features import local_workers_unsupported
+    unsupported = local_workers_unsupported()
+    if unsupported is not None:
+        log.error("cannot run a worker here: %s", unsupported)
+        return 2
     if args.keys:
         from pathlib import Path
 

@@ -159,7 +159,7 @@ class Engine(threading.Thread):
                 self.opened.set()
             if self.embedded is not None:
                 assert self.embedded.lanes is not None
-                self.caller.start(self.embedded.lanes, self.selector.fileno())
+                self.caller.start(self.embedded.lanes, self.selector)
             while True:
                 self.wait_for_input()
                 self.receive_replies()

@@ -13,6 +13,7 @@ import weakref
 from concurrent.futures import Executor, Future, _base
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar, Union
 
+from . import _features
 from . import _protocol as proto
 from . import _security
 from ._caller import new_future
@@ -234,6 +235,9 @@ class ZMQExecutor(Executor):
                          worker_timeout=worker_timeout, max_retries=max_retries,
                          max_message_size=max_message_size, task_output=task_output, task_timeout=task_timeout)
         remote = bool(addresses) or listen is not None
+        unsupported = None if remote else _features.local_workers_unsupported()
+        if unsupported is not None:
+            raise NotImplementedError(unsupported)
         self._task_timeout = task_timeout
         self._security_args = (keys, worker_keys, insecure)  # for these endpoints and those added later
         listen_keys = None

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Optional, Union
 
 import zmq
 from zmq.utils import z85
+from . import _features
 from ._endpoints import is_loopback, parse
 from ._errors import SecurityError
 from ._sockets import monitor_events
@@ -96,7 +97,8 @@ def _write(path: Path, text: str, mode: int) -> None:
 def _check_private(path: Path) -> None:
     for checked in (path, path.parent):
         info = checked.stat()
-        if info.st_mode & 0o077:
+        # Windows keeps no such mode bits (its ACLs make a profile folder private); POSIX does.
+        if not _features.WINDOWS and info.st_mode & 0o077:
             raise SecurityError(
                 f"refusing {path}: {checked} is accessible by other users "
                 f"(mode {stat.filemode(info.st_mode)}); run: chmod {'700' if checked.is_dir() else '600'} {checked}"

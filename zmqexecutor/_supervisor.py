@@ -61,6 +61,7 @@ from typing import Any, Iterator, Optional
 import zmq
 import zmq.utils.garbage as zmq_garbage
 
+from . import _features
 from . import _protocol as proto
 from ._errors import SecurityError
 from ._front import BoundFront, DialFront, join_info
@@ -85,8 +86,6 @@ DEFAULT_DRAIN_TIMEOUT = 30.0
 # sends SIGTERM twice within it gets a drain instead of a stop.
 SIGTERM_ECHO_SECONDS = 0.5
 
-# Forking is only known to be safe on Linux (macOS frameworks break in forked children).
-_CAN_FORK_EARLY = sys.platform.startswith("linux")
 
 
 
@@ -143,7 +142,7 @@ class Supervisor:
         # The first task processes are forked before this process has any thread (libzmq's come with
         # the context below), which is safe and saves each of them the interpreter start-up and imports
         # that spawn costs. Replacements, started once threads exist, are spawned.
-        if _CAN_FORK_EARLY:
+        if _features.FORK_EARLY:
             self.pool.start(self.processes, multiprocessing.get_context("fork"))
         self.context = zmq.Context()
         try:
@@ -172,12 +171,15 @@ class Supervisor:
             zmq_garbage.gc.start()
         if self.guard is not None:
             self.guard.prove_strangers_are_rejected(self.front.endpoint)
-        if not _CAN_FORK_EARLY:
+        if not _features.FORK_EARLY:
             self.pool.start(self.processes)
         if self.guard is not None:
             security = f"CurveZMQ ({len(self.guard.allowed)} allowed client keys)"
         else:
             security = "CurveZMQ (the client's key pinned)" if self.dial_keys is not None else "none"
+        missing = [name for name, found in _features.summary().items() if not found]
+        if missing:
+            logger.info("this system lacks %s: the portable way is used for each", ", ".join(missing))
         logger.info("zmqexecutor worker ready: %s=%s processes=%d instance=%s pid=%d security=%s",
                     "connect" if self.connect else "endpoint", self.endpoint, self.processes, self.instance,
                     os.getpid(), security)

@@ -31,6 +31,7 @@ import threading
 import time
 from typing import Any, Optional
 
+from . import _features
 from . import _protocol as proto
 from ._channel import Link
 from ._protocol import Item, Kind
@@ -84,13 +85,28 @@ COUNTERS = 8
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass  # not Linux: the poll loop's parent check still ends the process
+    if _features.PDEATHSIG:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            _watch_parent(parent_pid)
+    else:
+        _watch_parent(parent_pid)
     if os.getppid() != parent_pid:
         os._exit(0)
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Without prctl: a thread that ends this process (as the SIGKILL prctl would send) once its parent
+    is gone, even while a task runs."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_CHECK_INTERVAL)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="zmqexecutor-parent-watch", daemon=True).start()
 
 
 def _hold_unannounced_sigterm(counters: Any) -> None:

@@ -6,6 +6,8 @@ import math
 import os
 from typing import Optional
 
+from . import _features
+
 CGROUP_ROOT = "/sys/fs/cgroup"
 
 
@@ -16,10 +18,10 @@ def available_cpus() -> int:
     would only time-slice the quota (loky's ``cpu_count`` reasons the same way).
     """
     try:
-        count = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
+        count = len(os.sched_getaffinity(0)) if _features.AFFINITY else os.cpu_count() or 1
+    except OSError:
         count = os.cpu_count() or 1
-    quota = _cgroup_cpu_quota()
+    quota = _cgroup_cpu_quota() if _features.PROC else None
     return max(1, min(count, quota)) if quota is not None else count
 
 
