@@ -45,6 +45,10 @@ late and duplicate replies fall through.
 The thread holds the executor only weakly: when the executor is shut down, garbage collected, or the
 interpreter exits, it finishes what was submitted, says BYE, closes its sockets, stops the local
 worker it owns, and exits. ``break_executor`` is the one place that fails every pending future.
+
+Without epoll (macOS, the BSDs, ``ZMQEXECUTOR_PORTABLE=1``) the local worker's lanes add a thread,
+``zmqexecutor-readiness`` (_readiness.WatchedSet): it only polls the lanes' sockets and makes a pipe
+readable for this thread; it touches nothing else. The caller path (_caller) is closed then.
 """
 
 from __future__ import annotations
