@@ -41,6 +41,12 @@ queued tasks to processes with credit, and sends each client its replies as one 
 steps are the Router's; this class owns the lifecycle (sockets, signals, draining, exiting). A process
 that dies gets the task it was running (and any finished ones whose replies died with it) reported
 as CRASHED; the tasks it had not started yet go back to the front of the queue; a replacement starts.
+
+Threads: the loop above, libzmq's, pyzmq's garbage collector (relayed), and, without epoll, the
+Listener's ``zmqexecutor-readiness`` watcher (_readiness), which only polls the task processes'
+sockets and signals a pipe. A task process runs the user's code in its main thread, a thread that
+forwards printed output, and, without prctl, ``zmqexecutor-parent-watch``, which ends it when the
+supervisor is gone.
 """
 
 from __future__ import annotations
