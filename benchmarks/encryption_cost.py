@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from zmqexecutor import ZMQExecutor
-
 from benchmarks.systems import start_worker
+from zmqexecutor import ZMQExecutor
 
 
 def echo(x: object) -> object:

@@ -14,9 +14,8 @@ import signal
 import statistics
 import time
 
-from zmqexecutor import ZMQExecutor
-
 from benchmarks.systems import start_worker
+from zmqexecutor import ZMQExecutor
 
 
 def _children(pid: int) -> list[int]:

@@ -277,7 +277,7 @@ def memory(ex: Executor, quick: bool, system: str) -> dict[str, Any]:
     wait(blockers)
     payload_bytes = 0
     if system.startswith("zmq"):
-        from zmqexecutor import _protocol
+        from zmqexecutor._wire import _protocol
 
         payload_bytes = sum(memoryview(f).nbytes for f in _protocol.encode_call(noop, (), {}))
     return {"value": used / n - payload_bytes, "unit": "bytes/pending future beyond its payload",

@@ -11,7 +11,6 @@ import sys
 import tempfile
 
 import pytest
-
 from conftest import ROOT
 
 # Run once, on the default interpreter; .ci/run skips these on the other Pythons (see pyproject.toml).

@@ -15,10 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, children_of, local_worker_pid, wait_until
 
 from zmqexecutor import TaskCrashedError, ZMQExecutor
-
-from conftest import ROOT, children_of, local_worker_pid, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 

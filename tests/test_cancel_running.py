@@ -10,8 +10,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, alive, mark_then_nap, wait_until
+
 from zmqexecutor import ZMQExecutor
 
 pytestmark = pytest.mark.timeout(90)

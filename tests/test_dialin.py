@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port, mark_then_nap, wait_until
+
 from zmqexecutor import SecurityError, ZMQExecutor
 
 pytestmark = pytest.mark.timeout(90)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 
-from zmqexecutor._direct import sort_out
-from zmqexecutor._scheduler import Task
+from zmqexecutor._client._direct import sort_out
+from zmqexecutor._client._scheduler import Task
 
 
 def tasks(*idents: int) -> list[Task]:

@@ -11,8 +11,16 @@ import threading
 import time
 
 import pytest
+from conftest import (
+    ROOT,
+    TESTS,
+    WorkerProcess,
+    alive,
+    free_port,
+    mark_then_nap,
+    wait_until,
+)
 
-from conftest import ROOT, TESTS, WorkerProcess, alive, free_port, mark_then_nap, wait_until
 from zmqexecutor import WorkerLostError, ZMQExecutor
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]

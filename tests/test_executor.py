@@ -25,9 +25,15 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, alive, children_of, is_broken, local_worker_pid, wait_until
-from zmqexecutor import BrokenWorkerPool, RemoteError, RemoteTraceback, TaskCrashedError, ZMQExecutor
+
+from zmqexecutor import (
+    BrokenWorkerPool,
+    RemoteError,
+    RemoteTraceback,
+    TaskCrashedError,
+    ZMQExecutor,
+)
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,25 @@ import threading
 import time
 
 import pytest
+from conftest import (
+    ROOT,
+    WorkerProcess,
+    alive,
+    children_of,
+    free_port,
+    local_worker_pid,
+    state_of,
+    wait_until,
+)
 
-from conftest import ROOT, WorkerProcess, alive, children_of, free_port, local_worker_pid, state_of, wait_until
-from zmqexecutor import BrokenWorkerPool, NoWorkersError, TaskCrashedError, WorkerLostError, ZMQExecutor, _features
+from zmqexecutor import (
+    BrokenWorkerPool,
+    NoWorkersError,
+    TaskCrashedError,
+    WorkerLostError,
+    ZMQExecutor,
+)
+from zmqexecutor._wire import _features
 
 # Run once, on the default interpreter; .ci/run skips these on the other Pythons (see pyproject.toml).
 pytestmark = pytest.mark.slow

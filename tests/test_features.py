@@ -10,9 +10,9 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import ROOT, TESTS
-from zmqexecutor import _features
+
+from zmqexecutor._wire import _features
 
 PORTABLE = os.environ.get("ZMQEXECUTOR_PORTABLE") == "1"
 
@@ -29,9 +29,9 @@ def run_python(code: str, *args: str, portable: bool = False, timeout: float = 6
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux has every feature")
 def test_linux_has_every_feature_and_portable_mode_none() -> None:
-    found = run_python("import zmqexecutor._features as f; print(sorted(k for k, v in f.summary().items() if v))")
+    found = run_python("import zmqexecutor._wire._features as f; print(sorted(k for k, v in f.summary().items() if v))")
     assert found.stdout.split("\n")[0] == str(sorted(_features.summary())), found.stderr
-    gone = run_python("import zmqexecutor._features as f, select, os; "
+    gone = run_python("import zmqexecutor._wire._features as f, select, os; "
                       "print(any(f.summary().values()), hasattr(select, 'epoll'), hasattr(os, 'eventfd'))",
                       portable=True)
     assert gone.stdout.split() == ["False", "False", "False"], gone.stderr
@@ -67,7 +67,7 @@ except NotImplementedError as exc:
     print("embedded:", exc)
 with ZMQExecutor(sys.argv[1], insecure=True) as ex:
     print("remote:", sum(ex.map(abs, range(-10, 0))))
-from zmqexecutor._cli import main
+from zmqexecutor._tools._cli import main
 sys.argv = ["zmqexecutor", "worker", "--bind", "tcp://127.0.0.1:0"]
 print("worker exit status:", main())
 """

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zmqexecutor import ZMQExecutor
-from zmqexecutor import _protocol as proto
-from zmqexecutor._protocol import Kind
+from zmqexecutor._wire import _protocol as proto
+from zmqexecutor._wire._protocol import Kind
 
 # Run once, on the default interpreter; .ci/run skips these on the other Pythons (see pyproject.toml).
 pytestmark = pytest.mark.slow

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import alive, free_port, wait_until
+
 from zmqexecutor import LaunchError, SlurmWorkers, SSHWorkers, ZMQExecutor
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]

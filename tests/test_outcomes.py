@@ -6,8 +6,8 @@ import logging
 from concurrent.futures import Future
 
 from zmqexecutor import TaskCrashedError, TaskTimeoutError
-from zmqexecutor._outcomes import crash_error, fail, settled
-from zmqexecutor._scheduler import Task
+from zmqexecutor._client._outcomes import crash_error, fail, settled
+from zmqexecutor._client._scheduler import Task
 
 
 def task_with(future: Future) -> Task:

@@ -6,16 +6,15 @@ import json
 import pickle
 import struct
 
+import cloudpickle
 import numpy as np
 import pytest
 
-import cloudpickle
-
 from zmqexecutor import RemoteError, RemoteTraceback
-from zmqexecutor import _protocol as proto
-from zmqexecutor import _serialize as serialize
-from zmqexecutor._serialize import CallEncoder, FunctionCache
-from zmqexecutor._protocol import Kind, ProtocolError
+from zmqexecutor._wire import _protocol as proto
+from zmqexecutor._wire import _serialize as serialize
+from zmqexecutor._wire._protocol import Kind, ProtocolError
+from zmqexecutor._wire._serialize import CallEncoder, FunctionCache
 
 
 def test_header_round_trip() -> None:

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-
 from conftest import ROOT, alive, children_of, free_port, wait_until
+
 from zmqexecutor import ZMQExecutor
 
 README = ROOT / "README.rst"

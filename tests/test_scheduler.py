@@ -6,8 +6,8 @@ from concurrent.futures import Future
 
 import pytest
 
-from zmqexecutor import _scheduler as sched
-from zmqexecutor._scheduler import Load, Scheduler, Task
+from zmqexecutor._client import _scheduler as sched
+from zmqexecutor._client._scheduler import Load, Scheduler, Task
 
 
 def task(ident: int, size: int = 10) -> Task:

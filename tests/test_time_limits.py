@@ -9,8 +9,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, alive
+
 from zmqexecutor import TaskOptions, TaskTimeoutError, ZMQExecutor
 
 pytestmark = pytest.mark.timeout(90)

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 # Run once, on the default interpreter; .ci/run skips these on the other Pythons (see pyproject.toml).

@@ -15,11 +15,17 @@ from pathlib import Path
 
 import pytest
 import zmq
-
 from conftest import ROOT, alive, children_of, raw_dealer, wait_until
-from zmqexecutor import NoWorkersError, TaskCrashedError, VersionMismatchError, ZMQExecutor, _features
-from zmqexecutor import _protocol as proto
-from zmqexecutor._protocol import Kind
+
+from zmqexecutor import (
+    NoWorkersError,
+    TaskCrashedError,
+    VersionMismatchError,
+    ZMQExecutor,
+)
+from zmqexecutor._wire import _features
+from zmqexecutor._wire import _protocol as proto
+from zmqexecutor._wire._protocol import Kind
 
 
 def whoami() -> tuple[int, int]:

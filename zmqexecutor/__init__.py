@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from typing import TYPE_CHECKING, Any
 
-from ._errors import (  # noqa: E402
+from ._client._connection import WorkerInfo  # noqa: E402
+from ._executor import (  # noqa: E402
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_WORKER_TIMEOUT,
+    TaskOptions,
+    ZMQExecutor,
+)
+from ._wire._errors import (  # noqa: E402
     BrokenWorkerPool,
     LaunchError,
     MessageTooLargeError,
@@ -18,16 +27,19 @@ from ._errors import (  # noqa: E402
     WorkerLostError,
     ZMQExecutorError,
 )
-from ._executor import (  # noqa: E402
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_MAX_MESSAGE_SIZE,
-    DEFAULT_MAX_RETRIES,
-    DEFAULT_WORKER_TIMEOUT,
-    TaskOptions,
-    ZMQExecutor,
-)
-from ._connection import WorkerInfo  # noqa: E402
-from ._launchers import SSHWorkers, SlurmWorkers  # noqa: E402
+from ._wire._version import __version__
+
+if TYPE_CHECKING:
+    from ._tools._launchers import SlurmWorkers, SSHWorkers
+
+
+def __getattr__(name: str) -> Any:
+    # The launchers (and what they import) load when first used, not with every `import zmqexecutor`.
+    if name in ("SSHWorkers", "SlurmWorkers"):
+        from ._tools import _launchers
+        return getattr(_launchers, name)
+    raise AttributeError(f"module 'zmqexecutor' has no attribute {name!r}")
+
 
 __all__ = [
     "ZMQExecutor",

@@ -1,4 +1,7 @@
-"""``ZMQExecutor``: the public class. It validates, pickles and queues; the engine does the rest."""
+"""``ZMQExecutor``: the public class. It validates, pickles and queues; the engine does the rest.
+
+Runs in user threads, in the client.
+"""
 
 from __future__ import annotations
 
@@ -11,20 +14,30 @@ import signal
 import time
 import weakref
 from concurrent.futures import Executor, Future, _base
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar, Union
+from typing import (
+    Any,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Optional,
+    Sequence,
+    TypeVar,
+    Union,
+)
 
-from . import _features
-from . import _protocol as proto
-from . import _security
-from ._caller import new_future
-from ._connection import WorkerInfo
-from ._endpoints import is_loopback, parse
-from ._engine import Handle, Settings
-from ._errors import MessageTooLargeError, SecurityError
-from ._local import LocalWorker
-from ._scheduler import Task, next_task_id
-from ._serialize import CallEncoder
-from ._worker import available_cpus
+from ._client._caller import new_future
+from ._client._connection import WorkerInfo
+from ._client._engine import Handle
+from ._client._local import LocalWorker
+from ._client._scheduler import Task, next_task_id
+from ._client._settings import Settings
+from ._wire import _features, _security
+from ._wire import _protocol as proto
+from ._wire._endpoints import is_loopback, parse
+from ._wire._errors import MessageTooLargeError, SecurityError
+from ._wire._serialize import CallEncoder
+from ._worker._cpus import available_cpus
 
 logger = logging.getLogger("zmqexecutor")
 

@@ -1,5 +1,8 @@
 """A worker as the client sees it (handshake state, load, heartbeats), and one bound worker endpoint's
-connection (its socket and monitor). Workers that dial in are in ``_dialin``."""
+connection (its socket and monitor). Workers that dial in are in ``_dialin``.
+
+Runs in the client's I/O thread.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +13,19 @@ from typing import Any, NamedTuple, Optional
 
 import zmq
 
-from . import _protocol as proto
-from . import _sockets
-from ._errors import SecurityError, VersionMismatchError
-from ._protocol import Kind
+from .._wire import _protocol as proto
+from .._wire import _sockets
+from .._wire._endpoints import probe
+from .._wire._errors import SecurityError, VersionMismatchError
+from .._wire._protocol import Kind
+from .._wire._security import (
+    HANDSHAKE_FAILURE_EVENTS,
+    HANDSHAKE_FAILURES,
+    ClientKeys,
+    secure_client_socket,
+)
 from ._direct import DirectLanes
-from ._endpoints import probe
 from ._scheduler import Load, Scheduler, Task
-from ._security import HANDSHAKE_FAILURE_EVENTS, HANDSHAKE_FAILURES, ClientKeys, secure_client_socket
 
 logger = logging.getLogger("zmqexecutor")
 

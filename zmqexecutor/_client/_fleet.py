@@ -2,6 +2,8 @@
 and removed while it runs) and the ROUTER that workers dial in to. It knows which sockets exist and
 which of them the I/O thread must read; nothing about tasks, which are the scheduler's.
 
+Runs in the client's I/O thread.
+
 What it learns that matters to tasks, it returns to the engine: which workers were lost, and why.
 """
 
@@ -14,15 +16,15 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import zmq
 
+from .._wire._security import ClientKeys
+from .._wire._sockets import fileno, readable
 from ._connection import Connection, WorkerConnection
 from ._dialin import DialInPort, DialledConnection
 from ._scheduler import Scheduler
-from ._security import ClientKeys
-from ._sockets import fileno, readable
 
 if TYPE_CHECKING:
     from ._direct import DirectLanes
-    from ._engine import Settings
+    from ._settings import Settings
 
 logger = logging.getLogger("zmqexecutor")
 

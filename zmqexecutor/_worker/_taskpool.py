@@ -1,5 +1,7 @@
 """The worker's task processes: start, hand out work with credit, retire, reap, account for crashes.
 
+Runs in the supervisor's loop thread.
+
 Relayed (a worker started by the user), the supervisor hands out every task and knows what each
 process holds. Direct (the embedded worker), the processes take tasks from the client itself; the
 pool then only starts, reaps and replaces them, and reports each end with the process's counters
@@ -16,12 +18,22 @@ import signal
 import time
 from typing import Any, NamedTuple, Optional
 
-from . import _protocol as proto
-from ._channel import Listener, Peer
-from ._protocol import Item, Kind
+from .._wire import _protocol as proto
+from .._wire._channel import Listener, Peer
+from .._wire._protocol import Item, Kind
 from ._sessions import Sessions
-from ._taskprocess import COUNTERS, DEADLINE, DRAINING, FINISHED, LIMIT_MS, RETIRED, STARTED, TERM_OK, UP, \
-    task_process_main
+from ._taskprocess import (
+    COUNTERS,
+    DEADLINE,
+    DRAINING,
+    FINISHED,
+    LIMIT_MS,
+    RETIRED,
+    STARTED,
+    TERM_OK,
+    UP,
+    task_process_main,
+)
 
 logger = logging.getLogger("zmqexecutor.worker")
 

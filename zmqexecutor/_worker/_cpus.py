@@ -1,4 +1,7 @@
-"""How many task processes a worker runs by default: the CPUs it may use."""
+"""How many task processes a worker runs by default: the CPUs it may use.
+
+Runs in the supervisor, and the client's constructor (the embedded default's count).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import math
 import os
 from typing import Optional
 
-from . import _features
+from .._wire import _features
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 

@@ -1,5 +1,8 @@
 """The worker's socket towards its clients: a bound ROUTER (``--bind``), or a DEALER that dials the
-one client listening at ``--connect`` and introduces itself with JOIN on every new connection."""
+one client listening at ``--connect`` and introduces itself with JOIN on every new connection.
+
+Runs in the supervisor's loop thread.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +12,15 @@ from typing import Any, Optional
 
 import zmq
 
-from . import _protocol as proto
-from ._security import HANDSHAKE_FAILURE_EVENTS, DialKeys, Guard
-from ._sockets import drain, listening_router, monitor_events, peer_link_options, unbounded
+from .._wire import _protocol as proto
+from .._wire._security import HANDSHAKE_FAILURE_EVENTS, DialKeys, Guard
+from .._wire._sockets import (
+    drain,
+    listening_router,
+    monitor_events,
+    peer_link_options,
+    unbounded,
+)
 
 logger = logging.getLogger("zmqexecutor.worker")
 

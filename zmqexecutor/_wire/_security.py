@@ -1,5 +1,8 @@
 """CurveZMQ keys: making them, loading them safely, and guarding a worker's socket with them.
 
+Runs in the client (its constructor and I/O thread), the supervisor, and the commands; the ZAP
+authenticator runs in a thread of pyzmq's in the process whose socket it guards.
+
 Unpickling is code execution, so a worker's port must only let in clients whose public key is on its
 allow list, and a client must only talk to the worker whose public key it pinned. Secret keys are
 refused when anyone but their owner could read them.
@@ -23,6 +26,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Optional, Union
 
 import zmq
 from zmq.utils import z85
+
 from . import _features
 from ._endpoints import is_loopback, parse
 from ._errors import SecurityError

@@ -1,5 +1,7 @@
 """The wire protocol: every message kind, its frames, and its encoder and decoder.
 
+Runs in every process; its codecs keep no state, so any thread.
+
 Every message is a ZeroMQ multipart message whose first frame is a fixed 12-byte header::
 
     magic b"ZX" | protocol version (u8) | kind (u8) | id (u64)        network byte order
@@ -103,12 +105,24 @@ import cloudpickle
 import zmq
 
 from ._errors import ProtocolError, RemoteError, RemoteTraceback
-from ._serialize import OOB_MIN_BYTES, CallEncoder, decode_call, dumps, encode_initializer, encode_result, loads, locate_sent_code
+from ._serialize import (
+    OOB_MIN_BYTES,
+    CallEncoder,
+    decode_call,
+    dumps,
+    encode_initializer,
+    encode_result,
+    loads,
+    locate_sent_code,
+)
+from ._version import __version__
 
 __all__ = ["ProtocolError", "OOB_MIN_BYTES", "decode_call", "dumps", "encode_initializer", "encode_result", "loads"]
 
 # 2: BATCH, and calls carry their function as a pickle of its own.
-PROTOCOL_VERSION = 3
+# 4: the modules moved into _client, _worker, _wire and _tools; errors and other objects pickled by
+#    reference now name zmqexecutor._wire._errors, which a version-3 peer cannot import.
+PROTOCOL_VERSION = 4
 MAGIC = b"ZX"
 _HEADER = struct.Struct("!2sBBQ")
 HEADER_SIZE = _HEADER.size
@@ -219,8 +233,6 @@ def decode_json(frame: Frame) -> dict[str, Any]:
 
 
 def local_versions() -> dict[str, Any]:
-    from . import __version__
-
     return {
         "protocol": PROTOCOL_VERSION,
         "python": f"{sys.version_info.major}.{sys.version_info.minor}",

@@ -1,5 +1,7 @@
 """Which task goes to which worker, and when: the client's scheduling decisions, with no sockets.
 
+Runs in the client's I/O thread, or a user thread that holds the engine's lock (_caller).
+
 The engine feeds it tasks, workers that become ready or are lost, and replies; it answers with
 batches to send. Tasks wait in the backlog (where ``Future.cancel()`` still works) until a ready
 worker has credit: its slots, plus tasks sent ahead so that a slot that frees up finds its next task

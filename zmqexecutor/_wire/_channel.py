@@ -1,5 +1,8 @@
 """Messages between a process and the task processes it feeds, over Unix stream sockets.
 
+Runs in a worker's supervisor loop, the client's I/O thread (or a user thread holding its lock), and each
+task process's main thread.
+
 Data flow::
 
     the client's I/O thread (embedded worker)            a task process (blocking, one per process)

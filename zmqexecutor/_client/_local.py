@@ -1,6 +1,9 @@
 """The embedded default: a worker on this machine, started and owned by one executor, and what its
 executor's engine does with it.
 
+Runs in the client: the executor's constructor and shutdown start and stop the worker; its I/O thread
+runs ``Embedded``.
+
 Data flow::
 
     Engine (I/O thread)
@@ -23,16 +26,16 @@ import tempfile
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
-from . import _protocol as proto
+from .._wire import _protocol as proto
 from ._direct import DirectLanes, Lane
 from ._scheduler import Load
 
 if TYPE_CHECKING:
     from ._connection import Connection
-    from ._engine import Settings
     from ._fleet import Fleet
     from ._outcomes import Outcomes
     from ._scheduler import Scheduler
+    from ._settings import Settings
 
 logger = logging.getLogger("zmqexecutor")
 

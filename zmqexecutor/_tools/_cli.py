@@ -1,4 +1,7 @@
-"""The ``zmqexecutor`` command line."""
+"""The ``zmqexecutor`` command line.
+
+Runs in the process of the ``zmqexecutor`` command (its main thread); ``worker`` becomes the supervisor.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,8 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
-from . import __version__
-from ._endpoints import is_loopback, parse
+from .._wire._endpoints import is_loopback, parse
+from .._wire._version import __version__
 
 
 def _positive_int(text: str) -> int:
@@ -152,7 +155,7 @@ def run_worker(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     log = logging.getLogger("zmqexecutor.worker")
-    from ._features import local_workers_unsupported
+    from .._wire._features import local_workers_unsupported
     unsupported = local_workers_unsupported()
     if unsupported is not None:
         log.error("cannot run a worker here: %s", unsupported)
@@ -160,8 +163,8 @@ def run_worker(args: argparse.Namespace) -> int:
     if args.keys:
         from pathlib import Path
 
-        from ._errors import SecurityError
-        from ._security import check_key_folder
+        from .._wire._errors import SecurityError
+        from .._wire._security import check_key_folder
         try:
             check_key_folder(Path(args.keys).expanduser(), "worker")
         except SecurityError as exc:
@@ -175,7 +178,7 @@ def run_worker(args: argparse.Namespace) -> int:
     on_loopback_tcp = bound is not None and bound.transport == "tcp" and is_loopback(bound.host)
     if secret_key is None and allow is None and on_loopback_tcp and not args.insecure:
         # Other users of this host are strangers too: by default, this user's own keys guard the port.
-        from ._security import user_key_store
+        from .._wire._security import user_key_store
         store = user_key_store(create=True) / "worker"
         secret_key, allow = str(store / "worker.key_secret"), str(store / "client.key")
         log.info("securing %s with this user's key store %s (clients of this user find it too)",
@@ -198,8 +201,8 @@ def run_worker(args: argparse.Namespace) -> int:
 
 
 def run_dialling_worker(args: argparse.Namespace, log: logging.Logger) -> int:
-    from ._errors import SecurityError
-    from ._security import dial_keys
+    from .._wire._errors import SecurityError
+    from .._wire._security import dial_keys
 
     try:
         parsed = parse(args.connect)
@@ -225,9 +228,9 @@ def run_dialling_worker(args: argparse.Namespace, log: logging.Logger) -> int:
 
 def run_supervisor(args: argparse.Namespace, *, bind: Optional[str], **where: Any) -> int:
     """Run a worker with the options ``--bind`` and ``--connect`` share; ``where`` says the rest."""
-    from ._protocol import DEFAULT_MAX_MESSAGE_SIZE
-    from ._supervisor import DEFAULT_DRAIN_TIMEOUT, Supervisor
-    from ._worker import available_cpus
+    from .._wire._protocol import DEFAULT_MAX_MESSAGE_SIZE
+    from .._worker._cpus import available_cpus
+    from .._worker._supervisor import DEFAULT_DRAIN_TIMEOUT, Supervisor
 
     supervisor = Supervisor(
         bind, args.processes or available_cpus(), **where,
@@ -239,9 +242,9 @@ def run_supervisor(args: argparse.Namespace, *, bind: Optional[str], **where: An
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from ._errors import SecurityError
-    from ._security import client_keys
-    from ._protocol import local_versions, version_mismatch
+    from .._wire._errors import SecurityError
+    from .._wire._protocol import local_versions, version_mismatch
+    from .._wire._security import client_keys
     from ._status import query
 
     for endpoint in args.endpoints:
@@ -294,8 +297,8 @@ def _duration(seconds: object) -> str:
 
 
 def run_keygen(args: argparse.Namespace) -> int:
-    from ._errors import SecurityError
-    from ._security import keygen
+    from .._wire._errors import SecurityError
+    from .._wire._security import keygen
 
     try:
         folders = keygen(args.dir, force=args.force)
@@ -314,7 +317,7 @@ def run_launcher(args: argparse.Namespace) -> int:
     import signal
     import time
 
-    from ._errors import LaunchError
+    from .._wire._errors import LaunchError
     from ._launchers import SlurmWorkers, SSHWorkers
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)

@@ -1,6 +1,8 @@
 """The worker's routing between its clients and its task processes: sessions, the queue of tasks
 waiting for a process, and the replies going back, one message per client per loop turn.
 
+Runs in the supervisor's loop thread.
+
 The supervisor (``_supervisor``) owns the lifecycle around it: sockets, signals, draining, exiting.
 Nothing here unpickles; frames are passed on as they came.
 """
@@ -14,10 +16,10 @@ import signal
 import time
 from typing import Any, Callable, Optional, Union
 
-from . import _protocol as proto
-from ._errors import MessageTooLargeError
+from .._wire import _protocol as proto
+from .._wire._errors import MessageTooLargeError
+from .._wire._protocol import Item, Kind
 from ._front import BoundFront, DialFront
-from ._protocol import Item, Kind
 from ._sessions import Sessions
 from ._taskpool import MAX_STARTUP_FAILURES, TaskProcess, TaskProcessPool
 

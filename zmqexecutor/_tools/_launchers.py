@@ -1,5 +1,7 @@
 """Starting dial-in workers with tools users already run: SSH and Slurm. No scheduler of our own.
 
+Runs in the user's program, in the thread that starts and stops a launcher.
+
 Both launchers make the same promise: ``with Launcher(...) as w, ZMQExecutor(listen=w.address,
 keys=w.keys) as ex`` starts workers that dial ``w.address``, secured with CurveZMQ keys made for this
 run alone (or the ``keys`` folder given), and stops them when the block ends, even when the client
@@ -25,9 +27,15 @@ import time
 from pathlib import Path
 from typing import IO, Any, Optional, Sequence, Union
 
-from ._endpoints import parse
-from ._errors import LaunchError
-from ._security import DialKeys, keygen, keys_line, load_key_pair, load_public_key
+from .._wire._endpoints import parse
+from .._wire._errors import LaunchError
+from .._wire._security import (
+    DialKeys,
+    keygen,
+    keys_line,
+    load_key_pair,
+    load_public_key,
+)
 
 logger = logging.getLogger("zmqexecutor")
 

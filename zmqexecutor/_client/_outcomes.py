@@ -1,5 +1,7 @@
 """What becomes of each task: the client's one place that resolves and fails futures.
 
+Runs in the client's I/O thread, or a user thread that holds the engine's lock (_caller).
+
 Data flow::
 
     Engine (I/O thread)
@@ -23,10 +25,17 @@ import time
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
-from . import _protocol as proto
-from ._errors import BrokenWorkerPool, MessageTooLargeError, NoWorkersError, TaskCrashedError, TaskTimeoutError, VersionMismatchError, \
-    WorkerLostError
-from ._protocol import Kind
+from .._wire import _protocol as proto
+from .._wire._errors import (
+    BrokenWorkerPool,
+    MessageTooLargeError,
+    NoWorkersError,
+    TaskCrashedError,
+    TaskTimeoutError,
+    VersionMismatchError,
+    WorkerLostError,
+)
+from .._wire._protocol import Kind
 from ._scheduler import Load, Scheduler, Task
 
 if TYPE_CHECKING:

@@ -1,4 +1,7 @@
-"""The worker's sessions: one per client that shook hands, with what it asked for."""
+"""The worker's sessions: one per client that shook hands, with what it asked for.
+
+Runs in the supervisor's loop thread.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """The client engine: one I/O thread per executor that owns every socket and resolves every future.
 
+Runs in the client: ``Engine`` is the I/O thread; ``Handle`` is what user threads call (threads and locks
+below).
+
 Data flow::
 
     user threads                          I/O thread (Engine)                              workers
@@ -46,9 +49,34 @@ The thread holds the executor only weakly: when the executor is shut down, garba
 interpreter exits, it finishes what was submitted, says BYE, closes its sockets, stops the local
 worker it owns, and exits. ``break_executor`` is the one place that fails every pending future.
 
-Without epoll (macOS, the BSDs, ``ZMQEXECUTOR_PORTABLE=1``) the local worker's lanes add a thread,
-``zmqexecutor-readiness`` (_readiness.WatchedSet): it only polls the lanes' sockets and makes a pipe
-readable for this thread; it touches nothing else. The caller path (_caller) is closed then.
+Threads and locks (the client process)
+--------------------------------------
+Threads, and what each may touch:
+
+* **User threads** (submit, map, result, shutdown, callbacks): ``Handle`` (its ``submissions`` deque and
+  flags under ``Handle.lock``; ``addresses`` is appended to there too), their futures (each future's
+  condition), the executor's ``CallEncoder`` and ``_serialize``'s record of sent code (dicts read and
+  written without a lock: under the GIL a race costs one more pickling, never a wrong one), and, on the
+  embedded worker's caller path (_caller), the scheduler, the lanes and the loop steps
+  ``dispatch_tasks``, ``embedded.receive`` and ``break_executor``, only while holding ``Engine.lock``.
+  ``may_read``/``send`` read the scheduler's counts without it, as hints that are checked again with it.
+* **The I/O thread** (``Engine``): every ZeroMQ socket, the selector, the fleet and its connections, the
+  scheduler, the lanes; it resolves futures. It holds ``Engine.lock`` except while it waits for input.
+* **libzmq's I/O thread** (one context per executor), pyzmq's ZAP authenticator thread when listening
+  with keys, a short-lived probe thread per unreachable endpoint (_connection: it only resolves and
+  connects a plain socket), and without epoll (macOS, the BSDs, ``ZMQEXECUTOR_PORTABLE=1``)
+  ``zmqexecutor-readiness`` (_readiness.WatchedSet), which only polls the lanes' sockets and makes a
+  pipe readable. The caller path is closed then.
+
+Locks, in the order they may be taken (never the other way round):
+
+1. ``Engine.lock``: the I/O thread's, except while it waits. A user thread takes it without blocking
+   to send or begin reading (so it never waits for the I/O thread), and blocking only once it is the
+   reader, while the I/O thread has its interest in the lanes paused.
+2. ``CallerPath.bell_lock`` (reentrant): a reader's leaving against ``close()``.
+3. A future's condition (``SafeCondition``, a C RLock) and ``Handle.changed``: taken to settle a future
+   or announce workers; user code runs only in callbacks, after it is released.
+4. ``Handle.lock`` and ``Wakeup``'s lock: leaves; nothing is taken while they are held.
 """
 
 from __future__ import annotations
@@ -57,7 +85,6 @@ import collections
 import logging
 import os
 import selectors
-import socket
 import threading
 import time
 import weakref
@@ -66,24 +93,22 @@ from typing import Any, Callable, Optional, Union
 
 import zmq
 
-from . import _protocol as proto
+from .._wire import _protocol as proto
+from .._wire._errors import BrokenWorkerPool, WorkerLostError
+from .._wire._protocol import Kind
+from .._wire._security import ClientKeys
+from .._wire._sockets import DRAIN_LIMIT, drain
 from ._caller import CallerPath, SafeCondition
 from ._connection import Connection, WorkerInfo
 from ._dialin import DialInPort, DialledConnection
-from ._fleet import Fleet
 from ._direct import DirectLanes
-from ._errors import BrokenWorkerPool, WorkerLostError
+from ._fleet import Fleet
 from ._local import Embedded, LocalWorker
 from ._outcomes import Outcomes, copy_error, fail
-from ._protocol import Kind
 from ._scheduler import Scheduler, Task
-from ._security import ClientKeys, ListenKeys
-from ._sockets import DRAIN_LIMIT, drain
+from ._settings import Settings
 
 logger = logging.getLogger("zmqexecutor")
-
-# Heartbeats sent per worker_timeout: enough that a few lost or late ones never look like a dead worker.
-HEARTBEATS_PER_TIMEOUT = 4
 
 # After a dialled-in worker's connection closed, every dialled worker is pinged again this soon, as
 # the ROUTER may still have known the identity when the first ping went out.
@@ -91,33 +116,6 @@ RECHECK_AFTER_DISCONNECT = 0.05
 
 # While the engine owns a local worker it looks at it at least this often.
 LOCAL_CHECK_INTERVAL = 1.0
-
-
-class Settings:
-    """What the executor configured, for the engine."""
-
-    def __init__(self, *, init_blob: bytes, max_tasks_per_child: Optional[int], max_in_flight: Optional[int],
-                 connect_timeout: Optional[float], worker_timeout: float, max_retries: int,
-                 max_message_size: int, keys: Optional[ClientKeys], task_output: str = "print",
-                 listen: Optional[str] = None, listen_keys: Optional[ListenKeys] = None) -> None:
-        self.init_blob = init_blob
-        self.max_tasks_per_child = max_tasks_per_child
-        self.max_in_flight = max_in_flight
-        self.connect_timeout = connect_timeout
-        self.worker_timeout = worker_timeout
-        self.heartbeat = worker_timeout / HEARTBEATS_PER_TIMEOUT
-        self.max_retries = max_retries
-        self.max_message_size = max_message_size
-        self.keys = keys
-        self.task_output = task_output
-        self.listen = listen
-        self.listen_keys = listen_keys
-
-    def hello(self) -> list[bytes]:
-        info = dict(proto.local_versions(), host=socket.gethostname(), pid=os.getpid(),
-                    max_tasks_per_child=self.max_tasks_per_child, timeout=self.worker_timeout,
-                    max_message_size=self.max_message_size)
-        return proto.encode_hello(info, self.init_blob)
 
 
 class Engine(threading.Thread):

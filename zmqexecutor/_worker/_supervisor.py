@@ -1,6 +1,8 @@
 """The worker supervisor: owns one bound endpoint (or dials one client) and routes tasks to its task
 processes.
 
+Runs in the worker's main process: one loop thread (others listed below).
+
 Data flow::
 
     clients (DEALER, one per executor)
@@ -67,15 +69,15 @@ from typing import Any, Iterator, Optional
 import zmq
 import zmq.utils.garbage as zmq_garbage
 
-from . import _features
-from . import _protocol as proto
-from ._errors import SecurityError
+from .._wire import _features
+from .._wire import _protocol as proto
+from .._wire._errors import SecurityError
+from .._wire._protocol import Kind
+from .._wire._security import DialKeys, Guard, worker_guard
+from ._cpus import available_cpus
 from ._front import BoundFront, DialFront, join_info
-from ._protocol import Kind
-from ._security import DialKeys, Guard, worker_guard
 from ._router import GiveUp, Router
 from ._taskpool import TaskProcessPool
-from ._worker import available_cpus
 
 logger = logging.getLogger("zmqexecutor.worker")
 

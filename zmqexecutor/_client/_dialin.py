@@ -1,6 +1,8 @@
 """Workers that dial in: the client binds one ``listen`` address (a ROUTER) and every worker started
 with ``zmqexecutor worker --connect`` connects to it, says JOIN, and is then a worker like any other.
 
+Runs in the client's I/O thread.
+
 Roles are reversed for CurveZMQ: the client is the server, and lets in only the worker keys it allows.
 libzmq tells the ROUTER that *a* connection closed, not whose: so on every such event each dialled
 worker is pinged, and the ones whose identity the ROUTER no longer knows (EHOSTUNREACH, thanks to
@@ -16,11 +18,11 @@ from typing import Any, Optional
 
 import zmq
 
-from . import _protocol as proto
+from .._wire import _protocol as proto
+from .._wire._protocol import Kind
+from .._wire._security import Guard, ListenKeys
+from .._wire._sockets import listening_router, monitor_events
 from ._connection import Connection
-from ._protocol import Kind
-from ._security import ListenKeys, Guard
-from ._sockets import listening_router, monitor_events
 
 logger = logging.getLogger("zmqexecutor")
 

@@ -1,5 +1,7 @@
 """The embedded worker's direct path: the client exchanges tasks with its local task processes.
 
+Runs in the client's I/O thread, or a user thread that holds the engine's lock (_caller).
+
 Data flow::
 
     Engine (I/O thread)                                            the local worker's task processes
@@ -25,9 +27,9 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional
 
-from . import _protocol as proto
-from ._channel import Listener, Peer
-from ._protocol import Item, Kind
+from .._wire import _protocol as proto
+from .._wire._channel import Listener, Peer
+from .._wire._protocol import Item, Kind
 from ._scheduler import Load, Scheduler, Task
 
 

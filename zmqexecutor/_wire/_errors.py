@@ -1,10 +1,13 @@
-"""The exceptions a user of zmqexecutor can see."""
+"""The exceptions a user of zmqexecutor can see.
+
+Runs in any process and thread.
+"""
 
 from __future__ import annotations
 
 from concurrent.futures import BrokenExecutor
-from typing import Any
 from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
 __all__ = [
     "ZMQExecutorError",

@@ -1,5 +1,7 @@
 """The task process: the only place user code runs on a worker.
 
+Runs in each task process: its main thread runs the tasks; a second forwards what they print.
+
 Data flow::
 
     supervisor's Listener --- TASK (alone or in a BATCH), STOP ---> Link --> local queue
@@ -31,11 +33,18 @@ import threading
 import time
 from typing import Any, Optional
 
-from . import _features
-from . import _protocol as proto
-from ._channel import Link
-from ._protocol import Item, Kind
-from ._serialize import FunctionCache, MainNamespace, decode_call, encode_result, explain_load_failure, loads
+from .._wire import _features
+from .._wire import _protocol as proto
+from .._wire._channel import Link
+from .._wire._protocol import Item, Kind
+from .._wire._serialize import (
+    FunctionCache,
+    MainNamespace,
+    decode_call,
+    encode_result,
+    explain_load_failure,
+    loads,
+)
 
 # How often a task process looks for a vanished supervisor when nothing happens.
 PARENT_CHECK_INTERVAL = 0.5

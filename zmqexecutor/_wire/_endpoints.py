@@ -1,4 +1,7 @@
-"""Parsing and checking ZeroMQ endpoint strings."""
+"""Parsing and checking ZeroMQ endpoint strings.
+
+Runs in any process and thread (no state).
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """Pickling calls and results: cloudpickle where it is needed, the C pickler where it is not.
 
+Runs in user threads (pickling calls), the client's I/O thread (results), and task processes (calls,
+their ``__main__``).
+
 A call travels as ``[pickle of (function pickle, args, kwargs), *out-of-band buffers]``. The function is
 pickled on its own, so that both sides can cache it:
 

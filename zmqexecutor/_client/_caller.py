@@ -1,5 +1,7 @@
 """The lone task's shortcuts on the embedded worker: the caller's own thread sends and reads.
 
+Runs in user threads (in submit, result and exception), under the contract below.
+
 Data flow::
 
     submit --> CallerPath.send: nothing else out, the engine idle? --- TASK or LONE_TASK ---> a Lane
@@ -36,15 +38,29 @@ import threading
 import time
 from concurrent import futures
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
-from . import _features
-from ._errors import BrokenWorkerPool
+from .._wire import _features
+from .._wire._errors import BrokenWorkerPool
 from ._scheduler import Task
 
 if TYPE_CHECKING:
     from ._direct import DirectLanes
-    from ._engine import Engine
+    from ._scheduler import Scheduler
+
+
+class EngineSteps(Protocol):
+    """What a caller's thread may use of the engine (_engine.Engine), and only with ``lock`` held (taken
+    without blocking): its scheduler and lanes, and the loop steps that send and read."""
+
+    lock: Any  # the engine's threading.Lock
+    scheduler: "Scheduler"
+    handle: Any  # its shutdown_requested and wakeup
+    embedded: Any  # the local worker's lanes: receive()
+
+    def dispatch_tasks(self) -> None: ...
+
+    def break_executor(self, error: BaseException) -> None: ...
 
 logger = logging.getLogger("zmqexecutor")
 
@@ -61,7 +77,7 @@ _get_handler: Callable[[int], Any] = _c_signal.getsignal
 class CallerPath:
     """What a caller's thread may do itself for the embedded worker's task processes."""
 
-    def __init__(self, engine: "Engine") -> None:
+    def __init__(self, engine: EngineSteps) -> None:
         self.engine = engine
         self.open = False  # changed with the engine's lock held
         self.reader: Optional[int] = None  # the thread reading the lanes now

@@ -1,4 +1,7 @@
-"""Asking workers how they are: the client side of ``zmqexecutor status`` and ``zmqexecutor ping``."""
+"""Asking workers how they are: the client side of ``zmqexecutor status`` and ``zmqexecutor ping``.
+
+Runs in the process of the ``zmqexecutor`` command.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +10,15 @@ from typing import Any, Optional
 
 import zmq
 
-from . import _protocol as proto
-from ._protocol import Kind
-from ._sockets import monitor_events
-from ._security import HANDSHAKE_FAILURE_EVENTS, HANDSHAKE_FAILURES, ClientKeys, secure_client_socket
+from .._wire import _protocol as proto
+from .._wire._protocol import Kind
+from .._wire._security import (
+    HANDSHAKE_FAILURE_EVENTS,
+    HANDSHAKE_FAILURES,
+    ClientKeys,
+    secure_client_socket,
+)
+from .._wire._sockets import monitor_events
 
 
 def query(endpoint: str, keys: Optional[ClientKeys], timeout: float, *, drain: bool = False
