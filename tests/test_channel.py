@@ -215,7 +215,8 @@ def test_pooled_memory_stays_within_its_limit_and_trim_lets_go_of_it():
 
 def test_fresh_buffers_of_any_size_are_whole_zeroed_and_writable():
     # Large ones are populated by several threads, each its span: none may be left out or overlap.
-    from zmqexecutor._wire._channel import POPULATE_PART, _fresh_buffer
+    from zmqexecutor._wire._buffers import POPULATE_PART
+    from zmqexecutor._wire._buffers import fresh_buffer as _fresh_buffer
 
     for size in (READ_SIZE + 1, 2 * POPULATE_PART - 1, 2 * POPULATE_PART, 5 * POPULATE_PART + 4097, 64 << 20):
         buffer = memoryview(_fresh_buffer(size))

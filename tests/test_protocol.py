@@ -13,8 +13,9 @@ import pytest
 from zmqexecutor import RemoteError, RemoteTraceback
 from zmqexecutor._wire import _protocol as proto
 from zmqexecutor._wire import _serialize as serialize
+from zmqexecutor._wire._namespace import FunctionCache, MainNamespace
 from zmqexecutor._wire._protocol import Kind, ProtocolError
-from zmqexecutor._wire._serialize import CallEncoder, FunctionCache
+from zmqexecutor._wire._serialize import CallEncoder
 
 
 def test_header_round_trip() -> None:
@@ -346,7 +347,7 @@ def _as_sent_from_main(x: int, state: dict | None = None) -> dict:
 
 
 def test_main_functions_share_one_namespace_where_the_process_rebinding_stands() -> None:
-    main = serialize.MainNamespace()
+    main = MainNamespace()
     first = _as_sent_from_main(1)
     assert main.adopt(first["get"])() == 1
     main.adopt(first["set_x"])(5)  # an initializer setting a global
@@ -360,7 +361,7 @@ def test_main_functions_share_one_namespace_where_the_process_rebinding_stands()
 
 
 def test_a_global_filled_in_place_stays_filled_until_the_client_changes_it() -> None:
-    main = serialize.MainNamespace()
+    main = MainNamespace()
     main.adopt(_as_sent_from_main(1)["fill"])("tag", "hello")  # an initializer filling a dict
     assert main.adopt(_as_sent_from_main(1)["read"])("tag") == "hello"  # the client's {} again: ignored
     assert main.adopt(_as_sent_from_main(1, {"v": 2})["read"])("v") == 2  # the client filled it: it arrives
@@ -368,7 +369,7 @@ def test_a_global_filled_in_place_stays_filled_until_the_client_changes_it() -> 
 
 
 def test_a_global_the_process_never_rebound_follows_the_client() -> None:
-    main = serialize.MainNamespace()
+    main = MainNamespace()
     assert main.adopt(_as_sent_from_main(1)["get"])() == 1
     assert main.adopt(_as_sent_from_main(3)["get"])() == 3
 

@@ -28,7 +28,7 @@ from typing import (
 
 from ._client._caller import new_future
 from ._client._connection import WorkerInfo
-from ._client._engine import Handle
+from ._client._handle import Handle
 from ._client._local import LocalWorker
 from ._client._scheduler import Task, next_task_id
 from ._client._settings import Settings

@@ -1,7 +1,7 @@
 """The client engine: one I/O thread per executor that owns every socket and resolves every future.
 
-Runs in the client: ``Engine`` is the I/O thread; ``Handle`` is what user threads call (threads and locks
-below).
+Runs in the client's I/O thread (``Engine``); user threads reach it through ``_handle.Handle`` (threads
+and locks below).
 
 Data flow::
 
@@ -53,9 +53,9 @@ Threads and locks (the client process)
 --------------------------------------
 Threads, and what each may touch:
 
-* **User threads** (submit, map, result, shutdown, callbacks): ``Handle`` (its ``submissions`` deque and
+* **User threads** (submit, map, result, shutdown, callbacks): ``Handle`` (_handle: its ``submissions`` deque and
   flags under ``Handle.lock``; ``addresses`` is appended to there too), their futures (each future's
-  condition), the executor's ``CallEncoder`` and ``_serialize``'s record of sent code (dicts read and
+  condition), the executor's ``CallEncoder`` and ``_tracebacks``' record of sent code (dicts read and
   written without a lock: under the GIL a race costs one more pickling, never a wrong one), and, on the
   embedded worker's caller path (_caller), the scheduler, the lanes and the loop steps
   ``dispatch_tasks``, ``embedded.receive`` and ``break_executor``, only while holding ``Engine.lock``.
@@ -83,23 +83,20 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import selectors
 import threading
 import time
 import weakref
-from concurrent.futures import Future
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Protocol, Union
 
 import zmq
 
 from .._wire import _protocol as proto
-from .._wire._errors import BrokenWorkerPool, WorkerLostError
+from .._wire._errors import BrokenWorkerPool
 from .._wire._protocol import Kind
-from .._wire._security import ClientKeys
 from .._wire._sockets import DRAIN_LIMIT, drain
-from ._caller import CallerPath, SafeCondition
-from ._connection import Connection, WorkerInfo
+from ._caller import CallerPath
+from ._connection import Connection
 from ._dialin import DialInPort, DialledConnection
 from ._direct import DirectLanes
 from ._fleet import Fleet
@@ -118,10 +115,32 @@ RECHECK_AFTER_DISCONNECT = 0.05
 LOCAL_CHECK_INTERVAL = 1.0
 
 
+class Request(Protocol):
+    """What another thread asks of the I/O thread besides tasks (_handle): applied there, in order."""
+
+    def apply(self, engine: "Engine") -> None: ...
+
+
+class HandleView(Protocol):
+    """What the engine uses of its executor's handle (_handle.Handle)."""
+
+    lock: Any
+    submissions: "collections.deque[Union[Task, Request]]"
+    wakeup: Any
+    broken: Optional[BaseException]
+    exiting: bool
+    forked_from: Optional[int]
+    shutdown_requested: bool
+
+    def executor_ref(self) -> Any: ...
+
+    def workers_changed(self) -> None: ...
+
+
 class Engine(threading.Thread):
     """The I/O thread of one executor."""
 
-    def __init__(self, handle: "Handle", addresses: list[str], settings: Settings,
+    def __init__(self, handle: HandleView, addresses: list[str], settings: Settings,
                  local_worker: Optional[LocalWorker]) -> None:
         super().__init__(name="zmqexecutor-io", daemon=True)
         self.handle = handle
@@ -371,259 +390,8 @@ class Engine(threading.Thread):
                 self.embedded.close()
             self.caller.close()
             self.handle.wakeup.close()
-            _live_engines.discard(self)
+            live_engines.discard(self)
 
 
-# --- the executor's side ---------------------------------------------------------------------------
-
-
-class Wakeup:
-    """Wakes the I/O thread from any thread without blocking, through a pipe the thread polls."""
-
-    def __init__(self) -> None:
-        self._read_fd, self._write_fd = os.pipe()
-        os.set_blocking(self._read_fd, False)
-        os.set_blocking(self._write_fd, False)
-        # Reentrant: a weakref callback may run inside wake() on the same thread during GC.
-        self._lock = threading.RLock()
-        self._pending = False
-        self._closed = False
-
-    def fileno(self) -> int:
-        return self._read_fd
-
-    def wake(self) -> None:
-        if self._pending:  # read without the lock: the thread has yet to clear it, so it will look
-            return
-        with self._lock:
-            if self._pending or self._closed:
-                return
-            self._pending = True
-            try:
-                os.write(self._write_fd, b"\0")
-            except BlockingIOError:
-                pass  # the pipe is full, so the thread will wake anyway
-
-    def clear(self) -> None:
-        with self._lock:
-            if not self._pending:
-                return
-            self._pending = False
-            try:
-                while os.read(self._read_fd, 4096):
-                    pass
-            except BlockingIOError:
-                pass
-
-    def close(self) -> None:
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                os.close(self._read_fd)
-                os.close(self._write_fd)
-
-
-# What other threads ask of the I/O thread, besides tasks: each is applied there, in the order asked.
-
-class ShutdownRequest:
-    __slots__ = ("cancel_futures",)
-
-    def __init__(self, cancel_futures: bool) -> None:
-        self.cancel_futures = cancel_futures
-
-    def apply(self, engine: Engine) -> None:
-        engine.shutting_down = True
-        if self.cancel_futures:
-            engine.scheduler.cancel_backlog()
-
-
-class StopWorkersRequest:
-    __slots__ = ("signum",)
-
-    def __init__(self, signum: int) -> None:
-        self.signum = signum
-
-    def apply(self, engine: Engine) -> None:
-        engine.stopping_workers = True
-        for task in engine.scheduler.take_backlog():
-            fail(task, WorkerLostError("the task was waiting for a retry when the workers were stopped"))
-        engine.fleet.tell_ready([proto.encode_header(Kind.TERMINATE, self.signum)])
-
-
-class ChangeEndpointsRequest:
-    __slots__ = ("add", "remove", "keys")
-
-    def __init__(self, add: list[str], remove: list[str], keys: Optional[ClientKeys]) -> None:
-        self.add, self.remove, self.keys = add, remove, keys
-
-    def apply(self, engine: Engine) -> None:
-        engine.fleet.change(self.add, self.remove, self.keys)
-
-
-class StopTaskRequest:
-    """The future of a task in flight was cancelled by force: have its worker stop it (dropped if
-    queued there, its process killed if running). What comes back for it is ignored."""
-
-    __slots__ = ("future",)
-
-    def __init__(self, future: "Future[Any]") -> None:
-        self.future = future
-
-    def apply(self, engine: Engine) -> None:
-        located = engine.scheduler.locate(self.future)
-        if located is None:
-            return  # done, or waiting here for a retry (it will not be sent again)
-        load, task, position = located
-        if isinstance(load.owner, Connection):
-            load.owner.send(proto.encode_cancel(task.ident))
-        elif engine.embedded is not None:
-            engine.embedded.cancel(load.owner, position)
-
-
-Request = Union[ShutdownRequest, StopWorkersRequest, ChangeEndpointsRequest, StopTaskRequest]
-
-
-class Handle:
-    """All the executor sees of its engine: push a task, shut down, stop workers, change endpoints,
-    wait for workers, snapshot, broken."""
-
-    def __init__(self, executor: Any, addresses: list[str], settings: Settings,
-                 local_worker: Optional[LocalWorker]) -> None:
-        self.lock = threading.Lock()
-        self.submissions: collections.deque[Union[Task, Request]] = collections.deque()
-        self.wakeup = Wakeup()
-        self.shutdown_requested = False
-        self.broken: Optional[BaseException] = None
-        self.exiting = False  # set at interpreter exit
-        self.forked_from: Optional[int] = None  # in a forked child: the pid that owns the I/O thread
-        wakeup = self.wakeup
-        self.executor_ref: Callable[[], Any] = weakref.ref(executor, lambda _: wakeup.wake())
-        self.addresses = addresses
-        self.local_worker = local_worker
-        self.changed = SafeCondition()  # notified when a worker becomes ready or is lost
-        self.engine = Engine(self, addresses, settings, local_worker)
-        _live_engines.add(self.engine)
-        self.engine.start()
-        if settings.listen is not None:  # so that a port in use is this call's error
-            self.engine.opened.wait()
-            if self.engine.open_error is not None:
-                self.engine.join()
-                raise self.engine.open_error
-
-    def listen_address(self) -> Optional[str]:
-        port = self.engine.fleet.port  # set before the constructor returns, when listening
-        return None if port is None else port.address
-
-    def workers_changed(self) -> None:
-        with self.changed:
-            self.changed.notify_all()
-
-    def wait_for_workers(self, n: int, timeout: Optional[float]) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self.changed:
-            while True:
-                ready = sum(info.state == "ready" for info in self.snapshot())
-                if ready >= n:
-                    return
-                self.check_open()
-                if self.engine.opened.is_set() and not self.engine.is_alive():
-                    raise RuntimeError("the executor has stopped")
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"{ready} of {n} workers ready after {timeout:g} s")
-                # Bounded, to look at shutdown and breakage now and then.
-                self.changed.wait(0.5 if remaining is None else min(remaining, 0.5))
-
-    def check_open(self) -> None:
-        if self.forked_from is not None:
-            raise RuntimeError(f"this executor belongs to process {self.forked_from}; a process forked from it "
-                               "cannot use it (its I/O thread did not survive the fork): create a new one here")
-        if self.broken is not None:
-            raise copy_error(self.broken)
-        if self.shutdown_requested:
-            raise RuntimeError("cannot schedule new futures after shutdown")
-        if _global_shutdown:
-            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-
-    def push(self, task: Task) -> None:
-        with self.lock:
-            self.check_open()
-            queued = bool(self.submissions)
-            if queued:  # behind those, in order
-                self.submissions.append(task)
-        if not queued:
-            if self.engine.caller.send(task):
-                return
-            with self.lock:
-                self.check_open()  # again: a shutdown since then may have let the I/O thread finish
-                self.submissions.append(task)
-        self.wakeup.wake()
-
-    def shutdown(self, *, wait: bool, cancel_futures: bool) -> None:
-        with self.lock:
-            first = not self.shutdown_requested
-            self.shutdown_requested = True
-            if first or cancel_futures:
-                self.submissions.append(ShutdownRequest(cancel_futures))
-        self.wakeup.wake()
-        # Not from the I/O thread, nor from a caller reading replies (a future's callback): the I/O
-        # thread could not finish while that thread waits for it.
-        if wait and self.engine is not threading.current_thread() and not self.engine.caller.reading_here():
-            self.engine.join()
-
-    def stop_task(self, future: "Future[Any]") -> None:
-        with self.lock:
-            self.submissions.append(StopTaskRequest(future))
-        self.wakeup.wake()
-
-    def change_endpoints(self, add: list[str], remove: list[str], keys: Optional[ClientKeys]) -> None:
-        with self.lock:
-            self.check_open()
-            self.addresses.extend(add)  # so that endpoints and workers() show them at once
-            self.submissions.append(ChangeEndpointsRequest(add, remove, keys))
-        self.wakeup.wake()
-
-    def stop_workers(self, signum: int) -> None:
-        self.shutdown(wait=False, cancel_futures=True)
-        with self.lock:
-            self.submissions.append(StopWorkersRequest(signum))
-        self.wakeup.wake()
-
-    def snapshot(self) -> tuple[WorkerInfo, ...]:
-        # Taken from the I/O thread's live objects; each field is read atomically, which is all a
-        # snapshot for display needs. Until the thread has opened its sockets, all are connecting.
-        seen = {info.endpoint: info for info in (conn.snapshot() for conn in list(self.engine.connections))}
-        bound = [seen.pop(address) if address in seen else
-                 WorkerInfo(address, "connecting", 0, 0, 0, 0, None, None, None, None) for address in self.addresses]
-        return tuple(bound + list(seen.values()))  # and those that dialled in
-
-
-# Interpreter exit: like the stdlib executors, finish submitted work before the interpreter goes away.
-_live_engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
-_global_shutdown = False
-
-
-def _python_exit() -> None:
-    global _global_shutdown
-    _global_shutdown = True
-    engines = list(_live_engines)
-    for engine in engines:
-        engine.handle.exiting = True
-        engine.handle.wakeup.wake()
-    for engine in engines:
-        engine.join()
-
-
-threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
-
-
-def _after_fork_in_child() -> None:
-    # The child has copies of the executors but not their I/O threads: make every use fail at once
-    # (never a future that waits forever), and let its exit leave the parent's engines alone.
-    parent = os.getppid()
-    for engine in list(_live_engines):
-        engine.handle.forked_from = parent
-    _live_engines.clear()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+# The engines whose threads run, for the interpreter-exit and fork hooks (_handle).
+live_engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()

@@ -113,8 +113,8 @@ from ._serialize import (
     encode_initializer,
     encode_result,
     loads,
-    locate_sent_code,
 )
+from ._tracebacks import locate_sent_code
 from ._version import __version__
 
 __all__ = ["ProtocolError", "OOB_MIN_BYTES", "decode_call", "dumps", "encode_initializer", "encode_result", "loads"]

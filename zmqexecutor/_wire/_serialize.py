@@ -11,7 +11,7 @@ pickled on its own, so that both sides can cache it:
   pickled by value (``__main__``, lambdas, closures) only while the code and every value it captures
   (the globals it names, its closure, defaults and attributes) are the very same immutable objects, so
   that a new definition or a rebound global sends new code;
-- a task process decodes each distinct function pickle once (``FunctionCache``).
+- a task process decodes each distinct function pickle once (``_namespace.FunctionCache``).
 
 Arguments and results made only of plain values (None, numbers, short strings and bytes, small flat
 tuples and lists of them) hold no reference to any code, so the C pickler serializes them; anything
@@ -20,12 +20,8 @@ else goes through cloudpickle with pickle protocol 5, large buffers as frames of
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import io
-import linecache
 import pickle
-import re
 import types
 import weakref
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -33,6 +29,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import cloudpickle
 
 from ._errors import ProtocolError
+from ._tracebacks import remember_code
 
 # Buffers below this size are pickled in-band: a frame of its own costs more than copying a small
 # buffer, while above it the saved memcpy dominates.
@@ -269,100 +266,6 @@ def _cell_contents(cell: Any) -> Any:
         return _MISSING
 
 
-class FunctionCache:
-    """A task process's decoded functions, by their pickle."""
-
-    def __init__(self) -> None:
-        self._functions: dict[bytes, Any] = {}
-
-    def load(self, blob: bytes) -> Any:
-        fn = self._functions.get(blob)
-        if fn is None:
-            fn = pickle.loads(blob)
-            if len(self._functions) >= FUNCTION_CACHE_SIZE:
-                self._functions.clear()
-            self._functions[blob] = fn
-        return fn
-
-
-class MainNamespace:
-    """One client's ``__main__`` module as a task process sees it.
-
-    cloudpickle sends a function from ``__main__`` by value with a private copy of the globals it uses,
-    so an initializer that sets a global would set it in its own copy, never seen by the tasks. Here
-    every such function (the submitted one, the initializer, and the ``__main__`` functions they call)
-    runs in one namespace per client and process, as module globals do in ProcessPoolExecutor's
-    workers. A name keeps what code in this process made of it (an initializer's connection, a dict a
-    task filled, a counter) while the client's value stays as it was: every function that arrives
-    brings its own copy of that value, equal in content to the last one, and that copy is ignored.
-    When the client's value changes (rebound to other content, mutated, a function redefined), the new
-    one replaces the process's.
-    """
-
-    def __init__(self) -> None:
-        self.globals: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}
-        self.marks: dict[str, Optional[bytes]] = {}  # name -> a digest of the client's value as it came last
-        self.adopted: dict[int, tuple[Any, Any]] = {}  # id(function as unpickled) -> (it, its copy here)
-
-    def adopt(self, fn: Any) -> Any:
-        """``fn`` as it runs here: a by-value function from ``__main__`` (or a partial of one, as
-        ``map`` sends with a chunksize) bound to this namespace; anything else as it is."""
-        partial = isinstance(fn, functools.partial)
-        if not partial and not (isinstance(fn, types.FunctionType) and fn.__module__ == "__main__"):
-            return fn
-        known = self.adopted.get(id(fn))
-        if known is not None and known[0] is fn:
-            return known[1]
-        if len(self.adopted) >= FUNCTION_CACHE_SIZE:
-            self.adopted.clear()
-        adopted: Any
-        if partial:
-            adopted = functools.partial(self.adopt(fn.func), *map(self.adopt, fn.args), **fn.keywords)
-        else:
-            adopted = self._adopt_function(fn)
-        self.adopted[id(fn)] = (fn, adopted)
-        return adopted
-
-    def _adopt_function(self, fn: types.FunctionType) -> types.FunctionType:
-        sent = fn.__globals__
-        for name, value in sent.items():
-            if name == "__builtins__":
-                continue
-            if isinstance(value, types.FunctionType) and value.__globals__ is sent:
-                # A __main__ function it calls, in the same pickle: the client's code always wins.
-                self.globals[name] = self._rebind(value)
-                self.marks.pop(name, None)
-                continue
-            mark = _content_mark(value)
-            if mark is not None and name in self.globals and self.marks.get(name) == mark:
-                continue  # the client's value is as it was: what this process made of it stays
-            self.globals[name] = value
-            self.marks[name] = mark
-        return self._rebind(fn)
-
-    def _rebind(self, fn: types.FunctionType) -> types.FunctionType:
-        copy = types.FunctionType(fn.__code__, self.globals, fn.__name__, fn.__defaults__, fn.__closure__)
-        copy.__kwdefaults__ = fn.__kwdefaults__
-        copy.__dict__.update(fn.__dict__)
-        copy.__qualname__, copy.__module__, copy.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
-        copy.__annotations__ = fn.__annotations__
-        return copy
-
-
-def _content_mark(value: Any) -> Optional[bytes]:
-    """A digest of ``value``'s pickle (None if it has none): equal for the copies of one unchanged value
-    that functions bring one after another."""
-    buffers: list[pickle.PickleBuffer] = []
-    try:
-        digest = hashlib.blake2b(cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append),
-                                 digest_size=16)
-        for buffer in buffers:
-            digest.update(buffer.raw())
-    except Exception:
-        return None
-    return digest.digest()
-
-
 def explain_load_failure(exc: BaseException, where: str) -> None:
     """Note on ``exc``, raised while unpickling a task, what failed and how to fix it."""
     if isinstance(exc, ModuleNotFoundError) and exc.name:
@@ -382,16 +285,17 @@ def add_note(exc: BaseException, note: str) -> None:
         exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]
 
 
-def decode_call(frames: Sequence[Any], functions: Optional[FunctionCache] = None
+def decode_call(frames: Sequence[Any], load_function: Callable[[bytes], Any] = pickle.loads
                 ) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Optional[float]]:
-    """(function, args, kwargs, time limit in seconds or None)."""
+    """(function, args, kwargs, time limit in seconds or None); ``load_function`` unpickles the
+    function (a task process's ``FunctionCache.load``)."""
     call = loads(frames)
     if not (isinstance(call, tuple) and len(call) in (3, 4) and isinstance(call[0], bytes)
             and isinstance(call[1], tuple) and isinstance(call[2], dict)
             and (len(call) == 3 or (isinstance(call[3], float) and call[3] > 0))):
         raise ProtocolError("task payload is not (function pickle, args, kwargs[, time limit])")
     blob, args, kwargs = call[:3]
-    fn = functions.load(blob) if functions is not None else pickle.loads(blob)
+    fn = load_function(blob)
     return fn, args, kwargs, call[3] if len(call) == 4 else None
 
 
@@ -409,75 +313,3 @@ def encode_initializer(initializer: Optional[Callable[..., Any]], initargs: tupl
         return b""
     remember_code(initializer)
     return bytes(cloudpickle.dumps((initializer, tuple(initargs)), protocol=5))
-
-
-
-# --- where code sent by value came from (client side) -----------------------------------------------
-
-# cloudpickle rebuilds a function sent by value with the file name "<dynamic-code>", so a traceback
-# from a worker shows no file and no source line for it. The client remembers the code it sent by
-# value (by name, with nested code and the same module's functions it calls) to put them back.
-_sent_code: dict[str, dict[int, types.CodeType]] = {}
-_sent_code_count = 0
-SENT_CODE_LIMIT = 4096
-
-_DYNAMIC_FRAME = re.compile(r'^( *)File "<dynamic-code>", line (\d+), in (.+)$')
-
-
-def remember_code(fn: Any) -> None:
-    global _sent_code_count
-    code = getattr(fn, "__code__", None)
-    if not isinstance(code, types.CodeType) or id(code) in _sent_code.get(code.co_name, {}):
-        return
-    if _sent_code_count >= SENT_CODE_LIMIT:
-        _sent_code.clear()
-        _sent_code_count = 0
-    seen: set[int] = set()
-    functions = [fn]
-    while functions:
-        function = functions.pop()
-        codes = [function.__code__]
-        while codes:
-            code = codes.pop()
-            if id(code) in seen:
-                continue
-            seen.add(id(code))
-            _sent_code.setdefault(code.co_name, {})[id(code)] = code
-            _sent_code_count += 1
-            codes.extend(const for const in code.co_consts if isinstance(const, types.CodeType))
-            for name in code.co_names:
-                used = getattr(function, "__globals__", {}).get(name)
-                if isinstance(used, types.FunctionType) and used.__module__ == fn.__module__ \
-                        and id(used.__code__) not in seen:
-                    functions.append(used)
-
-
-def locate_sent_code(text: str) -> str:
-    """A remote traceback with the real file, and the source line where this process has it, for
-    every frame of code this process sent by value."""
-    if "<dynamic-code>" not in text:
-        return text
-    lines = []
-    for line in text.split("\n"):
-        match = _DYNAMIC_FRAME.match(line)
-        code = _sent_code_at(match.group(3), int(match.group(2))) if match else None
-        if match is None or code is None:
-            lines.append(line)
-            continue
-        indent, lineno, name = match.group(1), int(match.group(2)), match.group(3)
-        lines.append(f'{indent}File "{code.co_filename}", line {lineno}, in {name}')
-        source = linecache.getline(code.co_filename, lineno).strip()
-        if source:
-            lines.append(f"{indent}  {source}")
-    return "\n".join(lines)
-
-
-def _sent_code_at(name: str, lineno: int) -> Optional[types.CodeType]:
-    best, best_span = None, None
-    for code in list(_sent_code.get(name, {}).values()):
-        numbers = [line for _, _, line in code.co_lines() if line is not None]
-        if numbers and min(numbers) <= lineno <= max(numbers):
-            span = max(numbers) - min(numbers)
-            if best_span is None or span < best_span:
-                best, best_span = code, span
-    return best

@@ -36,10 +36,9 @@ from typing import Any, Optional
 from .._wire import _features
 from .._wire import _protocol as proto
 from .._wire._channel import Link
+from .._wire._namespace import FunctionCache, MainNamespace
 from .._wire._protocol import Item, Kind
 from .._wire._serialize import (
-    FunctionCache,
-    MainNamespace,
     decode_call,
     encode_result,
     explain_load_failure,
@@ -319,7 +318,7 @@ class TaskLoop:
 
     def call(self, task_id: int, frames: Any, namespace: MainNamespace) -> Item:
         try:
-            fn, args, kwargs, limit = decode_call(frames, self.functions)
+            fn, args, kwargs, limit = decode_call(frames, self.functions.load)
         except BaseException as exc:
             explain_load_failure(exc, self.where)
             return self.exception(Kind.EXCEPTION, task_id, exc)

@@ -1,0 +1,111 @@
+"""The task side of a call: each distinct function pickle decoded once (``FunctionCache``), and one
+client's ``__main__`` module as a task process sees it (``MainNamespace``).
+
+Runs in each task process's main thread.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import pickle
+import types
+from typing import Any, Optional
+
+import cloudpickle
+
+from ._serialize import FUNCTION_CACHE_SIZE
+
+
+class FunctionCache:
+    """A task process's decoded functions, by their pickle."""
+
+    def __init__(self) -> None:
+        self._functions: dict[bytes, Any] = {}
+
+    def load(self, blob: bytes) -> Any:
+        fn = self._functions.get(blob)
+        if fn is None:
+            fn = pickle.loads(blob)
+            if len(self._functions) >= FUNCTION_CACHE_SIZE:
+                self._functions.clear()
+            self._functions[blob] = fn
+        return fn
+
+
+class MainNamespace:
+    """One client's ``__main__`` module as a task process sees it.
+
+    cloudpickle sends a function from ``__main__`` by value with a private copy of the globals it uses,
+    so an initializer that sets a global would set it in its own copy, never seen by the tasks. Here
+    every such function (the submitted one, the initializer, and the ``__main__`` functions they call)
+    runs in one namespace per client and process, as module globals do in ProcessPoolExecutor's
+    workers. A name keeps what code in this process made of it (an initializer's connection, a dict a
+    task filled, a counter) while the client's value stays as it was: every function that arrives
+    brings its own copy of that value, equal in content to the last one, and that copy is ignored.
+    When the client's value changes (rebound to other content, mutated, a function redefined), the new
+    one replaces the process's.
+    """
+
+    def __init__(self) -> None:
+        self.globals: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}
+        self.marks: dict[str, Optional[bytes]] = {}  # name -> a digest of the client's value as it came last
+        self.adopted: dict[int, tuple[Any, Any]] = {}  # id(function as unpickled) -> (it, its copy here)
+
+    def adopt(self, fn: Any) -> Any:
+        """``fn`` as it runs here: a by-value function from ``__main__`` (or a partial of one, as
+        ``map`` sends with a chunksize) bound to this namespace; anything else as it is."""
+        partial = isinstance(fn, functools.partial)
+        if not partial and not (isinstance(fn, types.FunctionType) and fn.__module__ == "__main__"):
+            return fn
+        known = self.adopted.get(id(fn))
+        if known is not None and known[0] is fn:
+            return known[1]
+        if len(self.adopted) >= FUNCTION_CACHE_SIZE:
+            self.adopted.clear()
+        adopted: Any
+        if partial:
+            adopted = functools.partial(self.adopt(fn.func), *map(self.adopt, fn.args), **fn.keywords)
+        else:
+            adopted = self._adopt_function(fn)
+        self.adopted[id(fn)] = (fn, adopted)
+        return adopted
+
+    def _adopt_function(self, fn: types.FunctionType) -> types.FunctionType:
+        sent = fn.__globals__
+        for name, value in sent.items():
+            if name == "__builtins__":
+                continue
+            if isinstance(value, types.FunctionType) and value.__globals__ is sent:
+                # A __main__ function it calls, in the same pickle: the client's code always wins.
+                self.globals[name] = self._rebind(value)
+                self.marks.pop(name, None)
+                continue
+            mark = _content_mark(value)
+            if mark is not None and name in self.globals and self.marks.get(name) == mark:
+                continue  # the client's value is as it was: what this process made of it stays
+            self.globals[name] = value
+            self.marks[name] = mark
+        return self._rebind(fn)
+
+    def _rebind(self, fn: types.FunctionType) -> types.FunctionType:
+        copy = types.FunctionType(fn.__code__, self.globals, fn.__name__, fn.__defaults__, fn.__closure__)
+        copy.__kwdefaults__ = fn.__kwdefaults__
+        copy.__dict__.update(fn.__dict__)
+        copy.__qualname__, copy.__module__, copy.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
+        copy.__annotations__ = fn.__annotations__
+        return copy
+
+
+def _content_mark(value: Any) -> Optional[bytes]:
+    """A digest of ``value``'s pickle (None if it has none): equal for the copies of one unchanged value
+    that functions bring one after another."""
+    buffers: list[pickle.PickleBuffer] = []
+    try:
+        digest = hashlib.blake2b(cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append),
+                                 digest_size=16)
+        for buffer in buffers:
+            digest.update(buffer.raw())
+    except Exception:
+        return None
+    return digest.digest()
