@@ -67,3 +67,19 @@ def test_no_module_imports_itself_back() -> None:
                     seen.add(nxt)
                     stack.append((nxt, path + [nxt]))
     assert circles == []
+
+
+def test_no_function_runs_over_80_lines_of_code() -> None:
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        source = path.read_text()
+        lines = source.splitlines()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                docstring = ast.get_docstring(node)
+                code = [line for line in lines[node.lineno - 1:node.end_lineno]
+                        if line.strip() and not line.strip().startswith("#")]
+                count = len(code) - (len(docstring.splitlines()) if docstring else 0)
+                if count > 80:
+                    long.append(f"{module_name(path)}.{node.name}: {count}")
+    assert long == []

@@ -29,6 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zmqexecutor", description="Run Python functions on many machines.")
     parser.add_argument("--version", action="version", version=f"zmqexecutor {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_worker(commands)
+    _add_queries(commands)
+    _add_keygen(commands)
+    _add_launchers(commands)
+    return parser
+
+
+def _add_worker(commands: Any) -> None:
     worker = commands.add_parser(
         "worker",
         help="run a worker that serves one endpoint with N task processes",
@@ -77,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     # The embedded worker: task processes exchange tasks with the client at this ipc:// address.
     worker.add_argument("--direct", default=None, help=argparse.SUPPRESS)
+
+
+def _add_queries(commands: Any) -> None:
     for name, text in (("status", "show each worker's versions, slots, load, counts, clients and uptime"),
                        ("ping", "check that each worker answers, and how fast"),
                        ("drain", "ask each worker to drain: take no more tasks, finish the running ones "
@@ -90,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--insecure", action="store_true",
                              help="talk plain text to workers on this host started with --insecure (without "
                                   "it, loopback TCP uses your own key store)")
+
+
+def _add_keygen(commands: Any) -> None:
     keygen = commands.add_parser(
         "keygen",
         help="make CurveZMQ key pairs for a worker and a client",
@@ -98,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keygen.add_argument("dir", metavar="DIR")
     keygen.add_argument("--force", action="store_true", help="replace existing keys")
+
+
+def _add_launchers(commands: Any) -> None:
     ssh = commands.add_parser(
         "ssh", help="start dial-in workers on hosts over SSH; stop them on Ctrl-C",
         description="Start 'zmqexecutor worker --connect ADDRESS' on each host with your ssh client and "
@@ -128,7 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
                              help="task processes per worker (default: the CPUs each has)")
         command.add_argument("--python", default=None, help="the interpreter on the workers' hosts")
         command.add_argument("--start-timeout", type=float, default=None, metavar="SECONDS")
-    return parser
 
 
 def check_bind(endpoint: str, insecure: bool = False, secured: bool = False) -> Optional[str]:
