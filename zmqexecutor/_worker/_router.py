@@ -21,7 +21,7 @@ from .._wire._errors import MessageTooLargeError
 from .._wire._protocol import Item, Kind
 from ._front import BoundFront, DialFront
 from ._sessions import Sessions
-from ._taskpool import MAX_STARTUP_FAILURES, TaskProcess, TaskProcessPool
+from ._taskpool import MAX_STARTUP_FAILURES, Queued, TaskProcess, TaskProcessPool
 
 logger = logging.getLogger("zmqexecutor.worker")
 
@@ -49,7 +49,7 @@ class Router:
         self.on_drain = on_drain
         self.front: Optional[Union[BoundFront, DialFront]] = None
         self.sessions = Sessions()
-        self.queue: collections.deque[tuple[bytes, int, Any]] = collections.deque()
+        self.queue: collections.deque[Queued] = collections.deque()
         self.outbox: dict[bytes, list[Item]] = {}
         self.draining = False  # then tasks go back (RETURNED), and new sessions hear DRAINING
         self.tally = {"done": 0, "failed": 0, "crashed": 0, "cancelled": 0}
@@ -99,7 +99,7 @@ class Router:
                 for task in tasks:
                     self.reply(client, Item(Kind.RETURNED, task.ident, []))
                 return
-            self.queue.extend((client, task.ident, task.frames) for task in tasks)
+            self.queue.extend(Queued(client, task.ident, task.frames) for task in tasks)
         elif header.kind == Kind.PING:
             self.send(client, [proto.encode_header(Kind.PONG)])
         elif header.kind == Kind.TERMINATE:
@@ -127,7 +127,7 @@ class Router:
     def forget_session(self, client: bytes, why: str) -> None:
         if not self.sessions.close(client):
             return
-        kept = collections.deque(item for item in self.queue if item[0] != client)
+        kept = collections.deque(item for item in self.queue if item.client != client)
         dropped = len(self.queue) - len(kept)
         self.queue = kept
         self.outbox.pop(client, None)
@@ -144,9 +144,9 @@ class Router:
     def terminate_tasks_of(self, client: bytes, signum: int) -> None:
         reason = proto.encode_reason("the task was dropped before it started: its client stopped the workers")
         for item in self.queue:
-            if item[0] == client:
-                self.reply(client, Item(Kind.DROPPED, item[1], reason))
-        self.queue = collections.deque(item for item in self.queue if item[0] != client)
+            if item.client == client:
+                self.reply(client, Item(Kind.DROPPED, item.task_id, reason))
+        self.queue = collections.deque(item for item in self.queue if item.client != client)
         self.pool.signal_running(client, signal.SIGKILL if signum == signal.SIGKILL else signal.SIGTERM,
                                  "at its client's request")
 
@@ -155,7 +155,7 @@ class Router:
         ``seq`` which of the tasks the client sent it."""
         if not self.direct:
             for item in self.queue:
-                if item[0] == client and item[1] == ident:
+                if item.client == client and item.task_id == ident:
                     self.queue.remove(item)
                     self.reply(client, Item(Kind.DROPPED, ident, proto.encode_reason("the task was cancelled")))
                     return

@@ -361,7 +361,8 @@ class Supervisor:
 
 @contextlib.contextmanager
 def _signals_to(handler: Any) -> Iterator[int]:
-    """SIGINT and SIGTERM call ``handler`` and make the yielded descriptor readable (to wake a poll)."""
+    """SIGINT and SIGTERM call ``handler`` and make the yielded descriptor readable (to wake a poll);
+    afterwards SIGTERM is ignored."""
     signal_r, signal_w = os.pipe()
     os.set_blocking(signal_w, False)
     old_wakeup = signal.set_wakeup_fd(signal_w)
@@ -370,7 +371,9 @@ def _signals_to(handler: Any) -> Iterator[int]:
         yield signal_r
     finally:
         signal.set_wakeup_fd(old_wakeup)
+        # Stopping already: a late SIGTERM (srun's copy of the first, a service manager's) must not turn
+        # the exit under way into a death by signal. SIGKILL still ends it.
         for sig, old in old_handlers.items():
-            signal.signal(sig, old)
+            signal.signal(sig, signal.SIG_IGN if sig == signal.SIGTERM else old)
         os.close(signal_r)
         os.close(signal_w)

@@ -63,6 +63,14 @@ TIME_LIMIT_GRACE = 2.0
 TIME_LIMIT_CHECK = 0.1
 
 
+class Queued(NamedTuple):
+    """A task waiting on the worker for a task process."""
+
+    client: bytes
+    task_id: int  # the client's id
+    frames: Any
+
+
 class Assignment(NamedTuple):
     seq: int  # the how-many-th task this process was given, from 0
     client: bytes
@@ -301,7 +309,7 @@ class TaskProcessPool:
         dues = [due for proc in self.by_ident.values() if (due := proc.enforce_time_limit(now)) is not None]
         return min(dues, default=None)
 
-    def hand_out(self, queue: "collections.deque[tuple[bytes, int, Any]]", sessions: Sessions
+    def hand_out(self, queue: "collections.deque[Queued]", sessions: Sessions
                  ) -> list[tuple[TaskProcess, list[Item]]]:
         """Take queued tasks for the processes with credit, the most recently active first, each a fair
         share of what waits; a task of a session that is gone is dropped."""
@@ -326,7 +334,7 @@ class TaskProcessPool:
                 handed.append((proc, items))
         return handed
 
-    def reap(self, fd: int, host: str) -> tuple[list[tuple[bytes, Item]], list[tuple[bytes, int, Any]]]:
+    def reap(self, fd: int, host: str) -> tuple[list[tuple[bytes, Item]], list[Queued]]:
         """A task process ended: the replies its clients get (CRASHED for the task it was running, LOST
         for finished ones whose replies died with it) and the tasks it never started. A replacement
         starts unless it ended on purpose."""
@@ -373,7 +381,7 @@ class TaskProcessPool:
             logger.warning("idle task process %d %s%s", pid, how, replacing)
         if not self.draining:
             self.start(1)
-        return replies, [(a.client, a.task_id, a.frames) for a in proc.assigned.values() if a.seq >= started]
+        return replies, [Queued(a.client, a.task_id, a.frames) for a in proc.assigned.values() if a.seq >= started]
 
     def abandon(self, why: str) -> list[tuple[bytes, Item]]:
         """The worker stops before its processes are done: each task they were given is lost with it (the
