@@ -20,12 +20,12 @@ from zmqexecutor import LaunchError, SlurmWorkers, SSHWorkers, ZMQExecutor
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 
-def exactly_once(folder: str):
+def exactly_once(folder: str, nap: float = 0.02):
     # Defined here so that it is pickled by value: the SSH host has no tests folder on its path.
     def mark(i: int) -> int:
         # O_EXCL: a task that ran twice fails its second run.
         os.close(os.open(os.path.join(folder, str(i)), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        time.sleep(0.02)
+        time.sleep(nap)
         return i
     return mark
 
@@ -222,16 +222,6 @@ def test_ssh_workers_end_when_their_client_is_killed(ssh_host, tmp_path: Path) -
             client.kill()
 
 
-def mark_then_nap(folder: str):
-    # Defined here so that it is pickled by value (see exactly_once); slower, so that tasks run when
-    # the job is stopped.
-    def mark(i: int) -> int:
-        os.close(os.open(os.path.join(folder, str(i)), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        time.sleep(0.2)
-        return i
-    return mark
-
-
 def run_until_stopped(ex: ZMQExecutor, job: SlurmWorkers, task, give_up: float) -> list[int]:
     """Keep both workers busy (a few tasks waiting beyond the running ones) until ``job`` has left the
     queue, then finish; the results in order."""
@@ -263,7 +253,8 @@ def test_a_slurm_job_stopped_mid_map_drains_and_each_task_runs_once(slurm_cluste
         ex.wait_for_workers(2, timeout=60)
         if stop == "scancel":
             threading.Timer(3.0, subprocess.run, (["scancel", str(ending.job_id)],)).start()
-        results = run_until_stopped(ex, ending, mark_then_nap(str(done)), give_up=150)
+        # Slower tasks, so that some run when the job is stopped.
+        results = run_until_stopped(ex, ending, exactly_once(str(done), nap=0.2), give_up=150)
         output = ending.output_tail()
     assert results == list(range(len(results)))
     assert sorted(int(name) for name in os.listdir(done)) == results
