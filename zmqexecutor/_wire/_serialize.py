@@ -1,7 +1,7 @@
 """Pickling calls and results: cloudpickle where it is needed, the C pickler where it is not.
 
-Runs in user threads (pickling calls), the client's I/O thread (results), and task processes (calls,
-their ``__main__``).
+Runs in user threads (pickling calls), the client's I/O thread (results), and task processes (decoding
+calls, pickling results; their ``__main__`` is _namespace's).
 
 A call travels as ``[pickle of (function pickle, args, kwargs), *out-of-band buffers]``. The function is
 pickled on its own, so that both sides can cache it:
