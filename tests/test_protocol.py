@@ -236,20 +236,21 @@ def test_malformed_batches_are_refused(mangle) -> None:
 
 
 def test_exited_round_trips_and_refuses_impossible_counters() -> None:
-    frames = proto.encode_exited(pid=42, started=7, finished=6, exitcode=-9, retired=False, host="h")
+    frames = proto.encode_messages([proto.encode_exited(pid=42, started=7, finished=6, exitcode=-9, retired=False,
+                                                        host="h")])
     header = proto.decode_header(frames[0])
     assert (header.kind, header.ident) == (Kind.EXITED, 42)
     info = proto.decode_exited(frames[1:])
     assert (info["started"], info["finished"], info["signal"], info["retired"]) == (7, 6, "SIGKILL", False)
     assert info["timed_out"] is None
     limited = proto.encode_exited(pid=42, started=7, finished=6, exitcode=-15, retired=False, host="h", timed_out=1.0)
-    assert proto.decode_exited(limited[1:])["timed_out"] == 1.0
+    assert proto.decode_exited(limited.frames)["timed_out"] == 1.0
     batch = proto.encode_messages([proto.Item(Kind.EXITED, 42, frames[1:]), proto.Item(Kind.LOST, 1, [b"{}"])])
     first = proto.split(proto.decode_header(batch[0]), batch)[0]
     assert (first.kind, first.ident) == (Kind.EXITED, 42)  # a supervisor's replies go in batches
     bad = proto.encode_exited(pid=42, started=1, finished=2, exitcode=0, retired=True, host="h")
     with pytest.raises(ProtocolError, match="more tasks finished than started"):
-        proto.decode_exited(bad[1:])
+        proto.decode_exited(bad.frames)
     with pytest.raises(ProtocolError, match="valid pid"):
         proto.decode_exited([proto.encode_json({"started": 1, "finished": 1})])
 

@@ -6,7 +6,7 @@ from concurrent.futures import Future
 
 import pytest
 
-from zmqexecutor._client import _scheduler as sched
+from zmqexecutor._wire import _batching, _pacing
 from zmqexecutor._client._scheduler import Load, Scheduler, Task
 
 
@@ -51,9 +51,9 @@ def test_short_tasks_earn_deep_credit_and_long_ones_none_ahead() -> None:
     w = ready(s, "w", slots=2)
     assert w.capacity == 4
     w.service = 10e-6
-    assert w.capacity == 2 * (1 + sched.MAX_PREFETCH_PER_SLOT)
+    assert w.capacity == 2 * (1 + _pacing.MAX_AHEAD_PER_SLOT)
     w.service = 1e-3
-    assert w.capacity == 2 * (1 + int(sched.QUEUE_AHEAD_SECONDS / 1e-3))
+    assert w.capacity == 2 * (1 + int(_pacing.TO_WORKERS.horizon / 1e-3))
     w.service = 0.5
     assert w.capacity == 2  # a long task never waits behind another
 
@@ -73,15 +73,15 @@ def test_batches_are_bounded_by_count_and_bytes() -> None:
     s = Scheduler(max_retries=2, max_in_flight=None)
     w = ready(s, "w", slots=2)
     w.service = 1e-6
-    for i in range(sched.BATCH_TASKS + 5):
+    for i in range(_batching.BATCH_ITEMS + 5):
         s.add(task(i))
     batches, _ = s.next_batches(0.0)
-    assert [len(b) for _, b in batches] == [sched.BATCH_TASKS, 5]
+    assert [len(b) for _, b in batches] == [_batching.BATCH_ITEMS, 5]
 
     s = Scheduler(max_retries=2, max_in_flight=None)
     w = ready(s, "w", slots=1)
     w.service = 1e-6
-    big = sched.BATCH_BYTES // 2 + 1
+    big = _batching.BATCH_BYTES // 2 + 1
     for i in range(3):
         s.add(task(i, size=big))
     batches, _ = s.next_batches(0.0)

@@ -18,29 +18,8 @@ import time
 from concurrent.futures import Future
 from typing import Any, Iterable, Optional
 
-# Tasks sent ahead per slot while nothing is known of a worker's tasks yet: today's ProcessPoolExecutor
-# habit, which hides one round trip.
-INITIAL_PREFETCH_PER_SLOT = 1
-
-# Sent ahead per slot: enough tasks to keep a slot busy this long, within [1, MAX_PREFETCH_PER_SLOT].
-# More hides the round trip better and fills batches; but tasks sent ahead can no longer be cancelled.
-# The time bound is what limits real tasks; the count only binds for the tiniest (no-ops), where each
-# message costs most: it wakes a peer that ran dry, which on a VM costs its sender tens of µs.
-QUEUE_AHEAD_SECONDS = 0.005
-MAX_PREFETCH_PER_SLOT = 256
-
-# Tasks that take this long get no company sent ahead: a round trip is then a small price, while a
-# task stuck behind a long one could leave another slot idle for that long.
-LONG_TASK_SECONDS = 0.05
-
-# How fast the estimate of a worker's task duration follows new samples (an exponential average).
-SERVICE_SMOOTHING = 0.1
-
-# One batch (one message) carries at most this many tasks and, beyond its first task, this many bytes:
-# bigger batches amortize more per-message cost but delay the worker's first task by their copying.
-BATCH_TASKS = 256
-BATCH_BYTES = 1 << 20
-
+from .._wire._batching import BATCH_ITEMS, is_full
+from .._wire._pacing import TO_WORKERS, smoothed
 
 class Task:
     __slots__ = ("ident", "future", "frames", "size", "queued_at", "started", "lost_on")
@@ -85,13 +64,7 @@ class Load:
 
     @property
     def capacity(self) -> int:
-        if self.service is None:
-            ahead = INITIAL_PREFETCH_PER_SLOT
-        elif self.service >= LONG_TASK_SECONDS:
-            ahead = 0
-        else:
-            ahead = max(1, min(MAX_PREFETCH_PER_SLOT, int(QUEUE_AHEAD_SECONDS / max(self.service, 1e-9))))
-        return self.slots * (1 + ahead)
+        return self.slots * (1 + TO_WORKERS.ahead(self.service))
 
     def credit(self) -> int:
         if not self.ready or self.draining:
@@ -214,7 +187,7 @@ class Scheduler:
                 continue
             # A fair share of what waits, so that the next workers in turn get some of it too.
             share = -(-len(self.backlog) // (len(self.turns) + 1))
-            limit = min(credit, BATCH_TASKS, share, room if room is not None else credit)
+            limit = min(credit, BATCH_ITEMS, share, room if room is not None else credit)
             batch = self.take_batch(load, limit, too_large)
             if batch:
                 if not load.inflight:
@@ -233,7 +206,7 @@ class Scheduler:
         size = 0
         while self.backlog and len(batch) < limit:
             task = self.backlog[0]
-            if batch and size + task.size > BATCH_BYTES:
+            if is_full(len(batch), size, task.size):
                 break
             self.backlog.popleft()
             if load.max_task_bytes is not None and task.size > load.max_task_bytes:
@@ -295,8 +268,7 @@ class Scheduler:
             # With every slot busy since the last reply, slots x gap is one task's duration; replies
             # that arrive together give gaps of zero, which the average spreads over the batch.
             sample = (now - load.busy_since) * load.slots
-            load.service = sample if load.service is None else \
-                load.service + SERVICE_SMOOTHING * (sample - load.service)
+            load.service = smoothed(load.service, sample)
         load.busy_since = now
         if not load.in_turn:
             self.offer(load)

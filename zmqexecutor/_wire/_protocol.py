@@ -524,14 +524,15 @@ def decode_process_task(frames: Sequence[Any]) -> tuple[bytes, Any, Sequence[Any
 
 
 def encode_exited(*, pid: int, started: int, finished: int, exitcode: int | None, retired: bool,
-                  host: str, timed_out: float | None = None) -> list[bytes]:
-    """EXITED, supervisor -> the client of a direct worker: a task process ended after starting
-    ``started`` and finishing ``finished`` of the tasks it was sent; ``retired`` when it was told to;
-    ``timed_out``, the time limit its running task ran past when that is why it was ended."""
+                  host: str, timed_out: float | None = None) -> Item:
+    """EXITED, supervisor -> the client of a direct worker, as an item of its replies (it goes in a
+    BATCH with them): a task process ended after starting ``started`` and finishing ``finished`` of the
+    tasks it was sent; ``retired`` when it was told to; ``timed_out``, the time limit its running task
+    ran past when that is why it was ended."""
     signal_name, _ = describe_exit(exitcode)
-    return [encode_header(Kind.EXITED, pid), encode_json({
+    return Item(Kind.EXITED, pid, [encode_json({
         "pid": pid, "started": started, "finished": finished, "exitcode": exitcode, "signal": signal_name,
-        "retired": retired, "host": host, "timed_out": timed_out})]
+        "retired": retired, "host": host, "timed_out": timed_out})])
 
 
 def decode_exited(frames: Sequence[Frame]) -> dict[str, Any]:

@@ -17,17 +17,15 @@ import time
 from typing import Any, Callable, Optional, Union
 
 from .._wire import _protocol as proto
+from .._wire._batching import batches, frames_size
 from .._wire._errors import MessageTooLargeError
 from .._wire._protocol import Item, Kind
 from ._front import BoundFront, DialFront
+from ._relay import Queued, Relay
 from ._sessions import Sessions
-from ._taskpool import MAX_STARTUP_FAILURES, Queued, TaskProcess, TaskProcessPool
+from ._taskpool import MAX_STARTUP_FAILURES, TaskProcess, TaskProcessPool
 
 logger = logging.getLogger("zmqexecutor.worker")
-
-# One message to a client carries at most this many replies and, beyond its first, this many bytes.
-REPLY_BATCH = 256
-REPLY_BATCH_BYTES = 1 << 20
 
 _REPLIES = frozenset({Kind.RESULT, Kind.EXCEPTION, Kind.INIT_FAILED})
 
@@ -39,12 +37,12 @@ class GiveUp(Exception):
 class Router:
     """Routes tasks from clients to task processes and replies back; knows each client's session."""
 
-    def __init__(self, pool: TaskProcessPool, *, host: str, worker_info: dict[str, Any], direct: bool,
+    def __init__(self, pool: TaskProcessPool, relay: Relay, *, host: str, worker_info: dict[str, Any],
                  status: Callable[[], dict[str, Any]], on_drain: Callable[[], None]) -> None:
         self.pool = pool
+        self.relay = relay  # which process runs what (_relay); direct: the client hands tasks out itself
         self.host = host
         self.worker_info = worker_info  # what WELCOME tells: slots, instance, host, max_message_size
-        self.direct = direct  # embedded: the task processes take tasks from the client itself
         self.status = status
         self.on_drain = on_drain
         self.front: Optional[Union[BoundFront, DialFront]] = None
@@ -90,8 +88,9 @@ class Router:
             for task in tasks:
                 if task.kind != Kind.TASK or not task.frames:
                     raise proto.ProtocolError(f"a {task.kind.name} without a call among the tasks")
-            if self.direct:  # its processes take tasks from the embedding client only
-                dropped = proto.encode_reason("this worker takes tasks only from the executor that embeds it")
+            refused = self.relay.refuses_tasks()
+            if refused is not None:
+                dropped = proto.encode_reason(refused)
                 for task in tasks:
                     self.reply(client, Item(Kind.DROPPED, task.ident, dropped))
                 return
@@ -134,8 +133,8 @@ class Router:
         logger.info("client %s %s; dropped its session and %d queued task(s)",
                     client.decode(errors="replace"), why, dropped)
         # Nobody waits for what its running tasks return anymore: stop them, freeing their slots.
-        self.pool.signal_running(client, signal.SIGTERM, "because its client's session ended")
-        self.pool.forget_client(client)
+        self.stop_running_tasks_of(client, signal.SIGTERM, "because its client's session ended")
+        self.relay.forget_client(client)
 
     def expire_sessions(self) -> None:
         for session in self.sessions.expired(time.monotonic()):
@@ -147,19 +146,25 @@ class Router:
             if item.client == client:
                 self.reply(client, Item(Kind.DROPPED, item.task_id, reason))
         self.queue = collections.deque(item for item in self.queue if item.client != client)
-        self.pool.signal_running(client, signal.SIGKILL if signum == signal.SIGKILL else signal.SIGTERM,
-                                 "at its client's request")
+        self.stop_running_tasks_of(client, signal.SIGKILL if signum == signal.SIGKILL else signal.SIGTERM,
+                                   "at its client's request")
+
+    def stop_running_tasks_of(self, client: bytes, sig: signal.Signals, why: str) -> None:
+        for proc in self.pool.procs():
+            if self.relay.runs_for(proc, client):
+                self.pool.stop_for_client(proc, sig, f"with {sig.name} {why}")
 
     def cancel_task(self, client: bytes, ident: int, seq: Optional[int]) -> None:
         """Stop one task: relayed, ``ident`` is the client's task id; direct, the process's pid and
-        ``seq`` which of the tasks the client sent it."""
-        if not self.direct:
-            for item in self.queue:
-                if item.client == client and item.task_id == ident:
-                    self.queue.remove(item)
-                    self.reply(client, Item(Kind.DROPPED, ident, proto.encode_reason("the task was cancelled")))
-                    return
-        if self.pool.kill_running(client, ident, seq):
+        ``seq`` which of the tasks the client sent it (then nothing is queued here)."""
+        for item in self.queue:
+            if item.client == client and item.task_id == ident:
+                self.queue.remove(item)
+                self.reply(client, Item(Kind.DROPPED, ident, proto.encode_reason("the task was cancelled")))
+                return
+        proc = self.relay.running_task(self.pool.procs(), client, ident, seq)
+        if proc is not None and not proc.signalled:
+            self.pool.stop_for_client(proc, signal.SIGKILL, "with SIGKILL: its client cancelled the task it runs")
             self.tally["cancelled"] += 1
 
     def send(self, client: bytes, frames: list[Any]) -> None:
@@ -172,7 +177,7 @@ class Router:
     def send_replies(self) -> None:
         outbox, self.outbox = self.outbox, {}
         for client, items in outbox.items():
-            for batch in _batches(items):
+            for batch in batches(items, _size):
                 self.send(client, proto.encode_messages(batch))
 
     def receive_from_processes(self, ending: tuple[TaskProcess, ...] = ()) -> None:
@@ -182,12 +187,12 @@ class Router:
                 if item.kind in _REPLIES:
                     self.finish_task(proc, item, now)
                 elif item.kind == Kind.OUTPUT:
-                    assignment = proc.assigned.get(item.ident)
+                    assignment = self.relay.assignment(proc, item.ident)
                     if assignment is not None and self.sessions.get(assignment.client) is not None:
                         self.reply(assignment.client, Item(Kind.OUTPUT, assignment.task_id, item.frames))
 
     def finish_task(self, proc: TaskProcess, item: Item, now: float) -> None:
-        assignment = self.pool.finished(proc, item.ident, now)
+        assignment = self.relay.finished(proc, item.ident, now)
         if assignment is None:
             logger.error("task process %s replied for a task it was not given", proc.process.pid)
             return
@@ -202,8 +207,8 @@ class Router:
         else:
             logger.debug("dropped the result of task %d: its client's session is gone", assignment.task_id)
         if item.kind == Kind.INIT_FAILED:
-            proc.closing = True
-        if proc.closing and not proc.assigned and not proc.retiring:
+            self.relay.close_after_tasks(proc)
+        if self.relay.may_retire(proc):
             self.pool.retire(proc)
 
     def too_large(self, task_id: int, size: int, limit: int) -> Item:
@@ -215,31 +220,32 @@ class Router:
         if sentinels:  # first, what they sent just before they ended
             self.receive_from_processes(tuple(self.pool.by_sentinel[fd] for fd in sentinels))
         for fd in sentinels:
-            replies, unstarted = self.pool.reap(fd, self.host)
-            for client, item in replies:
-                if self.sessions.get(client) is not None:
-                    self.tally["crashed"] += item.kind == Kind.CRASHED
-                    self.reply(client, item)
-            self.queue.extendleft(reversed(unstarted))
-            for info in self.pool.exits:  # direct: the client accounts for that process's tasks
-                for session in self.sessions:
-                    self.reply(session.client, Item(Kind.EXITED, info["pid"],
-                                                    proto.encode_exited(host=self.host, **info)[1:]))
-            self.pool.exits.clear()
+            proc, stopped_with_worker = self.pool.reap(fd)
+            ended = self.relay.ended(proc, host=self.host, stopped_with_worker=stopped_with_worker)
+            for to, item in ended.replies:
+                for client in [session.client for session in self.sessions] if to is None else [to]:
+                    if self.sessions.get(client) is not None:
+                        self.tally["crashed"] += item.kind == Kind.CRASHED
+                        self.reply(client, item)
+            self.queue.extendleft(reversed(ended.unstarted))
             if self.pool.startup_failures >= MAX_STARTUP_FAILURES:
                 raise GiveUp(f"{self.pool.startup_failures} task processes in a row died before starting; giving up")
 
     def dispatch_tasks(self) -> None:
         if self.queue:
-            for proc, items in self.pool.hand_out(self.queue, self.sessions):
+            for proc, items in self.relay.hand_out(self.queue, self.sessions, self.pool.procs(), time.monotonic()):
                 self.pool.send(proc, proto.encode_messages(items))
+
+    def busy(self) -> int:
+        """Task processes running (or holding) a task."""
+        return self.relay.busy(self.pool.procs())
 
     def tell_all(self, frames: list[Any]) -> None:
         for session in self.sessions:
             self.send(session.client, frames)
 
     def abandon_running(self, why: str) -> None:
-        for client, item in self.pool.abandon(why):
+        for client, item in self.relay.abandon(why):
             if self.sessions.get(client) is not None:
                 self.reply(client, item)
 
@@ -250,19 +256,5 @@ class Router:
         self.queue.clear()
 
 
-def _batches(items: list[Item]) -> list[list[Item]]:
-    """``items`` in messages of at most REPLY_BATCH replies and REPLY_BATCH_BYTES beyond the first."""
-    batches: list[list[Item]] = []
-    size = 0
-    for item in items:
-        item_size = _size(item)
-        if not batches or len(batches[-1]) >= REPLY_BATCH or size + item_size > REPLY_BATCH_BYTES:
-            batches.append([])
-            size = 0
-        batches[-1].append(item)
-        size += item_size
-    return batches
-
-
 def _size(item: Item) -> int:
-    return sum(map(len, item.frames))
+    return frames_size(item.frames)

@@ -14,7 +14,8 @@ Data flow::
     |   --connect, a DEALER dialling the client's listen address (JOIN on each new connection)
     |   Router (_router): Sessions (client id -> handshake info + initializer pickle), the queue
     |     of tasks waiting for credit in a task process (first in first out), replies going back
-    |   TaskProcessPool: the processes, what each was given, crash accounting
+    |     Relay (_relay): which process runs what, credit, what a process's end means for its tasks
+    |   TaskProcessPool (_taskpool): the processes: start, reap, replace, signal, time limits
     | Listener (a Unix socket in a private folder, _channel)
     +---------------------------------------------------------------------------------
         |  TASK or BATCH (renumbered with the supervisor's own ids), STOP
@@ -77,6 +78,7 @@ from .._wire._security import DialKeys, Guard, worker_guard
 from ._cpus import available_cpus
 from ._front import BoundFront, DialFront, join_info
 from ._router import GiveUp, Router
+from ._relay import DirectTasks, Relay
 from ._taskpool import TaskProcessPool
 
 logger = logging.getLogger("zmqexecutor.worker")
@@ -139,7 +141,7 @@ class Supervisor:
         self.drain_deadline: Optional[float] = None  # draining since: until then
         self.orphaned = False
         self.started = time.monotonic()
-        self.router = Router(self.pool, host=self.host, direct=direct is not None, status=self.status,
+        self.router = Router(self.pool, DirectTasks() if direct else Relay(), host=self.host, status=self.status,
                              on_drain=self.asked_to_drain,
                              worker_info=dict(slots=processes, instance=self.instance, host=self.host,
                                               max_message_size=max_message_size))
@@ -224,7 +226,7 @@ class Supervisor:
             router.dispatch_tasks()
             router.send_replies()
             limits_due = self.pool.enforce_time_limits(time.monotonic())
-            if self.drain_deadline is not None and (self.pool.idle() or time.monotonic() >= self.drain_deadline):
+            if self.drain_deadline is not None and (not self.router.busy() or time.monotonic() >= self.drain_deadline):
                 self.stopping = True
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + PARENT_CHECK_INTERVAL
@@ -276,7 +278,7 @@ class Supervisor:
 
     def status(self) -> dict[str, Any]:
         router = self.router
-        return dict(proto.local_versions(), slots=self.processes, busy=self.pool.busy(), queued=len(router.queue),
+        return dict(proto.local_versions(), slots=self.processes, busy=self.router.busy(), queued=len(router.queue),
                     **router.tally, timed_out=self.pool.timed_out, clients=len(router.sessions),
                     uptime=time.monotonic() - self.started, draining=self.drain_requested,
                     instance=self.instance, host=self.host, pid=os.getpid(),
@@ -304,7 +306,7 @@ class Supervisor:
             self.drain_deadline = time.monotonic() + self.drain_timeout
             self.router.draining = True
             self.router.tell_all([proto.encode_header(Kind.DRAINING)])
-            logger.info("draining: %d task(s) running; no more are taken", self.pool.busy())
+            logger.info("draining: %d task(s) running; no more are taken", self.router.busy())
         # Also what a crashed task process had not started yet, put back here by reap_processes.
         self.router.give_back_queue()
 
@@ -328,7 +330,7 @@ class Supervisor:
         router.send_replies()
 
     def check_idle(self) -> None:
-        if self.router.sessions or self.pool.busy():
+        if self.router.sessions or self.router.busy():
             self.idle_since = time.monotonic()
         elif self.idle_timeout is not None and time.monotonic() - self.idle_since >= self.idle_timeout:
             logger.info("no client for %g s (--idle-timeout); stopping", self.idle_timeout)

@@ -37,6 +37,7 @@ from .._wire import _features
 from .._wire import _protocol as proto
 from .._wire._channel import Link
 from .._wire._namespace import FunctionCache, MainNamespace
+from .._wire._batching import BATCH_ITEMS, HOLD_BYTES, HOLD_SECONDS
 from .._wire._protocol import Item, Kind
 from .._wire._serialize import (
     decode_call,
@@ -55,13 +56,6 @@ PARENT_CHECK_INTERVAL = 0.5
 # catches slower callers but burns a CPU for nothing when none comes. Never for other tasks: in a
 # burst, the spin takes a CPU the client needs (10% fewer no-ops/s here when every idle spell spun).
 IDLE_SPIN_SECONDS = 0.0003
-
-# Replies wait while more tasks are queued here, to go back together: up to this many, this many
-# bytes, or this long. Longer holds make bigger batches, but a crash loses the held results with the
-# process (their tasks fail), and the supervisor sends no more work until it hears back.
-HOLD_REPLIES = 256
-HOLD_BYTES = 256 * 1024
-HOLD_SECONDS = 0.002
 
 # Most text of each stream kept per task for the client; the rest still reaches the worker's own
 # stdout and stderr.
@@ -347,7 +341,8 @@ class TaskLoop:
         self.held.extend(items)
         for item in items:
             self.held_bytes += sum(map(len, item.frames))
-        if (not self.queue or len(self.held) >= HOLD_REPLIES or self.held_bytes >= HOLD_BYTES
+        # Replies wait while more tasks are queued here, to go back together (limits: _batching).
+        if (not self.queue or len(self.held) >= BATCH_ITEMS or self.held_bytes >= HOLD_BYTES
                 or time.monotonic() - self.held_since >= HOLD_SECONDS):
             self.send_held()
 
