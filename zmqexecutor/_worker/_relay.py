@@ -115,10 +115,9 @@ class Relay:
         handed = []
         for index, proc in enumerate(takers):
             share = math.ceil(len(queue) / (len(takers) - index))
-            items = []
-            for _ in range(min(self.credit(proc), share)):
-                if not queue:
-                    break
+            items: list[Item] = []
+            wanted = min(self.credit(proc), share)
+            while queue and len(items) < wanted:
                 client, task_id, frames = queue.popleft()
                 session = sessions.get(client)
                 if session is None:
