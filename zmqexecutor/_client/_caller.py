@@ -56,7 +56,6 @@ class EngineSteps(Protocol):
     lock: Any  # the engine's threading.Lock
     scheduler: "Scheduler"
     handle: Any  # its shutdown_requested and wakeup
-    embedded: Any  # the local worker's lanes: receive()
 
     def dispatch_tasks(self) -> None: ...
 
@@ -83,6 +82,7 @@ class CallerPath:
         self.reader: Optional[int] = None  # the thread reading the lanes now
         self.read_its_reply = False  # the last reader's future was settled by what it read
         self.lanes: Optional["DirectLanes"] = None
+        self.receive: Callable[[], None] = lambda: None  # reads the lanes and settles what came
         self.io_interest: Optional[select.epoll] = None
         self.waiting: Optional[select.epoll] = None
         # Also orders a reader's leaving against close(). Reentrant: the held-back Ctrl-C rings, and it
@@ -91,12 +91,13 @@ class CallerPath:
         self.bell = -1
         self.closing = False  # close() came while a reader was still on its way out
 
-    def start(self, lanes: "DirectLanes", io_selector: Any) -> None:
+    def start(self, lanes: "DirectLanes", io_selector: Any, receive: Callable[[], None]) -> None:
         """Called by the I/O thread, its lock held, once the lanes are open. Without epoll and eventfd
         (not Linux) the path stays closed: the I/O thread sends and reads every task."""
         if not (_features.EPOLL and _features.EVENTFD):
             return
         self.lanes = lanes
+        self.receive = receive
         # The same epoll instance as the I/O thread's selector, so that a caller can pause the
         # lanes there without the selector's bookkeeping (and without waking the thread).
         self.io_interest = select.epoll.fromfd(os.dup(io_selector.fileno()))
@@ -190,7 +191,7 @@ class CallerPath:
 
     def read_until(self, waiting: "ReadingCondition", timeout: Optional[float], held: "_HeldInterrupt") -> None:
         engine = self.engine
-        assert self.waiting is not None and engine.embedded is not None
+        assert self.waiting is not None
         deadline = None if timeout is None else time.monotonic() + timeout
         while not waiting.done and not held.caught:
             remaining = -1.0 if deadline is None else deadline - time.monotonic()
@@ -206,7 +207,7 @@ class CallerPath:
                 if not self.open:
                     return
                 try:
-                    engine.embedded.receive()
+                    self.receive()
                     engine.dispatch_tasks()
                     self.read_its_reply = waiting.done
                 except Exception as exc:  # what would have ended the I/O thread

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Protocol
 
 import zmq
 
@@ -18,6 +18,7 @@ from .._wire import _sockets
 from .._wire._endpoints import probe
 from .._wire._errors import SecurityError, VersionMismatchError
 from .._wire._protocol import Kind
+from .._wire._sockets import DRAIN_LIMIT, drain
 from .._wire._security import (
     HANDSHAKE_FAILURE_EVENTS,
     HANDSHAKE_FAILURES,
@@ -47,6 +48,14 @@ PROBE_TIMEOUT = 2.0
 _MONITORED_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILURE_EVENTS
 
 
+class Inbox(Protocol):
+    """Where every source of input (_fleet.Source) hands its messages: the engine."""
+
+    def handle_message(self, conn: "Connection", frames: list[Any]) -> None: ...
+
+    def handle_dialled(self, port: Any, frames: list[Any]) -> None: ...
+
+
 class WorkerInfo(NamedTuple):
     """A snapshot of one worker endpoint as this executor sees it (``ZMQExecutor.workers()``)."""
 
@@ -69,6 +78,7 @@ class Connection:
     READY = "ready"
     INCOMPATIBLE = "incompatible"
     lanes: Optional[DirectLanes] = None  # the embedded worker's task processes, reached directly
+    gone = False  # a dialled-in worker whose connection closed
 
     def __init__(self, address: str, *, hello: list[bytes], heartbeat: float, local: bool,
                  sent_to: set[Any]) -> None:
@@ -90,6 +100,18 @@ class Connection:
 
     def send(self, frames: list[Any]) -> bool:
         raise NotImplementedError
+
+    def cancel(self, task: Task, position: int) -> None:
+        """Have the worker stop ``task`` (dropped if queued there, its process killed if it runs)."""
+        self.send(proto.encode_cancel(task.ident))
+
+    def may_hold_tasks(self) -> bool:
+        """Whether tasks may be in flight here (to settle when it is lost)."""
+        return True
+
+    def forget_if_gone(self) -> bool:
+        """Whether the connection is gone for good (then it is forgotten by whoever reached it)."""
+        return False
 
     def look_into_silence(self, now: float) -> None:
         pass
@@ -208,8 +230,11 @@ class WorkerConnection(Connection):
 
     def __init__(self, address: str, context: zmq.Context[Any], *, hello: list[bytes], heartbeat: float,
                  worker_timeout: float, max_message_size: int, keys: Optional[ClientKeys],
-                 client_id: bytes, local: bool, sent_to: set[Any]) -> None:
+                 client_id: bytes, local: bool, sent_to: set[Any], lanes: Optional[DirectLanes] = None) -> None:
         super().__init__(address, hello=hello, heartbeat=heartbeat, local=local, sent_to=sent_to)
+        if lanes is not None:  # the embedded worker's supervisor: its task processes take the tasks
+            self.lanes = lanes
+            lanes.supervisor = self
         self.probe: Optional[list[str]] = None  # filled by a probe thread: why it is unreachable
         self.socket = _sockets.unbounded(context.socket(zmq.DEALER))
         self.socket.setsockopt(zmq.ROUTING_ID, client_id)
@@ -236,6 +261,23 @@ class WorkerConnection(Connection):
         except zmq.Again:
             return False  # not connected right now
         return True
+
+    def take_input(self, inbox: "Inbox") -> bool:
+        """Hand what the worker sent to ``inbox``; True if more may be left unread."""
+        messages = drain(self.socket)
+        if messages:
+            self.awaiting_since = None
+        for frames in messages:
+            try:
+                inbox.handle_message(self, frames)
+            except proto.ProtocolError as exc:
+                logger.warning("dropped a malformed message from %s: %s", self.address, exc)
+        return len(messages) >= DRAIN_LIMIT
+
+    def departures(self) -> tuple[list[tuple[Connection, str]], bool]:
+        """Read the monitor: this connection if its session is lost (and why); never a dial-in's news."""
+        why = self.connection_events()
+        return ([] if why is None else [(self, why)]), False
 
     def connection_events(self) -> Optional[str]:
         """Read the monitor; returns why the session is lost when the connection closed, else None."""

@@ -21,8 +21,8 @@ import zmq
 from .._wire import _protocol as proto
 from .._wire._protocol import Kind
 from .._wire._security import Guard, ListenKeys
-from .._wire._sockets import listening_router, monitor_events
-from ._connection import Connection
+from .._wire._sockets import DRAIN_LIMIT, drain, listening_router, monitor_events
+from ._connection import Connection, Inbox
 
 logger = logging.getLogger("zmqexecutor")
 
@@ -64,9 +64,20 @@ class DialInPort:
             return conn, False
         return conn, conn.ready
 
-    def someone_left(self) -> bool:
-        """Whether the monitor says a connection closed since last asked."""
-        return bool(monitor_events(self.monitor))
+    def take_input(self, inbox: Inbox) -> bool:
+        """Hand what the workers sent to ``inbox``; True if more may be left unread."""
+        messages = drain(self.socket)
+        for frames in messages:
+            inbox.handle_dialled(self, frames)
+        return len(messages) >= DRAIN_LIMIT
+
+    def departures(self) -> tuple[list[tuple[Connection, str]], bool]:
+        """Read the monitor: the workers whose connection closed, and whether any connection did
+        (then the ROUTER is to be asked again soon: it may not have dropped the identity yet)."""
+        if not monitor_events(self.monitor):
+            return [], False
+        # Whose connection closed, the ROUTER knows: ask it about each.
+        return [(conn, "its connection closed") for conn in list(self.workers.values()) if not conn.still_there()], True
 
     def forget(self, conn: "DialledConnection") -> None:
         self.workers.pop(conn.routing_id, None)
@@ -103,6 +114,14 @@ class DialledConnection(Connection):
             self.gone = True
             return False
         return True
+
+    def may_hold_tasks(self) -> bool:
+        return self.instance is not None  # tasks go only to a worker that shook hands
+
+    def forget_if_gone(self) -> bool:
+        if self.gone:
+            self.port.forget(self)
+        return self.gone
 
     def still_there(self) -> bool:
         """Ping it now (a connection closed somewhere); False when it is gone."""

@@ -52,6 +52,13 @@ class Lane:
     def send_tasks(self, batch: list[Task]) -> bool:
         return self.lanes.send(self, batch)
 
+    def cancel(self, task: Task, position: int) -> None:
+        """Have the supervisor stop the task at ``position`` among those in flight here: the lane knows
+        the order it sent them in, the supervisor what the process started."""
+        supervisor = self.lanes.supervisor
+        if supervisor is not None and supervisor.ready:
+            supervisor.send(proto.encode_cancel(self.pid, self.given - len(self.load.inflight) + position))
+
 
 class Ending(NamedTuple):
     """What became of the tasks in flight on a task process that ended."""
@@ -72,6 +79,9 @@ class DirectLanes:
         self.init_blob = init_blob
         self.max_tasks_per_child = max_tasks_per_child
         self.lanes: dict[bytes, Lane] = {}
+        # The connection to the worker whose processes these are (set by it): it says when they end,
+        # and stops one on request.
+        self.supervisor: Any = None
         self.completed = 0  # by processes that ended
         self.lone_next = False  # the next batch of one goes as a LONE_TASK (set by _caller)
         # No size limit: the peers are our own processes in a folder only this user can enter, and a

@@ -31,7 +31,9 @@ Data flow::
 
 The embedded worker's tasks skip its supervisor: the scheduler sees each of its task processes as a
 worker of one slot, and the supervisor reports (EXITED) when one ends so that ``Embedded`` can settle
-what it held. Remote workers get their tasks through their supervisor. What replies and lost workers
+what it held. The loop has no case of its own for it: every source of input (a bound worker's
+connection, the dial-in port, the embedded worker's lanes) has ``take_input``, every worker's load an
+owner that sends and cancels its tasks, and without an embedded worker ``NoLocalWorker`` stands in. Remote workers get their tasks through their supervisor. What replies and lost workers
 do to futures is ``Outcomes``' business (_outcomes); which worker gets what, the ``Scheduler``'s.
 
 Each loop turn waits once (epoll over the sockets' descriptors, so a turn costs the same however many
@@ -58,7 +60,7 @@ Threads, and what each may touch:
   condition), the executor's ``CallEncoder`` and ``_tracebacks``' record of sent code (dicts read and
   written without a lock: under the GIL a race costs one more pickling, never a wrong one), and, on the
   embedded worker's caller path (_caller), the scheduler, the lanes and the loop steps
-  ``dispatch_tasks``, ``embedded.receive`` and ``break_executor``, only while holding ``Engine.lock``.
+  ``dispatch_tasks``, ``Embedded.receive`` and ``break_executor``, only while holding ``Engine.lock``.
   ``may_read``/``send`` read the scheduler's counts without it, as hints that are checked again with it.
 * **The I/O thread** (``Engine``): every ZeroMQ socket, the selector, the fleet and its connections, the
   scheduler, the lanes; it resolves futures. It holds ``Engine.lock`` except while it waits for input.
@@ -94,13 +96,11 @@ import zmq
 from .._wire import _protocol as proto
 from .._wire._errors import BrokenWorkerPool
 from .._wire._protocol import Kind
-from .._wire._sockets import DRAIN_LIMIT, drain
 from ._caller import CallerPath
 from ._connection import Connection
-from ._dialin import DialInPort, DialledConnection
-from ._direct import DirectLanes
+from ._dialin import DialInPort
 from ._fleet import Fleet
-from ._local import Embedded, LocalWorker
+from ._local import Embedded, LocalWorker, NoLocalWorker
 from ._outcomes import Outcomes, copy_error, fail
 from ._scheduler import Scheduler, Task
 from ._settings import Settings
@@ -110,9 +110,6 @@ logger = logging.getLogger("zmqexecutor")
 # After a dialled-in worker's connection closed, every dialled worker is pinged again this soon, as
 # the ROUTER may still have known the identity when the first ping went out.
 RECHECK_AFTER_DISCONNECT = 0.05
-
-# While the engine owns a local worker it looks at it at least this often.
-LOCAL_CHECK_INTERVAL = 1.0
 
 
 class Request(Protocol):
@@ -149,7 +146,9 @@ class Engine(threading.Thread):
         self.scheduler = Scheduler(max_retries=settings.max_retries, max_in_flight=settings.max_in_flight)
         self.outcomes = Outcomes(self.scheduler, settings, local=local_worker is not None,
                                  break_executor=self.break_executor)
-        self.embedded = None if local_worker is None else Embedded(local_worker, self.scheduler, self.outcomes)
+        # The worker it embeds, or one that does nothing: the loop below has no case of its own for it.
+        self.local: Union[Embedded, NoLocalWorker] = (
+            NoLocalWorker() if local_worker is None else Embedded(local_worker, self.scheduler, self.outcomes))
         # Sockets are made and closed by this thread alone (in run): the fleet makes them there.
         self.context: zmq.Context[Any] = zmq.Context()
         self.selector = selectors.DefaultSelector()
@@ -178,9 +177,7 @@ class Engine(threading.Thread):
                 return
             finally:
                 self.opened.set()
-            if self.embedded is not None:
-                assert self.embedded.lanes is not None
-                self.caller.start(self.embedded.lanes, self.selector)
+            self.local.start_caller_path(self.caller, self.selector)
             while True:
                 self.wait_for_input()
                 self.receive_replies()
@@ -222,33 +219,15 @@ class Engine(threading.Thread):
     def open_connections(self) -> None:
         s = self.settings
         self.selector.register(self.handle.wakeup.fileno(), selectors.EVENT_READ, None)
+        self.local.open(self.fleet, s)
         self.fleet.open()
-        if self.embedded is not None:
-            self.embedded.open(self.fleet, s)
 
     def receive_replies(self) -> None:
+        # Each source reads a bounded amount and hands it to handle_message or handle_dialled.
         unread = self.fleet.unread
         for source in list(unread):
-            if isinstance(source, DirectLanes):
-                # Level-triggered: its descriptor stays readable while anything is left unread.
+            if not source.take_input(self):
                 unread.discard(source)
-                assert self.embedded is not None
-                self.embedded.receive()
-                continue
-            messages = drain(source.socket)
-            if len(messages) < DRAIN_LIMIT:
-                unread.discard(source)
-            if isinstance(source, DialInPort):
-                for frames in messages:
-                    self.handle_dialled(source, frames)
-                continue
-            if messages:
-                source.awaiting_since = None
-            for frames in messages:
-                try:
-                    self.handle_message(source, frames)
-                except proto.ProtocolError as exc:
-                    logger.warning("dropped a malformed message from %s: %s", source.address, exc)
 
     def handle_message(self, conn: Connection, frames: list[Any]) -> None:
         proto.expect_frames(frames, 1)
@@ -267,8 +246,8 @@ class Engine(threading.Thread):
             if kind == Kind.REJECTED:
                 if conn.ready:
                     self.lose(conn, proto.decode_reason(rest))
-            elif kind == Kind.EXITED and self.embedded is not None:
-                self.embedded.process_exited(proto.decode_exited(rest), stopping=self.stopping_workers)
+            elif kind == Kind.EXITED:
+                self.local.process_exited(conn, proto.decode_exited(rest), stopping=self.stopping_workers)
             elif kind == Kind.DRAINING:
                 conn.draining()
             elif kind != Kind.PONG:
@@ -314,7 +293,7 @@ class Engine(threading.Thread):
 
     def lose(self, conn: Connection, why: str) -> None:
         self.handle.workers_changed()
-        if conn.instance is not None or not isinstance(conn, DialledConnection):
+        if conn.may_hold_tasks():
             self.outcomes.worker_lost(conn, why, retry=not self.stopping_workers)
         if not self.fleet.gone(conn):
             conn.lost()
@@ -323,11 +302,7 @@ class Engine(threading.Thread):
         self.handle.wakeup.clear()
         submissions = self.handle.submissions
         while submissions:
-            item = submissions.popleft()
-            if isinstance(item, Task):
-                self.scheduler.add(item)
-            else:
-                item.apply(self)
+            submissions.popleft().apply(self)
         if not self.shutting_down and (self.handle.exiting or self.handle.executor_ref() is None):
             self.shutting_down = True
 
@@ -345,13 +320,10 @@ class Engine(threading.Thread):
         now = time.monotonic()
         if now < self.next_tick:
             return
-        interval = self.settings.heartbeat
-        if self.embedded is not None:
-            interval = min(interval, LOCAL_CHECK_INTERVAL)
-        self.next_tick = now + interval
+        self.next_tick = now + self.local.check_interval(self.settings.heartbeat)
         for conn, why in self.fleet.beats(now):
             self.lose(conn, why)
-        problem = None if self.embedded is None else self.embedded.revive(self.connections, self.stopping_workers)
+        problem = self.local.revive(self.connections, self.stopping_workers)
         if problem is not None:
             self.break_executor(BrokenWorkerPool(problem))
 
@@ -373,9 +345,7 @@ class Engine(threading.Thread):
             if self.handle.broken is None:
                 self.handle.broken = error
         self.take_submissions()
-        loads = [conn.load for conn in self.connections]
-        if self.embedded is not None:
-            loads += self.embedded.loads()
+        loads = [conn.load for conn in self.connections] + self.local.loads()
         tasks = [task for load in loads for task in self.scheduler.take_inflight(load)]
         for task in tasks + self.scheduler.take_all():
             fail(task, copy_error(error))
@@ -386,8 +356,7 @@ class Engine(threading.Thread):
             self.selector.close()
             self.context.term()
         finally:
-            if self.embedded is not None:
-                self.embedded.close()
+            self.local.close()
             self.caller.close()
             self.handle.wakeup.close()
             live_engines.discard(self)

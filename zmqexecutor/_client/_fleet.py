@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import selectors
 import uuid
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Protocol, Union
 
 import zmq
 
 from .._wire._security import ClientKeys
 from .._wire._sockets import fileno, readable
-from ._connection import Connection, WorkerConnection
+from ._connection import Connection, Inbox, WorkerConnection
 from ._dialin import DialInPort, DialledConnection
 from ._scheduler import Scheduler
 
@@ -28,7 +28,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("zmqexecutor")
 
-Source = Union[WorkerConnection, DialInPort, "DirectLanes"]
+
+class Source(Protocol):
+    """Anything the I/O thread reads: a bound worker's connection, the dial-in port, the embedded
+    worker's lanes (_local.Embedded). The engine treats them all alike."""
+
+    def take_input(self, inbox: Inbox) -> bool:
+        """Hand what arrived to ``inbox``; True if more may be left unread."""
+        ...
 
 
 class Fleet:
@@ -44,6 +51,7 @@ class Fleet:
         self.hello = settings.hello()
         self.client_id = f"zx-{uuid.uuid4().hex}".encode()
         self.connections: list[Connection] = []
+        self.lanes_at: dict[str, "DirectLanes"] = {}  # the embedded worker's, by its endpoint
         self.port: Optional[DialInPort] = None  # where workers dial in, with listen=
         self.removing: set[WorkerConnection] = set()  # remove_endpoints: until their tasks are done
         self.unread: set[Source] = set()  # sockets with input (maybe) left to read
@@ -69,11 +77,18 @@ class Fleet:
     def watch_socket(self, source: Source, fd: int) -> None:
         self.selector.register(fd, selectors.EVENT_READ, ("socket", source))
 
+    def reach_directly(self, address: str, lanes: "DirectLanes", source: Source) -> None:
+        """The worker at ``address`` (the embedded one, connected by ``open``) hands its tasks to its
+        task processes through ``lanes``, read as ``source``."""
+        self.lanes_at[address] = lanes
+        self.watch_socket(source, lanes.fileno())
+
     def connect(self, address: str, keys: Optional[ClientKeys]) -> None:
         s = self.settings
         conn = WorkerConnection(address, self.context, hello=self.hello, heartbeat=s.heartbeat,
                                 worker_timeout=s.worker_timeout, max_message_size=s.max_message_size,
-                                keys=keys, client_id=self.client_id, local=self.local, sent_to=self.sent_to)
+                                keys=keys, client_id=self.client_id, local=self.local, sent_to=self.sent_to,
+                                lanes=self.lanes_at.get(address))
         self.connections.append(conn)
         self.watch(conn)
 
@@ -149,23 +164,16 @@ class Fleet:
         someone_left = False
         for source in list(self.unread_events):
             self.unread_events.discard(source)
-            if isinstance(source, DialInPort):
-                if source.someone_left():  # whose, the ROUTER knows: ask it about each
-                    someone_left = True
-                    lost += [(conn, "its connection closed") for conn in list(source.workers.values())
-                             if not conn.still_there()]
-                continue
-            why = source.connection_events()
-            if why is not None:
-                lost.append((source, why))
+            found, left = source.departures()
+            lost += found
+            someone_left = someone_left or left
         return lost, someone_left
 
     def gone(self, conn: Connection) -> bool:
         """Whether ``conn`` is a dialled-in worker whose connection closed (then it is forgotten)."""
-        if not (isinstance(conn, DialledConnection) and conn.gone):
+        if not conn.forget_if_gone():
             return False
         self.connections.remove(conn)
-        conn.port.forget(conn)
         return True
 
     def beats(self, now: float) -> list[tuple[Connection, str]]:

@@ -22,7 +22,7 @@ from .._wire._errors import WorkerLostError
 from .._wire._protocol import Kind
 from .._wire._security import ClientKeys
 from ._caller import SafeCondition
-from ._connection import Connection, WorkerInfo
+from ._connection import WorkerInfo
 from ._engine import Engine, Request, live_engines
 from ._local import LocalWorker
 from ._outcomes import copy_error, fail
@@ -127,10 +127,7 @@ class StopTaskRequest:
         if located is None:
             return  # done, or waiting here for a retry (it will not be sent again)
         load, task, position = located
-        if isinstance(load.owner, Connection):
-            load.owner.send(proto.encode_cancel(task.ident))
-        elif engine.embedded is not None:
-            engine.embedded.cancel(load.owner, position)
+        load.owner.cancel(task, position)
 
 
 

@@ -27,10 +27,11 @@ import time
 from typing import TYPE_CHECKING, Any, Optional
 
 from .._wire import _protocol as proto
-from ._direct import DirectLanes, Lane
+from ._direct import DirectLanes
 from ._scheduler import Load
 
 if TYPE_CHECKING:
+    from ._caller import CallerPath
     from ._connection import Connection
     from ._fleet import Fleet
     from ._outcomes import Outcomes
@@ -48,6 +49,9 @@ STOP_TIMEOUT = 5.0
 # restarting it forever would hide that: the executor breaks instead.
 LOCAL_RESTARTS = 3
 LOCAL_RESTART_WINDOW = 60.0
+
+# While the engine owns a local worker it looks at it at least this often.
+LOCAL_CHECK_INTERVAL = 1.0
 
 
 class LocalWorker:
@@ -128,21 +132,31 @@ class LocalWorker:
 
 class Embedded:
     """The engine's side of the worker it embeds: the worker process, and the lanes to its task
-    processes, which take their tasks from the engine itself; what their replies and ends do."""
+    processes, which take their tasks from the engine itself; what their replies and ends do. To the
+    engine it is one more source of replies (``take_input``), like a connection."""
 
     def __init__(self, worker: LocalWorker, scheduler: "Scheduler", outcomes: "Outcomes") -> None:
         self.worker = worker
         self.scheduler = scheduler
         self.outcomes = outcomes
         self.lanes: Optional[DirectLanes] = None  # made in the I/O thread, by open
-        self.supervisor: Optional["Connection"] = None  # the engine's connection to the worker
 
     def open(self, fleet: "Fleet", settings: "Settings") -> None:
-        self.supervisor = fleet.connections[0]
-        self.lanes = DirectLanes(self.worker.direct_address, self.supervisor.address, client_id=fleet.client_id,
+        """Before the fleet connects: so that the connection to the worker carries the lanes."""
+        self.lanes = DirectLanes(self.worker.direct_address, self.worker.endpoint, client_id=fleet.client_id,
                                  init_blob=settings.init_blob, max_tasks_per_child=settings.max_tasks_per_child)
-        self.supervisor.lanes = self.lanes
-        fleet.watch_socket(self.lanes, self.lanes.fileno())
+        fleet.reach_directly(self.worker.endpoint, self.lanes, self)
+
+    def start_caller_path(self, caller: "CallerPath", io_selector: Any) -> None:
+        assert self.lanes is not None
+        caller.start(self.lanes, io_selector, self.receive)
+
+    def check_interval(self, heartbeat: float) -> float:
+        return min(heartbeat, LOCAL_CHECK_INTERVAL)
+
+    def take_input(self, inbox: Any) -> bool:
+        self.receive()
+        return False  # level-triggered: its descriptor stays readable while anything is left unread
 
     def receive(self) -> None:
         assert self.lanes is not None
@@ -150,30 +164,26 @@ class Embedded:
             self.handle(peer, frames)
 
     def handle(self, peer: Any, frames: list[Any]) -> None:
-        assert self.lanes is not None and self.supervisor is not None
+        assert self.lanes is not None
         now = time.monotonic()
         try:
-            for load, (kind, ident, rest) in self.lanes.receive(peer, frames, self.scheduler, self.supervisor.ready):
+            for load, (kind, ident, rest) in self.lanes.receive(peer, frames, self.scheduler,
+                                                                self.lanes.supervisor.ready):
                 if not self.outcomes.reply(load, kind, ident, rest, now):
                     raise proto.ProtocolError(f"unexpected {kind.name} from a task process")
         except proto.ProtocolError as exc:
             logger.warning("dropped a malformed message from a local task process: %s", exc)
 
-    def process_exited(self, info: dict[str, Any], *, stopping: bool) -> None:
+    def process_exited(self, conn: "Connection", info: dict[str, Any], *, stopping: bool) -> None:
         """A task process ended (its supervisor said EXITED): settle what it had been sent."""
-        assert self.lanes is not None and self.supervisor is not None
+        assert self.lanes is not None
+        if conn is not self.lanes.supervisor:
+            raise proto.ProtocolError("EXITED from a worker that is not embedded")
         for peer, frames in self.lanes.last_words(info["pid"]):
             self.handle(peer, frames)
         ending = self.lanes.exited(info, self.scheduler, retry=not stopping)
         if ending is not None:
-            self.outcomes.process_ended(ending, info, self.supervisor.address, stopping=stopping)
-
-    def cancel(self, lane: Lane, position: int) -> None:
-        """Have the supervisor stop the task at ``position`` among those in flight on ``lane``'s
-        process: the lane knows the order it sent them in, the supervisor what the process started."""
-        if self.supervisor is not None and self.supervisor.ready:
-            seq = lane.given - len(lane.load.inflight) + position
-            self.supervisor.send(proto.encode_cancel(lane.pid, seq))
+            self.outcomes.process_ended(ending, info, conn.address, stopping=stopping)
 
     def revive(self, connections: list["Connection"], stopping: bool) -> Optional[str]:
         """Start the worker again if it died; returns why the executor must break instead, or None."""
@@ -188,3 +198,28 @@ class Embedded:
         # After the worker: its task processes, which end when this closes, are not replaced.
         if self.lanes is not None:
             self.lanes.close()
+
+
+class NoLocalWorker:
+    """The engine's local side when every worker is remote: the same calls as ``Embedded``, doing nothing."""
+
+    def open(self, fleet: "Fleet", settings: "Settings") -> None:
+        pass
+
+    def start_caller_path(self, caller: "CallerPath", io_selector: Any) -> None:
+        pass  # the caller path stays closed: the I/O thread sends and reads every task
+
+    def check_interval(self, heartbeat: float) -> float:
+        return heartbeat
+
+    def process_exited(self, conn: "Connection", info: dict[str, Any], *, stopping: bool) -> None:
+        raise proto.ProtocolError("EXITED from a worker that is not embedded")
+
+    def revive(self, connections: list["Connection"], stopping: bool) -> Optional[str]:
+        return None
+
+    def loads(self) -> list[Load]:
+        return []
+
+    def close(self) -> None:
+        pass

@@ -33,6 +33,10 @@ class Task:
         self.started = False  # set_running_or_notify_cancel() has been called
         self.lost_on: list[str] = []
 
+    def apply(self, engine: Any) -> None:
+        """Taken in by the I/O thread, like the other submissions (_handle's requests): queued."""
+        engine.scheduler.add(self)
+
 
 _task_ids = itertools.count(1)
 
