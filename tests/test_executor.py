@@ -32,6 +32,7 @@ from zmqexecutor import (
     RemoteError,
     RemoteTraceback,
     TaskCrashedError,
+    WorkerInfo,
     ZMQExecutor,
 )
 
@@ -1152,3 +1153,17 @@ def test_the_embedded_default_counts_cpus_as_a_worker_does(tmp_path) -> None:
     with ZMQExecutor() as executor:
         assert executor.submit(abs, -1).result(timeout=30) == 1
         assert executor.workers()[0].slots == processes
+
+
+def test_workers_can_be_read_in_a_done_callback_and_after_shutdown() -> None:
+    seen: list[tuple[WorkerInfo, ...]] = []
+    with ZMQExecutor(max_workers=1) as executor:
+        futures = [executor.submit(abs, -i) for i in range(5)]
+        for future in futures:  # whichever thread runs it: the I/O thread, a reader, or this one
+            future.add_done_callback(lambda _: seen.append(executor.workers()))
+        assert [f.result(timeout=30) for f in futures] == [0, 1, 2, 3, 4]
+        assert wait_until(lambda: len(seen) == 5)
+        assert executor.workers()[0].completed == 5
+    assert all(infos[0].state == "ready" for infos in seen)
+    [after] = executor.workers()  # what the I/O thread published as it stopped
+    assert (after.completed, after.in_flight) == (5, 0)

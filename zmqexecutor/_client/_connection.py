@@ -71,6 +71,11 @@ class WorkerInfo(NamedTuple):
     error: Optional[str]
 
 
+def connecting(address: str) -> WorkerInfo:
+    """A worker endpoint not connected yet, as ``workers()`` shows it."""
+    return WorkerInfo(address, "connecting", 0, 0, 0, 0, None, None, None, None)
+
+
 class Connection:
     """A worker as the client sees it, however it is reached: handshake state, load and heartbeats."""
 

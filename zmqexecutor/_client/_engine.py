@@ -56,12 +56,14 @@ Threads and locks (the client process)
 Threads, and what each may touch:
 
 * **User threads** (submit, map, result, shutdown, callbacks): ``Handle`` (_handle: its ``submissions`` deque and
-  flags under ``Handle.lock``; ``addresses`` is appended to there too), their futures (each future's
-  condition), the executor's ``CallEncoder`` and ``_tracebacks``' record of sent code (dicts read and
+  flags under ``Handle.lock``; ``addresses``, a tuple replaced whole under it by either thread, read
+  without it), their futures (each future's condition), the executor's ``CallEncoder`` and ``_tracebacks``' record of sent code (dicts read and
   written without a lock: under the GIL a race costs one more pickling, never a wrong one), and, on the
   embedded worker's caller path (_caller), the scheduler, the lanes and the loop steps
   ``dispatch_tasks``, ``Embedded.receive`` and ``break_executor``, only while holding ``Engine.lock``.
   ``may_read``/``send`` read the scheduler's counts without it, as hints that are checked again with it.
+  Nothing else of the I/O thread's: ``workers()`` is a request the I/O thread answers with a snapshot
+  (``workers_snapshot``), or, once it has stopped, the last one it published.
 * **The I/O thread** (``Engine``): every ZeroMQ socket, the selector, the fleet and its connections, the
   scheduler, the lanes; it resolves futures. It holds ``Engine.lock`` except while it waits for input.
 * **libzmq's I/O thread** (one context per executor), pyzmq's ZAP authenticator thread when listening
@@ -97,7 +99,7 @@ from .._wire import _protocol as proto
 from .._wire._errors import BrokenWorkerPool
 from .._wire._protocol import Kind
 from ._caller import CallerPath
-from ._connection import Connection
+from ._connection import Connection, WorkerInfo, connecting
 from ._dialin import DialInPort
 from ._fleet import Fleet
 from ._local import Embedded, LocalWorker, NoLocalWorker
@@ -122,6 +124,7 @@ class HandleView(Protocol):
     """What the engine uses of its executor's handle (_handle.Handle)."""
 
     lock: Any
+    addresses: tuple[str, ...]  # the bound endpoints, in the user's order
     submissions: "collections.deque[Union[Task, Request]]"
     wakeup: Any
     broken: Optional[BaseException]
@@ -133,6 +136,10 @@ class HandleView(Protocol):
 
     def workers_changed(self) -> None: ...
 
+    def endpoints_removed(self, removed: list[str]) -> None: ...
+
+    def engine_finished(self, workers: tuple[WorkerInfo, ...]) -> None: ...
+
 
 class Engine(threading.Thread):
     """The I/O thread of one executor."""
@@ -141,7 +148,6 @@ class Engine(threading.Thread):
                  local_worker: Optional[LocalWorker]) -> None:
         super().__init__(name="zmqexecutor-io", daemon=True)
         self.handle = handle
-        self.addresses = addresses
         self.settings = settings
         self.scheduler = Scheduler(max_retries=settings.max_retries, max_in_flight=settings.max_in_flight)
         self.outcomes = Outcomes(self.scheduler, settings, local=local_worker is not None,
@@ -184,8 +190,8 @@ class Engine(threading.Thread):
                 self.read_connection_events()
                 self.take_submissions()
                 self.dispatch_tasks()
-                if self.fleet.removing and self.fleet.retire_removed(self.scheduler):
-                    self.handle.workers_changed()
+                if self.fleet.removing:
+                    self.retire_removed()
                 self.tick()
                 self.expire_waiting_tasks()
                 if self.is_finished():
@@ -194,6 +200,7 @@ class Engine(threading.Thread):
             logger.exception("the zmqexecutor I/O thread failed")
             self.break_executor(BrokenWorkerPool(f"the executor's I/O thread failed: {exc!r}"))
         finally:
+            self.handle.engine_finished(self.workers_snapshot())
             self.caller.stop()
             self.lock.release()
             self.close()
@@ -327,15 +334,28 @@ class Engine(threading.Thread):
         if problem is not None:
             self.break_executor(BrokenWorkerPool(problem))
 
+    def retire_removed(self) -> None:
+        removed = self.fleet.retire_removed(self.scheduler)
+        if removed:
+            self.handle.endpoints_removed(removed)
+            self.handle.workers_changed()
+
     def expire_waiting_tasks(self) -> None:
         if self.scheduler.backlog and not self.scheduler.has_ready_worker():
             port = self.fleet.port
-            self.outcomes.expire(self.connections, self.addresses, listening=None if port is None else port.address)
+            self.outcomes.expire(self.connections, self.fleet.addresses,
+                                 listening=None if port is None else port.address)
 
     def is_finished(self) -> bool:
         if self.handle.broken is not None:
             return True
         return self.shutting_down and not self.scheduler.backlog and self.scheduler.in_flight == 0
+
+    def workers_snapshot(self) -> tuple[WorkerInfo, ...]:
+        """What ``workers()`` shows: the endpoints in the user's order, then the workers that dialled in."""
+        seen = {info.endpoint: info for info in (conn.snapshot() for conn in self.connections)}
+        bound = [seen.pop(address) if address in seen else connecting(address) for address in self.handle.addresses]
+        return tuple(bound + list(seen.values()))
 
     # Failure and closing ----------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import selectors
 import uuid
-from typing import TYPE_CHECKING, Any, Optional, Protocol, Union
+from typing import TYPE_CHECKING, Any, Optional, Protocol, Sequence, Union
 
 import zmq
 
@@ -41,9 +41,9 @@ class Source(Protocol):
 class Fleet:
     """Every worker connection of one executor, and the sockets the I/O thread watches for them."""
 
-    def __init__(self, addresses: list[str], settings: "Settings", context: zmq.Context[Any],
+    def __init__(self, addresses: Sequence[str], settings: "Settings", context: zmq.Context[Any],
                  selector: selectors.BaseSelector, *, local: bool) -> None:
-        self.addresses = addresses  # the executor's list: it adds to it, for endpoints to show at once
+        self.addresses = list(addresses)  # the bound endpoints, as this thread knows them
         self.settings = settings
         self.context = context
         self.selector = selector
@@ -113,7 +113,8 @@ class Fleet:
     # Comings and goings ---------------------------------------------------------------------------
 
     def change(self, add: list[str], remove: list[str], keys: Optional[ClientKeys]) -> None:
-        for address in add:  # in self.addresses already: the caller put them there
+        for address in add:
+            self.addresses.append(address)
             self.connect(address, keys)
         for conn in self.connections:
             if isinstance(conn, WorkerConnection) and conn.address in remove:
@@ -122,9 +123,9 @@ class Fleet:
                 conn.load.draining = True
                 self.removing.add(conn)
 
-    def retire_removed(self, scheduler: Scheduler) -> bool:
-        """Close the removed connections that have nothing in flight anymore; True if any."""
-        retired = False
+    def retire_removed(self, scheduler: Scheduler) -> list[str]:
+        """Close the removed connections that have nothing in flight anymore; their addresses."""
+        retired = []
         for conn in list(self.removing):
             if conn.load.inflight:
                 continue
@@ -137,7 +138,7 @@ class Fleet:
                 found.discard(conn)
             self.connections.remove(conn)
             self.addresses.remove(conn.address)
-            retired = True
+            retired.append(conn.address)
         return retired
 
     def joined(self, port: DialInPort, routing_id: bytes, frames: list[Any]) -> Optional[DialledConnection]:

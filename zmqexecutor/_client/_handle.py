@@ -22,7 +22,7 @@ from .._wire._errors import WorkerLostError
 from .._wire._protocol import Kind
 from .._wire._security import ClientKeys
 from ._caller import SafeCondition
-from ._connection import WorkerInfo
+from ._connection import WorkerInfo, connecting
 from ._engine import Engine, Request, live_engines
 from ._local import LocalWorker
 from ._outcomes import copy_error, fail
@@ -132,6 +132,20 @@ class StopTaskRequest:
 
 
 
+class SnapshotRequest:
+    """``workers()``: taken by the I/O thread, which owns every connection, and handed back."""
+
+    __slots__ = ("taken", "workers")
+
+    def __init__(self) -> None:
+        self.taken = threading.Event()
+        self.workers: tuple[WorkerInfo, ...] = ()
+
+    def apply(self, engine: Engine) -> None:
+        self.workers = engine.workers_snapshot()
+        self.taken.set()
+
+
 class Handle:
     """All the executor sees of its engine: push a task, shut down, stop workers, change endpoints,
     wait for workers, snapshot, broken."""
@@ -147,9 +161,14 @@ class Handle:
         self.forked_from: Optional[int] = None  # in a forked child: the pid that owns the I/O thread
         wakeup = self.wakeup
         self.executor_ref: Callable[[], Any] = weakref.ref(executor, lambda _: wakeup.wake())
-        self.addresses = addresses
+        # Replaced whole (under the lock), never changed in place: user threads read it without a lock.
+        self.addresses: tuple[str, ...] = tuple(addresses)
         self.local_worker = local_worker
         self.changed = SafeCondition()  # notified when a worker becomes ready or is lost
+        self.generation = 0  # how often it was notified, for a waiter to see that it missed one
+        # Until the I/O thread serves snapshot requests (and after it stopped): what workers() shows.
+        self.serving = True
+        self.published = tuple(connecting(address) for address in addresses)
         self.engine = Engine(self, addresses, settings, local_worker)
         live_engines.add(self.engine)
         self.engine.start()
@@ -165,23 +184,39 @@ class Handle:
 
     def workers_changed(self) -> None:
         with self.changed:
+            self.generation += 1
             self.changed.notify_all()
+
+    def endpoints_removed(self, removed: list[str]) -> None:
+        """Called by the I/O thread once removed endpoints have closed."""
+        with self.lock:
+            self.addresses = tuple(address for address in self.addresses if address not in removed)
+
+    def engine_finished(self, workers: tuple[WorkerInfo, ...]) -> None:
+        """Called by the I/O thread as it stops serving: ``workers`` is what workers() shows from now on."""
+        with self.lock:
+            self.published = workers
+            self.serving = False
 
     def wait_for_workers(self, n: int, timeout: Optional[float]) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self.changed:
-            while True:
-                ready = sum(info.state == "ready" for info in self.snapshot())
-                if ready >= n:
-                    return
-                self.check_open()
-                if self.engine.opened.is_set() and not self.engine.is_alive():
-                    raise RuntimeError("the executor has stopped")
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"{ready} of {n} workers ready after {timeout:g} s")
-                # Bounded, to look at shutdown and breakage now and then.
-                self.changed.wait(0.5 if remaining is None else min(remaining, 0.5))
+        while True:
+            with self.changed:
+                generation = self.generation
+            # Not while holding the condition: the I/O thread takes the snapshot and may notify.
+            ready = sum(info.state == "ready" for info in self.snapshot())
+            if ready >= n:
+                return
+            self.check_open()
+            if self.engine.opened.is_set() and not self.engine.is_alive():
+                raise RuntimeError("the executor has stopped")
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(f"{ready} of {n} workers ready after {timeout:g} s")
+            with self.changed:
+                if self.generation == generation:
+                    # Bounded, to look at shutdown and breakage now and then.
+                    self.changed.wait(0.5 if remaining is None else min(remaining, 0.5))
 
     def check_open(self) -> None:
         if self.forked_from is not None:
@@ -228,7 +263,7 @@ class Handle:
     def change_endpoints(self, add: list[str], remove: list[str], keys: Optional[ClientKeys]) -> None:
         with self.lock:
             self.check_open()
-            self.addresses.extend(add)  # so that endpoints and workers() show them at once
+            self.addresses += tuple(add)  # so that endpoints shows them at once
             self.submissions.append(ChangeEndpointsRequest(add, remove, keys))
         self.wakeup.wake()
 
@@ -239,12 +274,23 @@ class Handle:
         self.wakeup.wake()
 
     def snapshot(self) -> tuple[WorkerInfo, ...]:
-        # Taken from the I/O thread's live objects; each field is read atomically, which is all a
-        # snapshot for display needs. Until the thread has opened its sockets, all are connecting.
-        seen = {info.endpoint: info for info in (conn.snapshot() for conn in list(self.engine.connections))}
-        bound = [seen.pop(address) if address in seen else
-                 WorkerInfo(address, "connecting", 0, 0, 0, 0, None, None, None, None) for address in self.addresses]
-        return tuple(bound + list(seen.values()))  # and those that dialled in
+        """Taken by the I/O thread, which owns the connections (a request like the others); by this
+        thread itself if it is the I/O thread or holds its lock (a callback run there)."""
+        engine = self.engine
+        if engine is threading.current_thread() or engine.caller.reading_here():
+            return engine.workers_snapshot()
+        request = SnapshotRequest()
+        with self.lock:
+            if not self.serving or self.forked_from is not None:
+                return self.published
+            self.submissions.append(request)
+        self.wakeup.wake()
+        while not request.taken.wait(0.05):
+            alive = engine.is_alive()
+            with self.lock:
+                if not self.serving or not alive:  # it stopped before taking the request
+                    return self.published
+        return request.workers
 
 
 # Interpreter exit: like the stdlib executors, finish submitted work before the interpreter goes away.

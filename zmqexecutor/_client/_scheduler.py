@@ -87,7 +87,6 @@ class Scheduler:
         self.turns: collections.deque[Load] = collections.deque()
         self.ready_count = 0
         self.attached: dict[Load, None] = {}  # the workers that may hold tasks in flight, in order
-        self.in_flight = 0
         # No task in the backlog has waited since before this (None: the backlog is empty).
         self.waiting_since: Optional[float] = None
 
@@ -116,12 +115,10 @@ class Scheduler:
         for load in self.turns:
             load.in_turn = False
         self.turns.clear()
-        self.in_flight = 0
         return tasks
 
     def take_inflight(self, load: Load) -> list[Task]:
         tasks, load.inflight = list(load.inflight.values()), {}
-        self.in_flight -= len(tasks)
         return tasks
 
     # Workers ------------------------------------------------------------------------------------------
@@ -170,6 +167,13 @@ class Scheduler:
             load.in_turn = True
             self.turns.append(load)
 
+    @property
+    def in_flight(self) -> int:
+        """Tasks sent and not answered yet: what the attached workers' loads hold (only an attached
+        worker holds tasks: one detached gives them back)."""
+        # list(): a caller's thread reads this as a hint without the engine's lock (_caller).
+        return sum(len(load.inflight) for load in list(self.attached))
+
     def has_ready_worker(self) -> bool:
         return self.ready_count > 0
 
@@ -180,8 +184,8 @@ class Scheduler:
         turn it was (to be failed). Cancelled tasks are dropped."""
         batches: list[tuple[Load, list[Task]]] = []
         too_large: list[tuple[Task, Load]] = []
+        room = None if self.max_in_flight is None else self.max_in_flight - self.in_flight
         while self.backlog and self.turns:
-            room = None if self.max_in_flight is None else self.max_in_flight - self.in_flight
             if room is not None and room <= 0:
                 break
             load = self.turns.popleft()
@@ -198,7 +202,8 @@ class Scheduler:
                     load.busy_since = now
                 for task in batch:
                     load.inflight[task.ident] = task
-                self.in_flight += len(batch)
+                if room is not None:
+                    room -= len(batch)
                 if load.quota is not None:
                     load.quota -= len(batch)
                 batches.append((load, batch))
@@ -228,15 +233,12 @@ class Scheduler:
 
     def unsent(self, load: Load, batch: Iterable[Task]) -> None:
         """A batch could not be sent (the worker disconnected since its last message): back it goes."""
-        tasks = [task for task in batch if load.inflight.pop(task.ident, None) is not None]
-        self.in_flight -= len(tasks)
-        self.requeue(tasks)
+        self.requeue([task for task in batch if load.inflight.pop(task.ident, None) is not None])
 
     def returned(self, load: Load, ident: int) -> None:
         """A draining worker gave task ``ident`` back unstarted: first in line again, no retry counted."""
         task = load.inflight.pop(ident, None)
         if task is not None:
-            self.in_flight -= 1
             self.requeue([task])
 
     def requeue(self, tasks: list[Task]) -> None:
@@ -266,7 +268,6 @@ class Scheduler:
         task = load.inflight.pop(ident, None)
         if task is None:
             return None
-        self.in_flight -= 1
         load.completed += 1
         if saturated:
             # With every slot busy since the last reply, slots x gap is one task's duration; replies
