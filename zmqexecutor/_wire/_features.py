@@ -27,8 +27,6 @@ FORK_EARLY          the first task processes forked before threads   spawned
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import select
 import socket
@@ -74,6 +72,8 @@ def peer_uid(sock: socket.socket) -> Optional[int]:
         return int(struct.unpack("3i", creds)[1])
     if _getpeereid is None:
         return None
+    import ctypes  # only where SO_PEERCRED is missing (macOS, the BSDs)
+
     uid, gid = ctypes.c_uint32(), ctypes.c_uint32()
     if _getpeereid(sock.fileno(), ctypes.byref(uid), ctypes.byref(gid)) != 0:
         return None
@@ -81,6 +81,9 @@ def peer_uid(sock: socket.socket) -> Optional[int]:
 
 
 def _find_getpeereid() -> Any:
+    import ctypes
+    import ctypes.util
+
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
         return libc.getpeereid
