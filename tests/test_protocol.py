@@ -406,3 +406,17 @@ def test_a_lone_task_is_a_task_of_its_own_kind_for_a_task_process() -> None:
     frames = proto.encode_messages([lone])
     header = proto.decode_header(frames[0])
     assert (header.kind, header.ident) == (proto.Kind.LONE_TASK, 7)
+
+
+def test_bare_messages_status_replies_and_rejections_round_trip() -> None:
+    [frame] = proto.encode_bare(Kind.TERMINATE, 9)
+    assert proto.decode_header(frame) == proto.Header(Kind.TERMINATE, 9)
+    with pytest.raises(ValueError, match="RESULT is not a message of its header alone"):
+        proto.encode_bare(Kind.RESULT)
+    status = {"slots": 4, "busy": 1}
+    assert proto.decode_status_reply(proto.encode_status_reply(status)) == status
+    with pytest.raises(ProtocolError, match="not a status reply"):
+        proto.decode_status_reply([proto.encode_header(Kind.PONG), proto.encode_json(status)])
+    rejected = proto.encode_rejected(3, "no session")
+    assert proto.decode_header(rejected[0]).kind == Kind.REJECTED
+    assert proto.decode_reason(rejected[1:]) == "no session"

@@ -388,7 +388,7 @@ def test_a_worker_whose_authenticator_lets_strangers_in_refuses_to_start(keys, t
     # Fault injection: an allow list that admits any key (as a broken or missing ZAP handler would).
     # The worker's start-up self-check, a connection with a throwaway key, must catch it.
     (tmp_path / "sitecustomize.py").write_text(
-        "import zmqexecutor._wire._security as s\n"
+        "import zmqexecutor._wire._curve as s\n"
         "s._AllowList.callback = lambda self, domain, key: True\n")
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
@@ -403,7 +403,8 @@ def test_a_worker_whose_authenticator_lets_strangers_in_refuses_to_start(keys, t
 def test_keys_sent_on_stdin_are_checked_before_use() -> None:
     import zmq
 
-    from zmqexecutor._wire._security import DialKeys, keys_from_line, keys_line
+    from zmqexecutor._wire._curve import DialKeys
+    from zmqexecutor._wire._security import keys_from_line, keys_line
 
     public, secret = zmq.curve_keypair()
     client, _ = zmq.curve_keypair()

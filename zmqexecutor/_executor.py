@@ -32,7 +32,8 @@ from ._client._handle import Handle
 from ._client._local import LocalWorker
 from ._client._scheduler import Task, next_task_id
 from ._client._settings import Settings
-from ._wire import _features, _security
+from ._wire import _features
+from ._wire._curve import ClientKeys
 from ._wire import _protocol as proto
 from ._wire._endpoints import is_loopback, parse
 from ._wire._errors import MessageTooLargeError, SecurityError
@@ -48,7 +49,7 @@ DEFAULT_CONNECT_TIMEOUT = 60.0
 
 #: How long, by default, a connected worker may stay silent before it counts as lost. Heartbeats are
 #: answered by the worker's supervisor, which runs no user code, so a long task never looks like silence.
-DEFAULT_WORKER_TIMEOUT = 5.0
+DEFAULT_WORKER_TIMEOUT = proto.DEFAULT_SILENCE_TIMEOUT
 
 #: How many times, by default, a task lost with its worker is sent to another one.
 DEFAULT_MAX_RETRIES = 2
@@ -64,7 +65,7 @@ def _refuse_plain_text_to_other_hosts(addresses: list[str]) -> None:
             raise SecurityError(
                 f"refusing to send tasks to {address} in plain text: anyone on the path could read them "
                 "or answer with a result that runs code here. Pass keys=FOLDER (made by 'zmqexecutor "
-                f"keygen'), set ${_security.KEYS_ENV}, or pass insecure=True on a network you trust entirely"
+                "keygen'), set $ZMQEXECUTOR_KEYS, or pass insecure=True on a network you trust entirely"
             )
 
 
@@ -255,6 +256,8 @@ class ZMQExecutor(Executor):
         self._security_args = (keys, worker_keys, insecure)  # for these endpoints and those added later
         listen_keys = None
         if listen is not None:
+            from ._wire import _security  # key files are read only where keys are used
+
             listen_keys = _security.listen_keys(keys, worker_keys, listen, insecure=insecure)
         if not remote and (keys is not None or worker_keys):
             raise ValueError("keys apply to remote endpoints; the embedded local workers are private already")
@@ -323,9 +326,11 @@ class ZMQExecutor(Executor):
             raise ValueError(f"already an endpoint of this executor: {', '.join(known)}")
         self._handle.change_endpoints(addresses, [], self._keys_for(addresses))
 
-    def _keys_for(self, addresses: list[str]) -> Optional[_security.ClientKeys]:
+    def _keys_for(self, addresses: list[str]) -> Optional[ClientKeys]:
         """The keys for these endpoints; refuses plain text to another host unless ``insecure``."""
         keys, worker_keys, insecure = self._security_args
+        from ._wire import _security  # key files are read only where keys are used
+
         client_keys = _security.client_keys(keys, worker_keys, addresses, insecure=insecure)
         if client_keys is None and not insecure:
             _refuse_plain_text_to_other_hosts(addresses)

@@ -19,7 +19,7 @@ from .._wire._endpoints import probe
 from .._wire._errors import SecurityError, VersionMismatchError
 from .._wire._protocol import Kind
 from .._wire._sockets import DRAIN_LIMIT, drain
-from .._wire._security import (
+from .._wire._curve import (
     HANDSHAKE_FAILURE_EVENTS,
     HANDSHAKE_FAILURES,
     ClientKeys,
@@ -205,7 +205,7 @@ class Connection:
         if self.state == self.READY:
             if self.awaiting_since is not None and now - self.awaiting_since > worker_timeout:
                 return f"no answer for {worker_timeout:g} s"
-            if self.send([proto.encode_header(Kind.PING)]) and self.awaiting_since is None:
+            if self.send(proto.encode_bare(Kind.PING)) and self.awaiting_since is None:
                 self.awaiting_since = now
         else:
             self.say_hello_again()
@@ -227,7 +227,7 @@ class Connection:
 
     def close(self) -> None:
         if self.ready:
-            self.send([proto.encode_header(Kind.BYE)])
+            self.send(proto.encode_bare(Kind.BYE))
 
 
 class WorkerConnection(Connection):

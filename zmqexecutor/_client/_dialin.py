@@ -20,7 +20,7 @@ import zmq
 
 from .._wire import _protocol as proto
 from .._wire._protocol import Kind
-from .._wire._security import Guard, ListenKeys
+from .._wire._curve import Guard, ListenKeys
 from .._wire._sockets import DRAIN_LIMIT, drain, listening_router, monitor_events
 from ._connection import Connection, Inbox
 
@@ -125,7 +125,7 @@ class DialledConnection(Connection):
 
     def still_there(self) -> bool:
         """Ping it now (a connection closed somewhere); False when it is gone."""
-        return self.send([proto.encode_header(Kind.PING)]) or not self.gone
+        return self.send(proto.encode_bare(Kind.PING)) or not self.gone
 
     def beat(self, now: float, worker_timeout: float) -> Optional[str]:
         why = super().beat(now, worker_timeout)

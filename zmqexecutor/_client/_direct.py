@@ -158,7 +158,7 @@ class DirectLanes:
             return False
         if lane.load.quota == 0 and not lane.stopped:  # max_tasks_per_child: these are its last
             lane.stopped = True
-            lane.peer.send([proto.encode_header(Kind.STOP)])
+            lane.peer.send(proto.encode_bare(Kind.STOP))
         return True
 
     def in_flight(self) -> int:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Optional, Protocol, Sequence, Union
 
 import zmq
 
-from .._wire._security import ClientKeys
+from .._wire._curve import ClientKeys
 from .._wire._sockets import fileno, readable
 from ._connection import Connection, Inbox, WorkerConnection
 from ._dialin import DialInPort, DialledConnection

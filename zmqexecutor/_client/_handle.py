@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Union
 from .._wire import _protocol as proto
 from .._wire._errors import WorkerLostError
 from .._wire._protocol import Kind
-from .._wire._security import ClientKeys
+from .._wire._curve import ClientKeys
 from ._caller import SafeCondition
 from ._connection import WorkerInfo, connecting
 from ._engine import Engine, Request, live_engines
@@ -100,7 +100,7 @@ class StopWorkersRequest:
         engine.stopping_workers = True
         for task in engine.scheduler.take_backlog():
             fail(task, WorkerLostError("the task was waiting for a retry when the workers were stopped"))
-        engine.fleet.tell_ready([proto.encode_header(Kind.TERMINATE, self.signum)])
+        engine.fleet.tell_ready(proto.encode_bare(Kind.TERMINATE, self.signum))
 
 
 class ChangeEndpointsRequest:

@@ -9,7 +9,7 @@ import socket
 from typing import Optional
 
 from .._wire import _protocol as proto
-from .._wire._security import ClientKeys, ListenKeys
+from .._wire._curve import ClientKeys, ListenKeys
 
 # Heartbeats sent per worker_timeout: enough that a few lost or late ones never look like a dead worker.
 HEARTBEATS_PER_TIMEOUT = 4

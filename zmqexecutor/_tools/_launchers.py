@@ -29,8 +29,8 @@ from typing import IO, Any, Optional, Sequence, Union
 
 from .._wire._endpoints import parse
 from .._wire._errors import LaunchError
+from .._wire._curve import DialKeys
 from .._wire._security import (
-    DialKeys,
     keygen,
     keys_line,
     load_key_pair,

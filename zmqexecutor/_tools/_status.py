@@ -12,7 +12,7 @@ import zmq
 
 from .._wire import _protocol as proto
 from .._wire._protocol import Kind
-from .._wire._security import (
+from .._wire._curve import (
     HANDSHAKE_FAILURE_EVENTS,
     HANDSHAKE_FAILURES,
     ClientKeys,
@@ -44,7 +44,7 @@ def query(endpoint: str, keys: Optional[ClientKeys], timeout: float, *, drain: b
         while time.monotonic() < deadline:
             if not sent:
                 try:
-                    sock.send(proto.encode_header(Kind.DRAIN if drain else Kind.STATUS), zmq.NOBLOCK)
+                    sock.send_multipart(proto.encode_bare(Kind.DRAIN if drain else Kind.STATUS), zmq.NOBLOCK)
                     sent, started = True, time.monotonic()
                 except zmq.Again:
                     pass  # not connected yet
@@ -54,10 +54,7 @@ def query(endpoint: str, keys: Optional[ClientKeys], timeout: float, *, drain: b
             if sock in events:
                 frames = sock.recv_multipart()
                 try:
-                    proto.expect_frames(frames, 2, 2)
-                    if proto.decode_header(frames[0]).kind != Kind.STATUS_REPLY:
-                        raise proto.ProtocolError("not a status reply")
-                    return proto.decode_json(frames[1]), time.monotonic() - started, ""
+                    return proto.decode_status_reply(frames), time.monotonic() - started, ""
                 except proto.ProtocolError as exc:
                     return None, 0.0, f"malformed answer: {exc}"
         return None, 0.0, problem

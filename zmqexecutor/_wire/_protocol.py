@@ -131,6 +131,10 @@ HEADER_SIZE = _HEADER.size
 # small enough that a mistake (or a hostile peer) cannot make a process allocate without bound.
 DEFAULT_MAX_MESSAGE_SIZE = 1 << 30
 
+# How long a peer may stay silent before it counts as gone, unless configured otherwise: the client's
+# worker_timeout, which its HELLO tells the worker (whose session for it expires a few of these later).
+DEFAULT_SILENCE_TIMEOUT = 5.0
+
 # JSON frames (handshakes, error metadata) are small by construction; anything bigger is hostile.
 MAX_JSON_BYTES = 1 << 20
 
@@ -227,6 +231,36 @@ def decode_json(frame: Frame) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ProtocolError("JSON frame is not an object")
     return obj
+
+
+# --- messages that are their header alone, and the status ----------------------------------------------
+
+# PING PONG BYE STATUS DRAIN DRAINING (id 0), TERMINATE (id: the signal), STOP (to a task process).
+BARE_KINDS = frozenset({Kind.PING, Kind.PONG, Kind.BYE, Kind.STATUS, Kind.DRAIN, Kind.DRAINING, Kind.TERMINATE,
+                        Kind.STOP})
+
+
+def encode_bare(kind: Kind, ident: int = 0) -> list[bytes]:
+    """A message that is its header alone; read back with ``decode_header``."""
+    if kind not in BARE_KINDS:
+        raise ValueError(f"{kind.name} is not a message of its header alone")
+    return [encode_header(kind, ident)]
+
+
+def encode_status_reply(status: dict[str, Any]) -> list[bytes]:
+    return [encode_header(Kind.STATUS_REPLY), encode_json(status)]
+
+
+def decode_status_reply(frames: Sequence[Frame]) -> dict[str, Any]:
+    expect_frames(frames, 2, 2)
+    if decode_header(frames[0]).kind != Kind.STATUS_REPLY:
+        raise ProtocolError("not a status reply")
+    return decode_json(frames[1])
+
+
+def encode_rejected(ident: int, reason: str) -> list[bytes]:
+    """REJECTED: the worker has no session for the client (``ident``: the task that found none, or 0)."""
+    return [encode_header(Kind.REJECTED, ident), *encode_reason(reason)]
 
 
 # --- versions and the handshake -------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any, Optional
 import zmq
 
 from .._wire import _protocol as proto
-from .._wire._security import HANDSHAKE_FAILURE_EVENTS, DialKeys, Guard
+from .._wire._curve import HANDSHAKE_FAILURE_EVENTS, DialKeys, Guard
 from .._wire._sockets import (
     drain,
     listening_router,

@@ -69,7 +69,7 @@ class Router:
         if header.kind in (Kind.STATUS, Kind.DRAIN):
             if header.kind == Kind.DRAIN:
                 self.on_drain()
-            self.send(client, [proto.encode_header(Kind.STATUS_REPLY), proto.encode_json(self.status())])
+            self.send(client, proto.encode_status_reply(self.status()))
             return
         if header.version != proto.PROTOCOL_VERSION:
             raise proto.ProtocolError(f"protocol version {header.version}, expected {proto.PROTOCOL_VERSION}")
@@ -80,8 +80,7 @@ class Router:
         if session is None:
             if header.kind != Kind.BYE:
                 reason = "this worker has no session for the client (it restarted, or the session expired)"
-                self.send(client, [proto.encode_header(Kind.REJECTED, tasks[0].ident),
-                                             *proto.encode_reason(reason)])
+                self.send(client, proto.encode_rejected(tasks[0].ident, reason))
             return
         session.last_seen = time.monotonic()
         if header.kind in (Kind.TASK, Kind.BATCH):
@@ -100,7 +99,7 @@ class Router:
                 return
             self.queue.extend(Queued(client, task.ident, task.frames) for task in tasks)
         elif header.kind == Kind.PING:
-            self.send(client, [proto.encode_header(Kind.PONG)])
+            self.send(client, proto.encode_bare(Kind.PONG))
         elif header.kind == Kind.TERMINATE:
             self.terminate_tasks_of(client, header.ident)
         elif header.kind == Kind.CANCEL:
@@ -121,7 +120,7 @@ class Router:
             logger.warning("refused client %r: %s", client, proto.decode_json(welcome[1]).get("reason"))
         self.send(client, welcome)
         if info is not None and self.draining:
-            self.send(client, [proto.encode_header(Kind.DRAINING)])
+            self.send(client, proto.encode_bare(Kind.DRAINING))
 
     def forget_session(self, client: bytes, why: str) -> None:
         if not self.sessions.close(client):

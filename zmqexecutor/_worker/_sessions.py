@@ -8,11 +8,12 @@ from __future__ import annotations
 import time
 from typing import Any, Iterator, Optional
 
+from .._wire._protocol import DEFAULT_SILENCE_TIMEOUT
+
 # A session is dropped when its client has been silent for this many of the client's own timeouts
 # (the client sends heartbeats several times per timeout). Dropping a live client's session costs it
 # a new handshake and retries, so this errs on the long side.
 SESSION_TIMEOUT_FACTOR = 3
-DEFAULT_CLIENT_TIMEOUT = 5.0
 
 
 class Session:
@@ -22,7 +23,7 @@ class Session:
         self.client = client
         self.init_blob = init_blob
         self.max_tasks_per_child: Optional[int] = info.get("max_tasks_per_child")
-        self.expiry = SESSION_TIMEOUT_FACTOR * float(info.get("timeout") or DEFAULT_CLIENT_TIMEOUT)
+        self.expiry = SESSION_TIMEOUT_FACTOR * float(info.get("timeout") or DEFAULT_SILENCE_TIMEOUT)
         self.last_seen = time.monotonic()
         limit = info.get("max_message_size")
         self.max_message_size: Optional[int] = limit if isinstance(limit, int) and limit > 0 else None

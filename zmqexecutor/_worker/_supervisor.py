@@ -74,7 +74,8 @@ from .._wire import _features
 from .._wire import _protocol as proto
 from .._wire._errors import SecurityError
 from .._wire._protocol import Kind
-from .._wire._security import DialKeys, Guard, worker_guard
+from .._wire._curve import DialKeys, Guard
+from .._wire._security import worker_guard
 from ._cpus import available_cpus
 from ._front import BoundFront, DialFront, join_info
 from ._router import GiveUp, Router
@@ -305,7 +306,7 @@ class Supervisor:
         if self.drain_deadline is None:
             self.drain_deadline = time.monotonic() + self.drain_timeout
             self.router.draining = True
-            self.router.tell_all([proto.encode_header(Kind.DRAINING)])
+            self.router.tell_all(proto.encode_bare(Kind.DRAINING))
             logger.info("draining: %d task(s) running; no more are taken", self.router.busy())
         # Also what a crashed task process had not started yet, put back here by reap_processes.
         self.router.give_back_queue()
@@ -319,7 +320,7 @@ class Supervisor:
         router = self.router
         if not router.draining:  # so that no client sends more meanwhile
             router.draining = True
-            router.tell_all([proto.encode_header(Kind.DRAINING)])
+            router.tell_all(proto.encode_bare(Kind.DRAINING))
         router.receive_from_processes()
         router.give_back_queue()
         if self.drain_deadline is not None and time.monotonic() >= self.drain_deadline:

@@ -176,7 +176,7 @@ class TaskProcessPool:
 
     def retire(self, proc: TaskProcess) -> None:
         """Stop ``proc`` once the tasks it has are done; a replacement starts now."""
-        if not self.send(proc, [proto.encode_header(Kind.STOP)]):
+        if not self.send(proc, proto.encode_bare(Kind.STOP)):
             _signal(proc, signal.SIGTERM)
         proc.retiring = True
         if not self.draining:
