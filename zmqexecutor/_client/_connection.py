@@ -106,6 +106,10 @@ class Connection:
     def send(self, frames: list[Any]) -> bool:
         raise NotImplementedError
 
+    def heard_from(self) -> None:
+        """The worker sent something: it is alive, whatever heartbeat it still owes."""
+        self.awaiting_since = None
+
     def cancel(self, task: Task, position: int) -> None:
         """Have the worker stop ``task`` (dropped if queued there, its process killed if it runs)."""
         self.send(proto.encode_cancel(task.ident))
@@ -270,8 +274,6 @@ class WorkerConnection(Connection):
     def take_input(self, inbox: "Inbox") -> bool:
         """Hand what the worker sent to ``inbox``; True if more may be left unread."""
         messages = drain(self.socket)
-        if messages:
-            self.awaiting_since = None
         for frames in messages:
             try:
                 inbox.handle_message(self, frames)

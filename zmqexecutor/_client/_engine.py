@@ -237,6 +237,7 @@ class Engine(threading.Thread):
                 unread.discard(source)
 
     def handle_message(self, conn: Connection, frames: list[Any]) -> None:
+        conn.heard_from()
         proto.expect_frames(frames, 1)
         # Only the answer to our HELLO may speak another protocol version, before the session is up:
         # that is how a worker of another version reports the mismatch. Anything else is malformed.
@@ -273,7 +274,6 @@ class Engine(threading.Thread):
             if joined is None:
                 logger.debug("ignored a message from a worker that has not joined")
                 return
-            joined.awaiting_since = None
             self.handle_message(joined, body)
         except proto.ProtocolError as exc:
             logger.warning("dropped a malformed message from a worker that dialled in: %s", exc)
