@@ -21,7 +21,8 @@ from benchmarks.systems import SYSTEMS, process_env
 
 DEFAULT_SYSTEMS = ["thread", "process", "loky", "dask", "zmq-ipc", "zmq-tcp", "zmq-curve", "pyzmq-floor", "ray", "mpi4py"]
 BASIC_WORKLOADS = ["throughput", "main-function", "latency", "map", "payload", "payload-again", "cpu",
-                   "heterogeneous", "startup", "memory"]
+                   "heterogeneous", "startup", "memory", "send-once-argument", "send-once-partial",
+                   "send-once-closure"]
 # Starting 64 workers of every peer on two cores takes minutes; scaling compares the pools that matter.
 SCALING_SYSTEMS = {"process", "loky", "zmq-tcp"}
 # Long sleep workloads: the pools that matter, and each of ours.

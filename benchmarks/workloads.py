@@ -21,7 +21,10 @@ SIZES: dict[str, tuple[float, float]] = {
     "payload": (64 * 1024 * 1024, 8 * 1024 * 1024),
     "cpu": (0.25, 0.05),
     "memory": (100_000, 10_000),
+    "send-once": (64 * 1024 * 1024, 8 * 1024 * 1024),
 }
+# Send-once: this many tasks (full, quick) that all get the same array, in one of three forms.
+SEND_ONCE_TASKS = (40, 8)
 SCALING_WORKERS = (1, 4, 16, 64)
 SCALING_WORKERS_QUICK = (1, 4)
 SCALING_TASK_SECONDS = 0.01
@@ -167,6 +170,45 @@ def map_small(ex: Executor, quick: bool, system: str) -> dict[str, Any]:
     return {"value": n / elapsed, "unit": "items/s", "better": "higher"}
 
 
+def first_plus(array: Any, x: int) -> float:
+    return float(array[0]) + x
+
+
+def _send_once(ex: Executor, quick: bool, form: str) -> dict[str, Any]:
+    """A map whose every task gets the same large array: as an argument, inside a
+    ``functools.partial``, or as a global of ``__main__`` that the mapped function reads."""
+    import functools
+
+    import numpy as np
+
+    nbytes = int(_size("send-once", quick))
+    tasks = SEND_ONCE_TASKS[1 if quick else 0]
+    array = np.ones(nbytes // 8)
+    if form == "argument":
+        fn: Callable[..., float] = first_plus
+        iterables: tuple[Any, ...] = ([array] * tasks, range(tasks))
+    elif form == "partial":
+        fn, iterables = functools.partial(first_plus, array), (range(tasks),)
+    else:
+        fn, iterables = _global_reader_in_main(array), (range(tasks),)
+    started = time.perf_counter()
+    results = list(ex.map(fn, *iterables))
+    elapsed = time.perf_counter() - started
+    assert results == [1.0 + x for x in range(tasks)]
+    return {"value": elapsed, "unit": f"s for {tasks} tasks sharing {nbytes >> 20} MiB", "better": "lower"}
+
+
+def _global_reader_in_main(array: Any) -> Callable[[int], float]:
+    """A function of ``__main__`` that reads ``array`` as a global, as a script's would."""
+    import sys
+
+    namespace = vars(sys.modules["__main__"])
+    namespace["SEND_ONCE_ARRAY"] = array
+    exec("def first_of_global(x):\n    return float(SEND_ONCE_ARRAY[0]) + x\n", namespace)
+    fn: Callable[[int], float] = namespace["first_of_global"]
+    return fn
+
+
 def payload(ex: Executor, quick: bool, system: str) -> dict[str, Any]:
     """The first large echo: every buffer on the way is fresh memory (warmed with a small one)."""
     return _time_echoes(lambda array: ex.submit(echo, array).result().nbytes, quick, again=False)
@@ -304,4 +346,7 @@ WORKLOADS: dict[str, Callable[..., dict[str, Any]]] = {
     "memory": memory,
     "main-function": main_function,
     "heterogeneous": heterogeneous,
+    "send-once-argument": lambda ex, quick, system: _send_once(ex, quick, "argument"),
+    "send-once-partial": lambda ex, quick, system: _send_once(ex, quick, "partial"),
+    "send-once-closure": lambda ex, quick, system: _send_once(ex, quick, "closure"),
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures as cf
+import functools
 import gc
 import glob
 import itertools
@@ -21,6 +22,7 @@ import textwrap
 import threading
 import time
 import weakref
+from typing import Any
 from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
@@ -1167,3 +1169,44 @@ def test_workers_can_be_read_in_a_done_callback_and_after_shutdown() -> None:
     assert all(infos[0].state == "ready" for infos in seen)
     [after] = executor.workers()  # what the I/O thread published as it stopped
     assert (after.completed, after.in_flight) == (5, 0)
+
+
+class Rebuilt:
+    """Counts how often it is pickled (in the client) and unpickled (per task process)."""
+
+    pickled = 0
+    unpickled = 0
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        Rebuilt.pickled += 1
+        return (_rebuild, (self.data,))
+
+
+def _rebuild(data: Any) -> Rebuilt:
+    Rebuilt.unpickled += 1
+    return Rebuilt(data)
+
+
+def decoded_and_first(marker: Rebuilt, x: int) -> tuple[int, float]:
+    return Rebuilt.unpickled, float(marker.data[0]) + x
+
+
+def test_a_maps_callable_is_pickled_once_and_each_process_decodes_it_once() -> None:
+    data = np.zeros(1_000_000)  # 8 MB inside the callable: out-of-band, named by its content
+    marker = Rebuilt(data)
+    with ZMQExecutor(max_workers=2) as executor:
+        before = Rebuilt.pickled
+        results = list(executor.map(functools.partial(decoded_and_first, marker), range(30)))
+        assert Rebuilt.pickled - before == 1
+        assert [value for _, value in results] == [float(x) for x in range(30)]
+        assert {decoded for decoded, _ in results} == {1}  # in each process, for every task of the map
+        data[0] = 100.0  # changed in place between two maps: the next one sees it
+        again = list(executor.map(functools.partial(decoded_and_first, marker), range(3)))
+        assert [value for _, value in again] == [100.0, 101.0, 102.0]
+
+
+def first_plus_value(array: Any, x: int) -> float:
+    return float(array[0]) + x

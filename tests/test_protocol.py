@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 import struct
@@ -313,6 +314,43 @@ def test_a_task_process_decodes_each_function_pickle_once() -> None:
     blob = cloudpickle.dumps(lambda: 42)
     fn = cache.load(blob)
     assert fn() == 42 and cache.load(bytes(blob)) is fn
+
+
+def first_plus(array: np.ndarray, x: int) -> float:
+    return float(array[0]) + x
+
+
+def test_an_array_inside_the_callable_travels_out_of_band_after_the_arguments() -> None:
+    inner = np.arange(200_000, dtype=np.float64)
+    argument = np.ones(100_000)
+    frames = CallEncoder().encode(functools.partial(first_plus, inner), (argument,), {})
+    assert [memoryview(f).nbytes for f in frames[1:]] == [argument.nbytes, inner.nbytes]
+    assert len(frames[0]) < 4096  # neither array inside the call's pickle
+    fn, args, _, _ = proto.decode_call([bytes(f) for f in frames])
+    assert fn(1) == 1.0 and np.array_equal(args[0], argument)
+
+
+def test_a_function_with_buffers_is_named_by_its_content_and_decoded_once_per_name() -> None:
+    array = np.arange(100_000, dtype=np.float64)
+    first = serialize.pickle_function(functools.partial(first_plus, array))
+    again = serialize.pickle_function(functools.partial(first_plus, array.copy()))
+    assert first.key == again.key and len(first.key) == 32  # the same content, however often pickled
+    array[0] = 7.0  # changed in place: another name
+    changed = serialize.pickle_function(functools.partial(first_plus, array))
+    assert changed.key != first.key
+    cache = FunctionCache()
+    fn = cache.load(first.reference, [bytes(b) for b in first.buffers])
+    assert cache.load(again.reference, [bytes(b) for b in again.buffers]) is fn
+    assert cache.load(changed.reference, [bytes(b) for b in changed.buffers])(0) == 7.0
+
+
+def test_a_call_whose_function_buffers_do_not_add_up_is_refused() -> None:
+    pickled = serialize.pickle_function(functools.partial(first_plus, np.ones(100_000)))
+    frames = CallEncoder().encode(abs, (1,), {}, function=pickled)
+    with pytest.raises(ProtocolError, match="function's buffers"):
+        proto.decode_call([bytes(f) for f in frames[:-1]])  # its buffer left out
+    with pytest.raises(ProtocolError, match="function's buffers"):
+        proto.decode_call([bytes(f) for f in CallEncoder().encode(abs, (1,), {})] + [b"extra"])
 
 
 def test_plain_arguments_and_results_take_the_c_pickler() -> None:

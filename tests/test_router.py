@@ -135,3 +135,17 @@ def test_the_embedded_worker_refuses_relayed_tasks_and_reports_each_process_end_
     dropped, exited = front.items(CLIENT)
     assert dropped.kind == Kind.DROPPED and not r.queue
     assert exited.kind == Kind.EXITED and proto.decode_exited(exited.frames)["started"] == 1
+
+
+def test_a_task_naming_a_buffer_the_worker_did_not_keep_is_answered_missing() -> None:
+    r, front = router(processes=1)
+    greet(r, front)
+    digest = b"d" * 32
+    big = b"x" * 100_000
+    r.handle_client_message(CLIENT, proto.encode_messages([
+        Item(Kind.TASK, 1, [b"\x80call", proto.keep_marker(digest), big]),
+        Item(Kind.TASK, 2, [b"\x80call", proto.held_marker(digest)]),
+        Item(Kind.TASK, 3, [b"\x80call", proto.held_marker(b"e" * 32)])]))
+    assert [[bytes(f) for f in q.frames] for q in r.queue] == [[b"\x80call", big]] * 2
+    r.send_replies()
+    assert [(i.kind, i.ident) for i in front.items(CLIENT)] == [(Kind.MISSING, 3)]

@@ -210,3 +210,16 @@ def test_requeued_tasks_go_first_and_count_no_retry() -> None:
     s.requeue(batch)
     assert [t.ident for t in s.backlog] == [0, 1, 2, 3]
     assert all(t.lost_on == [] for t in batch) and s.in_flight == 0
+
+
+def test_a_task_given_back_goes_first_and_its_worker_gets_the_credit_back() -> None:
+    s = Scheduler(max_retries=0, max_in_flight=None)
+    w = ready(s, "w", slots=1)
+    for i in range(3):
+        s.add(task(i))
+    [(_, batch)], _ = s.next_batches(0.0)
+    assert [t.ident for t in batch] == [0, 1]  # its slot, and one ahead
+    assert s.next_batches(0.0) == ([], [])  # no credit left
+    s.returned(w, 0)  # e.g. MISSING: it no longer kept a buffer the task named
+    [(_, again)], _ = s.next_batches(0.0)
+    assert [t.ident for t in again] == [0] and again[0].lost_on == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ import time
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+import numpy
 import pytest
 import zmq
 from conftest import ROOT, alive, children_of, raw_dealer, wait_until
@@ -469,3 +471,58 @@ def test_a_module_only_beside_the_script_fails_remotely_with_the_fix_in_the_erro
     assert "loading the task failed on host" in note and "module 'helpers' is not importable there" in note
     assert "cloudpickle.register_pickle_by_value(helpers)" in note
     assert result == "4"
+
+
+def test_an_array_inside_a_maps_callable_reaches_a_relayed_worker_and_is_decoded_once(start_worker) -> None:
+    from test_executor import Rebuilt, decoded_and_first
+
+    worker = start_worker(processes=2)
+    data = numpy.arange(500_000, dtype=numpy.float64)
+    with ZMQExecutor(worker.endpoint) as ex:
+        results = list(ex.map(functools.partial(decoded_and_first, Rebuilt(data)), range(20)))
+    assert [value for _, value in results] == [float(x) for x in range(20)]
+    assert {decoded for decoded, _ in results} == {1}
+
+
+def kept_counts(endpoint: str) -> tuple[int, int, int]:
+    out = subprocess.run([sys.executable, "-m", "zmqexecutor", "status", endpoint], capture_output=True,
+                         text=True, timeout=60).stdout
+    found = re.search(r"(\d+) buffer\(s\) received, (\d+) reused, (\d+) missing", out)
+    assert found is not None, out
+    received, reused, missing = map(int, found.groups())
+    return received, reused, missing
+
+
+def test_a_worker_keeps_an_array_a_map_sends_with_every_task_and_gets_it_once(start_worker) -> None:
+    from test_executor import first_plus_value
+
+    worker = start_worker(processes=2)
+    data = numpy.arange(1_000_000, dtype=numpy.float64)  # 8 MB
+    with ZMQExecutor(worker.endpoint) as ex:
+        assert list(ex.map(functools.partial(first_plus_value, data), range(20))) == [float(x) for x in range(20)]
+        assert kept_counts(worker.endpoint) == (1, 19, 0)
+        data[0] = 1000.0  # changed in place: another buffer, sent once more
+        assert list(ex.map(functools.partial(first_plus_value, data), range(5))) == [1000.0 + x for x in range(5)]
+        assert kept_counts(worker.endpoint) == (2, 23, 0)
+
+
+def test_a_worker_that_let_a_buffer_go_gets_it_again_and_the_task_still_runs(start_worker) -> None:
+    from test_executor import first_plus_value
+
+    worker = start_worker(processes=1, extra=["--cache-size", "10MB"])
+    first, second = numpy.zeros(1_000_000), numpy.ones(1_000_000)  # 8 MB each: one fits
+    with ZMQExecutor(worker.endpoint, max_retries=0) as ex:
+        for data, value in [(first, 0.0), (second, 1.0), (first, 0.0)]:
+            assert list(ex.map(functools.partial(first_plus_value, data), range(3))) == [value + x for x in range(3)]
+    received, reused, missing = kept_counts(worker.endpoint)
+    assert received == 3 and missing >= 1 and reused >= 4  # the first array's was let go for the second
+
+
+def test_a_worker_that_keeps_nothing_still_runs_every_task(start_worker) -> None:
+    from test_executor import first_plus_value
+
+    worker = start_worker(processes=1, extra=["--cache-size", "0"])
+    with ZMQExecutor(worker.endpoint) as ex:
+        data = numpy.ones(500_000)
+        assert list(ex.map(functools.partial(first_plus_value, data), range(4))) == [1.0 + x for x in range(4)]
+    assert kept_counts(worker.endpoint) == (0, 0, 0)

@@ -37,7 +37,7 @@ from ._wire._curve import ClientKeys
 from ._wire import _protocol as proto
 from ._wire._endpoints import is_loopback, parse
 from ._wire._errors import MessageTooLargeError, SecurityError
-from ._wire._serialize import CallEncoder
+from ._wire._serialize import CallEncoder, FunctionPickle
 from ._worker._cpus import available_cpus
 
 logger = logging.getLogger("zmqexecutor")
@@ -394,21 +394,26 @@ class ZMQExecutor(Executor):
         return TaskOptions(self, task_timeout)
 
     def _submit(self, fn: Callable[..., _T], args: tuple[Any, ...], kwargs: dict[str, Any],
-                task_timeout: Optional[float]) -> Future[_T]:
+                task_timeout: Optional[float], function: Optional[FunctionPickle] = None) -> Future[_T]:
         self._handle.check_open()
         future: Future[_T] = new_future(None if self._remote else self._handle.engine.caller)
         try:
-            frames = self._calls.encode(fn, args, kwargs, task_timeout)
+            if function is None:
+                function = self._calls.function_pickle(fn)
+            frames = self._calls.encode(fn, args, kwargs, task_timeout, function)
         except Exception as exc:
             future.set_exception(exc)
             return future
+        # The function's buffers come last: a worker may keep them (sent once per worker).
+        first = len(frames) - len(function.buffers)
+        keepable = tuple((first + i, d) for i, d in enumerate(function.digests))
         size = len(frames[0]) if len(frames) == 1 and type(frames[0]) is bytes else \
             sum(memoryview(f).nbytes for f in frames)
         if size > self._max_message_size:
             future.set_exception(MessageTooLargeError(
                 f"the task pickles to {size} bytes, more than max_message_size={self._max_message_size}"))
             return future
-        self._handle.push(Task(next_task_id(), future, frames, size))
+        self._handle.push(Task(next_task_id(), future, frames, size, keepable))
         return future
 
     def map(
@@ -513,12 +518,18 @@ def _results(executor_ref: "weakref.ref[ZMQExecutor]", fn: Callable[..., _T], ar
     end_time = None if timeout is None else timeout + time.monotonic()
     executor = executor_ref()
     assert executor is not None  # the caller holds it
+    # Pickled once for every task of the map (with an array inside it, that is most of the work);
+    # if it cannot be pickled, each task's future fails as submit's would.
+    try:
+        function: Optional[FunctionPickle] = executor._calls.function_pickle(fn)
+    except Exception:
+        function = None
     if buffersize:
         arguments = iter(arguments)
-        fs = collections.deque(executor._submit(fn, args, {}, task_timeout)
+        fs = collections.deque(executor._submit(fn, args, {}, task_timeout, function)
                                for args in itertools.islice(arguments, buffersize))
     else:
-        fs = collections.deque(executor._submit(fn, args, {}, task_timeout) for args in arguments)
+        fs = collections.deque(executor._submit(fn, args, {}, task_timeout, function) for args in arguments)
     del executor
 
     def submit_next() -> None:
@@ -527,7 +538,7 @@ def _results(executor_ref: "weakref.ref[ZMQExecutor]", fn: Callable[..., _T], ar
             return
         args = next(arguments, None)
         if args is not None:
-            fs.append(executor._submit(fn, args, {}, task_timeout))
+            fs.append(executor._submit(fn, args, {}, task_timeout, function))
 
     def result_iterator() -> Iterator[_T]:
         try:

@@ -102,6 +102,9 @@ class Connection:
         self.error: Optional[BaseException] = None
         # When the oldest unanswered heartbeat was sent; None while the worker has answered since.
         self.awaiting_since: Optional[float] = None
+        # Digests of the buffers this session asked the worker to keep (KEEP): later tasks name them
+        # (HELD) instead of sending them again. Emptied with each new session and on MISSING.
+        self.held: set[bytes] = set()
 
     def send(self, frames: list[Any]) -> bool:
         raise NotImplementedError
@@ -141,7 +144,21 @@ class Connection:
                           None if self.error is None else str(self.error))
 
     def send_tasks(self, batch: list[Task]) -> bool:
-        return self.send(proto.encode_messages([proto.Item(Kind.TASK, task.ident, task.frames) for task in batch]))
+        keep = self.info.get("keep_bytes") or 0
+        if not keep or not any(task.keepable for task in batch):
+            return self.send(proto.encode_messages([proto.Item(Kind.TASK, task.ident, task.frames)
+                                                    for task in batch]))
+        items, kept = [], set(self.held)
+        for task in batch:
+            items.append(proto.Item(Kind.TASK, task.ident, _marked(task, kept, keep)))
+        if not self.send(proto.encode_messages(items)):
+            return False
+        self.held = kept
+        return True
+
+    def forget_held(self) -> None:
+        """The worker let go of a buffer it kept for us (MISSING): send each again, once."""
+        self.held.clear()
 
     def take_tasks_from(self, scheduler: Scheduler, *, draining: bool) -> None:
         """The worker is ready (first, or again after a restart): the scheduler may give it tasks."""
@@ -181,6 +198,7 @@ class Connection:
         self.info = info
         self.instance = info["instance"]
         self.state = self.READY
+        self.held.clear()  # a new session keeps nothing yet
         self.error = None
         self.forget_probe()
         self.awaiting_since = None
@@ -190,6 +208,7 @@ class Connection:
     def lost(self) -> None:
         """Forget the session; shake hands again at once (the handshake also repeats every beat)."""
         self.state = self.CONNECTING
+        self.held.clear()
         self.connecting_since = time.monotonic()
         self.forget_probe()
         if isinstance(self.error, ConnectionError):
@@ -232,6 +251,25 @@ class Connection:
     def close(self) -> None:
         if self.ready:
             self.send(proto.encode_bare(Kind.BYE))
+
+
+def _marked(task: Task, held: set[bytes], budget: int) -> list[Any]:
+    """``task``'s frames with each keepable buffer the worker holds named (HELD), and each it does
+    not sent with a KEEP marker (added to ``held``); buffers over the worker's budget go as they are."""
+    frames = list(task.frames)
+    marks: list[tuple[int, bytes]] = []
+    for index, digest in task.keepable:  # in order: a KEEP comes before any HELD of the same buffer
+        if digest in held:
+            marks.append((index, proto.held_marker(digest)))
+        elif memoryview(frames[index]).nbytes <= budget:
+            held.add(digest)
+            marks.append((index, proto.keep_marker(digest)))
+    for index, mark in reversed(marks):  # from the end, so that the indices before stay right
+        if mark.startswith(proto.HELD_MARK):
+            frames[index] = mark
+        else:
+            frames.insert(index, mark)
+    return frames
 
 
 class WorkerConnection(Connection):

@@ -79,6 +79,9 @@ class Outcomes:
                     self.break_executor(broken)
         elif kind == Kind.RETURNED:
             self.scheduler.returned(load, ident)
+        elif kind == Kind.MISSING:  # it let go of a buffer it kept for us: again, with the buffer
+            load.owner.forget_held()
+            self.scheduler.returned(load, ident)
         elif kind == Kind.OUTPUT:
             if ident in load.inflight:
                 show_output(self.settings.task_output, load.name, ident, proto.decode_output(rest), local=self.local)

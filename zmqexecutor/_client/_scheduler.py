@@ -22,13 +22,16 @@ from .._wire._batching import BATCH_ITEMS, is_full
 from .._wire._pacing import TO_WORKERS, smoothed
 
 class Task:
-    __slots__ = ("ident", "future", "frames", "size", "queued_at", "started", "lost_on")
+    __slots__ = ("ident", "future", "frames", "size", "queued_at", "started", "lost_on", "keepable")
 
-    def __init__(self, ident: int, future: "Future[Any]", frames: list[Any], size: int) -> None:
+    def __init__(self, ident: int, future: "Future[Any]", frames: list[Any], size: int,
+                 keepable: tuple[tuple[int, bytes], ...] = ()) -> None:
         self.ident = ident
         self.future = future
         self.frames = frames
         self.size = size
+        # (frame index, digest) of the buffers a worker may keep (the function's): sent once per worker
+        self.keepable = keepable
         self.queued_at = time.monotonic()
         self.started = False  # set_running_or_notify_cancel() has been called
         self.lost_on: list[str] = []
@@ -236,10 +239,12 @@ class Scheduler:
         self.requeue([task for task in batch if load.inflight.pop(task.ident, None) is not None])
 
     def returned(self, load: Load, ident: int) -> None:
-        """A draining worker gave task ``ident`` back unstarted: first in line again, no retry counted."""
+        """``load``'s worker gave task ``ident`` back unstarted (it drains, or it let go of a buffer the
+        task named): first in line again, no retry counted; the worker has that credit back."""
         task = load.inflight.pop(ident, None)
         if task is not None:
             self.requeue([task])
+            self.offer(load)
 
     def requeue(self, tasks: list[Task]) -> None:
         """Tasks taken back from a worker that never started them: first in line again, no retry counted."""

@@ -8,11 +8,25 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from typing import Any, Optional, Sequence
 
 from .._wire._endpoints import is_loopback, parse
 from .._wire._version import __version__
+
+
+_UNITS = {"": 1, "k": 1000, "kb": 1000, "ki": 1024, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mi": 1024**2,
+          "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gi": 1024**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4,
+          "ti": 1024**4, "tib": 1024**4}
+
+
+def size_in_bytes(text: str) -> int:
+    """A size as people write it: ``512MiB``, ``2GiB``, ``1.5G`` (10**9), ``100k`` or plain bytes."""
+    found = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if found is None or found.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"expected a size such as 512MiB, 2GiB, 1.5G or 1000000, got {text!r}")
+    return int(float(found.group(1)) * _UNITS[found.group(2).lower()])
 
 
 def _positive_int(text: str) -> int:
@@ -73,6 +87,10 @@ def _add_worker(commands: Any) -> None:
     worker.add_argument("--max-message-size", type=_positive_int, default=None, metavar="BYTES",
                         help="largest message frame accepted; a peer sending more is disconnected "
                              "(default: 1 GiB)")
+    worker.add_argument("--cache-size", type=size_in_bytes, default=None, metavar="SIZE",
+                        help="how much of the large buffers its clients send again and again (an array inside "
+                             "a mapped function) it keeps, so that each crosses the network once; 0 keeps none "
+                             "(default: 1GiB)")
     worker.add_argument("--insecure", action="store_true",
                         help="allow binding a non-loopback TCP address without authentication: anyone "
                              "who can reach the port can run code as this user")
@@ -246,6 +264,7 @@ def run_supervisor(args: argparse.Namespace, *, bind: Optional[str], **where: An
     """Run a worker with the options ``--bind`` and ``--connect`` share; ``where`` says the rest."""
     from .._wire._protocol import DEFAULT_MAX_MESSAGE_SIZE
     from .._worker._cpus import available_cpus
+    from .._worker._keep import DEFAULT_KEEP_BYTES
     from .._worker._supervisor import DEFAULT_DRAIN_TIMEOUT, Supervisor
 
     supervisor = Supervisor(
@@ -253,6 +272,7 @@ def run_supervisor(args: argparse.Namespace, *, bind: Optional[str], **where: An
         max_message_size=args.max_message_size or DEFAULT_MAX_MESSAGE_SIZE,
         drain_timeout=DEFAULT_DRAIN_TIMEOUT if args.drain_timeout is None else args.drain_timeout,
         idle_timeout=args.idle_timeout, exit_with_stdin=args.exit_with_stdin,
+        keep_bytes=DEFAULT_KEEP_BYTES if args.cache_size is None else args.cache_size,
     )
     return supervisor.run()
 
@@ -300,8 +320,15 @@ def run_status(args: argparse.Namespace) -> int:
             f"clients {status.get('clients')}{'  DRAINING' if status.get('draining') else ''}\n"
             f"    tasks done {status.get('done')}  failed {status.get('failed')}  crashed {status.get('crashed')}  "
             f"timed out {status.get('timed_out', 0)}  killed on request {status.get('cancelled', 0)}\n"
+            f"    kept {_mib(status.get('kept_bytes'))} of {_mib(status.get('keep_bytes'))} MiB for its clients: "
+            f"{status.get('kept_received', 0)} buffer(s) received, {status.get('kept_reused', 0)} reused, "
+            f"{status.get('kept_missing', 0)} missing\n"
         )
     return 0 if answered == len(args.endpoints) else 1
+
+
+def _mib(size: object) -> str:
+    return f"{size / (1 << 20):.1f}" if isinstance(size, (int, float)) else "?"
 
 
 def _duration(seconds: object) -> str:

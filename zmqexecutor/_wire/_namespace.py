@@ -6,30 +6,54 @@ Runs in each task process's main thread.
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import pickle
 import types
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import cloudpickle
 
 from ._serialize import FUNCTION_CACHE_SIZE
 
+# The most bytes of buffers that decoded functions may hold (an array in a partial or a closure):
+# more saves decoding them again after a while, but the memory stays taken in every task process.
+FUNCTION_CACHE_BYTES = 1 << 30
+
 
 class FunctionCache:
-    """A task process's decoded functions, by their pickle."""
+    """A task process's decoded functions, by their pickle, or by the key of a pickle with buffers
+    (then the function holds them: at most FUNCTION_CACHE_BYTES of them are kept, the least recently
+    used let go first)."""
 
     def __init__(self) -> None:
         self._functions: dict[bytes, Any] = {}
+        self._with_buffers: collections.OrderedDict[bytes, tuple[Any, int]] = collections.OrderedDict()
+        self._buffer_bytes = 0
 
-    def load(self, blob: bytes) -> Any:
-        fn = self._functions.get(blob)
-        if fn is None:
-            fn = pickle.loads(blob)
-            if len(self._functions) >= FUNCTION_CACHE_SIZE:
-                self._functions.clear()
-            self._functions[blob] = fn
+    def load(self, reference: Any, buffers: Sequence[Any] = ()) -> Any:
+        """The function a call names (``reference``: its pickle, or its key, pickle and buffer count)."""
+        if isinstance(reference, bytes):
+            fn = self._functions.get(reference)
+            if fn is None:
+                fn = pickle.loads(reference)
+                if len(self._functions) >= FUNCTION_CACHE_SIZE:
+                    self._functions.clear()
+                self._functions[reference] = fn
+            return fn
+        key, blob, _ = reference
+        known = self._with_buffers.get(key)
+        if known is not None:
+            self._with_buffers.move_to_end(key)
+            return known[0]
+        fn = pickle.loads(blob, buffers=buffers)
+        size = sum(memoryview(b).nbytes for b in buffers)
+        self._with_buffers[key] = (fn, size)
+        self._buffer_bytes += size
+        while self._buffer_bytes > FUNCTION_CACHE_BYTES or len(self._with_buffers) > FUNCTION_CACHE_SIZE:
+            _, (_, dropped) = self._with_buffers.popitem(last=False)
+            self._buffer_bytes -= dropped
         return fn
 
 

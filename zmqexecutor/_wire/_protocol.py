@@ -15,8 +15,11 @@ Client <-> worker supervisor (a DEALER per endpoint to the worker's bound ROUTER
 
     HELLO        c -> w  [hdr(0), json client info, initializer pickle or b""]
     WELCOME      w -> c  [hdr(0), json worker info incl. slots, instance id, accepted, reason]
-    TASK         c -> w  [hdr(task id), call pickle, *out-of-band buffers]; the call pickle is
-                         (function pickle, args, kwargs) or, with a time limit, (..., seconds)
+    TASK         c -> w  [hdr(task id), call pickle, *the arguments' buffers, *the function's buffers];
+                         the call pickle is (function, args, kwargs) or, with a time limit, (...,
+                         seconds); the function is its pickle, or (key, pickle, buffer count) when its
+                         pickle has buffers of its own: ``key`` names its content (a digest), so that
+                         a task process decodes it once
     RESULT       w -> c  [hdr(task id), result pickle, *out-of-band buffers]
     EXCEPTION    w -> c  [hdr(task id), json {type, message, traceback, host, pid}, exception pickle or b""]
     INIT_FAILED  w -> c  same frames as EXCEPTION: the initializer raised
@@ -46,6 +49,8 @@ Client <-> worker supervisor (a DEALER per endpoint to the worker's bound ROUTER
                          runs, then exits; the client sends it nothing more
     RETURNED     w -> c  [hdr(task id)]: a task handed back unstarted by a draining worker; the client
                          sends it elsewhere without counting a retry
+    MISSING      w -> c  [hdr(task id)]: the task named a buffer (HELD, below) this worker no longer keeps;
+                         the client sends the task again with the buffer, without counting a retry
     STATUS_REPLY w -> c  [hdr(0), json {versions, slots, busy, queued, done, failed, crashed, timed_out,
                          cancelled, clients, uptime, instance, host, pid, draining}]
     BYE          c -> w  [hdr(0)]: the client is done; the worker forgets its session
@@ -54,6 +59,13 @@ Client <-> worker supervisor (a DEALER per endpoint to the worker's bound ROUTER
                          count, then the length of every frame; frames under PACK_LIMIT are
                          concatenated in ``packed``, larger ones follow as frames of their own, in
                          order. A lone message goes as itself; every receiver takes both (``split``).
+
+Buffers a worker keeps: a TASK's buffer frame (never smaller than OOB_MIN_BYTES) may be preceded by a
+KEEP marker, ``b"ZXK"`` and a 32-byte digest (the worker keeps that buffer for the client's session,
+within its ``keep_bytes``, which WELCOME tells), or replaced by a HELD marker, ``b"ZXH"`` and the digest
+of a buffer the client sent it with KEEP before. A marker is 35 bytes, so it is never a buffer, and the
+call pickle before them never starts with ``ZX``. The supervisor puts the buffers back before the task
+process sees the task, and answers MISSING when it kept none under that digest.
 
 A worker started with ``--connect`` dials the client instead (a DEALER to the client's bound
 ROUTER, the ``listen`` address); once connected it speaks first, then everything above goes as usual::
@@ -122,7 +134,9 @@ __all__ = ["ProtocolError", "OOB_MIN_BYTES", "decode_call", "dumps", "encode_ini
 # 2: BATCH, and calls carry their function as a pickle of its own.
 # 4: the modules moved into _client, _worker, _wire and _tools; errors and other objects pickled by
 #    reference now name zmqexecutor._wire._errors, which a version-3 peer cannot import.
-PROTOCOL_VERSION = 4
+# 5: a function whose pickle has large buffers (a partial or closure over an array) sends them as
+#    frames of their own, after the arguments' (its reference in the call: key, pickle, count).
+PROTOCOL_VERSION = 5
 MAGIC = b"ZX"
 _HEADER = struct.Struct("!2sBBQ")
 HEADER_SIZE = _HEADER.size
@@ -169,6 +183,7 @@ class Kind(enum.IntEnum):
     RETURNED = 25
     JOIN = 26
     LONE_TASK = 27
+    MISSING = 28
 
 
 _KINDS = {int(k): k for k in Kind}
@@ -261,6 +276,31 @@ def decode_status_reply(frames: Sequence[Frame]) -> dict[str, Any]:
 def encode_rejected(ident: int, reason: str) -> list[bytes]:
     """REJECTED: the worker has no session for the client (``ident``: the task that found none, or 0)."""
     return [encode_header(Kind.REJECTED, ident), *encode_reason(reason)]
+
+
+# --- buffers a worker keeps -------------------------------------------------------------------------
+
+KEEP_MARK = b"ZXK"
+HELD_MARK = b"ZXH"
+MARK_SIZE = 3 + 32
+
+
+def keep_marker(digest: bytes) -> bytes:
+    return KEEP_MARK + digest
+
+
+def held_marker(digest: bytes) -> bytes:
+    return HELD_MARK + digest
+
+
+def read_marker(frame: Frame) -> tuple[bytes, bytes] | None:
+    """(KEEP_MARK or HELD_MARK, digest) when ``frame`` is a marker, else None."""
+    if len(frame) != MARK_SIZE:
+        return None
+    data = as_bytes(frame)
+    if data[:3] not in (KEEP_MARK, HELD_MARK):
+        return None
+    return data[:3], data[3:]
 
 
 # --- versions and the handshake -------------------------------------------------------------------
@@ -426,7 +466,7 @@ PACK_LIMIT = OOB_MIN_BYTES
 
 # The kinds a BATCH may carry: tasks and their replies. Control messages always go alone.
 BATCHED_KINDS = frozenset({Kind.TASK, Kind.RESULT, Kind.EXCEPTION, Kind.INIT_FAILED, Kind.CRASHED,
-                           Kind.OUTPUT, Kind.DROPPED, Kind.LOST, Kind.EXITED, Kind.RETURNED})
+                           Kind.OUTPUT, Kind.DROPPED, Kind.LOST, Kind.EXITED, Kind.RETURNED, Kind.MISSING})
 
 # The most messages one BATCH may carry; a bigger count is malformed (senders stay far below).
 MAX_BATCH = 65536

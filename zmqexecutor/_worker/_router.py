@@ -21,6 +21,7 @@ from .._wire._batching import batches, frames_size
 from .._wire._errors import MessageTooLargeError
 from .._wire._protocol import Item, Kind
 from ._front import BoundFront, DialFront
+from ._keep import KeptBuffers
 from ._relay import Queued, Relay
 from ._sessions import Sessions
 from ._taskpool import MAX_STARTUP_FAILURES, TaskProcess, TaskProcessPool
@@ -38,9 +39,11 @@ class Router:
     """Routes tasks from clients to task processes and replies back; knows each client's session."""
 
     def __init__(self, pool: TaskProcessPool, relay: Relay, *, host: str, worker_info: dict[str, Any],
-                 status: Callable[[], dict[str, Any]], on_drain: Callable[[], None]) -> None:
+                 status: Callable[[], dict[str, Any]], on_drain: Callable[[], None],
+                 kept: Optional[KeptBuffers] = None) -> None:
         self.pool = pool
         self.relay = relay  # which process runs what (_relay); direct: the client hands tasks out itself
+        self.kept = KeptBuffers() if kept is None else kept  # buffers clients asked to keep (_keep)
         self.host = host
         self.worker_info = worker_info  # what WELCOME tells: slots, instance, host, max_message_size
         self.status = status
@@ -97,7 +100,12 @@ class Router:
                 for task in tasks:
                     self.reply(client, Item(Kind.RETURNED, task.ident, []))
                 return
-            self.queue.extend(Queued(client, task.ident, task.frames) for task in tasks)
+            for task in tasks:
+                resolved = self.kept.resolve(client, task.frames)
+                if resolved is None:  # it named a buffer let go since: the client sends it again
+                    self.reply(client, Item(Kind.MISSING, task.ident, []))
+                else:
+                    self.queue.append(Queued(client, task.ident, resolved))
         elif header.kind == Kind.PING:
             self.send(client, proto.encode_bare(Kind.PONG))
         elif header.kind == Kind.TERMINATE:
@@ -129,6 +137,7 @@ class Router:
         dropped = len(self.queue) - len(kept)
         self.queue = kept
         self.outbox.pop(client, None)
+        self.kept.forget(client)
         logger.info("client %s %s; dropped its session and %d queued task(s)",
                     client.decode(errors="replace"), why, dropped)
         # Nobody waits for what its running tasks return anymore: stop them, freeing their slots.

@@ -78,6 +78,7 @@ from .._wire._curve import DialKeys, Guard
 from .._wire._security import worker_guard
 from ._cpus import available_cpus
 from ._front import BoundFront, DialFront, join_info
+from ._keep import DEFAULT_KEEP_BYTES, KeptBuffers
 from ._router import GiveUp, Router
 from ._relay import DirectTasks, Relay
 from ._taskpool import TaskProcessPool
@@ -108,7 +109,7 @@ class Supervisor:
                  max_message_size: int = proto.DEFAULT_MAX_MESSAGE_SIZE,
                  drain_timeout: float = DEFAULT_DRAIN_TIMEOUT, connect: Optional[str] = None,
                  dial_keys: Optional[DialKeys] = None, idle_timeout: Optional[float] = None,
-                 exit_with_stdin: bool = False) -> None:
+                 exit_with_stdin: bool = False, keep_bytes: int = DEFAULT_KEEP_BYTES) -> None:
         if (bind is None) == (connect is None):
             raise ValueError("a worker either binds an endpoint or connects to a client's, not both")
         self.bind = bind
@@ -143,9 +144,10 @@ class Supervisor:
         self.orphaned = False
         self.started = time.monotonic()
         self.router = Router(self.pool, DirectTasks() if direct else Relay(), host=self.host, status=self.status,
-                             on_drain=self.asked_to_drain,
+                             on_drain=self.asked_to_drain, kept=KeptBuffers(keep_bytes),
                              worker_info=dict(slots=processes, instance=self.instance, host=self.host,
-                                              max_message_size=max_message_size))
+                                              max_message_size=max_message_size,
+                                              keep_bytes=0 if direct else keep_bytes))
 
     # The loop -------------------------------------------------------------------------------------
 
@@ -283,7 +285,9 @@ class Supervisor:
                     **router.tally, timed_out=self.pool.timed_out, clients=len(router.sessions),
                     uptime=time.monotonic() - self.started, draining=self.drain_requested,
                     instance=self.instance, host=self.host, pid=os.getpid(),
-                    security="CurveZMQ" if self.guard is not None else "none")
+                    security="CurveZMQ" if self.guard is not None else "none",
+                    kept_bytes=router.kept.size, keep_bytes=router.kept.budget,
+                    **{f"kept_{name}": count for name, count in router.kept.counts.items()})
 
     def request_drain(self, why: str) -> bool:
         """Begin draining (the loop does it), unless already asked or embedded; False then."""

@@ -1,0 +1,78 @@
+"""The buffers clients asked this worker to keep (KEEP markers), so that a large buffer that comes
+with many tasks (an array inside a mapped callable) crosses the network once per worker.
+
+Runs in the supervisor's loop thread; nothing here unpickles.
+
+Each client session has its own buffers: one client cannot name another's. All of them together stay
+within the worker's budget (``--keep-size``), the least recently used let go first; a task that names
+a buffer no longer kept (HELD) is answered MISSING, and its client sends it again with the buffer.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Optional, Sequence
+
+from .._wire import _protocol as proto
+
+# What a worker keeps by default, for all its clients together. More lets more (or bigger) buffers be
+# sent once; it is memory the supervisor holds whether or not tasks come.
+DEFAULT_KEEP_BYTES = 1 << 30
+
+
+class KeptBuffers:
+    """The buffers kept for every client session, by (client, digest), least recently used first."""
+
+    def __init__(self, budget: int = DEFAULT_KEEP_BYTES) -> None:
+        self.budget = budget
+        self.buffers: collections.OrderedDict[tuple[bytes, bytes], Any] = collections.OrderedDict()
+        self.size = 0
+        self.counts = {"received": 0, "reused": 0, "missing": 0}  # buffers kept, named again, not found
+
+    def resolve(self, client: bytes, frames: Sequence[Any]) -> Optional[Sequence[Any]]:
+        """A task's frames with its markers taken out: each KEEP's buffer kept, each HELD replaced by
+        the buffer kept; None if one of them is not kept (anymore)."""
+        if not any(len(frame) == proto.MARK_SIZE for frame in frames[1:]):
+            return frames
+        resolved = [frames[0]]
+        index = 1
+        while index < len(frames):
+            mark = proto.read_marker(frames[index])
+            if mark is None:
+                resolved.append(frames[index])
+                index += 1
+                continue
+            kind, digest = mark
+            if kind == proto.KEEP_MARK:
+                if index + 1 >= len(frames):
+                    raise proto.ProtocolError("a KEEP marker without its buffer")
+                buffer = frames[index + 1]
+                self.keep(client, digest, buffer)
+                resolved.append(buffer)
+                index += 2
+                continue
+            buffer = self.buffers.get((client, digest))
+            if buffer is None:
+                self.counts["missing"] += 1
+                return None
+            self.counts["reused"] += 1
+            self.buffers.move_to_end((client, digest))
+            resolved.append(buffer)
+            index += 1
+        return resolved
+
+    def keep(self, client: bytes, digest: bytes, buffer: Any) -> None:
+        size = len(buffer)
+        if size > self.budget or (client, digest) in self.buffers:
+            return
+        self.buffers[(client, digest)] = buffer
+        self.size += size
+        self.counts["received"] += 1
+        while self.size > self.budget:
+            _, dropped = self.buffers.popitem(last=False)
+            self.size -= len(dropped)
+
+    def forget(self, client: bytes) -> None:
+        """The client's session ended: what it asked to keep goes."""
+        for key in [key for key in self.buffers if key[0] == client]:
+            self.size -= len(self.buffers.pop(key))
