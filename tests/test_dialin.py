@@ -181,3 +181,19 @@ def test_idle_timeout_and_exit_with_stdin_stop_a_worker_nobody_uses() -> None:
     worker.stdin.close()  # as when the launcher (or the ssh connection) goes away: it drains
     assert worker.wait(20) == 0
     assert b"standard input closed (whoever started this worker is gone): draining" in worker.stderr.read()
+
+
+def test_an_array_inside_a_maps_callable_reaches_dialled_workers_right_each_time(start_worker) -> None:
+    import functools
+
+    import numpy
+    from test_executor import first_plus_value
+
+    with ZMQExecutor(listen="tcp://127.0.0.1:0") as ex:
+        for _ in range(2):
+            start_worker(ex.listen_address, processes=1, connect=True)
+        ex.wait_for_workers(2, timeout=30)
+        data = numpy.zeros(1_000_000)  # kept by each worker after its first task, then named
+        assert list(ex.map(functools.partial(first_plus_value, data), range(20))) == [float(x) for x in range(20)]
+        data[0] = 50.0
+        assert list(ex.map(functools.partial(first_plus_value, data), range(6))) == [50.0 + x for x in range(6)]
