@@ -1210,3 +1210,14 @@ def test_a_maps_callable_is_pickled_once_and_each_process_decodes_it_once() -> N
 
 def first_plus_value(array: Any, x: int) -> float:
     return float(array[0]) + x
+
+
+def test_a_local_process_that_let_a_callable_go_gets_it_whole_again() -> None:
+    arrays = [np.full(10_000, float(i)) for i in range(300)]  # 80 KB each: out-of-band, named by content
+    with ZMQExecutor(max_workers=1) as executor:
+        assert executor.submit(functools.partial(first_plus_value, arrays[0]), 1).result(timeout=30) == 1.0
+        # More callables than a task process keeps (256): the first is let go there...
+        futures = [executor.submit(functools.partial(first_plus_value, a), 0) for a in arrays[1:]]
+        assert [f.result(timeout=60) for f in futures] == [float(i) for i in range(1, 300)]
+        # ...and named by its key alone it is missing: sent again whole, and it runs.
+        assert executor.submit(functools.partial(first_plus_value, arrays[0]), 2).result(timeout=30) == 2.0

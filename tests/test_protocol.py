@@ -345,12 +345,24 @@ def test_a_function_with_buffers_is_named_by_its_content_and_decoded_once_per_na
 
 
 def test_a_call_whose_function_buffers_do_not_add_up_is_refused() -> None:
-    pickled = serialize.pickle_function(functools.partial(first_plus, np.ones(100_000)))
-    frames = CallEncoder().encode(abs, (1,), {}, function=pickled)
+    two = functools.partial(first_plus, np.ones(100_000), np.zeros(100_000))
+    frames = [bytes(f) for f in CallEncoder().encode(two, (), {})]
     with pytest.raises(ProtocolError, match="function's buffers"):
-        proto.decode_call([bytes(f) for f in frames[:-1]])  # its buffer left out
+        proto.decode_call(frames[:-1])  # one of its two buffers left out
     with pytest.raises(ProtocolError, match="function's buffers"):
         proto.decode_call([bytes(f) for f in CallEncoder().encode(abs, (1,), {})] + [b"extra"])
+
+
+def test_a_function_named_by_its_key_alone_is_used_if_the_process_has_it() -> None:
+    pickled = serialize.pickle_function(functools.partial(first_plus, np.full(100_000, 3.0)))
+    whole = [bytes(f) for f in CallEncoder().encode(abs, (1,), {}, function=pickled)]
+    named = whole[:-1]  # as the embedded worker's lanes send it to a process that decoded it before
+    cache = FunctionCache()
+    with pytest.raises(serialize.NotKept):
+        proto.decode_call(named, cache.load)
+    fn, args, _, _ = proto.decode_call(whole, cache.load)
+    again, _, _, _ = proto.decode_call(named, cache.load)
+    assert again is fn and fn(*args) == 4.0
 
 
 def test_plain_arguments_and_results_take_the_c_pickler() -> None:

@@ -36,7 +36,7 @@ from ._scheduler import Load, Scheduler, Task
 class Lane:
     """One task process as the client sees it: its load and the order its tasks were sent in."""
 
-    __slots__ = ("lanes", "peer", "ident", "pid", "load", "given", "initialized", "stopped")
+    __slots__ = ("lanes", "peer", "ident", "pid", "load", "given", "initialized", "stopped", "sent")
 
     def __init__(self, lanes: "DirectLanes", peer: Peer, pid: int, endpoint: str, quota: Optional[int]) -> None:
         self.lanes = lanes
@@ -48,6 +48,13 @@ class Lane:
         self.given = 0  # tasks sent to this process
         self.initialized = False
         self.stopped = False
+        # Digests of the function buffers sent to this process: a later task of the same function
+        # goes without them, and the process uses the function it decoded (MISSING if it let it go).
+        self.sent: set[bytes] = set()
+
+    def forget_held(self) -> None:
+        """The process no longer has a function it was sent (MISSING): send each again, whole."""
+        self.sent.clear()
 
     def send_tasks(self, batch: list[Task]) -> bool:
         return self.lanes.send(self, batch)
@@ -147,15 +154,23 @@ class DirectLanes:
         items = []
         lane.given += len(batch)
         lone = self.lone_next and len(batch) == 1
+        sent = set(lane.sent)
         for task in batch:
+            frames = task.frames
+            if task.keepable:
+                digests = [digest for _, digest in task.keepable]
+                if sent.issuperset(digests):  # its function's buffers went before: named alone
+                    frames = frames[:task.keepable[0][0]]
+                sent.update(digests)
             items.append(proto.process_task(task.ident, self.client_id,
-                                            b"" if lane.initialized else self.init_blob, task.frames, lone=lone))
+                                            b"" if lane.initialized else self.init_blob, frames, lone=lone))
             lane.initialized = True
         if not lane.peer.send(proto.encode_messages(items)):
             # The process is gone; its EXITED accounts for what it had. It gets nothing more.
             lane.given -= len(batch)
             lane.load.quota = 0
             return False
+        lane.sent = sent
         if lane.load.quota == 0 and not lane.stopped:  # max_tasks_per_child: these are its last
             lane.stopped = True
             lane.peer.send(proto.encode_bare(Kind.STOP))

@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 
 import cloudpickle
 
-from ._serialize import FUNCTION_CACHE_SIZE
+from ._serialize import FUNCTION_CACHE_SIZE, NotKept
 
 # The most bytes of buffers that decoded functions may hold (an array in a partial or a closure):
 # more saves decoding them again after a while, but the memory stays taken in every task process.
@@ -42,11 +42,13 @@ class FunctionCache:
                     self._functions.clear()
                 self._functions[reference] = fn
             return fn
-        key, blob, _ = reference
+        key, blob, count = reference
         known = self._with_buffers.get(key)
         if known is not None:
             self._with_buffers.move_to_end(key)
             return known[0]
+        if len(buffers) != count:
+            raise NotKept("this process no longer has the function the call names")
         fn = pickle.loads(blob, buffers=buffers)
         size = sum(memoryview(b).nbytes for b in buffers)
         self._with_buffers[key] = (fn, size)

@@ -326,9 +326,16 @@ def add_note(exc: BaseException, note: str) -> None:
         exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]
 
 
+class NotKept(Exception):
+    """Raised when a call names a function by its key alone and this process does not have it."""
+
+
 def _load_plainly(reference: Any, buffers: Sequence[Any]) -> Any:
-    blob = reference if isinstance(reference, bytes) else reference[1]
-    return pickle.loads(blob, buffers=buffers)
+    if isinstance(reference, bytes):
+        return pickle.loads(reference)
+    if len(buffers) != reference[2]:
+        raise NotKept("the call names its function by its key alone")
+    return pickle.loads(reference[1], buffers=buffers)
 
 
 def decode_call(frames: Sequence[Any], load_function: Callable[[Any, Sequence[Any]], Any] = _load_plainly
@@ -350,10 +357,13 @@ def decode_call(frames: Sequence[Any], load_function: Callable[[Any, Sequence[An
 
 
 def _is_reference(reference: Any, buffer_count: int) -> bool:
+    # A function with buffers comes with all of them, or with none: then the process that gets it has
+    # decoded it before (the embedded worker's lanes know what they sent each process).
     if isinstance(reference, bytes):
         return buffer_count == 0
     return (isinstance(reference, tuple) and len(reference) == 3 and isinstance(reference[0], bytes)
-            and len(reference[0]) == 32 and isinstance(reference[1], bytes) and reference[2] == buffer_count > 0)
+            and len(reference[0]) == 32 and isinstance(reference[1], bytes) and isinstance(reference[2], int)
+            and reference[2] > 0 and buffer_count in (0, reference[2]))
 
 
 # --- results and initializers ---------------------------------------------------------------------

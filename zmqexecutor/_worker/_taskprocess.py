@@ -40,6 +40,7 @@ from .._wire._namespace import FunctionCache, MainNamespace
 from .._wire._batching import BATCH_ITEMS, HOLD_BYTES, HOLD_SECONDS
 from .._wire._protocol import Item, Kind
 from .._wire._serialize import (
+    NotKept,
     decode_call,
     encode_result,
     explain_load_failure,
@@ -313,6 +314,8 @@ class TaskLoop:
     def call(self, task_id: int, frames: Any, namespace: MainNamespace) -> Item:
         try:
             fn, args, kwargs, limit = decode_call(frames, self.functions.load)
+        except NotKept:  # named by its key alone, and let go since: the client sends it again, whole
+            return Item(Kind.MISSING, task_id, [])
         except BaseException as exc:
             explain_load_failure(exc, self.where)
             return self.exception(Kind.EXCEPTION, task_id, exc)
