@@ -22,7 +22,7 @@ from benchmarks.systems import SYSTEMS, process_env
 DEFAULT_SYSTEMS = ["thread", "process", "loky", "dask", "zmq-ipc", "zmq-tcp", "zmq-curve", "pyzmq-floor", "ray", "mpi4py"]
 BASIC_WORKLOADS = ["throughput", "main-function", "latency", "map", "payload", "payload-again", "cpu",
                    "heterogeneous", "startup", "memory", "send-once-argument", "send-once-partial",
-                   "send-once-closure"]
+                   "send-once-closure", "send-once-ideal"]
 # Starting 64 workers of every peer on two cores takes minutes; scaling compares the pools that matter.
 SCALING_SYSTEMS = {"process", "loky", "zmq-tcp"}
 # Long sleep workloads: the pools that matter, and each of ours.
@@ -109,6 +109,8 @@ def _measures(system: str, workload: str) -> bool:
         return system in LONG_WORKLOADS.get(kind, LONG_WORKLOADS.get(workload, set()))
     if system == "pyzmq-floor":
         return workload in ("payload", "payload-again")
+    if system == "dask-scatter":  # dask itself, but for the send-once workloads
+        return workload.startswith("send-once-") and workload != "send-once-ideal"
     return True
 
 

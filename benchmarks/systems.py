@@ -159,6 +159,9 @@ SYSTEMS: dict[str, Callable[..., Any]] = {
     "process": lambda workers, **_: ProcessPoolExecutor(workers),
     "loky": lambda workers, **_: _loky(workers),
     "dask": lambda workers, **_: _dask(workers),
+    # The same cluster; the send-once workloads scatter their array to every worker by hand first
+    # (client.scatter(broadcast=True)), as a dask user who knows to would.
+    "dask-scatter": lambda workers, **_: _dask(workers),
     "zmq-ipc": lambda workers, **_: _zmq_ipc(workers),
     "zmq-tcp": lambda workers, single_slot=False, **_: _zmq_tcp(workers, 1 if single_slot else None, False),
     "zmq-curve": lambda workers, single_slot=False, **_: _zmq_tcp(workers, 1 if single_slot else None, True),

@@ -174,9 +174,11 @@ def first_plus(array: Any, x: int) -> float:
     return float(array[0]) + x
 
 
-def _send_once(ex: Executor, quick: bool, form: str) -> dict[str, Any]:
+def _send_once(ex: Executor, quick: bool, form: str, system: str) -> dict[str, Any]:
     """A map whose every task gets the same large array: as an argument, inside a
-    ``functools.partial``, or as a global of ``__main__`` that the mapped function reads."""
+    ``functools.partial``, or as a global of ``__main__`` that the mapped function reads. Under
+    ``dask-scatter`` the array is scattered to every worker first and every form passes its future.
+    ``ideal``: one task with the array, then the map with a tiny one (one transfer, then no cost)."""
     import functools
 
     import numpy as np
@@ -184,14 +186,20 @@ def _send_once(ex: Executor, quick: bool, form: str) -> dict[str, Any]:
     nbytes = int(_size("send-once", quick))
     tasks = SEND_ONCE_TASKS[1 if quick else 0]
     array = np.ones(nbytes // 8)
-    if form == "argument":
+    started = time.perf_counter()
+    if system == "dask-scatter":
+        shared: Any = ex._client.scatter(array, broadcast=True)  # type: ignore[attr-defined]
         fn: Callable[..., float] = first_plus
-        iterables: tuple[Any, ...] = ([array] * tasks, range(tasks))
+        iterables: tuple[Any, ...] = ([shared] * tasks, range(tasks))
+    elif form == "argument":
+        fn, iterables = first_plus, ([array] * tasks, range(tasks))
     elif form == "partial":
         fn, iterables = functools.partial(first_plus, array), (range(tasks),)
-    else:
+    elif form == "closure":
         fn, iterables = _global_reader_in_main(array), (range(tasks),)
-    started = time.perf_counter()
+    else:
+        assert ex.submit(first_plus, array, 0).result() == 1.0
+        fn, iterables = functools.partial(first_plus, np.ones(1)), (range(tasks),)
     results = list(ex.map(fn, *iterables))
     elapsed = time.perf_counter() - started
     assert results == [1.0 + x for x in range(tasks)]
@@ -346,7 +354,8 @@ WORKLOADS: dict[str, Callable[..., dict[str, Any]]] = {
     "memory": memory,
     "main-function": main_function,
     "heterogeneous": heterogeneous,
-    "send-once-argument": lambda ex, quick, system: _send_once(ex, quick, "argument"),
-    "send-once-partial": lambda ex, quick, system: _send_once(ex, quick, "partial"),
-    "send-once-closure": lambda ex, quick, system: _send_once(ex, quick, "closure"),
+    "send-once-argument": lambda ex, quick, system: _send_once(ex, quick, "argument", system),
+    "send-once-partial": lambda ex, quick, system: _send_once(ex, quick, "partial", system),
+    "send-once-closure": lambda ex, quick, system: _send_once(ex, quick, "closure", system),
+    "send-once-ideal": lambda ex, quick, system: _send_once(ex, quick, "ideal", system),
 }

@@ -183,7 +183,7 @@ def test_idle_timeout_and_exit_with_stdin_stop_a_worker_nobody_uses() -> None:
     assert b"standard input closed (whoever started this worker is gone): draining" in worker.stderr.read()
 
 
-def test_an_array_inside_a_maps_callable_reaches_dialled_workers_right_each_time(start_worker) -> None:
+def test_an_array_inside_a_maps_callable_or_its_arguments_reaches_dialled_workers_right_each_time(start_worker) -> None:
     import functools
 
     import numpy
@@ -197,3 +197,5 @@ def test_an_array_inside_a_maps_callable_reaches_dialled_workers_right_each_time
         assert list(ex.map(functools.partial(first_plus_value, data), range(20))) == [float(x) for x in range(20)]
         data[0] = 50.0
         assert list(ex.map(functools.partial(first_plus_value, data), range(6))) == [50.0 + x for x in range(6)]
+        data[0] = 70.0  # and as the argument of every task
+        assert list(ex.map(first_plus_value, [data] * 20, range(20))) == [70.0 + x for x in range(20)]

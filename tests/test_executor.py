@@ -1221,3 +1221,13 @@ def test_a_local_process_that_let_a_callable_go_gets_it_whole_again() -> None:
         assert [f.result(timeout=60) for f in futures] == [float(i) for i in range(1, 300)]
         # ...and named by its key alone it is missing: sent again whole, and it runs.
         assert executor.submit(functools.partial(first_plus_value, arrays[0]), 2).result(timeout=30) == 2.0
+
+
+def test_with_send_once_off_local_processes_get_a_callables_buffers_with_every_task() -> None:
+    data = np.full(100_000, 3.0)
+    with ZMQExecutor(max_workers=2, send_once=False) as executor:
+        for _ in range(2):
+            assert list(executor.map(functools.partial(first_plus_value, data), range(10))) == \
+                [3.0 + x for x in range(10)]
+        data[0] = 7.0
+        assert list(executor.map(functools.partial(first_plus_value, data), range(3))) == [7.0, 8.0, 9.0]

@@ -7,10 +7,11 @@ from concurrent.futures import Future
 from zmqexecutor._client._connection import _marked
 from zmqexecutor._client._scheduler import Task
 from zmqexecutor._wire import _protocol as proto
+from zmqexecutor._wire._serialize import digest
 from zmqexecutor._worker._keep import KeptBuffers
 
-A, B = b"a" * 32, b"b" * 32
-BIG = b"x" * 100_000
+BIG, OTHER, THIRD = b"x" * 100_000, b"y" * 100_000, b"z" * 100_000
+A, B, C = (digest((buffer,)) for buffer in (BIG, OTHER, THIRD))
 
 
 def task_with(buffer: bytes, digest: bytes) -> Task:
@@ -33,7 +34,7 @@ def test_a_worker_keeps_what_it_is_told_per_client_and_puts_it_back() -> None:
     assert kept.resolve(b"c1", frames) == [b"\x80call", BIG]
     assert kept.resolve(b"c1", [b"\x80call", proto.held_marker(A)]) == [b"\x80call", BIG]
     assert kept.resolve(b"c2", [b"\x80call", proto.held_marker(A)]) is None  # another client's: not its
-    assert kept.counts == {"received": 1, "reused": 1, "missing": 1}
+    assert kept.counts == {"received": 1, "reused": 1, "missing": 1, "refused": 0}
     plain = [b"\x80call", BIG]
     assert kept.resolve(b"c1", plain) is plain  # no marker: untouched
     kept.forget(b"c1")
@@ -42,13 +43,22 @@ def test_a_worker_keeps_what_it_is_told_per_client_and_puts_it_back() -> None:
 
 def test_a_worker_over_its_budget_lets_the_least_recently_used_go() -> None:
     kept = KeptBuffers(budget=250_000)
-    for digest in (A, B):
-        kept.resolve(b"c", [b"\x80call", proto.keep_marker(digest), BIG])
+    for name, buffer in ((A, BIG), (B, OTHER)):
+        kept.resolve(b"c", [b"\x80call", proto.keep_marker(name), buffer])
     kept.resolve(b"c", [b"\x80call", proto.held_marker(A)])  # A used last
-    kept.resolve(b"c", [b"\x80call", proto.keep_marker(b"c" * 32), BIG])
+    kept.resolve(b"c", [b"\x80call", proto.keep_marker(C), THIRD])
     assert kept.size <= 250_000
     assert kept.resolve(b"c", [b"\x80call", proto.held_marker(B)]) is None
     assert kept.resolve(b"c", [b"\x80call", proto.held_marker(A)]) is not None
     nothing = KeptBuffers(budget=0)  # --cache-size 0: keeps nothing, the task still runs
     assert nothing.resolve(b"c", [b"\x80call", proto.keep_marker(A), BIG]) == [b"\x80call", BIG]
     assert nothing.size == 0
+
+
+def test_a_buffer_that_does_not_hash_to_its_name_runs_once_and_is_not_kept() -> None:
+    # The client names a buffer at submit and sends it later from the caller's memory: changed in
+    # between, it must not be kept under the old content's name.
+    kept = KeptBuffers(budget=1 << 20)
+    assert kept.resolve(b"c", [b"\x80call", proto.keep_marker(A), OTHER]) == [b"\x80call", OTHER]
+    assert kept.size == 0 and kept.counts["refused"] == 1 and kept.counts["received"] == 0
+    assert kept.resolve(b"c", [b"\x80call", proto.held_marker(A)]) is None  # so the client resends

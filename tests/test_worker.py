@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import os
 import re
 import signal
@@ -504,6 +505,48 @@ def test_a_worker_keeps_an_array_a_map_sends_with_every_task_and_gets_it_once(st
         data[0] = 1000.0  # changed in place: another buffer, sent once more
         assert list(ex.map(functools.partial(first_plus_value, data), range(5))) == [1000.0 + x for x in range(5)]
         assert kept_counts(worker.endpoint) == (2, 23, 0)
+
+
+def test_a_worker_keeps_an_array_passed_to_every_task_of_a_map_from_the_second_on(start_worker) -> None:
+    from test_executor import first_plus_value
+
+    worker = start_worker(processes=2)
+    data = numpy.arange(1_000_000, dtype=numpy.float64)  # 8 MB
+    with ZMQExecutor(worker.endpoint) as ex:
+        # The first task sends it plainly (a one-off argument costs no digest), the second asks the
+        # worker to keep it, the rest name it.
+        assert list(ex.map(first_plus_value, itertools.repeat(data, 20), range(20))) == [float(x) for x in range(20)]
+        assert kept_counts(worker.endpoint) == (1, 18, 0)
+        data[0] = 1000.0  # changed in place between maps: hashed again, a new buffer, sent once
+        assert list(ex.map(first_plus_value, itertools.repeat(data, 5), range(5))) == [1000.0 + x for x in range(5)]
+        assert kept_counts(worker.endpoint) == (2, 22, 0)
+
+
+def test_submit_hashes_a_repeated_argument_every_time_so_a_change_always_arrives(start_worker) -> None:
+    from test_executor import first_plus_value
+
+    worker = start_worker(processes=1)
+    data = numpy.zeros(1_000_000)
+    with ZMQExecutor(worker.endpoint) as ex:
+        for value in range(4):
+            data[0] = value
+            assert ex.submit(first_plus_value, data, 0).result(timeout=60) == value
+        assert kept_counts(worker.endpoint) == (3, 0, 0)
+        assert [ex.submit(first_plus_value, data, x).result(timeout=60) for x in range(3)] == [3.0, 4.0, 5.0]
+        assert kept_counts(worker.endpoint) == (3, 3, 0)
+
+
+def test_with_send_once_off_every_task_carries_everything_and_the_worker_keeps_nothing(start_worker) -> None:
+    from test_executor import first_plus_value
+
+    worker = start_worker(processes=1)
+    data = numpy.ones(1_000_000)
+    with pytest.raises(TypeError, match="send_once must be True or False"):
+        ZMQExecutor(worker.endpoint, send_once="no")  # type: ignore[arg-type]
+    with ZMQExecutor(worker.endpoint, send_once=False) as ex:
+        assert list(ex.map(functools.partial(first_plus_value, data), range(5))) == [1.0 + x for x in range(5)]
+        assert list(ex.map(first_plus_value, [data] * 5, range(5))) == [1.0 + x for x in range(5)]
+    assert kept_counts(worker.endpoint) == (0, 0, 0)
 
 
 def test_a_worker_that_let_a_buffer_go_gets_it_again_and_the_task_still_runs(start_worker) -> None:

@@ -30,6 +30,7 @@ from ._client._caller import new_future
 from ._client._connection import WorkerInfo
 from ._client._handle import Handle
 from ._client._local import LocalWorker
+from ._client._reuse import MapDigests, RepeatedBuffers
 from ._client._scheduler import Task, next_task_id
 from ._client._settings import Settings
 from ._wire import _features
@@ -216,6 +217,9 @@ class ZMQExecutor(Executor):
             ``keys``, this client is the CurveZMQ server and lets in the workers whose public key is
             ``worker.key`` in that folder or a ``worker_keys`` value; an address other hosts can
             reach needs keys or ``insecure=True``.
+        send_once: a large buffer that every task carries (an array inside the mapped callable, or
+            an argument object that comes again) goes to each worker (or local task process) once,
+            named by its SHA-256 digest afterwards. False sends everything with every task.
     """
 
     def __init__(
@@ -236,6 +240,7 @@ class ZMQExecutor(Executor):
         task_output: str = "print",
         task_timeout: Optional[float] = None,
         listen: Optional[str] = None,
+        send_once: bool = True,
     ) -> None:
         if isinstance(endpoints, int) and not isinstance(endpoints, bool):
             # The ProcessPoolExecutor(4) habit.
@@ -275,8 +280,12 @@ class ZMQExecutor(Executor):
             listen=listen,
             listen_keys=listen_keys,
         )
+        if not isinstance(send_once, bool):
+            raise TypeError(f"send_once must be True or False, not {send_once!r}")
+        self._send_once = send_once
         self._max_message_size = max_message_size
         self._calls = CallEncoder()
+        self._repeats = RepeatedBuffers()
         local_worker = None
         if remote:
             self._max_workers = max_workers
@@ -394,19 +403,26 @@ class ZMQExecutor(Executor):
         return TaskOptions(self, task_timeout)
 
     def _submit(self, fn: Callable[..., _T], args: tuple[Any, ...], kwargs: dict[str, Any],
-                task_timeout: Optional[float], function: Optional[FunctionPickle] = None) -> Future[_T]:
+                task_timeout: Optional[float], function: Optional[FunctionPickle] = None,
+                per_map: Optional[MapDigests] = None) -> Future[_T]:
         self._handle.check_open()
         future: Future[_T] = new_future(None if self._remote else self._handle.engine.caller)
+        # Only workers across a socket keep argument buffers; the local worker's lanes hand them over
+        # in shared memory, where a digest would cost more than it saves.
+        owners: Optional[list[Any]] = [] if self._remote and self._send_once else None
         try:
             if function is None:
                 function = self._calls.function_pickle(fn)
-            frames = self._calls.encode(fn, args, kwargs, task_timeout, function)
+            frames = self._calls.encode(fn, args, kwargs, task_timeout, function, owners)
         except Exception as exc:
             future.set_exception(exc)
             return future
-        # The function's buffers come last: a worker may keep them (sent once per worker).
+        # The function's buffers come last: a worker may keep them (sent once per worker), and the
+        # arguments' that come again before them.
         first = len(frames) - len(function.buffers)
-        keepable = tuple((first + i, d) for i, d in enumerate(function.digests))
+        keepable = tuple((first + i, d) for i, d in enumerate(function.digests)) if self._send_once else ()
+        if owners:
+            keepable = self._repeats.keepable(frames, owners, 1, per_map) + keepable
         size = len(frames[0]) if len(frames) == 1 and type(frames[0]) is bytes else \
             sum(memoryview(f).nbytes for f in frames)
         if size > self._max_message_size:
@@ -524,12 +540,14 @@ def _results(executor_ref: "weakref.ref[ZMQExecutor]", fn: Callable[..., _T], ar
         function: Optional[FunctionPickle] = executor._calls.function_pickle(fn)
     except Exception:
         function = None
+    per_map = MapDigests()  # an argument that comes again is hashed once in this map
     if buffersize:
         arguments = iter(arguments)
-        fs = collections.deque(executor._submit(fn, args, {}, task_timeout, function)
+        fs = collections.deque(executor._submit(fn, args, {}, task_timeout, function, per_map)
                                for args in itertools.islice(arguments, buffersize))
     else:
-        fs = collections.deque(executor._submit(fn, args, {}, task_timeout, function) for args in arguments)
+        fs = collections.deque(executor._submit(fn, args, {}, task_timeout, function, per_map)
+                               for args in arguments)
     del executor
 
     def submit_next() -> None:
@@ -538,7 +556,7 @@ def _results(executor_ref: "weakref.ref[ZMQExecutor]", fn: Callable[..., _T], ar
             return
         args = next(arguments, None)
         if args is not None:
-            fs.append(executor._submit(fn, args, {}, task_timeout, function))
+            fs.append(executor._submit(fn, args, {}, task_timeout, function, per_map))
 
     def result_iterator() -> Iterator[_T]:
         try:

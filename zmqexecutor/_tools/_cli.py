@@ -322,7 +322,7 @@ def run_status(args: argparse.Namespace) -> int:
             f"timed out {status.get('timed_out', 0)}  killed on request {status.get('cancelled', 0)}\n"
             f"    kept {_mib(status.get('kept_bytes'))} of {_mib(status.get('keep_bytes'))} MiB for its clients: "
             f"{status.get('kept_received', 0)} buffer(s) received, {status.get('kept_reused', 0)} reused, "
-            f"{status.get('kept_missing', 0)} missing\n"
+            f"{status.get('kept_missing', 0)} missing, {status.get('kept_refused', 0)} refused\n"
         )
     return 0 if answered == len(args.endpoints) else 1
 

@@ -114,8 +114,9 @@ def is_plain(obj: Any) -> bool:
     return False
 
 
-def dumps(obj: Any) -> list[Any]:
-    """Pickle ``obj`` into frames: the pickle, then each large buffer uncopied."""
+def dumps(obj: Any, owners: Optional[list[Any]] = None) -> list[Any]:
+    """Pickle ``obj`` into frames: the pickle, then each large buffer uncopied (and its exporting
+    object appended to ``owners``)."""
     buffers: list[Any] = []
 
     def keep_out_of_band(buf: pickle.PickleBuffer) -> bool:
@@ -126,6 +127,8 @@ def dumps(obj: Any) -> list[Any]:
         if raw.nbytes < OOB_MIN_BYTES:
             return True
         buffers.append(raw)
+        if owners is not None:
+            owners.append(raw.obj)
         return False
 
     stream = io.BytesIO()
@@ -189,17 +192,18 @@ class CallEncoder:
         self._by_value_modules: frozenset[str] = frozenset()
 
     def encode(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-               time_limit: Optional[float] = None, function: Optional[FunctionPickle] = None) -> list[Any]:
+               time_limit: Optional[float] = None, function: Optional[FunctionPickle] = None,
+               owners: Optional[list[Any]] = None) -> list[Any]:
         """The call's frames; ``time_limit``, seconds it may run, travels with it (it is the task
         process that says when its task started). ``function``: ``fn`` pickled already (by ``map``,
-        once for all its tasks)."""
+        once for all its tasks). ``owners`` gets the object behind each argument buffer."""
         pickled = self.function_pickle(fn) if function is None else function
         limit = () if time_limit is None else (float(time_limit),)
         if _all_plain(args) and (not kwargs or _all_plain(kwargs.values())):
             return [pickle.dumps((pickled.reference, args, kwargs, *limit), protocol=5), *pickled.buffers]
         wrapped_args = tuple(_wrap(a) for a in args)
         wrapped_kwargs = {k: _wrap(v) for k, v in kwargs.items()}
-        return [*dumps((pickled.reference, wrapped_args, wrapped_kwargs, *limit)), *pickled.buffers]
+        return [*dumps((pickled.reference, wrapped_args, wrapped_kwargs, *limit), owners), *pickled.buffers]
 
     def function_pickle(self, fn: Any) -> FunctionPickle:
         registry = _registry()

@@ -1,0 +1,92 @@
+"""Which large argument buffers a task names by digest, so that a worker may keep them.
+
+Runs in user threads (submit, map), in the client.
+
+A buffer named by digest (``Task.keepable``) crosses to a worker once per session there (KEEP, then
+HELD: see _connection._marked and the worker's _keep). Naming costs a SHA-256 pass over the buffer
+(46 ms for 64 MiB here), which a one-off argument must not pay: an argument buffer is named only when
+its object comes again (the same array passed to task after task). Within one ``map`` an object that
+comes again is hashed once and taken to hold the same bytes for the rest of the map (as
+ProcessPoolExecutor, which pickles later, in its own thread, also takes it); between maps, and for every
+``submit``, it is hashed again, so that an array changed in place is a new digest.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Optional, Sequence
+
+from .._wire._serialize import digest
+
+# Argument buffers below this are sent with every task: a 35-byte marker and a kept entry on the worker
+# are not worth it for a buffer that small, and hashing it each time would cost about what sending does.
+KEEP_MIN_BYTES = 1 << 20
+
+# How many argument buffers are remembered as seen, and how many digests one map keeps. A buffer not
+# remembered is sent as it is, which is always right; more only helps programs that cycle through
+# more big objects than this.
+SEEN_SIZE = 256
+MAP_DIGESTS = 16
+
+# What a buffer that cannot be weakly referenced (bytes) is recognised by, beside its owner's id and
+# size: its first and last bytes. A wrong "seen" costs only a digest, never a wrong object.
+_SAMPLE = 32
+
+
+def _sample(view: memoryview) -> bytes:
+    return bytes(view[:_SAMPLE]) + bytes(view[-_SAMPLE:])
+
+
+class RepeatedBuffers:
+    """One executor's memory of the large argument buffers it has sent, by their owning object."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[int, int], Any] = {}
+
+    def keepable(self, frames: Sequence[Any], owners: Sequence[Any], first: int,
+                 per_map: Optional["MapDigests"] = None) -> tuple[tuple[int, bytes], ...]:
+        """(index, digest) for each of ``frames`` (argument buffers at ``first`` onwards, owned by
+        ``owners``) that came before and is big enough to keep."""
+        named = []
+        for index, owner in enumerate(owners, first):
+            view = memoryview(frames[index]).cast("B")
+            if view.nbytes < KEEP_MIN_BYTES:
+                continue
+            known = per_map.get(owner, view.nbytes) if per_map is not None else None
+            if known is None:
+                if not self._seen_before(owner, view):
+                    continue
+                known = digest((view,))
+                if per_map is not None:
+                    per_map.put(owner, view.nbytes, known)
+            named.append((index, known))
+        return tuple(named)
+
+    def _seen_before(self, owner: Any, view: memoryview) -> bool:
+        key = (id(owner), view.nbytes)
+        mark = self._seen.get(key)
+        if mark is not None and (mark() is owner if isinstance(mark, weakref.ref) else mark == _sample(view)):
+            return True
+        if len(self._seen) >= SEEN_SIZE:
+            self._seen.clear()
+        try:
+            self._seen[key] = weakref.ref(owner)
+        except TypeError:  # bytes and bytearray: no weak references
+            self._seen[key] = _sample(view)
+        return False
+
+
+class MapDigests:
+    """The digests of one ``map``'s repeated argument buffers; holds their owners, so an id stays theirs."""
+
+    def __init__(self) -> None:
+        self._digests: dict[tuple[int, int], tuple[Any, bytes]] = {}
+
+    def get(self, owner: Any, size: int) -> Optional[bytes]:
+        entry = self._digests.get((id(owner), size))
+        return entry[1] if entry is not None and entry[0] is owner else None
+
+    def put(self, owner: Any, size: int, known: bytes) -> None:
+        if len(self._digests) >= MAP_DIGESTS:
+            self._digests.clear()
+        self._digests[(id(owner), size)] = (owner, known)
