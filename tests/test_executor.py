@@ -1231,3 +1231,29 @@ def test_with_send_once_off_local_processes_get_a_callables_buffers_with_every_t
                 [3.0 + x for x in range(10)]
         data[0] = 7.0
         assert list(executor.map(functools.partial(first_plus_value, data), range(3))) == [7.0, 8.0, 9.0]
+
+
+def test_a_shared_object_is_pickled_once_and_decoded_once_per_task_process() -> None:
+    with ZMQExecutor(max_workers=2) as executor:
+        before = Rebuilt.pickled
+        shared = executor.share(Rebuilt({"rows": list(range(200_000)), "first": 4.0}))
+        assert Rebuilt.pickled == before + 1 and shared.nbytes > 500_000
+        results = list(executor.map(decoded_first_of, [shared] * 30, range(30)))
+        assert Rebuilt.pickled == before + 1  # the handle carries the pickle; nothing is pickled again
+        assert [value for _, value in results] == [4.0 + x for x in range(30)]
+        assert {decoded for decoded, _ in results} == {1}
+        assert "Shared Rebuilt" in repr(shared) and shared.value.data["first"] == 4.0
+
+
+def decoded_first_of(marker: Rebuilt, x: int) -> tuple[int, float]:
+    return Rebuilt.unpickled, float(marker.data["first"]) + x
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_a_callables_array_reaches_every_new_process_under_max_tasks_per_child(remote, start_worker) -> None:
+    data = np.full(200_000, 5.0)
+    endpoints = start_worker(processes=2).endpoint if remote else None
+    with ZMQExecutor(endpoints, max_workers=2, max_tasks_per_child=2) as executor:
+        assert list(executor.map(functools.partial(first_plus_value, data), range(12))) == \
+            [5.0 + x for x in range(12)]
+        assert list(executor.map(first_plus_value, [data] * 6, range(6))) == [5.0 + x for x in range(6)]

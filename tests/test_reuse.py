@@ -58,3 +58,18 @@ def test_each_argument_buffer_comes_with_the_object_it_belongs_to() -> None:
     frames = CallEncoder().encode(first, (data, 3, blob), {}, owners=owners)
     assert len(frames) == 3 and owners[0] is data and owners[1] is blob
     assert bytes(frames[2]) == blob and numpy.array_equal(numpy.frombuffer(frames[1]), data)
+
+
+def test_a_shared_handle_is_named_from_its_first_task_while_it_lives() -> None:
+    import gc
+
+    from zmqexecutor import Shared
+
+    repeats = RepeatedBuffers()
+    handle = Shared({"rows": list(range(100_000))})
+    repeats.share(handle)
+    assert named(repeats, handle) == ((1, digest((handle.blob,))),)  # no second sighting needed
+    assert named(repeats, [handle, handle]) == ((1, handle.key),)  # one pickle, one buffer
+    del handle
+    gc.collect()
+    assert repeats._shared == {}  # forgotten with its handle: no pickle kept alive

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy
 import pytest
 import zmq
-from conftest import ROOT, alive, children_of, raw_dealer, wait_until
+from conftest import ROOT, alive, children_of, free_port, raw_dealer, wait_until
 
 from zmqexecutor import (
     NoWorkersError,
@@ -547,6 +547,41 @@ def test_with_send_once_off_every_task_carries_everything_and_the_worker_keeps_n
         assert list(ex.map(functools.partial(first_plus_value, data), range(5))) == [1.0 + x for x in range(5)]
         assert list(ex.map(first_plus_value, [data] * 5, range(5))) == [1.0 + x for x in range(5)]
     assert kept_counts(worker.endpoint) == (0, 0, 0)
+
+
+def test_a_shared_object_crosses_to_a_worker_once_and_is_decoded_once_per_process(start_worker) -> None:
+    from test_executor import Rebuilt, decoded_first_of
+
+    worker = start_worker(processes=2)
+    with ZMQExecutor(worker.endpoint) as ex:
+        shared = ex.share(Rebuilt({"rows": list(range(300_000)), "first": 2.0}))
+        results = list(ex.map(decoded_first_of, [shared] * 20, range(20)))
+        assert [value for _, value in results] == [2.0 + x for x in range(20)]
+        assert {decoded for decoded, _ in results} == {1}
+        assert kept_counts(worker.endpoint) == (1, 19, 0)  # named from the first task on
+        # Inside the callable, and by submit, it is the same kept pickle.
+        assert ex.submit(functools.partial(decoded_first_of, shared), 1).result(timeout=60) == (1, 3.0)
+        assert kept_counts(worker.endpoint) == (1, 20, 0)
+
+
+def test_a_worker_restarted_on_the_same_endpoint_gets_the_buffers_it_kept_again(start_worker) -> None:
+    from test_executor import first_plus_value
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    first = start_worker(endpoint, processes=1)
+    data = numpy.ones(1_000_000)
+    with ZMQExecutor(endpoint, worker_timeout=1.0, max_retries=0) as ex:
+        fn = functools.partial(first_plus_value, data)
+        assert list(ex.map(fn, range(5))) == [1.0 + x for x in range(5)]
+        assert list(ex.map(first_plus_value, [data] * 5, range(5))) == [1.0 + x for x in range(5)]
+        first.process.kill()
+        first.process.wait()
+        second = start_worker(endpoint, processes=1)
+        # A new session keeps nothing yet: each buffer goes once more, and no task fails for it.
+        assert list(ex.map(fn, range(5))) == [1.0 + x for x in range(5)]
+        assert list(ex.map(first_plus_value, [data] * 5, range(5))) == [1.0 + x for x in range(5)]
+        received, reused, missing = kept_counts(second.endpoint)
+        assert received == 1 and reused == 9 and missing == 0  # one array: the callable's and the arguments'
 
 
 def test_a_worker_that_let_a_buffer_go_gets_it_again_and_the_task_still_runs(start_worker) -> None:

@@ -14,6 +14,7 @@ from ._wire._version import __version__
 
 if TYPE_CHECKING:
     from ._client._connection import WorkerInfo
+    from ._client._reuse import Shared
     from ._executor import (
         DEFAULT_CONNECT_TIMEOUT,
         DEFAULT_MAX_MESSAGE_SIZE,
@@ -49,6 +50,7 @@ _HOMES = {
     **dict.fromkeys(_EXECUTOR, "._executor"),
     **dict.fromkeys(_ERRORS, "._wire._errors"),
     "WorkerInfo": "._client._connection",
+    "Shared": "._client._reuse",
     "SSHWorkers": "._tools._launchers",
     "SlurmWorkers": "._tools._launchers",
 }
@@ -71,6 +73,7 @@ __all__ = [
     "ZMQExecutor",
     "TaskOptions",
     "WorkerInfo",
+    "Shared",
     "SSHWorkers",
     "SlurmWorkers",
     "DEFAULT_CONNECT_TIMEOUT",

@@ -30,7 +30,7 @@ from ._client._caller import new_future
 from ._client._connection import WorkerInfo
 from ._client._handle import Handle
 from ._client._local import LocalWorker
-from ._client._reuse import MapDigests, RepeatedBuffers
+from ._client._reuse import MapDigests, RepeatedBuffers, Shared
 from ._client._scheduler import Task, next_task_id
 from ._client._settings import Settings
 from ._wire import _features
@@ -373,6 +373,21 @@ class ZMQExecutor(Executor):
         An argument or callable that cannot be pickled fails the returned future, not this call.
         """
         return self._submit(fn, args, kwargs, self._task_timeout)
+
+    def share(self, obj: _T) -> Shared[_T]:
+        """Pickle ``obj`` once and return a handle to pass to tasks in its place.
+
+        Each task that gets the handle (as an argument, inside one, or inside its callable) gets the
+        object, decoded once per task process; each worker receives its pickle once and keeps it as it
+        keeps any large buffer (see ``send_once``). For big objects that are not one large buffer: a
+        dict of millions of items, a fitted model. The handle stands for the object as it is now:
+        share it again after changing it. Treat it as read-only in tasks: a task process keeps it
+        for its later tasks.
+        """
+        handle = Shared(obj)
+        if self._send_once:
+            self._repeats.share(handle)
+        return handle
 
     def cancel(self, future: Future[Any], *, force: bool = False) -> bool:
         """Cancel the task of ``future`` (one of this executor's): as ``future.cancel()``, which only

@@ -1,6 +1,7 @@
-"""Which large argument buffers a task names by digest, so that a worker may keep them.
+"""Which large argument buffers a task names by digest, so that a worker may keep them, and the
+handles of ``ZMQExecutor.share`` (``Shared``), which are such buffers from the start.
 
-Runs in user threads (submit, map), in the client.
+Runs in user threads (submit, map, share), in the client.
 
 A buffer named by digest (``Task.keepable``) crosses to a worker once per session there (KEEP, then
 HELD: see _connection._marked and the worker's _keep). Naming costs a SHA-256 pass over the buffer
@@ -13,9 +14,13 @@ ProcessPoolExecutor, which pickles later, in its own thread, also takes it); bet
 
 from __future__ import annotations
 
+import pickle
 import weakref
-from typing import Any, Optional, Sequence
+from typing import Any, Generic, Optional, Sequence, TypeVar
 
+import cloudpickle
+
+from .._wire._namespace import shared_object
 from .._wire._serialize import digest
 
 # Argument buffers below this are sent with every task: a 35-byte marker and a kept entry on the worker
@@ -37,11 +42,50 @@ def _sample(view: memoryview) -> bytes:
     return bytes(view[:_SAMPLE]) + bytes(view[-_SAMPLE:])
 
 
+_T = TypeVar("_T")
+
+
+class Shared(Generic[_T]):
+    """An object pickled once by ``ZMQExecutor.share``: pass it to tasks in place of the object.
+
+    A task that gets it as an argument (or inside one, or inside its callable) gets the object,
+    decoded once per task process; its pickle crosses to each worker once. It is the object as it
+    was when shared: share it again after changing it.
+    """
+
+    __slots__ = ("value", "key", "blob", "__weakref__")
+
+    def __init__(self, value: _T) -> None:
+        #: The object itself, as given to ``share``.
+        self.value = value
+        self.blob = cloudpickle.dumps(value, protocol=5)
+        self.key = digest((self.blob,))
+
+    @property
+    def nbytes(self) -> int:
+        """The size of the object's pickle: what each worker receives once."""
+        return len(self.blob)
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return (shared_object, (self.key, pickle.PickleBuffer(self.blob)))
+
+    def __repr__(self) -> str:
+        return f"<Shared {type(self.value).__qualname__}, {self.nbytes} bytes pickled>"
+
+
 class RepeatedBuffers:
     """One executor's memory of the large argument buffers it has sent, by their owning object."""
 
     def __init__(self) -> None:
         self._seen: dict[tuple[int, int], Any] = {}
+        # id(pickle) -> (pickle, digest) of each live Shared handle: named from its first task on.
+        self._shared: dict[int, tuple[bytes, bytes]] = {}
+
+    def share(self, handle: Shared[Any]) -> None:
+        """Name ``handle``'s pickle by its digest in every task, while the handle lives."""
+        ident = id(handle.blob)
+        self._shared[ident] = (handle.blob, handle.key)
+        weakref.finalize(handle, self._shared.pop, ident, None)
 
     def keepable(self, frames: Sequence[Any], owners: Sequence[Any], first: int,
                  per_map: Optional["MapDigests"] = None) -> tuple[tuple[int, bytes], ...]:
@@ -49,6 +93,10 @@ class RepeatedBuffers:
         ``owners``) that came before and is big enough to keep."""
         named = []
         for index, owner in enumerate(owners, first):
+            shared = self._shared.get(id(owner))
+            if shared is not None and shared[0] is owner:
+                named.append((index, shared[1]))
+                continue
             view = memoryview(frames[index]).cast("B")
             if view.nbytes < KEEP_MIN_BYTES:
                 continue

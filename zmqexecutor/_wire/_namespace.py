@@ -1,5 +1,6 @@
-"""The task side of a call: each distinct function pickle decoded once (``FunctionCache``), and one
-client's ``__main__`` module as a task process sees it (``MainNamespace``).
+"""The task side of a call: each distinct function pickle decoded once (``FunctionCache``), each
+shared object decoded once (``shared_object``), and one client's ``__main__`` module as a task
+process sees it (``MainNamespace``).
 
 Runs in each task process's main thread.
 """
@@ -57,6 +58,34 @@ class FunctionCache:
             _, (_, dropped) = self._with_buffers.popitem(last=False)
             self._buffer_bytes -= dropped
         return fn
+
+
+# The most bytes of pickles that shared objects (``ZMQExecutor.share``) decoded in a task process may
+# stand for, and how many of them: past either, the least recently used is let go (and decoded again
+# if a task names it once more).
+SHARED_CACHE_BYTES = 1 << 30
+SHARED_CACHE_SIZE = 64
+
+_shared: collections.OrderedDict[bytes, tuple[Any, int]] = collections.OrderedDict()
+_shared_bytes = 0
+
+
+def shared_object(key: bytes, blob: Any) -> Any:
+    """What a ``Shared`` handle unpickles to in a task process: its object, decoded once per process
+    (``key``, a digest of ``blob``, names it)."""
+    global _shared_bytes
+    known = _shared.get(key)
+    if known is not None:
+        _shared.move_to_end(key)
+        return known[0]
+    value = pickle.loads(blob)
+    size = memoryview(blob).nbytes
+    _shared[key] = (value, size)
+    _shared_bytes += size
+    while len(_shared) > 1 and (_shared_bytes > SHARED_CACHE_BYTES or len(_shared) > SHARED_CACHE_SIZE):
+        _, (_, dropped) = _shared.popitem(last=False)
+        _shared_bytes -= dropped
+    return value
 
 
 class MainNamespace:
