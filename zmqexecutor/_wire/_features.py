@@ -19,6 +19,9 @@ POPULATE            fresh pages for large messages made at once      plain anony
                     (MAP_POPULATE, MADV_POPULATE_WRITE)
 PROC                cgroup CPU quotas (/proc/self/cgroup)            no quota
 FORK_EARLY          the first task processes forked before threads   spawned
+MEMFD               one copy per host of a buffer a worker keeps:    each task process gets its own copy
+                    task processes map the supervisor's memfd        with each task
+                    (memfd_create, /proc/PID/fd)
 =================== ================================================ ====================================
 
 ``ZMQEXECUTOR_PORTABLE=1`` in the environment turns all of them off, for testing the fallbacks on Linux
@@ -47,12 +50,13 @@ POPULATE = LINUX
 PROC = LINUX
 # Forking is only known to be safe on Linux (macOS frameworks break in forked children).
 FORK_EARLY = LINUX
+MEMFD = hasattr(os, "memfd_create") and LINUX
 
 
 def summary() -> dict[str, bool]:
     """Which features this process found (for logs, tests and bug reports)."""
     return dict(epoll=EPOLL, eventfd=EVENTFD, peercred=PEERCRED, pdeathsig=PDEATHSIG, affinity=AFFINITY,
-                populate=POPULATE, proc=PROC, fork_early=FORK_EARLY)
+                populate=POPULATE, proc=PROC, fork_early=FORK_EARLY, memfd=MEMFD)
 
 
 def local_workers_unsupported() -> Optional[str]:

@@ -11,6 +11,9 @@ A buffer is kept only if it hashes to the digest it came with (one SHA-256 pass 
 for 64 MiB): the client names a buffer when it submits and sends it later, from the caller's own
 memory, so an array changed in place in between would otherwise be kept under its old content's name
 and handed to later tasks that name that content.
+
+Where the host has memfd (``_shm``), a kept buffer lives in one, and every task that comes with or
+names it carries a MAPPED marker to its task process instead of the buffer: one copy per host.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any, Optional, Sequence
 
 from .._wire import _protocol as proto
 from .._wire._serialize import digest as digest_of
+from ._shm import MemfdBuffer, shared_copy
 
 logger = logging.getLogger("zmqexecutor")
 
@@ -36,12 +40,13 @@ class KeptBuffers:
         self.budget = budget
         self.buffers: collections.OrderedDict[tuple[bytes, bytes], Any] = collections.OrderedDict()
         self.size = 0
+        self.memfds = 0
         # buffers kept, named again, not found, and refused (they did not hash to their name)
         self.counts = {"received": 0, "reused": 0, "missing": 0, "refused": 0}
 
     def resolve(self, client: bytes, frames: Sequence[Any]) -> Optional[Sequence[Any]]:
         """A task's frames with its markers taken out: each KEEP's buffer kept, each HELD replaced by
-        the buffer kept; None if one of them is not kept (anymore)."""
+        the buffer kept (or a MAPPED marker naming its memfd); None if one of them is not kept (anymore)."""
         if not any(len(frame) == proto.MARK_SIZE for frame in frames[1:]):
             return frames
         resolved = [frames[0]]
@@ -57,37 +62,54 @@ class KeptBuffers:
                 if index + 1 >= len(frames):
                     raise proto.ProtocolError("a KEEP marker without its buffer")
                 buffer = frames[index + 1]
-                self.keep(client, digest, buffer)
-                resolved.append(buffer)
+                resolved.append(_handed(self.keep(client, digest, buffer), buffer))
                 index += 2
                 continue
-            buffer = self.buffers.get((client, digest))
-            if buffer is None:
+            kept = self.buffers.get((client, digest))
+            if kept is None:
                 self.counts["missing"] += 1
                 return None
             self.counts["reused"] += 1
             self.buffers.move_to_end((client, digest))
-            resolved.append(buffer)
+            resolved.append(_handed(kept, kept))
             index += 1
         return resolved
 
-    def keep(self, client: bytes, digest: bytes, buffer: Any) -> None:
+    def keep(self, client: bytes, digest: bytes, buffer: Any) -> Any:
+        """Keep ``buffer`` as ``digest`` for ``client``; what is kept, or None."""
         size = len(buffer)
-        if size > self.budget or (client, digest) in self.buffers:
-            return
+        if size > self.budget:
+            return None
+        known = self.buffers.get((client, digest))
+        if known is not None:
+            return known
         if digest_of((buffer,)) != digest:
             self.counts["refused"] += 1
             logger.warning("a buffer a client asked to keep changed between its submit and its send "
                            "(changed in place?): the task gets it as sent, and it is not kept")
-            return
-        self.buffers[(client, digest)] = buffer
+            return None
+        kept = shared_copy(digest, buffer, self.memfds) or buffer
+        self.memfds += isinstance(kept, MemfdBuffer)
+        self.buffers[(client, digest)] = kept
         self.size += size
         self.counts["received"] += 1
         while self.size > self.budget:
             _, dropped = self.buffers.popitem(last=False)
-            self.size -= len(dropped)
+            self._let_go(dropped)
+        return kept
+
+    def _let_go(self, kept: Any) -> None:
+        self.size -= len(kept)
+        if isinstance(kept, MemfdBuffer):
+            self.memfds -= 1
+            kept.close()  # its memory goes once no task process maps it any more
 
     def forget(self, client: bytes) -> None:
         """The client's session ended: what it asked to keep goes."""
         for key in [key for key in self.buffers if key[0] == client]:
-            self.size -= len(self.buffers.pop(key))
+            self._let_go(self.buffers.pop(key))
+
+
+def _handed(kept: Any, buffer: Any) -> Any:
+    # What a task process gets: the marker of a buffer kept in a memfd, else the buffer itself.
+    return kept.marker if isinstance(kept, MemfdBuffer) else buffer

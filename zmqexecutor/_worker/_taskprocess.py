@@ -46,6 +46,7 @@ from .._wire._serialize import (
     explain_load_failure,
     loads,
 )
+from ._shm import Unmappable, map_frames
 
 # How often a task process looks for a vanished supervisor when nothing happens.
 PARENT_CHECK_INTERVAL = 0.5
@@ -313,8 +314,8 @@ class TaskLoop:
 
     def call(self, task_id: int, frames: Any, namespace: MainNamespace) -> Item:
         try:
-            fn, args, kwargs, limit = decode_call(frames, self.functions.load)
-        except NotKept:  # named by its key alone, and let go since: the client sends it again, whole
+            fn, args, kwargs, limit = decode_call(map_frames(frames), self.functions.load)
+        except (NotKept, Unmappable):  # let go since (here, or by the supervisor): the client sends it again
             return Item(Kind.MISSING, task_id, [])
         except BaseException as exc:
             explain_load_failure(exc, self.where)
