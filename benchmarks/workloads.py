@@ -188,7 +188,7 @@ def _send_once(ex: Executor, quick: bool, form: str, system: str) -> dict[str, A
     array = np.ones(nbytes // 8)
     started = time.perf_counter()
     if system == "dask-scatter":
-        shared: Any = ex._client.scatter(array, broadcast=True)  # type: ignore[attr-defined]
+        shared: Any = ex._client.scatter(array, broadcast=True, hash=False)  # type: ignore[attr-defined]
         fn: Callable[..., float] = first_plus
         iterables: tuple[Any, ...] = ([shared] * tasks, range(tasks))
     elif form == "argument":

@@ -37,6 +37,7 @@ from zmqexecutor import (
     WorkerInfo,
     ZMQExecutor,
 )
+from zmqexecutor._wire import _features
 
 
 @pytest.fixture(scope="module")
@@ -1257,3 +1258,23 @@ def test_a_callables_array_reaches_every_new_process_under_max_tasks_per_child(r
         assert list(executor.map(functools.partial(first_plus_value, data), range(12))) == \
             [5.0 + x for x in range(12)]
         assert list(executor.map(first_plus_value, [data] * 6, range(6))) == [5.0 + x for x in range(6)]
+
+
+def mapped_first_then_changed(array: Any, x: int) -> tuple[bool, float]:
+    with open("/proc/self/maps") as maps:
+        mapped = "memfd:zx-" in maps.read()
+    first = float(array[0])
+    array[:] = -1.0  # its own copy-on-write pages: no other task sees this
+    return mapped, first + x
+
+
+@pytest.mark.skipif(not _features.MEMFD, reason="no memfd here: each task gets its own copy")
+def test_local_processes_map_one_copy_of_an_argument_a_map_repeats_and_write_only_their_own() -> None:
+    data = np.ones(1_000_000)
+    with ZMQExecutor(max_workers=2) as executor:
+        results = list(executor.map(mapped_first_then_changed, [data] * 12, range(12)))
+        assert [value for _, value in results] == [1.0 + x for x in range(12)]
+        assert all(mapped for mapped, _ in results[1:])  # from its second sighting: hashed, kept, mapped
+        assert data[0] == 1.0
+        # A submit does not hash it (a local copy costs less), and the task still gets it right.
+        assert executor.submit(mapped_first_then_changed, data, 0).result(timeout=30)[1] == 1.0

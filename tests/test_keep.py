@@ -9,7 +9,7 @@ from zmqexecutor._client._scheduler import Task
 from zmqexecutor._wire import _protocol as proto
 from zmqexecutor._wire._serialize import digest
 from zmqexecutor._worker._keep import KeptBuffers
-from zmqexecutor._worker._shm import map_frames
+from zmqexecutor._wire._shm import map_frames
 
 BIG, OTHER, THIRD = b"x" * 100_000, b"y" * 100_000, b"z" * 100_000
 A, B, C = (digest((buffer,)) for buffer in (BIG, OTHER, THIRD))

@@ -6,7 +6,7 @@ import pytest
 
 from zmqexecutor._wire import _features
 from zmqexecutor._wire._serialize import digest
-from zmqexecutor._worker._shm import MAX_MEMFDS, MemfdBuffer, Unmappable, map_frames, shared_copy
+from zmqexecutor._wire._shm import MAX_MEMFDS, MemfdBuffer, Unmappable, map_frames, shared_copy
 
 pytestmark = pytest.mark.skipif(not _features.MEMFD, reason="no memfd_create here")
 

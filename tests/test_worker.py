@@ -584,16 +584,10 @@ def test_a_worker_restarted_on_the_same_endpoint_gets_the_buffers_it_kept_again(
         assert received == 1 and reused == 9 and missing == 0  # one array: the callable's and the arguments'
 
 
-def mapped_first_then_changed(array: numpy.ndarray, x: int) -> tuple[bool, float]:
-    with open("/proc/self/maps") as maps:
-        mapped = "memfd:zx-" in maps.read()
-    first = float(array[0])
-    array[:] = -1.0  # its own copy-on-write pages: no other task sees this
-    return mapped, first + x
-
-
 @pytest.mark.skipif(not _features.MEMFD, reason="no memfd here: kept buffers go as copies")
 def test_task_processes_map_the_one_copy_the_worker_keeps_and_write_only_their_own(start_worker) -> None:
+    from test_executor import mapped_first_then_changed
+
     worker = start_worker(processes=2)
     data = numpy.ones(1_000_000)
     with ZMQExecutor(worker.endpoint) as ex:

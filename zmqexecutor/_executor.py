@@ -422,9 +422,10 @@ class ZMQExecutor(Executor):
                 per_map: Optional[MapDigests] = None) -> Future[_T]:
         self._handle.check_open()
         future: Future[_T] = new_future(None if self._remote else self._handle.engine.caller)
-        # Only workers across a socket keep argument buffers; the local worker's lanes hand them over
-        # in shared memory, where a digest would cost more than it saves.
-        owners: Optional[list[Any]] = [] if self._remote and self._send_once else None
+        # Arguments that come again are named for workers across a socket, and for local ones within
+        # a map (hashed once for it): a submit would hash them each time, which costs more than the
+        # local copy it saves.
+        owners: Optional[list[Any]] = [] if self._send_once and (self._remote or per_map is not None) else None
         try:
             if function is None:
                 function = self._calls.function_pickle(fn)
@@ -444,7 +445,7 @@ class ZMQExecutor(Executor):
             future.set_exception(MessageTooLargeError(
                 f"the task pickles to {size} bytes, more than max_message_size={self._max_message_size}"))
             return future
-        self._handle.push(Task(next_task_id(), future, frames, size, keepable))
+        self._handle.push(Task(next_task_id(), future, frames, size, keepable, first))
         return future
 
     def map(

@@ -30,7 +30,12 @@ from typing import Any, NamedTuple, Optional
 from .._wire import _protocol as proto
 from .._wire._channel import Listener, Peer
 from .._wire._protocol import Item, Kind
+from .._wire._shm import MemfdStore
 from ._scheduler import Load, Scheduler, Task
+
+
+# What the embedded worker keeps in memfds for its task processes to map: as a worker's --cache-size.
+KEEP_BYTES = 1 << 30
 
 
 class Lane:
@@ -94,6 +99,8 @@ class DirectLanes:
         # No size limit: the peers are our own processes in a folder only this user can enter, and a
         # result too large for one would be dropped with the connection, its task left waiting.
         self.listener = Listener(path)
+        # The buffers that tasks carry again and again, in memfds the processes map (one copy here).
+        self.kept = MemfdStore(KEEP_BYTES)
 
     def fileno(self) -> int:
         return self.listener.fileno()
@@ -158,10 +165,11 @@ class DirectLanes:
         for task in batch:
             frames = task.frames
             if task.keepable:
-                digests = [digest for _, digest in task.keepable]
-                if sent.issuperset(digests):  # its function's buffers went before: named alone
-                    frames = frames[:task.keepable[0][0]]
+                digests = [digest for index, digest in task.keepable if index >= task.function_at]
+                if digests and sent.issuperset(digests):  # its function's buffers went before: named alone
+                    frames = frames[:task.function_at]
                 sent.update(digests)
+                frames = self.mapped(frames, task.keepable)
             items.append(proto.process_task(task.ident, self.client_id,
                                             b"" if lane.initialized else self.init_blob, frames, lone=lone))
             lane.initialized = True
@@ -176,6 +184,17 @@ class DirectLanes:
             lane.peer.send(proto.encode_bare(Kind.STOP))
         return True
 
+    def mapped(self, frames: list[Any], keepable: tuple[tuple[int, bytes], ...]) -> list[Any]:
+        """``frames`` with each kept buffer (big enough) replaced by the MAPPED marker of its memfd."""
+        marked = frames
+        for index, digest in keepable:
+            if index < len(frames):
+                marker = self.kept.marker_for(digest, frames[index])
+                if marker is not None:
+                    marked = list(frames) if marked is frames else marked
+                    marked[index] = marker
+        return marked
+
     def in_flight(self) -> int:
         return sum(len(lane.load.inflight) for lane in list(self.lanes.values()))
 
@@ -184,6 +203,7 @@ class DirectLanes:
 
     def close(self) -> None:
         self.listener.close()
+        self.kept.close()
 
 
 def sort_out(tasks: list[Task], given: int, started: int, finished: int) -> Ending:

@@ -22,16 +22,20 @@ from .._wire._batching import BATCH_ITEMS, is_full
 from .._wire._pacing import TO_WORKERS, smoothed
 
 class Task:
-    __slots__ = ("ident", "future", "frames", "size", "queued_at", "started", "lost_on", "keepable")
+    __slots__ = ("ident", "future", "frames", "size", "queued_at", "started", "lost_on", "keepable",
+                 "function_at")
 
     def __init__(self, ident: int, future: "Future[Any]", frames: list[Any], size: int,
-                 keepable: tuple[tuple[int, bytes], ...] = ()) -> None:
+                 keepable: tuple[tuple[int, bytes], ...] = (), function_at: Optional[int] = None) -> None:
         self.ident = ident
         self.future = future
         self.frames = frames
         self.size = size
-        # (frame index, digest) of the buffers a worker may keep (the function's): sent once per worker
+        # (frame index, digest) of the buffers a worker may keep (repeated arguments', then the
+        # function's): sent once per worker
         self.keepable = keepable
+        # The index of the function's first buffer (they come last)
+        self.function_at = len(frames) if function_at is None else function_at
         self.queued_at = time.monotonic()
         self.started = False  # set_running_or_notify_cancel() has been called
         self.lost_on: list[str] = []

@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 
 from .._wire import _protocol as proto
 from .._wire._serialize import digest as digest_of
-from ._shm import MemfdBuffer, shared_copy
+from .._wire._shm import MemfdBuffer, shared_copy
 
 logger = logging.getLogger("zmqexecutor")
 

@@ -46,7 +46,7 @@ from .._wire._serialize import (
     explain_load_failure,
     loads,
 )
-from ._shm import Unmappable, map_frames
+from .._wire._shm import Unmappable, map_frames
 
 # How often a task process looks for a vanished supervisor when nothing happens.
 PARENT_CHECK_INTERVAL = 0.5

@@ -1,9 +1,12 @@
-"""One copy per host of each buffer a worker keeps: the supervisor holds it in a memfd, and its task
-processes map that memfd instead of receiving a copy with every task.
+"""One copy per host of each buffer a worker keeps: the supervisor (or, for the embedded worker, the
+client) holds it in a memfd, and task processes map that memfd instead of receiving a copy with
+every task.
 
-Runs in the supervisor's loop thread (``MemfdBuffer``) and in task processes (``map_frames``).
+Runs in the supervisor's loop thread (``MemfdBuffer``, for _worker._keep), the client's I/O thread
+or a caller holding the engine's lock (``MemfdStore``, for the embedded worker's lanes), and in task
+processes (``map_frames``).
 
-A kept buffer goes to a task process as a MAPPED marker (digest, supervisor pid, descriptor, size);
+A kept buffer goes to a task process as a MAPPED marker (digest, owner's pid, descriptor, size);
 the process opens ``/proc/PID/fd/FD`` and maps it copy-on-write (``MAP_PRIVATE``): pages stay shared
 with every other process until one writes to them, and a task that changes its array in place changes
 its own copy, as it would with a copy of its own. The memfd is named by the digest, and the process
@@ -14,12 +17,14 @@ buffer again. Without memfd_create and /proc (``_features.MEMFD``) kept buffers 
 
 from __future__ import annotations
 
+import collections
 import mmap
 import os
 import struct
 from typing import Any, Optional, Sequence
 
-from .._wire import _features
+from . import _features
+from ._serialize import digest as digest_of
 
 MAPPED_MARK = b"ZXM"
 _MAPPED = struct.Struct("<3s32sIIQ")  # mark, digest, supervisor pid, descriptor, size
@@ -68,12 +73,50 @@ class MemfdBuffer:
 def shared_copy(digest: bytes, buffer: Any, held: int) -> Optional[MemfdBuffer]:
     """``buffer`` in a memfd, or None (kept as it is then) where this host has none, the buffer is
     small, or the supervisor holds ``held`` memfds already."""
-    if not _features.MEMFD or len(buffer) < MEMFD_MIN_BYTES or held >= MAX_MEMFDS:
+    if not _features.MEMFD or memoryview(buffer).nbytes < MEMFD_MIN_BYTES or held >= MAX_MEMFDS:
         return None
     try:
         return MemfdBuffer(digest, buffer)
     except OSError:  # no memory left for it in tmpfs, or too many descriptors: keep the frame
         return None
+
+
+class MemfdStore:
+    """The embedded worker's kept buffers: memfds the client owns, by digest, within ``budget`` bytes
+    (the least recently used let go first)."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.size = 0
+        self.buffers: collections.OrderedDict[bytes, MemfdBuffer] = collections.OrderedDict()
+
+    def marker_for(self, digest: bytes, buffer: Any) -> Optional[bytes]:
+        """The MAPPED marker of ``buffer`` (kept now if it was not), or None: send the buffer itself."""
+        kept = self.buffers.get(digest)
+        if kept is not None:
+            self.buffers.move_to_end(digest)
+            return kept.marker
+        size = memoryview(buffer).nbytes
+        if size > self.budget or not _features.MEMFD or size < MEMFD_MIN_BYTES:
+            return None
+        # Named at submit, read now from the caller's memory: changed in between, it is not this digest.
+        if digest_of((buffer,)) != digest:
+            return None
+        made = shared_copy(digest, buffer, len(self.buffers))
+        if made is None:
+            return None
+        self.buffers[digest] = made
+        self.size += size
+        while self.size > self.budget:
+            _, dropped = self.buffers.popitem(last=False)
+            self.size -= dropped.size
+            dropped.close()
+        return made.marker
+
+    def close(self) -> None:
+        while self.buffers:
+            self.buffers.popitem()[1].close()
+        self.size = 0
 
 
 def map_frames(frames: Sequence[Any]) -> Sequence[Any]:
