@@ -296,3 +296,28 @@ def test_a_task_cut_short_by_the_drain_timeout_is_retried_elsewhere(workers, tmp
         other = workers(f"tcp://127.0.0.1:{free_port()}")
         ex.add_endpoints(other.endpoint)
         assert future.result(timeout=30) in other_pids(other)
+
+
+def first_after_nap(array, x: int) -> float:
+    time.sleep(0.05)
+    return float(array[0]) + x
+
+
+def test_tasks_that_name_kept_buffers_handed_back_by_a_draining_worker_run_elsewhere(workers) -> None:
+    import functools
+
+    import numpy
+
+    draining = workers(f"tcp://127.0.0.1:{free_port()}")
+    other = workers(f"tcp://127.0.0.1:{free_port()}")
+    data = numpy.full(1_000_000, 2.0)  # 8 MB: kept by each worker, then named
+    with ZMQExecutor([draining.endpoint, other.endpoint], max_retries=0) as ex:
+        assert wait_until(lambda: all(w.state == "ready" for w in ex.workers()), 30)
+        for args in ((functools.partial(first_after_nap, data), range(40)), (first_after_nap, [data] * 40, range(40))):
+            results = ex.map(*args)
+            got = [next(results) for _ in range(4)]
+            if args[0] is first_after_nap:
+                draining.process.send_signal(signal.SIGTERM)  # its queued tasks come back, held markers and all
+            got += list(results)
+            assert got == [2.0 + x for x in range(40)]
+        assert draining.process.wait(30) == 0

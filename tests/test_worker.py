@@ -494,6 +494,14 @@ def kept_counts(endpoint: str) -> tuple[int, int, int]:
     return received, reused, missing
 
 
+def kept_mib(endpoint: str) -> float:
+    out = subprocess.run([sys.executable, "-m", "zmqexecutor", "status", endpoint], capture_output=True,
+                         text=True, timeout=60).stdout
+    found = re.search(r"kept ([0-9.]+) of", out)
+    assert found is not None, out
+    return float(found.group(1))
+
+
 def test_a_worker_keeps_an_array_a_map_sends_with_every_task_and_gets_it_once(start_worker) -> None:
     from test_executor import first_plus_value
 
@@ -505,6 +513,8 @@ def test_a_worker_keeps_an_array_a_map_sends_with_every_task_and_gets_it_once(st
         data[0] = 1000.0  # changed in place: another buffer, sent once more
         assert list(ex.map(functools.partial(first_plus_value, data), range(5))) == [1000.0 + x for x in range(5)]
         assert kept_counts(worker.endpoint) == (2, 23, 0)
+        assert kept_mib(worker.endpoint) == round(2 * data.nbytes / 2**20, 1)  # both contents, until it ends
+    assert wait_until(lambda: kept_mib(worker.endpoint) == 0.0, 10)  # the session ended: let go
 
 
 def test_a_worker_keeps_an_array_passed_to_every_task_of_a_map_from_the_second_on(start_worker) -> None:

@@ -433,19 +433,26 @@ class ZMQExecutor(Executor):
         except Exception as exc:
             future.set_exception(exc)
             return future
+        if len(frames) == 1 and type(frames[0]) is bytes:  # a small task: nothing to keep, size at hand
+            if len(frames[0]) > self._max_message_size:
+                return self._too_large(future, len(frames[0]))
+            self._handle.push(Task(next_task_id(), future, frames, len(frames[0])))
+            return future
+        size = sum(memoryview(f).nbytes for f in frames)
+        if size > self._max_message_size:
+            return self._too_large(future, size)
         # The function's buffers come last: a worker may keep them (sent once per worker), and the
         # arguments' that come again before them.
         first = len(frames) - len(function.buffers)
         keepable = tuple((first + i, d) for i, d in enumerate(function.digests)) if self._send_once else ()
         if owners:
             keepable = self._repeats.keepable(frames, owners, 1, per_map) + keepable
-        size = len(frames[0]) if len(frames) == 1 and type(frames[0]) is bytes else \
-            sum(memoryview(f).nbytes for f in frames)
-        if size > self._max_message_size:
-            future.set_exception(MessageTooLargeError(
-                f"the task pickles to {size} bytes, more than max_message_size={self._max_message_size}"))
-            return future
         self._handle.push(Task(next_task_id(), future, frames, size, keepable, first))
+        return future
+
+    def _too_large(self, future: Future[_T], size: int) -> Future[_T]:
+        future.set_exception(MessageTooLargeError(
+            f"the task pickles to {size} bytes, more than max_message_size={self._max_message_size}"))
         return future
 
     def map(

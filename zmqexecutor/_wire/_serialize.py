@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
+import threading
 import types
 import weakref
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Union
@@ -145,14 +147,41 @@ def loads(frames: Sequence[Any]) -> Any:
 
 
 def digest(parts: Iterable[Any]) -> bytes:
-    """A digest of ``parts`` (buffers) together: what names a function pickle with buffers. SHA-256:
-    the fastest cryptographic hash of the standard library here (46 ms for 64 MiB, blake2b 72 ms)."""
+    """A digest of ``parts`` (buffers) together: what names a buffer or a function pickle with buffers.
+    SHA-256, the fastest cryptographic hash of the standard library here (46 ms for 64 MiB, blake2b
+    72 ms); a part of two pieces or more is hashed piece by piece on several threads (hashlib lets go
+    of the GIL), and the digests of its pieces stand for it (29 ms for 64 MiB on 2 cores)."""
     hashed = hashlib.sha256()
     for part in parts:
-        view = memoryview(part)
-        hashed.update(len(view.cast("B")).to_bytes(8, "little"))
-        hashed.update(view)
+        view = memoryview(part).cast("B")
+        hashed.update(len(view).to_bytes(8, "little"))
+        hashed.update(view if len(view) < 2 * DIGEST_PIECE else b"".join(_piece_digests(view)))
     return hashed.digest()
+
+
+# Large buffers are hashed in pieces of this size, each on one of at most DIGEST_THREADS threads. It
+# fixes what the digest is (both sides must agree), not only how fast: changing it renames every buffer.
+DIGEST_PIECE = 4 << 20
+DIGEST_THREADS = min(8, os.cpu_count() or 1)
+
+
+def _piece_digests(view: memoryview) -> list[bytes]:
+    pieces = [view[start:start + DIGEST_PIECE] for start in range(0, len(view), DIGEST_PIECE)]
+    found = [b""] * len(pieces)
+    threads = min(DIGEST_THREADS, len(pieces))
+
+    def hash_every(first: int) -> None:
+        for index in range(first, len(pieces), threads):
+            found[index] = hashlib.sha256(pieces[index]).digest()
+
+    # Threads of their own, started here: a pool's threads would not survive a fork of the client.
+    helpers = [threading.Thread(target=hash_every, args=(first,), daemon=True) for first in range(1, threads)]
+    for helper in helpers:
+        helper.start()
+    hash_every(0)
+    for helper in helpers:
+        helper.join()
+    return found
 
 
 # --- calls ----------------------------------------------------------------------------------------
@@ -348,9 +377,12 @@ def decode_call(frames: Sequence[Any], load_function: Callable[[Any, Sequence[An
     unpickles the function (a task process's ``FunctionCache.load``)."""
     if not frames:
         raise ProtocolError("no pickle frame")
-    rest = iter([_as_buffer(f) for f in frames[1:]])
-    call = pickle.loads(_as_buffer(frames[0]), buffers=rest)  # takes the arguments' buffers only
-    function_buffers = list(rest)
+    if len(frames) == 1:  # most calls: no buffers at all
+        call, function_buffers = pickle.loads(_as_buffer(frames[0])), []
+    else:
+        rest = iter([_as_buffer(f) for f in frames[1:]])
+        call = pickle.loads(_as_buffer(frames[0]), buffers=rest)  # takes the arguments' buffers only
+        function_buffers = list(rest)
     if not (isinstance(call, tuple) and len(call) in (3, 4) and _is_reference(call[0], len(function_buffers))
             and isinstance(call[1], tuple) and isinstance(call[2], dict)
             and (len(call) == 3 or (isinstance(call[3], float) and call[3] > 0))):

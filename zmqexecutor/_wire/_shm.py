@@ -121,7 +121,7 @@ class MemfdStore:
 
 def map_frames(frames: Sequence[Any]) -> Sequence[Any]:
     """A task's call frames with each MAPPED marker replaced by the buffer it names, mapped."""
-    if not any(len(frame) == MAPPED_SIZE for frame in frames[1:]):
+    if len(frames) == 1 or not any(len(frame) == MAPPED_SIZE for frame in frames[1:]):
         return frames
     return [frames[0], *(_mapped(frame) if len(frame) == MAPPED_SIZE else frame for frame in frames[1:])]
 

@@ -47,7 +47,7 @@ class KeptBuffers:
     def resolve(self, client: bytes, frames: Sequence[Any]) -> Optional[Sequence[Any]]:
         """A task's frames with its markers taken out: each KEEP's buffer kept, each HELD replaced by
         the buffer kept (or a MAPPED marker naming its memfd); None if one of them is not kept (anymore)."""
-        if not any(len(frame) == proto.MARK_SIZE for frame in frames[1:]):
+        if len(frames) == 1 or not any(len(frame) == proto.MARK_SIZE for frame in frames[1:]):
             return frames
         resolved = [frames[0]]
         index = 1
