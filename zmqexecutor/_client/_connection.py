@@ -171,11 +171,14 @@ class Connection:
             self.lanes.attach_all(scheduler)
 
     def draining(self) -> None:
-        """The worker said DRAINING: it takes no more tasks; those in flight there finish."""
+        """The worker said DRAINING: it takes no more tasks; those in flight there finish. Answered
+        at once (a PING): the worker waits for a word sent after DRAINING, which comes after every
+        task sent before it, so that none is still on its way when the worker leaves."""
         if not self.load.draining:
             logger.info("worker %s is draining: no more tasks go there; %d in flight finish there",
                         self.address, len(self.load.inflight))
         self.load.draining = True
+        self.send(proto.encode_bare(Kind.PING))
 
     def welcome(self, header: proto.Header, frames: list[Any]) -> Optional[str]:
         """Take a WELCOME. Returns why the tasks in flight here are lost (the worker restarted or

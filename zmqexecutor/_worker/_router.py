@@ -53,6 +53,7 @@ class Router:
         self.queue: collections.deque[Queued] = collections.deque()
         self.outbox: dict[bytes, list[Item]] = {}
         self.draining = False  # then tasks go back (RETURNED), and new sessions hear DRAINING
+        self.drain_told_at: Optional[float] = None  # when every client was told DRAINING
         self.tally = {"done": 0, "failed": 0, "crashed": 0, "cancelled": 0}
 
     def receive_from_clients(self) -> None:
@@ -247,6 +248,18 @@ class Router:
     def busy(self) -> int:
         """Task processes running (or holding) a task."""
         return self.relay.busy(self.pool.procs())
+
+    def tell_draining(self) -> None:
+        """Take no more tasks, and tell every client so."""
+        self.draining = True
+        self.drain_told_at = time.monotonic()
+        self.tell_all(proto.encode_bare(Kind.DRAINING))
+
+    def clients_caught_up(self) -> bool:
+        """Every client has said something since it was told DRAINING (a client answers it at once), so
+        every task it sent before has arrived (and gone back): a draining worker may leave now."""
+        told = self.drain_told_at
+        return told is None or all(session.last_seen > told for session in self.sessions)
 
     def tell_all(self, frames: list[Any]) -> None:
         for session in self.sessions:

@@ -229,7 +229,9 @@ class Supervisor:
             router.dispatch_tasks()
             router.send_replies()
             limits_due = self.pool.enforce_time_limits(time.monotonic())
-            if self.drain_deadline is not None and (not self.router.busy() or time.monotonic() >= self.drain_deadline):
+            if self.drain_deadline is not None and (
+                    (not self.router.busy() and self.router.clients_caught_up())
+                    or time.monotonic() >= self.drain_deadline):
                 self.stopping = True
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + PARENT_CHECK_INTERVAL
@@ -309,8 +311,7 @@ class Supervisor:
             return
         if self.drain_deadline is None:
             self.drain_deadline = time.monotonic() + self.drain_timeout
-            self.router.draining = True
-            self.router.tell_all(proto.encode_bare(Kind.DRAINING))
+            self.router.tell_draining()
             logger.info("draining: %d task(s) running; no more are taken", self.router.busy())
         # Also what a crashed task process had not started yet, put back here by reap_processes.
         self.router.give_back_queue()
@@ -323,8 +324,7 @@ class Supervisor:
             return  # its client accounts for its processes itself
         router = self.router
         if not router.draining:  # so that no client sends more meanwhile
-            router.draining = True
-            router.tell_all(proto.encode_bare(Kind.DRAINING))
+            router.tell_draining()
         router.receive_from_processes()
         router.give_back_queue()
         if self.drain_deadline is not None and time.monotonic() >= self.drain_deadline:
