@@ -490,3 +490,47 @@ def test_a_worker_stops_the_running_tasks_of_a_client_that_is_gone(tmp_path, sta
     assert wait_until(lambda: "because its client's session ended" in worker.log(), timeout=15), worker.log()
     time.sleep(1)
     assert not (tmp_path / "started0.finished").exists() and not (tmp_path / "started1").exists()
+
+
+_THOUSAND_ENDPOINTS_SCRIPT = '''
+import resource, sys, time
+from zmqexecutor import NoWorkersError, ZMQExecutor
+
+folder, live = sys.argv[1], sys.argv[2:]
+dead = [f"ipc://{folder}/{n}" for n in range(1000 - len(live))]  # nobody listens there
+started = time.monotonic()
+with ZMQExecutor(dead + live, connect_timeout=2.0, worker_timeout=60) as ex:
+    if live:
+        print(sorted(set(ex.map(abs, range(-50, 0)))) == list(range(1, 51)))
+    else:
+        try:
+            ex.submit(abs, -1).result(timeout=60)
+        except NoWorkersError as exc:
+            print(exc)
+    print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], round(time.monotonic() - started))
+'''
+
+
+def _soft_limit_1024() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
+@pytest.mark.parametrize("live", [0, 2])
+def test_a_client_given_a_thousand_endpoints_works_even_under_a_1024_file_limit(live, start_worker, tmp_path) -> None:
+    # libzmq's default of 1,023 sockets per context, and a soft limit of 1,024 open files, both broke
+    # a client at a few hundred endpoints.
+    endpoints = [start_worker(processes=1).endpoint for _ in range(live)]
+    done = subprocess.run([sys.executable, "-c", _THOUSAND_ENDPOINTS_SCRIPT, str(tmp_path), *endpoints],
+                          capture_output=True, text=True, timeout=120, preexec_fn=_soft_limit_1024,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0, done.stderr
+    *said, limit_and_time = done.stdout.strip().splitlines()
+    limit, seconds = map(int, limit_and_time.split())
+    assert limit > 4000 and seconds < 30
+    if live:
+        assert said == ["True"]
+    else:  # five endpoints named, the rest counted
+        assert said[0].startswith("no worker became reachable within connect_timeout=2 s (endpoints: ipc://")
+        assert said[0].count("ipc://") == 5 and said[0].endswith(", and 995 more)")

@@ -98,6 +98,7 @@ import zmq
 from .._wire import _protocol as proto
 from .._wire._errors import BrokenWorkerPool
 from .._wire._protocol import Kind
+from .._wire._sockets import allow_descriptors_for, roomy_context
 from ._caller import CallerPath
 from ._connection import Connection, WorkerInfo, connecting
 from ._dialin import DialInPort
@@ -156,7 +157,8 @@ class Engine(threading.Thread):
         self.local: Union[Embedded, NoLocalWorker] = (
             NoLocalWorker() if local_worker is None else Embedded(local_worker, self.scheduler, self.outcomes))
         # Sockets are made and closed by this thread alone (in run): the fleet makes them there.
-        self.context: zmq.Context[Any] = zmq.Context()
+        self.context: zmq.Context[Any] = roomy_context()
+        allow_descriptors_for(len(addresses))
         self.selector = selectors.DefaultSelector()
         self.fleet = Fleet(addresses, settings, self.context, self.selector, local=local_worker is not None)
         self.connections = self.fleet.connections

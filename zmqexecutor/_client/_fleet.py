@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Optional, Protocol, Sequence, Union
 import zmq
 
 from .._wire._curve import ClientKeys
-from .._wire._sockets import fileno, readable
+from .._wire._sockets import allow_descriptors_for, fileno, readable
 from ._connection import Connection, Inbox, WorkerConnection
 from ._dialin import DialInPort, DialledConnection
 from ._scheduler import Scheduler
@@ -113,6 +113,7 @@ class Fleet:
     # Comings and goings ---------------------------------------------------------------------------
 
     def change(self, add: list[str], remove: list[str], keys: Optional[ClientKeys]) -> None:
+        allow_descriptors_for(len(self.addresses) + len(add))
         for address in add:
             self.addresses.append(address)
             self.connect(address, keys)

@@ -133,7 +133,7 @@ class Outcomes:
         """With no worker ready: fail what waits if no worker can ever take it (unless another may
         still dial in at ``listening``), else what waited longer than ``connect_timeout``."""
         scheduler = self.scheduler
-        reasons = "".join(f"; {c.address}: {c.error}" for c in connections if c.error is not None)
+        reasons = _summary([f"{c.address}: {c.error}" for c in connections if c.error is not None], "; ")
         if listening is not None:
             addresses = addresses + [f"listening at {listening}"]
         elif all(conn.state == conn.INCOMPATIBLE for conn in connections):
@@ -152,9 +152,21 @@ class Outcomes:
         expired = scheduler.expire(time.monotonic(), timeout)
         if expired:
             message = (f"no worker became reachable within connect_timeout={timeout:g} s "
-                       f"(endpoints: {', '.join(addresses)}){reasons}")
+                       f"(endpoints: {_summary(addresses, ', ').lstrip(', ')}){reasons}")
             for task in expired:
                 fail(task, NoWorkersError(message))
+
+
+# An error names at most this many endpoints (or reasons), then how many more there were: a fleet of a
+# thousand must not make a message of a thousand lines.
+LISTED_AT_MOST = 5
+
+
+def _summary(items: list[str], separator: str) -> str:
+    """``items``, each after ``separator``, the first LISTED_AT_MOST of them and a count of the rest."""
+    shown = "".join(separator + item for item in items[:LISTED_AT_MOST])
+    rest = len(items) - LISTED_AT_MOST
+    return shown + (f"{separator}and {rest} more" if rest > 0 else "")
 
 
 def resolve(future: "Future[Any]", kind: Kind, frames: Any, endpoint: str) -> Optional[BrokenWorkerPool]:

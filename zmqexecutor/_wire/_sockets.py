@@ -5,10 +5,13 @@ Runs in whichever thread owns the socket at hand.
 
 from __future__ import annotations
 
+import logging
 import struct
 from typing import Any, Optional
 
 import zmq
+
+logger = logging.getLogger("zmqexecutor")
 
 # Most messages read from one socket per loop turn, so that one busy peer cannot starve the others.
 DRAIN_LIMIT = 256
@@ -23,6 +26,37 @@ HEARTBEAT_TIMEOUT_MS = 20000
 
 # Plain ints: pyzmq's constants are enum flags, and ``int & flag`` builds a new enum member each time.
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
+
+
+# Descriptors a client spends per bound worker (its DEALER's mailbox, the TCP connection, the
+# monitor's PAIR and its peer), and what it needs besides, whatever the number of workers.
+DESCRIPTORS_PER_WORKER = 4
+DESCRIPTORS_BESIDES = 256
+
+
+def roomy_context() -> zmq.Context[Any]:
+    """A context for as many sockets as libzmq allows: its default, 1,023, let a client reach about
+    400 bound workers (two sockets each). A slot costs libzmq a pointer."""
+    context: zmq.Context[Any] = zmq.Context()
+    context.set(zmq.MAX_SOCKETS, context.get(zmq.SOCKET_LIMIT))
+    return context
+
+
+def allow_descriptors_for(workers: int) -> None:
+    """Raise this process's soft limit on open descriptors (never above the hard one) if ``workers``
+    bound workers would need more: 1,024, a common default, is 250 of them."""
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit to raise
+        return
+    wanted = DESCRIPTORS_PER_WORKER * workers + DESCRIPTORS_BESIDES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if raised > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+        logger.info("raised the limit on open files from %d to %d for %d workers", soft, raised, workers)
 
 
 def unbounded(sock: zmq.Socket[Any], *, linger: Optional[int] = None) -> zmq.Socket[Any]:
