@@ -1278,3 +1278,39 @@ def test_local_processes_map_one_copy_of_an_argument_a_map_repeats_and_write_onl
         assert data[0] == 1.0
         # A submit does not hash it (a local copy costs less), and the task still gets it right.
         assert executor.submit(mapped_first_then_changed, data, 0).result(timeout=30)[1] == 1.0
+
+
+def nap_then(seconds: float, value: int) -> int:
+    time.sleep(seconds)
+    return value
+
+
+def test_an_unordered_map_yields_the_shortest_task_first_and_every_result_once() -> None:
+    with ZMQExecutor(max_workers=2) as executor:
+        started = time.monotonic()
+        results = executor.map(nap_then, [2.0, 0.1], ["long", "short"], ordered=False)
+        assert next(results) == "short" and time.monotonic() - started < 1.5
+        assert list(results) == ["long"]
+        values = list(executor.map(abs, range(-200, 0), ordered=False, chunksize=7))
+        assert sorted(values) == list(range(1, 201))
+
+
+def test_an_unordered_map_reads_an_infinite_iterable_lazily_and_cancels_the_rest_on_close() -> None:
+    with ZMQExecutor(max_workers=2) as executor:
+        results = executor.map(abs, itertools.count(), ordered=False, buffersize=4)
+        first = [next(results) for _ in range(20)]
+        assert len(set(first)) == 20 and max(first) < 20 + 4  # never more than 4 submitted ahead
+        results.close()
+
+
+def test_an_unordered_map_times_out_raises_a_tasks_error_and_refuses_a_bad_flag() -> None:
+    with ZMQExecutor(max_workers=2) as executor:
+        slow = executor.map(nap_then, [1.5], [1], ordered=False, timeout=0.3)
+        with pytest.raises(TimeoutError):
+            next(slow)
+        failing = executor.map(operator.truediv, [1, 1], [1, 0], ordered=False)
+        with pytest.raises(ZeroDivisionError):
+            list(failing)
+        with pytest.raises(TypeError, match="ordered must be True or False"):
+            executor.map(abs, [1], ordered="no")  # type: ignore[arg-type]
+        assert list(executor.options(task_timeout=10).map(abs, [-1, -2], ordered=False)) in ([1, 2], [2, 1])

@@ -10,6 +10,7 @@ import functools
 import itertools
 import logging
 import os
+import queue
 import signal
 import time
 import weakref
@@ -462,6 +463,7 @@ class ZMQExecutor(Executor):
         timeout: Optional[float] = None,
         chunksize: int = 1,
         buffersize: Optional[int] = None,
+        ordered: bool = True,
     ) -> Iterator[_T]:
         """Return an iterator equivalent to ``map(fn, *iterables)`` whose calls run on the workers.
 
@@ -471,8 +473,11 @@ class ZMQExecutor(Executor):
             chunksize: items sent together as one task, to amortize the round trip for small calls.
             buffersize: at most this many tasks (chunks) are submitted but not yet yielded; the
                 iterables are read lazily as results are consumed. None submits everything at once.
+            ordered: False yields each result as soon as its task is done, whatever the order of the
+                inputs (``imap_unordered``); the items of one chunk stay together, in their order.
         """
-        return _map_calls(weakref.ref(self), fn, iterables, timeout, chunksize, buffersize, self._task_timeout)
+        return _map_calls(weakref.ref(self), fn, iterables, timeout, chunksize, buffersize, self._task_timeout,
+                          ordered)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting tasks and release the workers once submitted tasks are done.
@@ -525,11 +530,11 @@ class TaskOptions:
         return self._executor._submit(fn, args, kwargs, self.task_timeout)
 
     def map(self, fn: Callable[..., _T], *iterables: Iterable[Any], timeout: Optional[float] = None,
-            chunksize: int = 1, buffersize: Optional[int] = None) -> Iterator[_T]:
+            chunksize: int = 1, buffersize: Optional[int] = None, ordered: bool = True) -> Iterator[_T]:
         """As ``ZMQExecutor.map``, with these options (``timeout`` is still map's own: how long to
         wait for each next result)."""
         return _map_calls(weakref.ref(self._executor), fn, iterables, timeout, chunksize, buffersize,
-                          self.task_timeout)
+                          self.task_timeout, ordered)
 
     def __repr__(self) -> str:
         return f"<TaskOptions task_timeout={self.task_timeout!r} of {self._executor!r}>"
@@ -537,7 +542,7 @@ class TaskOptions:
 
 def _map_calls(executor_ref: "weakref.ref[ZMQExecutor]", fn: Callable[..., _T], iterables: tuple[Iterable[Any], ...],
                timeout: Optional[float], chunksize: int, buffersize: Optional[int],
-               task_timeout: Optional[float]) -> Iterator[_T]:
+               task_timeout: Optional[float], ordered: bool = True) -> Iterator[_T]:
     """``map`` for an executor (held weakly, so that a forgotten iterator does not keep it alive)."""
     if chunksize < 1:
         raise ValueError("chunksize must be >= 1.")
@@ -545,15 +550,18 @@ def _map_calls(executor_ref: "weakref.ref[ZMQExecutor]", fn: Callable[..., _T], 
         raise TypeError("buffersize must be an integer or None")
     if buffersize is not None and buffersize < 1:
         raise ValueError("buffersize must be None or > 0")
+    if not isinstance(ordered, bool):
+        raise TypeError(f"ordered must be True or False, not {ordered!r}")
     if chunksize == 1:
-        return _results(executor_ref, fn, iter(zip(*iterables)), timeout, buffersize, task_timeout)
+        return _results(executor_ref, fn, iter(zip(*iterables)), timeout, buffersize, task_timeout, ordered)
     chunked = _results(executor_ref, functools.partial(_process_chunk, fn),
-                       ((c,) for c in _chunks(chunksize, iterables)), timeout, buffersize, task_timeout)
+                       ((c,) for c in _chunks(chunksize, iterables)), timeout, buffersize, task_timeout, ordered)
     return _flatten(chunked)
 
 
 def _results(executor_ref: "weakref.ref[ZMQExecutor]", fn: Callable[..., _T], arguments: Iterator[tuple[Any, ...]],
-             timeout: Optional[float], buffersize: Optional[int], task_timeout: Optional[float]) -> Iterator[_T]:
+             timeout: Optional[float], buffersize: Optional[int], task_timeout: Optional[float],
+             ordered: bool) -> Iterator[_T]:
     end_time = None if timeout is None else timeout + time.monotonic()
     executor = executor_ref()
     assert executor is not None  # the caller holds it
@@ -564,13 +572,25 @@ def _results(executor_ref: "weakref.ref[ZMQExecutor]", fn: Callable[..., _T], ar
     except Exception:
         function = None
     per_map = MapDigests()  # an argument that comes again is hashed once in this map
+    # Unordered, each future reports here when done, and results are taken in that order.
+    done: Optional["queue.SimpleQueue[Future[_T]]"] = None if ordered else queue.SimpleQueue()
+
+    def submit(executor: ZMQExecutor, args: tuple[Any, ...]) -> Future[_T]:
+        future = executor._submit(fn, args, {}, task_timeout, function, per_map)
+        if done is not None:
+            future.add_done_callback(done.put)
+        return future
+
+    # Ordered, the futures in input order; unordered, a set (they leave it in any order).
+    fs: Union[collections.deque[Future[_T]], set[Future[_T]]] = collections.deque() if ordered else set()
+    add = fs.append if isinstance(fs, collections.deque) else fs.add
     if buffersize:
         arguments = iter(arguments)
-        fs = collections.deque(executor._submit(fn, args, {}, task_timeout, function, per_map)
-                               for args in itertools.islice(arguments, buffersize))
+        for args in itertools.islice(arguments, buffersize):
+            add(submit(executor, args))
     else:
-        fs = collections.deque(executor._submit(fn, args, {}, task_timeout, function, per_map)
-                               for args in arguments)
+        for args in arguments:
+            add(submit(executor, args))
     del executor
 
     def submit_next() -> None:
@@ -579,17 +599,29 @@ def _results(executor_ref: "weakref.ref[ZMQExecutor]", fn: Callable[..., _T], ar
             return
         args = next(arguments, None)
         if args is not None:
-            fs.append(executor._submit(fn, args, {}, task_timeout, function, per_map))
+            add(submit(executor, args))
+
+    def next_future() -> Future[_T]:
+        if isinstance(fs, collections.deque):
+            return fs.popleft()
+        assert done is not None
+        try:
+            future = done.get(timeout=None if end_time is None else max(0.0, end_time - time.monotonic()))
+        except queue.Empty:
+            raise _base.TimeoutError from None
+        fs.discard(future)
+        return future
 
     def result_iterator() -> Iterator[_T]:
         try:
             while fs:
                 if buffersize:
                     submit_next()
+                future = next_future()
                 if end_time is None:
-                    yield _result_or_cancel(fs.popleft())
+                    yield _result_or_cancel(future)
                 else:
-                    yield _result_or_cancel(fs.popleft(), end_time - time.monotonic())
+                    yield _result_or_cancel(future, end_time - time.monotonic())
         finally:
             for future in fs:
                 future.cancel()
