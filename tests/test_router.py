@@ -10,6 +10,7 @@ from typing import Any
 from workerfakes import FakeContext, RecordingFront
 
 from zmqexecutor._wire import _protocol as proto
+from zmqexecutor._wire import _serialize as serialize
 from zmqexecutor._wire._protocol import Item, Kind
 from zmqexecutor._worker._relay import DirectTasks, Relay
 from zmqexecutor._worker._router import Router
@@ -140,8 +141,8 @@ def test_the_embedded_worker_refuses_relayed_tasks_and_reports_each_process_end_
 def test_a_task_naming_a_buffer_the_worker_did_not_keep_is_answered_missing() -> None:
     r, front = router(processes=1)
     greet(r, front)
-    digest = b"d" * 32
     big = b"x" * 100_000
+    digest = serialize.digest((big,))
     r.handle_client_message(CLIENT, proto.encode_messages([
         Item(Kind.TASK, 1, [b"\x80call", proto.keep_marker(digest), big]),
         Item(Kind.TASK, 2, [b"\x80call", proto.held_marker(digest)]),
@@ -149,3 +150,16 @@ def test_a_task_naming_a_buffer_the_worker_did_not_keep_is_answered_missing() ->
     assert [[bytes(f) for f in q.frames] for q in r.queue] == [[b"\x80call", big]] * 2
     r.send_replies()
     assert [(i.kind, i.ident) for i in front.items(CLIENT)] == [(Kind.MISSING, 3)]
+
+
+def test_a_process_that_could_not_map_a_kept_buffer_has_its_task_answered_missing() -> None:
+    r, front = router(processes=1)
+    greet(r, front)
+    send_tasks(r, 5)
+    r.dispatch_tasks()
+    [proc] = r.pool.procs()
+    [ident] = r.relay.of(proc).assigned
+    r.finish_task(proc, Item(Kind.MISSING, ident, []), now=1.0)
+    r.send_replies()
+    assert [(i.kind, i.ident) for i in front.items(CLIENT)] == [(Kind.MISSING, 5)]  # the client sends it again
+    assert r.busy() == 0 and r.tally == {"done": 0, "failed": 0, "crashed": 0, "cancelled": 0}

@@ -607,6 +607,35 @@ def test_task_processes_map_the_one_copy_the_worker_keeps_and_write_only_their_o
     assert kept_counts(worker.endpoint) == (1, 10, 0)
 
 
+@pytest.mark.skipif(not _features.MEMFD, reason="no memfd here: kept buffers go as copies")
+def test_tasks_still_run_where_task_processes_cannot_map_what_the_worker_keeps(tmp_path) -> None:
+    # Every task naming a kept buffer is answered MISSING there; after a few, the client sends it plainly.
+    from conftest import TESTS
+
+    path = os.pathsep.join([str(TESTS / "noprocfd"), str(TESTS), str(ROOT)])
+    worker = subprocess.Popen([sys.executable, "-m", "zmqexecutor", "worker", "--bind", "tcp://127.0.0.1:0",
+                               "--processes", "2"], stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=path))
+    try:
+        assert worker.stderr is not None
+        line = ""
+        while "worker ready" not in line:
+            line = worker.stderr.readline()
+            assert line, "the worker ended"
+        endpoint = line.split("ready: ", 1)[1].split("=", 1)[1].split()[0]
+        from test_executor import first_plus_value
+
+        data = numpy.ones(1_000_000)
+        with ZMQExecutor(endpoint, max_retries=0) as ex:
+            assert list(ex.map(functools.partial(first_plus_value, data), range(8))) == [1.0 + x for x in range(8)]
+            assert list(ex.map(first_plus_value, [data] * 8, range(8))) == [1.0 + x for x in range(8)]
+        received, reused, missing = kept_counts(endpoint)
+        assert missing == 0 and received >= 1  # the worker kept it; its processes could not map it
+    finally:
+        worker.send_signal(signal.SIGINT)
+        worker.wait(30)
+
+
 def test_a_worker_that_let_a_buffer_go_gets_it_again_and_the_task_still_runs(start_worker) -> None:
     from test_executor import first_plus_value
 

@@ -38,6 +38,15 @@ from .._wire._errors import (
 from .._wire._protocol import Kind
 from ._scheduler import Load, Scheduler, Task
 
+# A task answered MISSING this often goes on as plain frames, naming nothing: a buffer let go is
+# answered MISSING once, but a process that cannot map what is kept (no access to /proc/PID/fd, say)
+# would answer it every time, and the task would go back and forth for ever.
+MISSED_BEFORE_PLAIN = 3
+
+# An error names at most this many endpoints (or reasons), then how many more there were: a fleet of a
+# thousand must not make a message of a thousand lines.
+LISTED_AT_MOST = 5
+
 if TYPE_CHECKING:
     from ._connection import Connection
 
@@ -81,6 +90,11 @@ class Outcomes:
             self.scheduler.returned(load, ident)
         elif kind == Kind.MISSING:  # it let go of a buffer it kept for us: again, with the buffer
             load.owner.forget_held()
+            task = load.inflight.get(ident)
+            if task is not None:
+                task.missed += 1
+                if task.missed >= MISSED_BEFORE_PLAIN:  # markers cannot reach that process: no more of them
+                    task.keepable = ()
             self.scheduler.returned(load, ident)
         elif kind == Kind.OUTPUT:
             if ident in load.inflight:
@@ -155,11 +169,6 @@ class Outcomes:
                        f"(endpoints: {_summary(addresses, ', ').lstrip(', ')}){reasons}")
             for task in expired:
                 fail(task, NoWorkersError(message))
-
-
-# An error names at most this many endpoints (or reasons), then how many more there were: a fleet of a
-# thousand must not make a message of a thousand lines.
-LISTED_AT_MOST = 5
 
 
 def _summary(items: list[str], separator: str) -> str:

@@ -23,7 +23,7 @@ from .._wire._pacing import TO_WORKERS, smoothed
 
 class Task:
     __slots__ = ("ident", "future", "frames", "size", "queued_at", "started", "lost_on", "keepable",
-                 "function_at")
+                 "function_at", "missed")
 
     def __init__(self, ident: int, future: "Future[Any]", frames: list[Any], size: int,
                  keepable: tuple[tuple[int, bytes], ...] = (), function_at: Optional[int] = None) -> None:
@@ -36,6 +36,7 @@ class Task:
         self.keepable = keepable
         # The index of the function's first buffer (they come last)
         self.function_at = len(frames) if function_at is None else function_at
+        self.missed = 0  # times a worker answered MISSING
         self.queued_at = time.monotonic()
         self.started = False  # set_running_or_notify_cancel() has been called
         self.lost_on: list[str] = []

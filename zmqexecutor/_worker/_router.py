@@ -28,7 +28,9 @@ from ._taskpool import MAX_STARTUP_FAILURES, TaskProcess, TaskProcessPool
 
 logger = logging.getLogger("zmqexecutor.worker")
 
-_REPLIES = frozenset({Kind.RESULT, Kind.EXCEPTION, Kind.INIT_FAILED})
+# What a task process answers a task with. MISSING: it could not map a buffer kept here (let go since
+# the task was queued): its client sends the task again, whole.
+_REPLIES = frozenset({Kind.RESULT, Kind.EXCEPTION, Kind.INIT_FAILED, Kind.MISSING})
 
 
 class GiveUp(Exception):
@@ -205,7 +207,8 @@ class Router:
         if assignment is None:
             logger.error("task process %s replied for a task it was not given", proc.process.pid)
             return
-        self.tally["done" if item.kind == Kind.RESULT else "failed"] += 1
+        if item.kind != Kind.MISSING:
+            self.tally["done" if item.kind == Kind.RESULT else "failed"] += 1
         session = self.sessions.get(assignment.client)
         if session is not None:
             reply = Item(item.kind, assignment.task_id, item.frames)
