@@ -1285,8 +1285,16 @@ def nap_then(seconds: float, value: int) -> int:
     return value
 
 
+def nap_then_pid(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
 def test_an_unordered_map_yields_the_shortest_task_first_and_every_result_once() -> None:
     with ZMQExecutor(max_workers=2) as executor:
+        # Both processes up first (the second may start late, portable mode especially): otherwise
+        # the short task could wait behind the long one in the one process there is.
+        assert wait_until(lambda: len(set(executor.map(nap_then_pid, [0.2, 0.2]))) == 2, timeout=30)
         started = time.monotonic()
         results = executor.map(nap_then, [2.0, 0.1], ["long", "short"], ordered=False)
         assert next(results) == "short" and time.monotonic() - started < 1.5
@@ -1306,7 +1314,7 @@ def test_an_unordered_map_reads_an_infinite_iterable_lazily_and_cancels_the_rest
 def test_an_unordered_map_times_out_raises_a_tasks_error_and_refuses_a_bad_flag() -> None:
     with ZMQExecutor(max_workers=2) as executor:
         slow = executor.map(nap_then, [1.5], [1], ordered=False, timeout=0.3)
-        with pytest.raises(TimeoutError):
+        with pytest.raises(cf.TimeoutError):
             next(slow)
         failing = executor.map(operator.truediv, [1, 1], [1, 0], ordered=False)
         with pytest.raises(ZeroDivisionError):
