@@ -59,18 +59,23 @@ Threads, and what each may touch:
   flags under ``Handle.lock``; ``addresses``, a tuple replaced whole under it by either thread, read
   without it), their futures (each future's condition), the executor's ``CallEncoder`` and ``_tracebacks``' record of sent code (dicts read and
   written without a lock: under the GIL a race costs one more pickling, never a wrong one), and, on the
-  embedded worker's caller path (_caller), the scheduler, the lanes and the loop steps
-  ``dispatch_tasks``, ``Embedded.receive`` and ``break_executor``, only while holding ``Engine.lock``.
+  embedded worker's caller path (_caller), the scheduler, the lanes (their ``MemfdStore`` too) and
+  the loop steps ``dispatch_tasks``, ``Embedded.receive`` and ``break_executor``, only while holding
+  ``Engine.lock``.
   ``may_read``/``send`` read the scheduler's counts without it, as hints that are checked again with it.
   Nothing else of the I/O thread's: ``workers()`` is a request the I/O thread answers with a snapshot
   (``workers_snapshot``), or, once it has stopped, the last one it published.
+  Also the executor's ``RepeatedBuffers`` (_reuse: dicts read and written without a lock; a race costs
+  a digest or one plain send, never a wrong name) and an unordered map's queue (a ``SimpleQueue`` that
+  the done-callbacks of its futures feed from whichever thread settles them).
 * **The I/O thread** (``Engine``): every ZeroMQ socket, the selector, the fleet and its connections, the
   scheduler, the lanes; it resolves futures. It holds ``Engine.lock`` except while it waits for input.
 * **libzmq's I/O thread** (one context per executor), pyzmq's ZAP authenticator thread when listening
   with keys, a short-lived probe thread per unreachable endpoint (_connection: it only resolves and
   connects a plain socket), and without epoll (macOS, the BSDs, ``ZMQEXECUTOR_PORTABLE=1``)
   ``zmqexecutor-readiness`` (_readiness.WatchedSet), which only polls the lanes' sockets and makes a
-  pipe readable. The caller path is closed then.
+  pipe readable. The caller path is closed then. Helper threads of a digest (_serialize.digest, for a
+  buffer of 8 MiB or more): started and joined within that one call, each hashes its own pieces.
 
 Locks, in the order they may be taken (never the other way round):
 

@@ -6,10 +6,10 @@ Runs in user threads (submit, map, share), in the client.
 A buffer named by digest (``Task.keepable``) crosses to a worker once per session there (KEEP, then
 HELD: see _connection._marked and the worker's _keep). Naming costs a SHA-256 pass over the buffer
 (28 ms for 64 MiB on two cores here), which a one-off argument must not pay: an argument buffer is
-named only when its object comes again (the same array passed to task after task). Within one ``map`` an object that
-comes again is hashed once and taken to hold the same bytes for the rest of the map (as
-ProcessPoolExecutor, which pickles later, in its own thread, also takes it); between maps, and for every
-``submit``, it is hashed again, so that an array changed in place is a new digest.
+named only when its object comes again (the same array passed to task after task). Within one ``map``
+an object that comes again is hashed once and taken to hold the same bytes for the rest of the map (as
+ProcessPoolExecutor, which pickles later, in its own thread, also takes it); between maps, and for
+every ``submit``, it is hashed again, so that an array changed in place is a new digest.
 """
 
 from __future__ import annotations
