@@ -62,12 +62,12 @@ def test_a_task_past_its_time_limit_gets_sigterm_then_sigkill() -> None:
     p = pool(1)
     proc = p.procs()[0]
     now = time.monotonic()
-    assert p.enforce_time_limits(now) is None  # nothing runs
+    assert p.enforce_limits(now) is None  # nothing runs
     proc.counters[STARTED], proc.counters[FINISHED] = 1, 0
     proc.counters[DEADLINE] = int((now + 1.0) * 1e9)
     proc.counters[LIMIT_MS] = 1500
-    assert abs(p.enforce_time_limits(now) - (now + 1.0)) < 1e-3  # looked at again at its deadline
-    due = p.enforce_time_limits(now + 1.0)
+    assert abs(p.enforce_limits(now) - (now + 1.0)) < 1e-3  # looked at again at its deadline
+    due = p.enforce_limits(now + 1.0)
     assert proc.timed_out == 1.5 and proc.counters[TERM_OK] == 1
     assert due == now + 1.0 + TIME_LIMIT_GRACE
     proc.process.exitcode = -15

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ._wire._errors import (
         BrokenWorkerPool,
         LaunchError,
+        MemoryLimitError,
         MessageTooLargeError,
         NoWorkersError,
         RemoteError,
@@ -39,8 +40,8 @@ if TYPE_CHECKING:
         ZMQExecutorError,
     )
 
-_ERRORS = ("ZMQExecutorError", "RemoteError", "RemoteTraceback", "TaskCrashedError", "TaskTimeoutError",
-           "BrokenWorkerPool", "NoWorkersError", "VersionMismatchError", "WorkerLostError", "SecurityError",
+_ERRORS = ("ZMQExecutorError", "RemoteError", "RemoteTraceback", "TaskCrashedError", "MemoryLimitError",
+           "TaskTimeoutError", "BrokenWorkerPool", "NoWorkersError", "VersionMismatchError", "WorkerLostError", "SecurityError",
            "MessageTooLargeError", "LaunchError")
 _EXECUTOR = ("ZMQExecutor", "TaskOptions", "DEFAULT_CONNECT_TIMEOUT", "DEFAULT_MAX_MESSAGE_SIZE",
              "DEFAULT_MAX_RETRIES", "DEFAULT_WORKER_TIMEOUT")
@@ -84,6 +85,7 @@ __all__ = [
     "RemoteError",
     "RemoteTraceback",
     "TaskCrashedError",
+    "MemoryLimitError",
     "TaskTimeoutError",
     "BrokenWorkerPool",
     "NoWorkersError",

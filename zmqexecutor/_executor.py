@@ -39,6 +39,7 @@ from ._wire._curve import ClientKeys
 from ._wire import _protocol as proto
 from ._wire._endpoints import is_loopback, parse
 from ._wire._errors import MessageTooLargeError, SecurityError
+from ._wire._memory import parse_size
 from ._wire._serialize import CallEncoder, FunctionPickle
 from ._worker._cpus import available_cpus
 
@@ -125,6 +126,24 @@ def _check_arguments(*, listen: object, max_workers: object, initializer: object
         raise ValueError(f"task_output must be 'print' or 'log', not {task_output!r}")
     if task_timeout is not None:
         _check_seconds("task_timeout", task_timeout, none_ok=True)
+
+
+def _check_memory(remote: bool, **sizes: object) -> dict[str, int]:
+    """The memory limits given for local workers, in bytes."""
+    found = {}
+    for name, size in sizes.items():
+        if size is None:
+            continue
+        if remote:
+            option = "--" + name.replace("_", "-")
+            raise ValueError(f"{name} applies to the executor's own local workers; start remote workers "
+                             f"with `zmqexecutor worker {option} SIZE`")
+        if not isinstance(size, (int, str)) or isinstance(size, bool):
+            raise TypeError(f"{name} must be a number of bytes or a size such as '2GiB', not {type(size).__name__}")
+        found[name] = parse_size(size)
+        if found[name] < 1:
+            raise ValueError(f"{name} must be at least 1 byte")
+    return found
 
 
 def _cancel_running(future: Future[Any]) -> bool:
@@ -220,7 +239,15 @@ class ZMQExecutor(Executor):
             reach needs keys or ``insecure=True``.
         send_once: a large buffer that every task carries (an array inside the mapped callable, or
             an argument object that comes again) goes to each worker (or local task process) once,
-            named by its SHA-256 digest afterwards. False sends everything with every task.
+            named by its BLAKE3 digest afterwards. False sends everything with every task.
+        max_memory_per_child: for local workers: a task process whose resident memory is above this
+            after a task (a leak, a cache that only grows) is replaced before its next task, never
+            during one. Bytes, or a size as people write it (``"512MiB"``, ``"2GiB"``, ``"1.5G"``).
+            A remote worker takes it as ``zmqexecutor worker --max-memory-per-child``.
+        memory_limit: for local workers: a task process that holds more than this while it runs a
+            task is killed, that future fails with ``MemoryLimitError`` (not retried), and another
+            process takes its place. A size as for ``max_memory_per_child``; remote workers take it as
+            ``--memory-limit``.
     """
 
     def __init__(
@@ -242,6 +269,8 @@ class ZMQExecutor(Executor):
         task_timeout: Optional[float] = None,
         listen: Optional[str] = None,
         send_once: bool = True,
+        max_memory_per_child: Union[int, str, None] = None,
+        memory_limit: Union[int, str, None] = None,
     ) -> None:
         if isinstance(endpoints, int) and not isinstance(endpoints, bool):
             # The ProcessPoolExecutor(4) habit.
@@ -265,6 +294,7 @@ class ZMQExecutor(Executor):
             from ._wire import _security  # key files are read only where keys are used
 
             listen_keys = _security.listen_keys(keys, worker_keys, listen, insecure=insecure)
+        memory = _check_memory(remote, max_memory_per_child=max_memory_per_child, memory_limit=memory_limit)
         if not remote and (keys is not None or worker_keys):
             raise ValueError("keys apply to remote endpoints; the embedded local workers are private already")
         client_keys = self._keys_for(addresses) if addresses else None
@@ -292,7 +322,7 @@ class ZMQExecutor(Executor):
             self._max_workers = max_workers
         else:
             self._max_workers = max_workers or available_cpus()  # as `zmqexecutor worker` counts them
-            local_worker = LocalWorker(self._max_workers)
+            local_worker = LocalWorker(self._max_workers, **memory)
             addresses = [local_worker.endpoint]
         self._remote = remote
         try:

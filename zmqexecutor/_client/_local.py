@@ -57,7 +57,8 @@ LOCAL_CHECK_INTERVAL = 1.0
 class LocalWorker:
     """A ``zmqexecutor worker`` subprocess bound to ``ipc://`` in a folder only this user can enter."""
 
-    def __init__(self, processes: int) -> None:
+    def __init__(self, processes: int, *, max_memory_per_child: Optional[int] = None,
+                 memory_limit: Optional[int] = None) -> None:
         self.private_dir = tempfile.mkdtemp(prefix="zmqexecutor-")  # mode 0700
         self.endpoint = f"ipc://{self.private_dir}/worker"
         # Its task processes exchange tasks with the executor here, without the supervisor's relay.
@@ -75,6 +76,10 @@ class LocalWorker:
             "--direct", self.direct_address,
             "--log-level", level,
         ]
+        if max_memory_per_child is not None:
+            self.command += ["--max-memory-per-child", str(max_memory_per_child)]
+        if memory_limit is not None:
+            self.command += ["--memory-limit", str(memory_limit)]
         self.env = env
         self.process: Optional[subprocess.Popen[bytes]] = None
         self.restarts: list[float] = []

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 from .._wire import _protocol as proto
 from .._wire._errors import (
     BrokenWorkerPool,
+    MemoryLimitError,
     MessageTooLargeError,
     NoWorkersError,
     TaskCrashedError,
@@ -35,6 +36,7 @@ from .._wire._errors import (
     VersionMismatchError,
     WorkerLostError,
 )
+from .._wire._memory import format_size
 from .._wire._protocol import Kind
 from ._scheduler import Load, Scheduler, Task
 
@@ -205,6 +207,18 @@ def resolve(future: "Future[Any]", kind: Kind, frames: Any, endpoint: str) -> Op
 def crash_error(endpoint: str, info: dict[str, Any]) -> Union[TaskCrashedError, TaskTimeoutError]:
     signal_name, how = proto.describe_exit(info.get("exitcode"))
     host, pid = info.get("host", "?"), info.get("pid", 0)
+    peak, limit_bytes = info.get("peak_memory"), info.get("memory_limit")
+    peak = peak if isinstance(peak, int) and not isinstance(peak, bool) else 0
+    if isinstance(limit_bytes, int) and not isinstance(limit_bytes, bool):
+        return MemoryLimitError(
+            f"the task's process (pid {pid} on host {host}, worker {endpoint}) held {format_size(peak)}, "
+            f"above the worker's memory limit of {format_size(limit_bytes)}; the worker killed it and "
+            "replaced it", limit=limit_bytes, peak=peak, exitcode=info.get("exitcode"), signal=signal_name,
+            host=str(host), pid=int(pid) if isinstance(pid, int) else 0, endpoint=endpoint)
+    if info.get("oom_killed") is True:
+        seen = f"; it held {format_size(peak)} when last seen" if peak else ""
+        how += (" by the kernel's out-of-memory killer (the host's control group counted an OOM kill), most "
+                f"likely for using too much memory{seen}")
     limit = info.get("timed_out")
     if isinstance(limit, (int, float)) and not isinstance(limit, bool):
         return TaskTimeoutError(

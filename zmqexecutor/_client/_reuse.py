@@ -4,8 +4,8 @@ handles of ``ZMQExecutor.share`` (``Shared``), which are such buffers from the s
 Runs in user threads (submit, map, share), in the client.
 
 A buffer named by digest (``Task.keepable``) crosses to a worker once per session there (KEEP, then
-HELD: see _connection._marked and the worker's _keep). Naming costs a SHA-256 pass over the buffer
-(28 ms for 64 MiB on two cores here), which a one-off argument must not pay: an argument buffer is
+HELD: see _connection._marked and the worker's _keep). Naming costs a BLAKE3 pass over the buffer
+(9 ms for 64 MiB on two cores here), which a one-off argument must not pay: an argument buffer is
 named only when its object comes again (the same array passed to task after task). Within one ``map``
 an object that comes again is hashed once and taken to hold the same bytes for the rest of the map (as
 ProcessPoolExecutor, which pickles later, in its own thread, also takes it); between maps, and for

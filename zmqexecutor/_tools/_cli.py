@@ -8,25 +8,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 from typing import Any, Optional, Sequence
 
 from .._wire._endpoints import is_loopback, parse
+from .._wire._memory import parse_size
 from .._wire._version import __version__
-
-
-_UNITS = {"": 1, "k": 1000, "kb": 1000, "ki": 1024, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mi": 1024**2,
-          "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gi": 1024**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4,
-          "ti": 1024**4, "tib": 1024**4}
 
 
 def size_in_bytes(text: str) -> int:
     """A size as people write it: ``512MiB``, ``2GiB``, ``1.5G`` (10**9), ``100k`` or plain bytes."""
-    found = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*", text)
-    if found is None or found.group(2).lower() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"expected a size such as 512MiB, 2GiB, 1.5G or 1000000, got {text!r}")
-    return int(float(found.group(1)) * _UNITS[found.group(2).lower()])
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_int(text: str) -> int:
@@ -91,6 +86,12 @@ def _add_worker(commands: Any) -> None:
                         help="how much of the large buffers its clients send again and again (an array inside "
                              "a mapped function) it keeps, so that each crosses the network once; 0 keeps none "
                              "(default: 1GiB)")
+    worker.add_argument("--max-memory-per-child", type=size_in_bytes, default=None, metavar="SIZE",
+                        help="a task process whose resident memory is above SIZE after a task (a leak) is "
+                             "replaced before its next task, never during one")
+    worker.add_argument("--memory-limit", type=size_in_bytes, default=None, metavar="SIZE",
+                        help="a task process that holds more than SIZE while it runs a task is killed, and that "
+                             "task fails with MemoryLimitError; the process is replaced")
     worker.add_argument("--insecure", action="store_true",
                         help="allow binding a non-loopback TCP address without authentication: anyone "
                              "who can reach the port can run code as this user")
@@ -273,6 +274,7 @@ def run_supervisor(args: argparse.Namespace, *, bind: Optional[str], **where: An
         drain_timeout=DEFAULT_DRAIN_TIMEOUT if args.drain_timeout is None else args.drain_timeout,
         idle_timeout=args.idle_timeout, exit_with_stdin=args.exit_with_stdin,
         keep_bytes=DEFAULT_KEEP_BYTES if args.cache_size is None else args.cache_size,
+        memory_per_child=args.max_memory_per_child, memory_limit=args.memory_limit,
     )
     return supervisor.run()
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from concurrent.futures import BrokenExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from typing import Any, Optional
 
 __all__ = [
     "ZMQExecutorError",
     "RemoteTraceback",
     "RemoteError",
     "TaskCrashedError",
+    "MemoryLimitError",
     "BrokenWorkerPool",
     "NoWorkersError",
     "WorkerLostError",
@@ -76,6 +77,26 @@ class TaskCrashedError(BrokenProcessPool, ZMQExecutorError):
         self.host = host
         self.pid = pid
         self.endpoint = endpoint
+
+
+class MemoryLimitError(TaskCrashedError):
+    """Raised when a task's process held more memory than its worker's memory limit while it ran the
+    task (``--memory-limit``, ``memory_limit=``): the worker killed that process and started another."""
+
+    def __init__(self, message: str, *, limit: int = 0, peak: int = 0, **where: Any) -> None:
+        super().__init__(message, **where)
+        self.limit = limit
+        self.peak = peak
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_memory_limit, (str(self), self.limit, self.peak, self.exitcode, self.signal, self.host,
+                                        self.pid, self.endpoint))
+
+
+def _rebuild_memory_limit(message: str, limit: int, peak: int, exitcode: Optional[int], signal: Optional[str],
+                          host: str, pid: int, endpoint: str) -> MemoryLimitError:
+    return MemoryLimitError(message, limit=limit, peak=peak, exitcode=exitcode, signal=signal, host=host, pid=pid,
+                            endpoint=endpoint)
 
 
 class TaskTimeoutError(TimeoutError, ZMQExecutorError):

@@ -23,8 +23,11 @@ Client <-> worker supervisor (a DEALER per endpoint to the worker's bound ROUTER
     RESULT       w -> c  [hdr(task id), result pickle, *out-of-band buffers]
     EXCEPTION    w -> c  [hdr(task id), json {type, message, traceback, host, pid}, exception pickle or b""]
     INIT_FAILED  w -> c  same frames as EXCEPTION: the initializer raised
-    CRASHED      w -> c  [hdr(task id), json {exitcode, signal, host, pid, timed_out}]; ``timed_out``
-                         is the time limit the task ran past when that is why its process was ended
+    CRASHED      w -> c  [hdr(task id), json {exitcode, signal, host, pid, timed_out, memory_limit?,
+                         peak_memory?, oom_killed?}]; ``timed_out`` is the time limit the task ran past
+                         when that is why its process was ended, ``memory_limit`` the memory limit
+                         (bytes) it passed when that is, ``peak_memory`` the largest resident size the
+                         worker saw, ``oom_killed`` set when the kernel's out-of-memory killer took it
     REJECTED     w -> c  [hdr(task id or 0), json {reason}]: the worker has no session for this client;
                          the client treats its tasks there as lost and shakes hands again
     PING         c -> w  [hdr(0)]: liveness, sent every heartbeat interval; refreshes the session
@@ -93,9 +96,10 @@ the same private folder) and exchange the task-process messages above with the c
 supervisor sees no task, only the processes, and tells the client when one ends::
 
     EXITED       w -> c  [hdr(pid), json {pid, started, finished, exitcode, signal, retired, host,
-                         timed_out}]: of the tasks the client sent that process, in order, the first
+                         timed_out, memory_limit?, peak_memory?, oom_killed?}]: of the tasks the client sent that process, in order, the first
                          ``finished`` ran to the end, the next (if ``started`` is larger) was running
-                         (past its time limit ``timed_out``, if that is set), the rest never started
+                         (past its time limit ``timed_out``, if that is set; the memory keys are
+                         CRASHED's), the rest never started
     CANCEL       c -> w  [hdr(pid), json {seq}]: kill that process if the task it is running is the
                          ``seq``-th (from 0) the client sent it
     LONE_TASK    c -> t  as TASK, for a caller that waits for each reply before its next task: the
@@ -136,7 +140,9 @@ __all__ = ["ProtocolError", "OOB_MIN_BYTES", "decode_call", "dumps", "encode_ini
 #    reference now name zmqexecutor._wire._errors, which a version-3 peer cannot import.
 # 5: a function whose pickle has large buffers (a partial or closure over an array) sends them as
 #    frames of their own, after the arguments' (its reference in the call: key, pickle, count).
-PROTOCOL_VERSION = 5
+# 6: what names a kept buffer or a function pickle is a BLAKE3 digest (it was SHA-256): a version-5
+#    worker would refuse every buffer a version-6 client asks it to keep.
+PROTOCOL_VERSION = 6
 MAGIC = b"ZX"
 _HEADER = struct.Struct("!2sBBQ")
 HEADER_SIZE = _HEADER.size
@@ -419,11 +425,25 @@ def decode_exception(frames: Sequence[Frame], *, endpoint: str) -> BaseException
 
 
 def encode_crash(*, exitcode: int | None, signal_name: str | None, host: str, pid: int,
-                 timed_out: float | None = None) -> list[bytes]:
+                 timed_out: float | None = None, **memory: Any) -> list[bytes]:
     """CRASHED: the task's process died while running it; ``timed_out``: the time limit in seconds
-    it ran past, when that is why the worker ended it."""
+    it ran past, when that is why the worker ended it; ``memory``: see ``memory_of``."""
     return [encode_json({"exitcode": exitcode, "signal": signal_name, "host": host, "pid": pid,
-                         "timed_out": timed_out})]
+                         "timed_out": timed_out, **memory})]
+
+
+def memory_of(proc: Any) -> dict[str, Any]:
+    """What a crash report says of a task process's memory (a _taskpool.TaskProcess): the memory limit
+    it passed (bytes), the largest resident size seen, and whether the kernel's out-of-memory killer
+    took it; only what is known."""
+    found: dict[str, Any] = {}
+    if proc.over_limit is not None:
+        found["memory_limit"] = proc.over_limit
+    if proc.peak:
+        found["peak_memory"] = proc.peak
+    if proc.oom_killed:
+        found["oom_killed"] = True
+    return found
 
 
 def decode_crash(frames: Sequence[Frame]) -> dict[str, Any]:
@@ -598,15 +618,15 @@ def decode_process_task(frames: Sequence[Any]) -> tuple[bytes, Any, Sequence[Any
 
 
 def encode_exited(*, pid: int, started: int, finished: int, exitcode: int | None, retired: bool,
-                  host: str, timed_out: float | None = None) -> Item:
+                  host: str, timed_out: float | None = None, **memory: Any) -> Item:
     """EXITED, supervisor -> the client of a direct worker, as an item of its replies (it goes in a
     BATCH with them): a task process ended after starting ``started`` and finishing ``finished`` of the
     tasks it was sent; ``retired`` when it was told to; ``timed_out``, the time limit its running task
-    ran past when that is why it was ended."""
+    ran past when that is why it was ended; ``memory``: see ``memory_of``."""
     signal_name, _ = describe_exit(exitcode)
     return Item(Kind.EXITED, pid, [encode_json({
         "pid": pid, "started": started, "finished": finished, "exitcode": exitcode, "signal": signal_name,
-        "retired": retired, "host": host, "timed_out": timed_out})])
+        "retired": retired, "host": host, "timed_out": timed_out, **memory})])
 
 
 def decode_exited(frames: Sequence[Frame]) -> dict[str, Any]:

@@ -23,7 +23,6 @@ else goes through cloudpickle with pickle protocol 5, large buffers as frames of
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import pickle
@@ -32,6 +31,7 @@ import types
 import weakref
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
+import blake3
 import cloudpickle
 
 from ._errors import ProtocolError
@@ -148,10 +148,11 @@ def loads(frames: Sequence[Any]) -> Any:
 
 def digest(parts: Iterable[Any]) -> bytes:
     """A digest of ``parts`` (buffers) together: what names a buffer or a function pickle with buffers.
-    SHA-256, the fastest cryptographic hash of the standard library here (46 ms for 64 MiB, blake2b
-    72 ms); a part of two pieces or more is hashed piece by piece on several threads (hashlib lets go
-    of the GIL), and the digests of its pieces stand for it (29 ms for 64 MiB on 2 cores)."""
-    hashed = hashlib.sha256()
+    BLAKE3 (the ``blake3`` package): 16 ms for 64 MiB on one core here, where SHA-256, the fastest
+    cryptographic hash of the standard library, takes 38 ms and blake2b 101 ms. A part of two pieces or
+    more is hashed piece by piece on several threads (the package lets go of the GIL), and the digests
+    of its pieces stand for it (9 ms for 64 MiB on 2 cores)."""
+    hashed = blake3.blake3()
     for part in parts:
         view = memoryview(part).cast("B")
         hashed.update(len(view).to_bytes(8, "little"))
@@ -172,9 +173,10 @@ def _piece_digests(view: memoryview) -> list[bytes]:
 
     def hash_every(first: int) -> None:
         for index in range(first, len(pieces), threads):
-            found[index] = hashlib.sha256(pieces[index]).digest()
+            found[index] = blake3.blake3(pieces[index]).digest()
 
-    # Threads of their own, started here: a pool's threads would not survive a fork of the client.
+    # Threads of our own, started here, not the package's (max_threads) nor a pool's: neither would
+    # survive a fork of the client, and the package's would wait for ever in the child.
     helpers = [threading.Thread(target=hash_every, args=(first,), daemon=True) for first in range(1, threads)]
     for helper in helpers:
         helper.start()

@@ -73,6 +73,7 @@ import zmq.utils.garbage as zmq_garbage
 from .._wire import _features
 from .._wire import _protocol as proto
 from .._wire._errors import SecurityError
+from .._wire._memory import watches_others
 from .._wire._protocol import Kind
 from .._wire._curve import DialKeys, Guard
 from .._wire._security import worker_guard
@@ -109,7 +110,8 @@ class Supervisor:
                  max_message_size: int = proto.DEFAULT_MAX_MESSAGE_SIZE,
                  drain_timeout: float = DEFAULT_DRAIN_TIMEOUT, connect: Optional[str] = None,
                  dial_keys: Optional[DialKeys] = None, idle_timeout: Optional[float] = None,
-                 exit_with_stdin: bool = False, keep_bytes: int = DEFAULT_KEEP_BYTES) -> None:
+                 exit_with_stdin: bool = False, keep_bytes: int = DEFAULT_KEEP_BYTES,
+                 memory_per_child: Optional[int] = None, memory_limit: Optional[int] = None) -> None:
         if (bind is None) == (connect is None):
             raise ValueError("a worker either binds an endpoint or connects to a client's, not both")
         self.bind = bind
@@ -135,7 +137,8 @@ class Supervisor:
         # CPU that the supervisor needs (a lone round trip over TCP here took 1.2 times as long).
         spin = direct is not None and processes <= available_cpus()
         self.pool = TaskProcessPool(direct or f"{self.private_dir}/tasks", multiprocessing.get_context("spawn"),
-                                    direct=direct is not None, spin=spin)
+                                    direct=direct is not None, spin=spin, memory_per_child=memory_per_child,
+                                    memory_limit=memory_limit)
         self.stopping = False
         self.drain_timeout = drain_timeout
         self.drain_requested = False  # by SIGTERM or DRAIN; taken up by the loop
@@ -190,6 +193,9 @@ class Supervisor:
             security = f"CurveZMQ ({len(self.guard.allowed)} allowed client keys)"
         else:
             security = "CurveZMQ (the client's key pinned)" if self.dial_keys is not None else "none"
+        if self.pool.memory_limit is not None and not watches_others():
+            logger.warning("--memory-limit is not enforced: this system does not let us read the task "
+                           "processes' memory (no /proc)")
         missing = [name for name, found in _features.summary().items() if not found]
         if missing:
             logger.info("this system lacks %s: the portable way is used for each", ", ".join(missing))
@@ -228,7 +234,7 @@ class Supervisor:
             self.drain()
             router.dispatch_tasks()
             router.send_replies()
-            limits_due = self.pool.enforce_time_limits(time.monotonic())
+            limits_due = self.pool.enforce_limits(time.monotonic())
             if self.drain_deadline is not None and (
                     (not self.router.busy() and self.router.clients_caught_up())
                     or time.monotonic() >= self.drain_deadline):

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from .._wire import _protocol as proto
 from .._wire._channel import Listener, Peer
+from .._wire._memory import OomKills, format_size, resident_bytes
 from .._wire._protocol import Item, Kind
 from ._taskprocess import (
     COUNTERS,
@@ -25,6 +26,7 @@ from ._taskprocess import (
     DRAINING,
     FINISHED,
     LIMIT_MS,
+    OVER_MEMORY,
     RETIRED,
     STARTED,
     TERM_OK,
@@ -49,9 +51,15 @@ TIME_LIMIT_GRACE = 2.0
 # sets it in shared memory; no message says so). A task therefore ends at most this late.
 TIME_LIMIT_CHECK = 0.1
 
+# With a memory limit, the pool reads the resident size of each process that runs a task this often.
+# Shorter stops a runaway allocation sooner (a process can take a few hundred MiB more meanwhile) and
+# costs the supervisor a read of /proc per process each time (about 20 us).
+MEMORY_CHECK = 0.1
+
 
 class TaskProcess:
-    __slots__ = ("process", "ident", "ready", "counters", "retiring", "signalled", "peer", "timed_out", "kill_at")
+    __slots__ = ("process", "ident", "ready", "counters", "retiring", "signalled", "peer", "timed_out", "kill_at",
+                 "peak", "over_limit", "oom_killed", "oom_mark")
 
     def __init__(self, process: Any, counters: Any) -> None:
         self.process = process
@@ -63,6 +71,27 @@ class TaskProcess:
         self.peer: Optional[Peer] = None  # its connection, once it said READY
         self.timed_out: Optional[float] = None  # the limit (s) its running task overran: it is being ended
         self.kill_at = 0.0
+        self.peak = 0  # the largest resident size seen while a memory limit is watched (bytes)
+        self.over_limit: Optional[int] = None  # the memory limit it passed: it was killed for it
+        self.oom_killed = False  # the kernel's out-of-memory killer took it, by its control group's count
+        self.oom_mark = 0  # that count when the process started
+
+    def enforce_memory_limit(self, limit: int) -> bool:
+        """SIGKILL the process if it runs a task and holds more than ``limit`` bytes; whether it runs one.
+        No grace: a process past its limit may be taking the host's memory fast."""
+        counters = self.counters
+        if counters[STARTED] == counters[FINISHED] or self.over_limit is not None or self.process.pid is None:
+            return False
+        size = resident_bytes(self.process.pid)
+        if size is None:
+            return False
+        self.peak = max(self.peak, size)
+        if size > limit and counters[STARTED] > counters[FINISHED]:
+            self.over_limit = limit
+            logger.warning("task process %s holds %s, above its memory limit of %s; stopping it",
+                           self.process.pid, format_size(size), format_size(limit))
+            _signal(self, signal.SIGKILL)
+        return True
 
     def enforce_time_limit(self, now: float) -> Optional[float]:
         """SIGTERM the process if its task ran past its time limit, SIGKILL it if that did not end it;
@@ -91,11 +120,17 @@ class TaskProcess:
 class TaskProcessPool:
     """The worker's task processes: started, reaped, replaced and signalled here."""
 
-    def __init__(self, address: str, mp: Any, *, direct: bool = False, spin: bool = False) -> None:
+    def __init__(self, address: str, mp: Any, *, direct: bool = False, spin: bool = False,
+                 memory_per_child: Optional[int] = None, memory_limit: Optional[int] = None) -> None:
         """``direct``: the processes connect to the client at ``address`` (the embedded worker);
         ``spin``: they look for their next task awake a moment after each reply (when each has a CPU
-        of its own)."""
+        of its own); ``memory_per_child``: a process larger than this after a task is replaced before
+        its next; ``memory_limit``: one larger than this while it runs a task is killed."""
         self.address = address
+        self.memory_per_child = memory_per_child
+        self.memory_limit = memory_limit
+        self.memory_due = 0.0  # when to read the running processes' sizes again; 0: none runs
+        self.oom = OomKills()
         self.spin = spin
         self.mp = mp
         self.direct = direct
@@ -161,10 +196,11 @@ class TaskProcessPool:
             # The embedded worker's processes print into the user's terminal through the client only.
             process = context.Process(target=task_process_main,
                                       args=(self.address, os.getpid(), counters, not self.direct, self.spin,
-                                            not self.direct),
+                                            not self.direct, self.memory_per_child),
                                       name="zmqexecutor-task", daemon=True)
             process.start()
             proc = TaskProcess(process, counters)
+            proc.oom_mark = self.oom.read()
             self.by_ident[proc.ident] = proc
             self.by_sentinel[process.sentinel] = proc
 
@@ -189,10 +225,17 @@ class TaskProcessPool:
             proc.signalled = True
             _signal(proc, sig)
 
-    def enforce_time_limits(self, now: float) -> Optional[float]:
-        """End the processes whose task ran past its time limit (SIGTERM, later SIGKILL); returns when
-        to look again (a monotonic time), or None while no task runs."""
+    def enforce_limits(self, now: float) -> Optional[float]:
+        """End the processes whose task ran past its time limit (SIGTERM, later SIGKILL) or past the
+        memory limit (SIGKILL); returns when to look again (a monotonic time), or None while no task runs."""
         dues = [due for proc in self.by_ident.values() if (due := proc.enforce_time_limit(now)) is not None]
+        if self.memory_limit is not None:
+            if now >= self.memory_due:
+                limit = self.memory_limit
+                watched = [proc.enforce_memory_limit(limit) for proc in self.by_ident.values()]
+                self.memory_due = now + MEMORY_CHECK if any(watched) else 0.0
+            if self.memory_due:
+                dues.append(self.memory_due)
         return min(dues, default=None)
 
     def reap(self, fd: int) -> tuple[TaskProcess, bool]:
@@ -212,6 +255,12 @@ class TaskProcessPool:
         pid = proc.process.pid
         signal_name, how = proto.describe_exit(proc.process.exitcode)
         self.timed_out += proc.timed_out is not None
+        if signal_name == "SIGKILL" and proc.over_limit is None and not proc.signalled:
+            proc.oom_killed = self.oom.read() > proc.oom_mark
+            how += " (the kernel's out-of-memory killer)" if proc.oom_killed else ""
+        if proc.counters[OVER_MEMORY]:
+            logger.info("task process %d held %s after a task, above max_memory_per_child (%s); replacing it",
+                        pid, format_size(proc.counters[OVER_MEMORY]), format_size(self.memory_per_child or 0))
         # Killed from outside while the worker is being stopped (SIGKILL after Slurm's KillWait, say): the
         # task went with its worker, which is no fault of the task's.
         stopped_with_worker = (self.draining and signal_name in ("SIGKILL", "SIGTERM") and not proc.signalled
@@ -219,7 +268,7 @@ class TaskProcessPool:
         replacing = "; not replaced: the worker is stopping" if self.draining else "; replacing it"
         if started > finished:
             # Expected when we stopped it for its client, or with its worker; news otherwise.
-            expected = proc.signalled or proc.timed_out is not None or stopped_with_worker
+            expected = proc.signalled or proc.timed_out is not None or stopped_with_worker or proc.over_limit is not None
             logger.log(logging.INFO if expected else logging.WARNING,
                        "task process %d %s while running a task%s", pid, how, replacing)
         elif not proc.counters[RETIRED]:

@@ -36,6 +36,7 @@ from typing import Any, Optional
 from .._wire import _features
 from .._wire import _protocol as proto
 from .._wire._channel import Link
+from .._wire._memory import resident_bytes
 from .._wire._namespace import FunctionCache, MainNamespace
 from .._wire._batching import BATCH_ITEMS, HOLD_BYTES, HOLD_SECONDS
 from .._wire._protocol import Item, Kind
@@ -83,9 +84,10 @@ UNANNOUNCED_SIGTERM_WAIT = 1.0
 # The counters shared with the supervisor: tasks started and finished; set once started up; set when
 # it exits because it was told to (STOP), not because of a task; while a task with a time limit runs,
 # when it must end (time.monotonic_ns(), which every process of the host shares) and the limit (ms);
-# set by the supervisor before it sends SIGTERM on purpose (TERM_OK), and while it drains (DRAINING).
-STARTED, FINISHED, UP, RETIRED, DEADLINE, LIMIT_MS, TERM_OK, DRAINING = range(8)
-COUNTERS = 8
+# set by the supervisor before it sends SIGTERM on purpose (TERM_OK), and while it drains (DRAINING);
+# the resident size (bytes) above max_memory_per_child it found after a task, when that retired it.
+STARTED, FINISHED, UP, RETIRED, DEADLINE, LIMIT_MS, TERM_OK, DRAINING, OVER_MEMORY = range(9)
+COUNTERS = 9
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -186,8 +188,9 @@ class TaskLoop:
     """Receive tasks, run them in order, reply; stream a running task's output meanwhile."""
 
     def __init__(self, sock: Link, host: str, pid: int, counters: Any, echo: bool = True,
-                 spin: float = 0.0) -> None:
+                 spin: float = 0.0, memory_per_child: Optional[int] = None) -> None:
         self.sock = sock
+        self.memory_per_child = memory_per_child
         self.spin = spin
         self.host = host
         self.pid = pid
@@ -270,6 +273,17 @@ class TaskLoop:
         self.hold([output, reply] if output else [reply])
         self.counters[FINISHED] += 1
         del reply
+        if self.memory_per_child is not None:
+            self.retire_if_too_big(self.memory_per_child)
+
+    def retire_if_too_big(self, limit: int) -> None:
+        """Past ``limit`` after a task (a leak, or a cache that only grows), stop before the next one:
+        the tasks queued here were never started, and whoever sent them sends them again."""
+        size = resident_bytes()
+        if size is not None and size > limit:
+            self.counters[OVER_MEMORY] = size
+            self.stopping = True
+            self.queue.clear()
 
     def run(self, task_id: int, frames: Any) -> Item:
         client, init_blob, call = proto.decode_process_task(frames)
@@ -383,8 +397,9 @@ class TaskLoop:
 
 
 def task_process_main(address: str, supervisor_pid: int, counters: Any, echo: bool = True,
-                      spin: bool = False, drains: bool = True) -> None:
-    """``drains``: our supervisor drains on SIGTERM (not the embedded worker's)."""
+                      spin: bool = False, drains: bool = True, memory_per_child: Optional[int] = None) -> None:
+    """``drains``: our supervisor drains on SIGTERM (not the embedded worker's); ``memory_per_child``:
+    the resident size past which this process stops after a task, to be replaced."""
     _die_with_parent(supervisor_pid)
     # Ctrl-C in a terminal reaches the whole process group; the supervisor decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -403,6 +418,6 @@ def task_process_main(address: str, supervisor_pid: int, counters: Any, echo: bo
     logging.root.handlers.clear()
     try:
         TaskLoop(sock, socket.gethostname(), pid, counters, echo,
-                 spin=IDLE_SPIN_SECONDS if spin else 0.0).serve(supervisor_pid)
+                 spin=IDLE_SPIN_SECONDS if spin else 0.0, memory_per_child=memory_per_child).serve(supervisor_pid)
     finally:
         sock.close()
