@@ -32,6 +32,7 @@ TAGS = {
     RUN, RUN_WITH_WORKERS, "two-commands", "the command-line synopsis", "systemd unit", "dockerfile",
     "docker run", "walk-through, on the client", "walk-through, on the worker", "walk-through, client.py",
     "walk-through, on the client again", "ssh example", "slurm example", "kubernetes manifest",
+    "memory limits example",
 }
 
 
@@ -204,6 +205,32 @@ def _serve_then_stop(argv: list[str], client_keys: Path, stop_timeout: float) ->
 
 def _unit_settings(unit: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#"))
+
+
+def test_the_memory_limits_example_serves_and_replaces_a_leaking_process(keys: Path) -> None:
+    command = _only("memory limits example").text.strip()
+    port = free_port()
+    command = command.replace("tcp://0.0.0.0:5555", f"tcp://127.0.0.1:{port}").replace("keys/worker", str(keys / "worker"))
+    # 2 GiB is the example's; this test's leak is smaller.
+    command = command.replace("--max-memory-per-child 2GiB", "--max-memory-per-child 100MiB")
+    worker = subprocess.Popen(shlex.split(command), stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)])))
+    try:
+        with ZMQExecutor([f"tcp://127.0.0.1:{port}"], keys=keys / "client") as ex:
+            first = ex.submit(leak_and_tell, 150).result(timeout=60)
+            assert ex.submit(leak_and_tell, 0).result(timeout=60) != first
+    finally:
+        worker.send_signal(signal.SIGINT)
+        _, log = worker.communicate(timeout=30)
+    assert "max_memory_per_child (100.0 MiB); replacing it" in log, log
+
+
+_LEAKED: list[bytes] = []
+
+
+def leak_and_tell(mib: int) -> int:
+    _LEAKED.append(b"\x01" * (mib << 20))
+    return os.getpid()
 
 
 def test_the_systemd_unit(tmp_path: Path, keys: Path) -> None:
