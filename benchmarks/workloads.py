@@ -178,7 +178,8 @@ def _send_once(ex: Executor, quick: bool, form: str, system: str) -> dict[str, A
     """A map whose every task gets the same large array: as an argument, inside a
     ``functools.partial``, or as a global of ``__main__`` that the mapped function reads. Under
     ``dask-scatter`` the array is scattered to every worker first and every form passes its future.
-    ``ideal``: one task with the array, then the map with a tiny one (one transfer, then no cost)."""
+    ``ideal``: one task per worker with an array of that size (each its own, so that nothing is
+    reused), all at once, then the map with a tiny one: one transfer per worker, then no cost."""
     import functools
 
     import numpy as np
@@ -186,6 +187,7 @@ def _send_once(ex: Executor, quick: bool, form: str, system: str) -> dict[str, A
     nbytes = int(_size("send-once", quick))
     tasks = SEND_ONCE_TASKS[1 if quick else 0]
     array = np.ones(nbytes // 8)
+    own_arrays = [np.ones(nbytes // 8) for _ in range(WORKERS)] if form == "ideal" else []
     started = time.perf_counter()
     if system == "dask-scatter":
         shared: Any = ex._client.scatter(array, broadcast=True, hash=False)  # type: ignore[attr-defined]
@@ -198,7 +200,8 @@ def _send_once(ex: Executor, quick: bool, form: str, system: str) -> dict[str, A
     elif form == "closure":
         fn, iterables = _global_reader_in_main(array), (range(tasks),)
     else:
-        assert ex.submit(first_plus, array, 0).result() == 1.0
+        firsts = [ex.submit(first_plus, own, 0) for own in own_arrays]
+        assert [first.result() for first in firsts] == [1.0] * WORKERS
         fn, iterables = functools.partial(first_plus, np.ones(1)), (range(tasks),)
     results = list(ex.map(fn, *iterables))
     elapsed = time.perf_counter() - started

@@ -1234,6 +1234,24 @@ def test_with_send_once_off_local_processes_get_a_callables_buffers_with_every_t
         assert list(executor.map(functools.partial(first_plus_value, data), range(3))) == [7.0, 8.0, 9.0]
 
 
+def maps_a_kept_buffer(array: Any, x: int) -> tuple[float, bool]:
+    with open("/proc/self/maps") as maps:
+        return float(array[0]) + x, "/memfd:zx-" in maps.read()
+
+
+@pytest.mark.skipif(not _features.MEMFD, reason="kept buffers go as copies without memfd_create and /proc")
+@pytest.mark.parametrize("cache_size, mapped", [(None, True), ("4MiB", False), (0, False)])
+def test_cache_size_bounds_what_local_processes_map_from_the_executor(cache_size, mapped) -> None:
+    data = np.full(1 << 20, 2.0)  # 8 MiB, an argument that comes again with every task
+    options = {} if cache_size is None else {"cache_size": cache_size}
+    with ZMQExecutor(max_workers=2, **options) as executor:
+        results = list(executor.map(maps_a_kept_buffer, [data] * 12, range(12)))
+        assert [value for value, _ in results] == [2.0 + x for x in range(12)]
+        assert any(found for _, found in results) == mapped
+    with pytest.raises(ValueError, match="zmqexecutor worker --cache-size SIZE"):
+        ZMQExecutor(["tcp://127.0.0.1:5555"], cache_size="1GiB")
+
+
 def test_a_shared_object_is_pickled_once_and_decoded_once_per_task_process() -> None:
     with ZMQExecutor(max_workers=2) as executor:
         before = Rebuilt.pickled

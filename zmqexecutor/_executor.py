@@ -128,8 +128,8 @@ def _check_arguments(*, listen: object, max_workers: object, initializer: object
         _check_seconds("task_timeout", task_timeout, none_ok=True)
 
 
-def _check_memory(remote: bool, **sizes: object) -> dict[str, int]:
-    """The memory limits given for local workers, in bytes."""
+def _check_sizes(remote: bool, **sizes: object) -> dict[str, int]:
+    """The sizes given for local workers (memory limits, cache), in bytes."""
     found = {}
     for name, size in sizes.items():
         if size is None:
@@ -141,7 +141,7 @@ def _check_memory(remote: bool, **sizes: object) -> dict[str, int]:
         if not isinstance(size, (int, str)) or isinstance(size, bool):
             raise TypeError(f"{name} must be a number of bytes or a size such as '2GiB', not {type(size).__name__}")
         found[name] = parse_size(size)
-        if found[name] < 1:
+        if found[name] < 1 and name != "cache_size":
             raise ValueError(f"{name} must be at least 1 byte")
     return found
 
@@ -248,6 +248,10 @@ class ZMQExecutor(Executor):
             task is killed, that future fails with ``MemoryLimitError`` (not retried), and another
             process takes its place. A size as for ``max_memory_per_child``; remote workers take it as
             ``--memory-limit``.
+        cache_size: for local workers: how much of the large buffers that ``send_once`` names the
+            executor keeps in shared memory for its task processes (default 1 GiB, the least recently
+            used let go first; 0 keeps none). A size as for ``max_memory_per_child``; remote workers
+            take it as ``--cache-size``.
     """
 
     def __init__(
@@ -271,6 +275,7 @@ class ZMQExecutor(Executor):
         send_once: bool = True,
         max_memory_per_child: Union[int, str, None] = None,
         memory_limit: Union[int, str, None] = None,
+        cache_size: Union[int, str, None] = None,
     ) -> None:
         if isinstance(endpoints, int) and not isinstance(endpoints, bool):
             # The ProcessPoolExecutor(4) habit.
@@ -294,7 +299,8 @@ class ZMQExecutor(Executor):
             from ._wire import _security  # key files are read only where keys are used
 
             listen_keys = _security.listen_keys(keys, worker_keys, listen, insecure=insecure)
-        memory = _check_memory(remote, max_memory_per_child=max_memory_per_child, memory_limit=memory_limit)
+        sizes = _check_sizes(remote, max_memory_per_child=max_memory_per_child, memory_limit=memory_limit,
+                              cache_size=cache_size)
         if not remote and (keys is not None or worker_keys):
             raise ValueError("keys apply to remote endpoints; the embedded local workers are private already")
         client_keys = self._keys_for(addresses) if addresses else None
@@ -322,7 +328,7 @@ class ZMQExecutor(Executor):
             self._max_workers = max_workers
         else:
             self._max_workers = max_workers or available_cpus()  # as `zmqexecutor worker` counts them
-            local_worker = LocalWorker(self._max_workers, **memory)
+            local_worker = LocalWorker(self._max_workers, **sizes)
             addresses = [local_worker.endpoint]
         self._remote = remote
         try:

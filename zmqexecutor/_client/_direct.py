@@ -34,7 +34,8 @@ from .._wire._shm import MemfdStore
 from ._scheduler import Load, Scheduler, Task
 
 
-# What the embedded worker keeps in memfds for its task processes to map: as a worker's --cache-size.
+# What the embedded worker keeps in memfds for its task processes to map, unless the executor's
+# cache_size says otherwise: as a worker's --cache-size.
 KEEP_BYTES = 1 << 30
 
 
@@ -85,7 +86,7 @@ class DirectLanes:
     """The client's end of the direct path: one socket, one lane per task process."""
 
     def __init__(self, path: str, endpoint: str, *, client_id: bytes, init_blob: bytes,
-                 max_tasks_per_child: Optional[int]) -> None:
+                 max_tasks_per_child: Optional[int], keep_bytes: int = KEEP_BYTES) -> None:
         self.endpoint = endpoint
         self.client_id = client_id
         self.init_blob = init_blob
@@ -100,7 +101,7 @@ class DirectLanes:
         # result too large for one would be dropped with the connection, its task left waiting.
         self.listener = Listener(path)
         # The buffers that tasks carry again and again, in memfds the processes map (one copy here).
-        self.kept = MemfdStore(KEEP_BYTES)
+        self.kept = MemfdStore(keep_bytes)
 
     def fileno(self) -> int:
         return self.listener.fileno()

@@ -27,7 +27,7 @@ import time
 from typing import TYPE_CHECKING, Any, Optional
 
 from .._wire import _protocol as proto
-from ._direct import DirectLanes
+from ._direct import KEEP_BYTES, DirectLanes
 from ._scheduler import Load
 
 if TYPE_CHECKING:
@@ -58,7 +58,9 @@ class LocalWorker:
     """A ``zmqexecutor worker`` subprocess bound to ``ipc://`` in a folder only this user can enter."""
 
     def __init__(self, processes: int, *, max_memory_per_child: Optional[int] = None,
-                 memory_limit: Optional[int] = None) -> None:
+                 memory_limit: Optional[int] = None, cache_size: int = KEEP_BYTES) -> None:
+        # Kept by the executor, not the worker process: the task processes map the client's memfds.
+        self.cache_size = cache_size
         self.private_dir = tempfile.mkdtemp(prefix="zmqexecutor-")  # mode 0700
         self.endpoint = f"ipc://{self.private_dir}/worker"
         # Its task processes exchange tasks with the executor here, without the supervisor's relay.
@@ -149,7 +151,8 @@ class Embedded:
     def open(self, fleet: "Fleet", settings: "Settings") -> None:
         """Before the fleet connects: so that the connection to the worker carries the lanes."""
         self.lanes = DirectLanes(self.worker.direct_address, self.worker.endpoint, client_id=fleet.client_id,
-                                 init_blob=settings.init_blob, max_tasks_per_child=settings.max_tasks_per_child)
+                                 init_blob=settings.init_blob, max_tasks_per_child=settings.max_tasks_per_child,
+                                 keep_bytes=self.worker.cache_size)
         fleet.reach_directly(self.worker.endpoint, self.lanes, self)
 
     def start_caller_path(self, caller: "CallerPath", io_selector: Any) -> None:
