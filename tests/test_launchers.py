@@ -87,12 +87,14 @@ def test_a_map_over_slurm_and_ssh_workers_that_join_late_and_leave_runs_each_tas
 def test_ssh_workers_stop_with_the_launcher_and_take_their_keys_over_stdin(ssh_host) -> None:
     host, here, options = ssh_host
     with SSHWorkers([host, host], address=f"tcp://{here}:0", ssh_options=options, python=sys.executable,
-                    processes=1) as w:
+                    processes=1, resources={"gpu": 1}) as w:
         assert w.keys is not None and w.keys.is_dir()
         secret = secret_of(w.keys.parent / "worker")
         with ZMQExecutor(listen=w.address, keys=w.keys) as ex:
             ex.wait_for_workers(2, timeout=30)
             assert sum(ex.map(abs, range(-100, 0))) == 5050
+            assert [info.resources for info in ex.workers()] == [{"gpu": 1.0}] * 2  # passed through
+            assert sum(ex.options(resources={"gpu": 1}).map(abs, range(-10, 0))) == 55
             pids = [info.pid for info in ex.workers()]
             assert not any(secret in line for line in command_lines())
     assert not w.keys.exists()  # the keys made for the run went with it

@@ -32,7 +32,7 @@ TAGS = {
     RUN, RUN_WITH_WORKERS, "two-commands", "the command-line synopsis", "systemd unit", "dockerfile",
     "docker run", "walk-through, on the client", "walk-through, on the worker", "walk-through, client.py",
     "walk-through, on the client again", "ssh example", "slurm example", "kubernetes manifest",
-    "memory limits example",
+    "memory limits example", "resources example",
 }
 
 
@@ -131,6 +131,16 @@ def test_python_example_runs_against_real_workers(block: Block, tmp_path: Path, 
         # The README's fixed ports may be taken on a shared machine: each gets a worker on a free one.
         text = text.replace(f"tcp://127.0.0.1:{port}", start_worker().endpoint)
     _run_example(text, tmp_path)
+
+
+def test_the_resources_example_runs_needy_tasks_only_where_they_are_offered(tmp_path: Path, start_worker) -> None:
+    text = _only("resources example").text
+    gpu = start_worker(extra=["--resources", "gpu=2,mem=256"])
+    plain = start_worker()
+    text = text.replace("tcp://127.0.0.1:5555", gpu.endpoint).replace("tcp://127.0.0.1:5556", plain.endpoint)
+    out = _run_example(text, tmp_path)
+    assert out.startswith(f"{{{gpu.pid}}} [8, 7, 6, 5, 4, 3, 2, 1]"), out
+    assert "[{'gpu': 2.0, 'mem': 256.0}, {}]" in out, out
 
 
 @pytest.mark.slow  # the demo: ten seconds of prime counting, the same on every Python

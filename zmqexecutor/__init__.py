@@ -30,6 +30,7 @@ if TYPE_CHECKING:
         MemoryLimitError,
         MessageTooLargeError,
         NoWorkersError,
+        ResourcesUnavailableError,
         RemoteError,
         RemoteTraceback,
         SecurityError,
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     )
 
 _ERRORS = ("ZMQExecutorError", "RemoteError", "RemoteTraceback", "TaskCrashedError", "MemoryLimitError",
-           "TaskTimeoutError", "BrokenWorkerPool", "NoWorkersError", "VersionMismatchError", "WorkerLostError", "SecurityError",
+           "TaskTimeoutError", "BrokenWorkerPool", "NoWorkersError", "ResourcesUnavailableError", "VersionMismatchError", "WorkerLostError", "SecurityError",
            "MessageTooLargeError", "LaunchError")
 _EXECUTOR = ("ZMQExecutor", "TaskOptions", "DEFAULT_CONNECT_TIMEOUT", "DEFAULT_MAX_MESSAGE_SIZE",
              "DEFAULT_MAX_RETRIES", "DEFAULT_WORKER_TIMEOUT")
@@ -89,6 +90,7 @@ __all__ = [
     "TaskTimeoutError",
     "BrokenWorkerPool",
     "NoWorkersError",
+    "ResourcesUnavailableError",
     "VersionMismatchError",
     "WorkerLostError",
     "SecurityError",

@@ -6,6 +6,7 @@ Runs in user threads, in the client.
 from __future__ import annotations
 
 import collections
+import enum
 import functools
 import itertools
 import logging
@@ -21,6 +22,7 @@ from typing import (
     Iterable,
     Iterator,
     Mapping,
+    NamedTuple,
     Optional,
     Sequence,
     TypeVar,
@@ -40,6 +42,7 @@ from ._wire import _protocol as proto
 from ._wire._endpoints import is_loopback, parse
 from ._wire._errors import MessageTooLargeError, SecurityError
 from ._wire._memory import parse_size
+from ._wire._resources import check_amounts
 from ._wire._serialize import CallEncoder, FunctionPickle
 from ._worker._cpus import available_cpus
 
@@ -106,7 +109,7 @@ def _check_endpoints(endpoints: object) -> list[str]:
 
 def _check_arguments(*, listen: object, max_workers: object, initializer: object, max_tasks_per_child: object,
                      connect_timeout: object, worker_timeout: object, max_retries: object, max_message_size: object,
-                     task_output: object, task_timeout: object) -> None:
+                     task_output: object, task_timeout: object, send_once: object) -> None:
     if listen is not None:
         if not isinstance(listen, str):
             raise TypeError(f"listen must be an address string like 'tcp://0.0.0.0:5555', not {type(listen).__name__}")
@@ -126,6 +129,22 @@ def _check_arguments(*, listen: object, max_workers: object, initializer: object
         raise ValueError(f"task_output must be 'print' or 'log', not {task_output!r}")
     if task_timeout is not None:
         _check_seconds("task_timeout", task_timeout, none_ok=True)
+    if not isinstance(send_once, bool):
+        raise TypeError(f"send_once must be True or False, not {send_once!r}")
+
+
+class _Inherit(enum.Enum):
+    EXECUTORS = "the executor's"
+
+    def __repr__(self) -> str:
+        return "<the executor's>"
+
+
+class _PerTask(NamedTuple):
+    """What a task carries of its options."""
+
+    task_timeout: Optional[float] = None
+    needs: Optional[dict[str, float]] = None  # of a worker's resources
 
 
 def _check_sizes(remote: bool, **sizes: object) -> dict[str, int]:
@@ -287,12 +306,13 @@ class ZMQExecutor(Executor):
         _check_arguments(listen=listen, max_workers=max_workers, initializer=initializer,
                          max_tasks_per_child=max_tasks_per_child, connect_timeout=connect_timeout,
                          worker_timeout=worker_timeout, max_retries=max_retries,
-                         max_message_size=max_message_size, task_output=task_output, task_timeout=task_timeout)
+                         max_message_size=max_message_size, task_output=task_output, task_timeout=task_timeout,
+                         send_once=send_once)
         remote = bool(addresses) or listen is not None
         unsupported = None if remote else _features.local_workers_unsupported()
         if unsupported is not None:
             raise NotImplementedError(unsupported)
-        self._task_timeout = task_timeout
+        self._per_task = _PerTask(task_timeout)
         self._security_args = (keys, worker_keys, insecure)  # for these endpoints and those added later
         listen_keys = None
         if listen is not None:
@@ -317,8 +337,6 @@ class ZMQExecutor(Executor):
             listen=listen,
             listen_keys=listen_keys,
         )
-        if not isinstance(send_once, bool):
-            raise TypeError(f"send_once must be True or False, not {send_once!r}")
         self._send_once = send_once
         self._max_message_size = max_message_size
         self._calls = CallEncoder()
@@ -409,7 +427,7 @@ class ZMQExecutor(Executor):
 
         An argument or callable that cannot be pickled fails the returned future, not this call.
         """
-        return self._submit(fn, args, kwargs, self._task_timeout)
+        return self._submit(fn, args, kwargs, self._per_task)
 
     def share(self, obj: _T) -> Shared[_T]:
         """Pickle ``obj`` once and return a handle to pass to tasks in its place.
@@ -443,19 +461,26 @@ class ZMQExecutor(Executor):
         self._handle.stop_task(future)
         return True
 
-    def options(self, *, task_timeout: Optional[float]) -> "TaskOptions":
+    def options(self, *, task_timeout: Union[float, None, _Inherit] = _Inherit.EXECUTORS,
+                resources: Optional[Mapping[str, float]] = None) -> "TaskOptions":
         """This executor's ``submit`` and ``map`` for tasks with options of their own.
 
         ``ex.options(task_timeout=5).submit(fn, x)`` gives that one task 5 s to run (None: no limit),
-        whatever the executor's ``task_timeout`` is. The options object holds nothing else; make as
-        many as you like.
+        whatever the executor's ``task_timeout`` is (left out: the executor's).
+        ``ex.options(resources={"gpu": 1})`` sends tasks only to workers that offer those resources
+        (``zmqexecutor worker --resources gpu=2``), each holding its amounts while it runs, so a worker
+        runs at most as many at once as its amounts allow; the rest wait here. The options object holds
+        nothing else; make as many as you like.
         """
-        if task_timeout is not None:
+        if isinstance(task_timeout, _Inherit):
+            task_timeout = self._per_task.task_timeout
+        elif task_timeout is not None:
             _check_seconds("task_timeout", task_timeout, none_ok=True)
-        return TaskOptions(self, task_timeout)
+        needs = None if resources is None else check_amounts(resources, "resources") or None
+        return TaskOptions(self, _PerTask(task_timeout, needs))
 
     def _submit(self, fn: Callable[..., _T], args: tuple[Any, ...], kwargs: dict[str, Any],
-                task_timeout: Optional[float], function: Optional[FunctionPickle] = None,
+                per: "_PerTask", function: Optional[FunctionPickle] = None,
                 per_map: Optional[MapDigests] = None) -> Future[_T]:
         self._handle.check_open()
         future: Future[_T] = new_future(None if self._remote else self._handle.engine.caller)
@@ -466,14 +491,14 @@ class ZMQExecutor(Executor):
         try:
             if function is None:
                 function = self._calls.function_pickle(fn)
-            frames = self._calls.encode(fn, args, kwargs, task_timeout, function, owners)
+            frames = self._calls.encode(fn, args, kwargs, per.task_timeout, function, owners)
         except Exception as exc:
             future.set_exception(exc)
             return future
         if len(frames) == 1 and type(frames[0]) is bytes:  # a small task: nothing to keep, size at hand
             if len(frames[0]) > self._max_message_size:
                 return self._too_large(future, len(frames[0]))
-            self._handle.push(Task(next_task_id(), future, frames, len(frames[0])))
+            self._handle.push(Task(next_task_id(), future, frames, len(frames[0]), needs=per.needs))
             return future
         size = sum(memoryview(f).nbytes for f in frames)
         if size > self._max_message_size:
@@ -484,7 +509,7 @@ class ZMQExecutor(Executor):
         keepable = tuple((first + i, d) for i, d in enumerate(function.digests)) if self._send_once else ()
         if owners:
             keepable = self._repeats.keepable(frames, owners, 1, per_map) + keepable
-        self._handle.push(Task(next_task_id(), future, frames, size, keepable, first))
+        self._handle.push(Task(next_task_id(), future, frames, size, keepable, first, per.needs))
         return future
 
     def _too_large(self, future: Future[_T], size: int) -> Future[_T]:
@@ -512,8 +537,7 @@ class ZMQExecutor(Executor):
             ordered: False yields each result as soon as its task is done, whatever the order of the
                 inputs (``imap_unordered``); the items of one chunk stay together, in their order.
         """
-        return _map_calls(weakref.ref(self), fn, iterables, timeout, chunksize, buffersize, self._task_timeout,
-                          ordered)
+        return _map_calls(weakref.ref(self), fn, iterables, timeout, chunksize, buffersize, self._per_task, ordered)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting tasks and release the workers once submitted tasks are done.
@@ -557,28 +581,39 @@ class TaskOptions:
         futures = [quick.submit(probe, host) for host in hosts]
     """
 
-    def __init__(self, executor: ZMQExecutor, task_timeout: Optional[float]) -> None:
+    def __init__(self, executor: ZMQExecutor, per: "_PerTask") -> None:
         self._executor = executor
-        self.task_timeout = task_timeout
+        self._per = per
+
+    @property
+    def task_timeout(self) -> Optional[float]:
+        """Seconds each of these tasks may run; None: no limit."""
+        return self._per.task_timeout
+
+    @property
+    def resources(self) -> Optional[dict[str, float]]:
+        """What each of these tasks needs of a worker's resources; None: nothing."""
+        return None if self._per.needs is None else dict(self._per.needs)
 
     def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
         """As ``ZMQExecutor.submit``, with these options."""
-        return self._executor._submit(fn, args, kwargs, self.task_timeout)
+        return self._executor._submit(fn, args, kwargs, self._per)
 
     def map(self, fn: Callable[..., _T], *iterables: Iterable[Any], timeout: Optional[float] = None,
             chunksize: int = 1, buffersize: Optional[int] = None, ordered: bool = True) -> Iterator[_T]:
         """As ``ZMQExecutor.map``, with these options (``timeout`` is still map's own: how long to
         wait for each next result)."""
-        return _map_calls(weakref.ref(self._executor), fn, iterables, timeout, chunksize, buffersize,
-                          self.task_timeout, ordered)
+        return _map_calls(weakref.ref(self._executor), fn, iterables, timeout, chunksize, buffersize, self._per,
+                          ordered)
 
     def __repr__(self) -> str:
-        return f"<TaskOptions task_timeout={self.task_timeout!r} of {self._executor!r}>"
+        needs = "" if self._per.needs is None else f" resources={self.resources!r}"
+        return f"<TaskOptions task_timeout={self.task_timeout!r}{needs} of {self._executor!r}>"
 
 
 def _map_calls(executor_ref: "weakref.ref[ZMQExecutor]", fn: Callable[..., _T], iterables: tuple[Iterable[Any], ...],
                timeout: Optional[float], chunksize: int, buffersize: Optional[int],
-               task_timeout: Optional[float], ordered: bool = True) -> Iterator[_T]:
+               per: "_PerTask", ordered: bool = True) -> Iterator[_T]:
     """``map`` for an executor (held weakly, so that a forgotten iterator does not keep it alive)."""
     if chunksize < 1:
         raise ValueError("chunksize must be >= 1.")
@@ -589,14 +624,14 @@ def _map_calls(executor_ref: "weakref.ref[ZMQExecutor]", fn: Callable[..., _T], 
     if not isinstance(ordered, bool):
         raise TypeError(f"ordered must be True or False, not {ordered!r}")
     if chunksize == 1:
-        return _results(executor_ref, fn, iter(zip(*iterables)), timeout, buffersize, task_timeout, ordered)
+        return _results(executor_ref, fn, iter(zip(*iterables)), timeout, buffersize, per, ordered)
     chunked = _results(executor_ref, functools.partial(_process_chunk, fn),
-                       ((c,) for c in _chunks(chunksize, iterables)), timeout, buffersize, task_timeout, ordered)
+                       ((c,) for c in _chunks(chunksize, iterables)), timeout, buffersize, per, ordered)
     return _flatten(chunked)
 
 
 def _results(executor_ref: "weakref.ref[ZMQExecutor]", fn: Callable[..., _T], arguments: Iterator[tuple[Any, ...]],
-             timeout: Optional[float], buffersize: Optional[int], task_timeout: Optional[float],
+             timeout: Optional[float], buffersize: Optional[int], per: "_PerTask",
              ordered: bool) -> Iterator[_T]:
     end_time = None if timeout is None else timeout + time.monotonic()
     executor = executor_ref()
@@ -612,7 +647,7 @@ def _results(executor_ref: "weakref.ref[ZMQExecutor]", fn: Callable[..., _T], ar
     done: Optional["queue.SimpleQueue[Future[_T]]"] = None if ordered else queue.SimpleQueue()
 
     def submit(executor: ZMQExecutor, args: tuple[Any, ...]) -> Future[_T]:
-        future = executor._submit(fn, args, {}, task_timeout, function, per_map)
+        future = executor._submit(fn, args, {}, per, function, per_map)
         if done is not None:
             future.add_done_callback(done.put)
         return future

@@ -69,11 +69,13 @@ class WorkerInfo(NamedTuple):
     pid: Optional[int]
     instance: Optional[str]
     error: Optional[str]
+    resources: dict[str, float] = {}  # what it offers (``--resources``)
+    resources_in_use: dict[str, float] = {}  # what this executor's tasks there hold of them
 
 
 def connecting(address: str) -> WorkerInfo:
     """A worker endpoint not connected yet, as ``workers()`` shows it."""
-    return WorkerInfo(address, "connecting", 0, 0, 0, 0, None, None, None, None)
+    return WorkerInfo(address, "connecting", 0, 0, 0, 0, None, None, None, None, {}, {})
 
 
 class Connection:
@@ -139,18 +141,18 @@ class Connection:
             in_flight += self.lanes.in_flight()
             completed += self.lanes.completed_total()
         state = "draining" if self.state == self.READY and self.load.draining else self.state
-        return WorkerInfo(self.address, state, self.load.slots, in_flight, completed, self.load.lost, host if isinstance(host, str) else None,
-                          pid if isinstance(pid, int) else None, self.instance,
-                          None if self.error is None else str(self.error))
+        return WorkerInfo(self.address, state, self.load.slots, in_flight, completed, self.load.lost,
+                          host if isinstance(host, str) else None, pid if isinstance(pid, int) else None,
+                          self.instance, None if self.error is None else str(self.error),
+                          dict(self.load.resources), dict(self.load.in_use))
 
     def send_tasks(self, batch: list[Task]) -> bool:
         keep = self.info.get("keep_bytes") or 0
         if not keep or not any(task.keepable for task in batch):
-            return self.send(proto.encode_messages([proto.Item(Kind.TASK, task.ident, task.frames)
-                                                    for task in batch]))
+            return self.send(proto.encode_messages([_item(task, task.frames) for task in batch]))
         items, kept = [], set(self.held)
         for task in batch:
-            items.append(proto.Item(Kind.TASK, task.ident, _marked(task, kept, keep)))
+            items.append(_item(task, _marked(task, kept, keep)))
         if not self.send(proto.encode_messages(items)):
             return False
         self.held = kept
@@ -164,7 +166,8 @@ class Connection:
         """The worker is ready (first, or again after a restart): the scheduler may give it tasks."""
         limit = self.info.get("max_message_size")
         if self.lanes is None:
-            scheduler.attach(self.load, self.info["slots"], limit if isinstance(limit, int) else None)
+            scheduler.attach(self.load, self.info["slots"], limit if isinstance(limit, int) else None,
+                             self.info.get("resources"))
             self.load.draining = draining
         else:  # the embedded worker: its task processes take them, a lane each
             self.load.slots = self.info["slots"]
@@ -254,6 +257,12 @@ class Connection:
     def close(self) -> None:
         if self.ready:
             self.send(proto.encode_bare(Kind.BYE))
+
+
+def _item(task: Task, frames: list[Any]) -> proto.Item:
+    if task.needs is None:
+        return proto.Item(Kind.TASK, task.ident, frames)
+    return proto.needy_task(task.ident, task.needs, frames)
 
 
 def _marked(task: Task, held: set[bytes], budget: int) -> list[Any]:

@@ -337,6 +337,7 @@ class Engine(threading.Thread):
         self.next_tick = now + self.local.check_interval(self.settings.heartbeat)
         for conn, why in self.fleet.beats(now):
             self.lose(conn, why)
+        self.outcomes.expire_unmet(now)
         problem = self.local.revive(self.connections, self.stopping_workers)
         if problem is not None:
             self.break_executor(BrokenWorkerPool(problem))
@@ -356,7 +357,7 @@ class Engine(threading.Thread):
     def is_finished(self) -> bool:
         if self.handle.broken is not None:
             return True
-        return self.shutting_down and not self.scheduler.backlog and self.scheduler.in_flight == 0
+        return self.shutting_down and not self.scheduler.waiting and self.scheduler.in_flight == 0
 
     def workers_snapshot(self) -> tuple[WorkerInfo, ...]:
         """What ``workers()`` shows: the endpoints in the user's order, then the workers that dialled in."""

@@ -31,6 +31,7 @@ from .._wire._errors import (
     MemoryLimitError,
     MessageTooLargeError,
     NoWorkersError,
+    ResourcesUnavailableError,
     TaskCrashedError,
     TaskTimeoutError,
     VersionMismatchError,
@@ -38,6 +39,7 @@ from .._wire._errors import (
 )
 from .._wire._memory import format_size
 from .._wire._protocol import Kind
+from .._wire._resources import describe
 from ._scheduler import Load, Scheduler, Task
 
 # A task answered MISSING this often goes on as plain frames, naming nothing: a buffer let go is
@@ -171,6 +173,21 @@ class Outcomes:
                        f"(endpoints: {_summary(addresses, ', ').lstrip(', ')}){reasons}")
             for task in expired:
                 fail(task, NoWorkersError(message))
+
+
+    def expire_unmet(self, now: float) -> None:
+        """Fail the tasks whose resources no ready worker offered for ``connect_timeout``."""
+        timeout = self.settings.connect_timeout
+        expired = self.scheduler.expire_unmet(now, timeout)
+        if not expired:
+            return
+        offers = [f"{name}: {describe(amounts)}" for name, amounts in self.scheduler.offered()]
+        offered = f"the ready workers offer {_summary(offers, '; ').lstrip('; ')}" if offers else "no worker is ready"
+        for task in expired:
+            assert task.needs is not None
+            fail(task, ResourcesUnavailableError(
+                f"no worker offered the resources this task needs ({describe(task.needs)}) within "
+                f"connect_timeout={timeout:g} s; {offered}", needs=dict(task.needs)))
 
 
 def _summary(items: list[str], separator: str) -> str:

@@ -8,6 +8,11 @@ worker has credit: its slots, plus tasks sent ahead so that a slot that frees up
 already there. How many go ahead adapts to how long the worker's tasks take: many for tiny tasks (so
 batches fill and the round trip is hidden), none for long ones (so no task waits behind a long one
 while a slot elsewhere sits idle). Workers take turns (round-robin); each turn sends one batch.
+
+A task that needs resources (``options(resources=...)``) waits apart (``needy``) and goes only to a
+worker whose offered amounts, less what its tasks in flight here hold, cover it: so a worker gets at
+most as many as its amounts allow, and the rest wait here, not there. One that no ready worker could
+ever take waits ``connect_timeout`` for one that can (``expire_unmet``).
 """
 
 from __future__ import annotations
@@ -18,16 +23,24 @@ import time
 from concurrent.futures import Future
 from typing import Any, Iterable, Optional
 
+from .._wire import _resources
 from .._wire._batching import BATCH_ITEMS, is_full
 from .._wire._pacing import TO_WORKERS, smoothed
+from .._wire._resources import Amounts
+
+# How far into the waiting needy tasks a worker's turn looks for ones its free resources cover: a
+# task that fits nowhere now must not make every turn scan a long queue behind it.
+NEEDY_LOOKAHEAD = 256
 
 class Task:
     __slots__ = ("ident", "future", "frames", "size", "queued_at", "started", "lost_on", "keepable",
-                 "function_at", "missed")
+                 "function_at", "missed", "needs")
 
     def __init__(self, ident: int, future: "Future[Any]", frames: list[Any], size: int,
-                 keepable: tuple[tuple[int, bytes], ...] = (), function_at: Optional[int] = None) -> None:
+                 keepable: tuple[tuple[int, bytes], ...] = (), function_at: Optional[int] = None,
+                 needs: Optional[Amounts] = None) -> None:
         self.ident = ident
+        self.needs = needs  # of a worker's resources, held while it is in flight there
         self.future = future
         self.frames = frames
         self.size = size
@@ -57,7 +70,7 @@ class Load:
     """The scheduler's view of one worker: its slots, its tasks in flight, its pace."""
 
     __slots__ = ("name", "owner", "slots", "max_task_bytes", "quota", "inflight", "ready", "in_turn", "service",
-                 "busy_since", "completed", "lost", "draining")
+                 "busy_since", "completed", "lost", "draining", "resources", "in_use")
 
     def __init__(self, name: str, owner: Any = None) -> None:
         self.name = name
@@ -73,6 +86,28 @@ class Load:
         self.completed = 0
         self.lost = 0
         self.draining = False  # it finishes what it has and takes nothing more
+        self.resources: Amounts = {}  # what it offers (--resources)
+        self.in_use: Amounts = {}  # what this executor's tasks in flight there hold of them
+
+    def takes(self, task: Task) -> bool:
+        """Whether its free resources cover what ``task`` needs."""
+        assert task.needs is not None
+        return _resources.covers(_resources.free_of(self.resources, self.in_use), task.needs)
+
+    def could_take(self, needs: Amounts) -> bool:
+        """Whether it offers enough for ``needs`` at all."""
+        return _resources.covers(self.resources, needs)
+
+    def hold(self, task: Task) -> None:
+        self.inflight[task.ident] = task
+        if task.needs is not None:
+            _resources.take(self.in_use, task.needs)
+
+    def let_go(self, ident: int) -> Optional[Task]:
+        task = self.inflight.pop(ident, None)
+        if task is not None and task.needs is not None:
+            _resources.give_back(self.in_use, task.needs)
+        return task
 
     @property
     def capacity(self) -> int:
@@ -92,6 +127,7 @@ class Scheduler:
         self.max_retries = max_retries
         self.max_in_flight = max_in_flight
         self.backlog: collections.deque[Task] = collections.deque()
+        self.needy: collections.deque[Task] = collections.deque()  # tasks that need resources
         self.turns: collections.deque[Load] = collections.deque()
         self.ready_count = 0
         self.attached: dict[Load, None] = {}  # the workers that may hold tasks in flight, in order
@@ -101,19 +137,30 @@ class Scheduler:
     # Tasks in -----------------------------------------------------------------------------------------
 
     def add(self, task: Task) -> None:
+        if task.needs is not None:
+            self.needy.append(task)
+            return
         self.backlog.append(task)
         if self.waiting_since is None:
             self.waiting_since = task.queued_at
 
+    @property
+    def waiting(self) -> bool:
+        """Whether any task waits to be sent."""
+        return bool(self.backlog or self.needy)
+
     def cancel_backlog(self) -> None:
         """Cancel the tasks not started yet; those waiting for a retry are kept."""
-        for task in self.backlog:
+        for task in (*self.backlog, *self.needy):
             if not task.started:
                 task.future.cancel()
         self.backlog = collections.deque(task for task in self.backlog if task.started)
+        self.needy = collections.deque(task for task in self.needy if task.started)
 
     def take_backlog(self) -> list[Task]:
-        backlog, self.backlog = list(self.backlog), collections.deque()
+        """Every task waiting to be sent (the needy ones too); none waits afterwards."""
+        backlog, self.backlog = [*self.backlog, *self.needy], collections.deque()
+        self.needy = collections.deque()
         self.waiting_since = None
         return backlog
 
@@ -127,12 +174,15 @@ class Scheduler:
 
     def take_inflight(self, load: Load) -> list[Task]:
         tasks, load.inflight = list(load.inflight.values()), {}
+        load.in_use = {}
         return tasks
 
     # Workers ------------------------------------------------------------------------------------------
 
-    def attach(self, load: Load, slots: int, max_task_bytes: Optional[int]) -> None:
+    def attach(self, load: Load, slots: int, max_task_bytes: Optional[int],
+               resources: Optional[Amounts] = None) -> None:
         """``load``'s worker shook hands and may take tasks."""
+        load.resources = dict(resources or {})
         if not load.ready:
             self.ready_count += 1
         load.ready = True
@@ -165,10 +215,16 @@ class Scheduler:
             else:
                 task.queued_at = now
                 retried.append(task)
-        self.backlog.extendleft(reversed(retried))
-        if retried and self.waiting_since is None:
-            self.waiting_since = now
+        self.put_first(retried)
         return failed
+
+    def put_first(self, tasks: list[Task]) -> None:
+        """``tasks`` first in line again, in their order."""
+        self.needy.extendleft(reversed([task for task in tasks if task.needs is not None]))
+        plain = [task for task in tasks if task.needs is None]
+        self.backlog.extendleft(reversed(plain))
+        if plain and self.waiting_since is None:
+            self.waiting_since = plain[0].queued_at
 
     def offer(self, load: Load) -> None:
         if load.ready and not load.in_turn and load.credit() > 0:
@@ -193,7 +249,8 @@ class Scheduler:
         batches: list[tuple[Load, list[Task]]] = []
         too_large: list[tuple[Task, Load]] = []
         room = None if self.max_in_flight is None else self.max_in_flight - self.in_flight
-        while self.backlog and self.turns:
+        passed: list[Load] = []  # had a turn and took nothing: only needy tasks it cannot take wait
+        while (self.backlog or self.needy) and self.turns:
             if room is not None and room <= 0:
                 break
             load = self.turns.popleft()
@@ -202,51 +259,89 @@ class Scheduler:
             if credit <= 0:
                 continue
             # A fair share of what waits, so that the next workers in turn get some of it too.
-            share = -(-len(self.backlog) // (len(self.turns) + 1))
+            share = -(-(len(self.backlog) + len(self.needy)) // (len(self.turns) + 1))
             limit = min(credit, BATCH_ITEMS, share, room if room is not None else credit)
+            waited = len(self.backlog) + len(self.needy)
             batch = self.take_batch(load, limit, too_large)
             if batch:
                 if not load.inflight:
                     load.busy_since = now
                 for task in batch:
-                    load.inflight[task.ident] = task
+                    load.hold(task)
                 if room is not None:
                     room -= len(batch)
                 if load.quota is not None:
                     load.quota -= len(batch)
                 batches.append((load, batch))
+            if batch or len(self.backlog) + len(self.needy) < waited:
+                self.offer(load)
+            else:
+                passed.append(load)
+        for load in passed:
             self.offer(load)
         return batches, too_large
 
     def take_batch(self, load: Load, limit: int, too_large: list[tuple[Task, Load]]) -> list[Task]:
         batch: list[Task] = []
         size = 0
+        if self.needy and load.resources:
+            size = self.take_needy(load, limit, batch, too_large)
         while self.backlog and len(batch) < limit:
             task = self.backlog[0]
             if is_full(len(batch), size, task.size):
                 break
             self.backlog.popleft()
-            if load.max_task_bytes is not None and task.size > load.max_task_bytes:
-                too_large.append((task, load))
-                continue
-            if not task.started:
-                if not task.future.set_running_or_notify_cancel():
-                    continue
-                task.started = True
-            elif task.future.done():  # waiting for a retry, and cancelled by force meanwhile
-                continue
-            batch.append(task)
-            size += task.size
+            if self.admit(task, load, too_large):
+                batch.append(task)
+                size += task.size
         return batch
+
+    def take_needy(self, load: Load, limit: int, batch: list[Task], too_large: list[tuple[Task, Load]]) -> int:
+        """Into ``batch``, the needy tasks (among the first NEEDY_LOOKAHEAD) that ``load``'s free
+        resources cover, holding them as they go; returns their size."""
+        size = 0
+        skipped: list[Task] = []
+        free = _resources.free_of(load.resources, load.in_use)
+        for _ in range(min(NEEDY_LOOKAHEAD, len(self.needy))):
+            if len(batch) >= limit:
+                break
+            task = self.needy.popleft()
+            assert task.needs is not None
+            if not _resources.covers(free, task.needs):
+                skipped.append(task)
+                continue
+            if is_full(len(batch), size, task.size):
+                skipped.append(task)
+                break
+            if self.admit(task, load, too_large):
+                for name, amount in task.needs.items():
+                    free[name] -= amount
+                batch.append(task)
+                size += task.size
+        self.needy.extendleft(reversed(skipped))
+        return size
+
+    def admit(self, task: Task, load: Load, too_large: list[tuple[Task, Load]]) -> bool:
+        """Whether ``task``, taken out of line, goes to ``load`` (not cancelled, not too large)."""
+        if load.max_task_bytes is not None and task.size > load.max_task_bytes:
+            too_large.append((task, load))
+            return False
+        if not task.started:
+            if not task.future.set_running_or_notify_cancel():
+                return False
+            task.started = True
+        elif task.future.done():  # waiting for a retry, and cancelled by force meanwhile
+            return False
+        return True
 
     def unsent(self, load: Load, batch: Iterable[Task]) -> None:
         """A batch could not be sent (the worker disconnected since its last message): back it goes."""
-        self.requeue([task for task in batch if load.inflight.pop(task.ident, None) is not None])
+        self.requeue([task for task in batch if load.let_go(task.ident) is not None])
 
     def returned(self, load: Load, ident: int) -> None:
         """``load``'s worker gave task ``ident`` back unstarted (it drains, or it let go of a buffer the
         task named): first in line again, no retry counted; the worker has that credit back."""
-        task = load.inflight.pop(ident, None)
+        task = load.let_go(ident)
         if task is not None:
             self.requeue([task])
             self.offer(load)
@@ -256,9 +351,7 @@ class Scheduler:
         now = time.monotonic()
         for task in tasks:
             task.queued_at = now
-        self.backlog.extendleft(reversed(tasks))
-        if tasks and self.waiting_since is None:
-            self.waiting_since = now
+        self.put_first(tasks)
 
     def locate(self, future: "Future[Any]") -> Optional[tuple[Load, Task, int]]:
         """The worker ``future``'s task is in flight on, the task, and its place among that worker's
@@ -275,7 +368,7 @@ class Scheduler:
         """The task ``ident`` has its answer from ``load``'s worker; None if it is not in flight there
         (a late or duplicate reply)."""
         saturated = len(load.inflight) >= load.slots
-        task = load.inflight.pop(ident, None)
+        task = load.let_go(ident)
         if task is None:
             return None
         load.completed += 1
@@ -306,3 +399,35 @@ class Scheduler:
         if timeout is None or not self.backlog or self.ready_count or self.waiting_since is None:
             return None
         return self.waiting_since + timeout
+
+    def unmet(self) -> list[Task]:
+        """The needy tasks that no ready worker offers enough for (looked at once per distinct need)."""
+        if not self.needy:
+            return []
+        ready = [load for load in self.attached if load.ready and not load.draining]
+        met: dict[tuple[tuple[str, float], ...], bool] = {}
+        unmet = []
+        for task in self.needy:
+            assert task.needs is not None
+            key = tuple(sorted(task.needs.items()))
+            if key not in met:
+                met[key] = any(load.could_take(task.needs) for load in ready)
+            if not met[key]:
+                unmet.append(task)
+        return unmet
+
+    def expire_unmet(self, now: float, timeout: Optional[float]) -> list[Task]:
+        """The needy tasks that no ready worker could take, waiting for one for ``timeout`` seconds,
+        taken out of line. Looked at once per heartbeat (the engine's tick), not per turn: it reads
+        every needy task."""
+        if timeout is None:
+            return []
+        expired = [task for task in self.unmet() if now - task.queued_at >= timeout]
+        if expired:
+            gone = {id(task) for task in expired}
+            self.needy = collections.deque(task for task in self.needy if id(task) not in gone)
+        return expired
+
+    def offered(self) -> list[tuple[str, Amounts]]:
+        """What each ready worker offers, by name."""
+        return [(load.name, load.resources) for load in self.attached if load.ready]

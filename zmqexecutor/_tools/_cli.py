@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence
 
 from .._wire._endpoints import is_loopback, parse
 from .._wire._memory import parse_size
+from .._wire._resources import parse_resources
 from .._wire._version import __version__
 
 
@@ -20,6 +21,13 @@ def size_in_bytes(text: str) -> int:
     """A size as people write it: ``512MiB``, ``2GiB``, ``1.5G`` (10**9), ``100k`` or plain bytes."""
     try:
         return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _resources(text: str) -> dict[str, float]:
+    try:
+        return parse_resources(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -86,6 +94,10 @@ def _add_worker(commands: Any) -> None:
                         help="how much of the large buffers its clients send again and again (an array inside "
                              "a mapped function) it keeps, so that each crosses the network once; 0 keeps none "
                              "(default: 1GiB)")
+    worker.add_argument("--resources", type=_resources, default=None, metavar="NAME=AMOUNT,...",
+                        help="what this worker offers, by names and amounts of your own (gpu=2,mem=256): a task "
+                             "that asks for some (ex.options(resources={'gpu': 1})) runs here only while they "
+                             "are free")
     worker.add_argument("--max-memory-per-child", type=size_in_bytes, default=None, metavar="SIZE",
                         help="a task process whose resident memory is above SIZE after a task (a leak) is "
                              "replaced before its next task, never during one")
@@ -160,6 +172,8 @@ def _add_launchers(commands: Any) -> None:
         command.add_argument("--keys", metavar="DIR",
                              help="a 'zmqexecutor keygen' folder (the client uses DIR/client); default: keys "
                                   "made for this run, printed, removed at the end")
+        command.add_argument("--resources", type=_resources, default=None, metavar="NAME=AMOUNT,...",
+                             help="what each worker offers, as zmqexecutor worker --resources")
         command.add_argument("--processes", type=_positive_int, default=None, metavar="N",
                              help="task processes per worker (default: the CPUs each has)")
         command.add_argument("--python", default=None, help="the interpreter on the workers' hosts")
@@ -275,6 +289,7 @@ def run_supervisor(args: argparse.Namespace, *, bind: Optional[str], **where: An
         idle_timeout=args.idle_timeout, exit_with_stdin=args.exit_with_stdin,
         keep_bytes=DEFAULT_KEEP_BYTES if args.cache_size is None else args.cache_size,
         memory_per_child=args.max_memory_per_child, memory_limit=args.memory_limit,
+        resources=args.resources,
     )
     return supervisor.run()
 
@@ -326,6 +341,12 @@ def run_status(args: argparse.Namespace) -> int:
             f"{status.get('kept_received', 0)} buffer(s) received, {status.get('kept_reused', 0)} reused, "
             f"{status.get('kept_missing', 0)} missing, {status.get('kept_refused', 0)} refused\n"
         )
+        offered = status.get("resources")
+        if isinstance(offered, dict) and offered:
+            in_use = status.get("resources_in_use")
+            in_use = in_use if isinstance(in_use, dict) else {}
+            sys.stdout.write("    resources " + "  ".join(
+                f"{name} {in_use.get(name, 0):g} of {amount:g} in use" for name, amount in sorted(offered.items())) + "\n")
     return 0 if answered == len(args.endpoints) else 1
 
 
@@ -366,7 +387,8 @@ def run_launcher(args: argparse.Namespace) -> int:
     from ._launchers import SlurmWorkers, SSHWorkers
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    common: dict[str, object] = dict(address=args.connect, keys=args.keys, processes=args.processes)
+    common: dict[str, object] = dict(address=args.connect, keys=args.keys, processes=args.processes,
+                                     resources=args.resources)
     if args.python:
         common["python"] = args.python
     if args.start_timeout:

@@ -25,10 +25,11 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any, Optional, Sequence, Union
+from typing import IO, Any, Mapping, Optional, Sequence, Union
 
 from .._wire._endpoints import parse
 from .._wire._errors import LaunchError
+from .._wire._resources import check_amounts
 from .._wire._curve import DialKeys
 from .._wire._security import (
     keygen,
@@ -60,9 +61,11 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 class _Launcher:
     def __init__(self, address: Optional[str], keys: Optional[PathLike], processes: Optional[int],
-                 python: str, idle_timeout: Optional[float], start_timeout: float) -> None:
+                 python: str, idle_timeout: Optional[float], start_timeout: float,
+                 resources: Optional[Mapping[str, float]] = None) -> None:
         if processes is not None and (not isinstance(processes, int) or processes < 1):
             raise ValueError("processes must be a positive integer or None")
+        self.resources = None if resources is None else check_amounts(resources, "resources")
         if not start_timeout > 0:
             raise ValueError("start_timeout must be > 0")
         self._given_address = address
@@ -111,6 +114,8 @@ class _Launcher:
             command += ["--processes", str(self.processes)]
         if self.idle_timeout is not None:
             command += ["--idle-timeout", f"{self.idle_timeout:g}"]
+        if self.resources:
+            command += ["--resources", ",".join(f"{name}={amount:g}" for name, amount in self.resources.items())]
         return command
 
     def _forget_keys(self) -> None:
@@ -137,6 +142,7 @@ class SSHWorkers(_Launcher):
             this machine's address on the way to the first host, on a free port.
         keys: a ``zmqexecutor keygen`` folder to use; default: keys made for this run alone.
         processes: task processes per worker (default: each host's CPUs).
+        resources: what each worker offers, ``{"gpu": 2}`` (``zmqexecutor worker --resources``).
         python: the remote interpreter, which must have zmqexecutor installed.
         ssh: the ssh client; ssh_options: extra arguments before the host (``["-p", "2222"]``).
         worker_options: extra ``zmqexecutor worker`` arguments (``["--drain-timeout", "60"]``).
@@ -145,8 +151,9 @@ class SSHWorkers(_Launcher):
     def __init__(self, hosts: Union[str, Sequence[str]], *, address: Optional[str] = None,
                  keys: Optional[PathLike] = None, processes: Optional[int] = None, python: str = "python3",
                  ssh: str = "ssh", ssh_options: Sequence[str] = (), worker_options: Sequence[str] = (),
-                 start_timeout: float = DEFAULT_START_TIMEOUT, idle_timeout: Optional[float] = None) -> None:
-        super().__init__(address, keys, processes, python, idle_timeout, start_timeout)
+                 start_timeout: float = DEFAULT_START_TIMEOUT, idle_timeout: Optional[float] = None,
+                 resources: Optional[Mapping[str, float]] = None) -> None:
+        super().__init__(address, keys, processes, python, idle_timeout, start_timeout, resources)
         self.hosts = [hosts] if isinstance(hosts, str) else list(hosts)
         if not self.hosts:
             raise ValueError("hosts must not be empty")
@@ -290,14 +297,17 @@ class SlurmWorkers(_Launcher):
         address: what the workers dial; default: this machine's name, on a free port.
         python: the interpreter on the nodes (default: this one, which suits a shared file system).
         idle_timeout: a worker with no client this long stops (a client that died without cancelling).
+        resources: what each worker offers, ``{"gpu": 4}`` (``zmqexecutor worker --resources``); ask
+            Slurm for them too (``sbatch_lines=["--gres=gpu:4"]``).
     """
 
     def __init__(self, nodes: int = 1, *, partition: Optional[str] = None, time_limit: Optional[str] = None,
                  account: Optional[str] = None, sbatch_lines: Sequence[str] = (), address: Optional[str] = None,
                  keys: Optional[PathLike] = None, processes: Optional[int] = None, python: str = sys.executable,
                  folder: Optional[PathLike] = None, job_name: str = "zmqexecutor",
-                 start_timeout: float = 300.0, idle_timeout: Optional[float] = DEFAULT_IDLE_TIMEOUT) -> None:
-        super().__init__(address, keys, processes, python, idle_timeout, start_timeout)
+                 start_timeout: float = 300.0, idle_timeout: Optional[float] = DEFAULT_IDLE_TIMEOUT,
+                 resources: Optional[Mapping[str, float]] = None) -> None:
+        super().__init__(address, keys, processes, python, idle_timeout, start_timeout, resources)
         if not isinstance(nodes, int) or nodes < 1:
             raise ValueError("nodes must be a positive integer")
         self.nodes = nodes

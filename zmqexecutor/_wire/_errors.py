@@ -17,6 +17,7 @@ __all__ = [
     "MemoryLimitError",
     "BrokenWorkerPool",
     "NoWorkersError",
+    "ResourcesUnavailableError",
     "WorkerLostError",
     "VersionMismatchError",
     "SecurityError",
@@ -124,6 +125,22 @@ class BrokenWorkerPool(BrokenProcessPool, ZMQExecutorError):
 
 class NoWorkersError(BrokenExecutor, ZMQExecutorError):
     """Raised when a task waited longer than ``connect_timeout`` without any worker being reachable."""
+
+
+class ResourcesUnavailableError(NoWorkersError):
+    """Raised when no connected worker offered the resources a task needs (``options(resources=...)``)
+    within ``connect_timeout``; ``needs`` is what it asked for. The executor stays usable."""
+
+    def __init__(self, message: str, *, needs: Optional[dict[str, float]] = None) -> None:
+        super().__init__(message)
+        self.needs = dict(needs or {})
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_unavailable, (str(self), self.needs))
+
+
+def _rebuild_unavailable(message: str, needs: dict[str, float]) -> ResourcesUnavailableError:
+    return ResourcesUnavailableError(message, needs=needs)
 
 
 class WorkerLostError(BrokenExecutor, ZMQExecutorError):

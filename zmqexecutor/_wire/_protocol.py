@@ -14,12 +14,16 @@ peer's version byte and report a mismatch instead of failing later.
 Client <-> worker supervisor (a DEALER per endpoint to the worker's bound ROUTER)::
 
     HELLO        c -> w  [hdr(0), json client info, initializer pickle or b""]
-    WELCOME      w -> c  [hdr(0), json worker info incl. slots, instance id, accepted, reason]
+    WELCOME      w -> c  [hdr(0), json worker info incl. slots, instance id, accepted, reason,
+                         resources ({name: amount}, what ``--resources`` offers)]
     TASK         c -> w  [hdr(task id), call pickle, *the arguments' buffers, *the function's buffers];
                          the call pickle is (function, args, kwargs) or, with a time limit, (...,
                          seconds); the function is its pickle, or (key, pickle, buffer count) when its
                          pickle has buffers of its own: ``key`` names its content (a digest), so that
                          a task process decodes it once
+    NEEDY_TASK   c -> w  [hdr(task id), json {resource: amount}, *TASK's frames]: a task that holds
+                         these amounts of the worker's resources while it runs (the worker runs it
+                         only when they are free; one of the BATCHED kinds, like TASK)
     RESULT       w -> c  [hdr(task id), result pickle, *out-of-band buffers]
     EXCEPTION    w -> c  [hdr(task id), json {type, message, traceback, host, pid}, exception pickle or b""]
     INIT_FAILED  w -> c  same frames as EXCEPTION: the initializer raised
@@ -115,7 +119,7 @@ import signal
 import struct
 import sys
 import traceback
-from typing import Any, Callable, NamedTuple, Sequence, Union
+from typing import Any, Callable, Mapping, NamedTuple, Sequence, Union
 
 import cloudpickle
 import zmq
@@ -130,6 +134,7 @@ from ._serialize import (
     encode_result,
     loads,
 )
+from ._resources import check_amounts
 from ._tracebacks import locate_sent_code
 from ._version import __version__
 
@@ -190,6 +195,7 @@ class Kind(enum.IntEnum):
     JOIN = 26
     LONE_TASK = 27
     MISSING = 28
+    NEEDY_TASK = 29
 
 
 _KINDS = {int(k): k for k in Kind}
@@ -362,7 +368,26 @@ def decode_welcome(frames: Sequence[Frame]) -> dict[str, Any]:
         raise ProtocolError(f"bad slot count {slots!r}")
     if not isinstance(info.get("instance"), str):
         raise ProtocolError("missing worker instance id")
+    if "resources" in info:
+        try:
+            info["resources"] = check_amounts(info["resources"], "the worker's resources")
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(str(exc)) from None
     return info
+
+
+def needy_task(task_id: int, needs: Mapping[str, float], call: Sequence[Any]) -> Item:
+    """NEEDY_TASK: a task that holds ``needs`` of the worker's resources while it runs."""
+    return Item(Kind.NEEDY_TASK, task_id, [encode_json(dict(needs)), *call])
+
+
+def decode_needs(frames: Sequence[Frame]) -> tuple[dict[str, float], Sequence[Frame]]:
+    """A NEEDY_TASK's frames after the header: what it needs, and the call frames (TASK's)."""
+    expect_frames(frames, 2)
+    try:
+        return check_amounts(decode_json(frames[0]), "a task's resources"), frames[1:]
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(str(exc)) from None
 
 
 # --- calls and results (the pickling itself lives in _serialize) ----------------------------------
@@ -485,7 +510,7 @@ _OWN_FRAME = 1 << 31
 PACK_LIMIT = OOB_MIN_BYTES
 
 # The kinds a BATCH may carry: tasks and their replies. Control messages always go alone.
-BATCHED_KINDS = frozenset({Kind.TASK, Kind.RESULT, Kind.EXCEPTION, Kind.INIT_FAILED, Kind.CRASHED,
+BATCHED_KINDS = frozenset({Kind.TASK, Kind.NEEDY_TASK, Kind.RESULT, Kind.EXCEPTION, Kind.INIT_FAILED, Kind.CRASHED,
                            Kind.OUTPUT, Kind.DROPPED, Kind.LOST, Kind.EXITED, Kind.RETURNED, Kind.MISSING})
 
 # The most messages one BATCH may carry; a bigger count is malformed (senders stay far below).

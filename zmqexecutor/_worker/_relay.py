@@ -20,9 +20,10 @@ import logging
 import math
 from typing import Any, NamedTuple, Optional, Sequence
 
-from .._wire import _pacing
+from .._wire import _pacing, _resources
 from .._wire import _protocol as proto
 from .._wire._protocol import Item, Kind
+from .._wire._resources import Amounts
 from ._sessions import Sessions
 from ._taskprocess import FINISHED, RETIRED, STARTED
 
@@ -35,6 +36,7 @@ class Queued(NamedTuple):
     client: bytes
     task_id: int  # the client's id
     frames: Any
+    needs: Optional[Amounts] = None  # of the worker's resources, while it runs (NEEDY_TASK)
 
 
 class Assignment(NamedTuple):
@@ -42,6 +44,7 @@ class Assignment(NamedTuple):
     client: bytes
     task_id: int  # the client's id; the process knows the task by the supervisor's own id
     frames: Any
+    needs: Optional[Amounts] = None
 
 
 class Handed(NamedTuple):
@@ -83,10 +86,14 @@ class Relay:
 
     direct = False
 
-    def __init__(self) -> None:
+    def __init__(self, resources: Optional[Amounts] = None) -> None:
         self.held: dict[Any, Held] = {}  # by _taskpool.TaskProcess
         self.service: Optional[float] = None  # estimated seconds per task
         self.ids = 0  # the supervisor's own task ids, unique across clients
+        self.resources: Amounts = dict(resources or {})  # what --resources offers
+        # What the tasks given to processes hold of them, from when they are given until they end:
+        # several clients may send needy tasks, and each client counts only its own.
+        self.in_use: Amounts = {}
 
     def of(self, proc: Any) -> Held:
         held = self.held.get(proc)
@@ -99,6 +106,13 @@ class Relay:
     def refuses_tasks(self) -> Optional[str]:
         """Why tasks from clients are not taken here; None: they are queued."""
         return None
+
+    def never_meets(self, needs: Amounts) -> Optional[str]:
+        """Why a task that needs this cannot run here even when all is free; None if it can."""
+        if _resources.covers(self.resources, needs):
+            return None
+        return (f"this worker offers {_resources.describe(self.resources)}; the task needs "
+                f"{_resources.describe(needs)}")
 
     def credit(self, proc: Any) -> int:
         held = self.of(proc)
@@ -113,21 +127,28 @@ class Relay:
         takers = sorted((proc for proc in procs if self.credit(proc) > 0),
                         key=lambda proc: self.of(proc).last_event, reverse=True)
         handed = []
+        waiting: list[Queued] = []  # needy tasks whose resources are taken: first in line again after
         for index, proc in enumerate(takers):
             share = math.ceil(len(queue) / (len(takers) - index))
             items: list[Item] = []
             wanted = min(self.credit(proc), share)
             while queue and len(items) < wanted:
-                client, task_id, frames = queue.popleft()
-                session = sessions.get(client)
+                task = queue.popleft()
+                session = sessions.get(task.client)
                 if session is None:
                     continue
-                ident, first = self.assign(proc, Queued(client, task_id, frames), now, session.max_tasks_per_child)
-                items.append(proto.process_task(ident, client, session.init_blob if first else b"", frames))
+                if task.needs is not None:
+                    if not _resources.covers(_resources.free_of(self.resources, self.in_use), task.needs):
+                        waiting.append(task)
+                        continue
+                    _resources.take(self.in_use, task.needs)
+                ident, first = self.assign(proc, task, now, session.max_tasks_per_child)
+                items.append(proto.process_task(ident, task.client, session.init_blob if first else b"", task.frames))
                 if self.of(proc).closing:
                     break
             if items:
                 handed.append(Handed(proc, items))
+        queue.extendleft(reversed(waiting))
         return handed
 
     def assign(self, proc: Any, task: Queued, now: float, limit: Optional[int]) -> tuple[int, bool]:
@@ -137,7 +158,7 @@ class Relay:
         self.ids += 1
         if not held.assigned:
             held.last_event = now
-        held.assigned[self.ids] = Assignment(held.given, task.client, task.task_id, task.frames)
+        held.assigned[self.ids] = Assignment(held.given, task.client, task.task_id, task.frames, task.needs)
         held.given += 1
         first = task.client not in held.initialized
         held.initialized.add(task.client)
@@ -156,9 +177,14 @@ class Relay:
         held = self.of(proc)
         assignment = held.assigned.pop(ident, None)
         if assignment is not None:
+            self.release(assignment)
             self.service = _pacing.smoothed(self.service, now - held.last_event)
             held.last_event = now
         return assignment
+
+    def release(self, assignment: Assignment) -> None:
+        if assignment.needs is not None:
+            _resources.give_back(self.in_use, assignment.needs)
 
     def close_after_tasks(self, proc: Any) -> None:
         self.of(proc).closing = True
@@ -205,6 +231,8 @@ class Relay:
         """``proc`` ended: CRASHED for the task it was running, LOST for finished ones whose replies died
         with it (and, stopped with its worker, for the one it ran), and the tasks it never started."""
         held = self.held.pop(proc, None) or Held()
+        for assignment in held.assigned.values():
+            self.release(assignment)
         if proc.retiring:  # it ended as told, with nothing left to do
             return Ended([], [], 0)
         counters = proc.counters
@@ -225,7 +253,7 @@ class Relay:
                                            timed_out=proc.timed_out, **proto.memory_of(proc))
                 replies.append((a.client, Item(Kind.CRASHED, a.task_id, crash)))
                 crashed += 1
-        unstarted = [Queued(a.client, a.task_id, a.frames) for a in held.assigned.values() if a.seq >= started]
+        unstarted = [Queued(a.client, a.task_id, a.frames, a.needs) for a in held.assigned.values() if a.seq >= started]
         return Ended(replies, unstarted, crashed)
 
     def abandon(self, why: str) -> list[tuple[bytes, Item]]:
@@ -235,6 +263,7 @@ class Relay:
         for held in self.held.values():
             for a in held.assigned.values():
                 replies.append((a.client, Item(Kind.LOST, a.task_id, proto.encode_reason(why))))
+                self.release(a)
             held.assigned.clear()
         return replies
 

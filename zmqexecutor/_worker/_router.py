@@ -79,7 +79,8 @@ class Router:
             return
         if header.version != proto.PROTOCOL_VERSION:
             raise proto.ProtocolError(f"protocol version {header.version}, expected {proto.PROTOCOL_VERSION}")
-        if header.kind not in (Kind.TASK, Kind.BATCH, Kind.PING, Kind.TERMINATE, Kind.CANCEL, Kind.BYE):
+        if header.kind not in (Kind.TASK, Kind.NEEDY_TASK, Kind.BATCH, Kind.PING, Kind.TERMINATE, Kind.CANCEL,
+                               Kind.BYE):
             raise proto.ProtocolError(f"unexpected {header.kind.name} from a client")
         tasks = proto.split(header, frames)
         session = self.sessions.get(client)
@@ -89,9 +90,9 @@ class Router:
                 self.send(client, proto.encode_rejected(tasks[0].ident, reason))
             return
         session.last_seen = time.monotonic()
-        if header.kind in (Kind.TASK, Kind.BATCH):
+        if header.kind in (Kind.TASK, Kind.NEEDY_TASK, Kind.BATCH):
             for task in tasks:
-                if task.kind != Kind.TASK or not task.frames:
+                if task.kind not in (Kind.TASK, Kind.NEEDY_TASK) or not task.frames:
                     raise proto.ProtocolError(f"a {task.kind.name} without a call among the tasks")
             refused = self.relay.refuses_tasks()
             if refused is not None:
@@ -104,11 +105,7 @@ class Router:
                     self.reply(client, Item(Kind.RETURNED, task.ident, []))
                 return
             for task in tasks:
-                resolved = self.kept.resolve(client, task.frames)
-                if resolved is None:  # it named a buffer let go since: the client sends it again
-                    self.reply(client, Item(Kind.MISSING, task.ident, []))
-                else:
-                    self.queue.append(Queued(client, task.ident, resolved))
+                self.take_task(client, task)
         elif header.kind == Kind.PING:
             self.send(client, proto.encode_bare(Kind.PONG))
         elif header.kind == Kind.TERMINATE:
@@ -117,6 +114,19 @@ class Router:
             self.cancel_task(client, header.ident, proto.decode_cancel(frames[1:]))
         else:
             self.forget_session(client, "said goodbye")
+
+    def take_task(self, client: bytes, task: Item) -> None:
+        needs, call = proto.decode_needs(task.frames) if task.kind == Kind.NEEDY_TASK else (None, task.frames)
+        if needs is not None:
+            never = self.relay.never_meets(needs)
+            if never is not None:  # its client counts what we offer, so only a confused one sends this
+                self.reply(client, Item(Kind.DROPPED, task.ident, proto.encode_reason(never)))
+                return
+        resolved = self.kept.resolve(client, call)
+        if resolved is None:  # it named a buffer let go since: the client sends it again
+            self.reply(client, Item(Kind.MISSING, task.ident, []))
+        else:
+            self.queue.append(Queued(client, task.ident, resolved, needs))
 
     def greet(self, client: bytes, header: proto.Header, frames: list[Any]) -> None:
         welcome, info, init_blob = proto.answer_hello(header, frames, dict(
@@ -275,7 +285,7 @@ class Router:
 
     def give_back_queue(self) -> None:
         """Hand every queued task back to its client (draining): sent elsewhere, no retry counted."""
-        for client, task_id, _ in self.queue:
+        for client, task_id, *_ in self.queue:
             self.reply(client, Item(Kind.RETURNED, task_id, []))
         self.queue.clear()
 

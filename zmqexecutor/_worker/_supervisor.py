@@ -111,7 +111,8 @@ class Supervisor:
                  drain_timeout: float = DEFAULT_DRAIN_TIMEOUT, connect: Optional[str] = None,
                  dial_keys: Optional[DialKeys] = None, idle_timeout: Optional[float] = None,
                  exit_with_stdin: bool = False, keep_bytes: int = DEFAULT_KEEP_BYTES,
-                 memory_per_child: Optional[int] = None, memory_limit: Optional[int] = None) -> None:
+                 memory_per_child: Optional[int] = None, memory_limit: Optional[int] = None,
+                 resources: Optional[dict[str, float]] = None) -> None:
         if (bind is None) == (connect is None):
             raise ValueError("a worker either binds an endpoint or connects to a client's, not both")
         self.bind = bind
@@ -146,9 +147,10 @@ class Supervisor:
         self.drain_deadline: Optional[float] = None  # draining since: until then
         self.orphaned = False
         self.started = time.monotonic()
-        self.router = Router(self.pool, DirectTasks() if direct else Relay(), host=self.host, status=self.status,
+        self.router = Router(self.pool, DirectTasks() if direct else Relay(resources), host=self.host, status=self.status,
                              on_drain=self.asked_to_drain, kept=KeptBuffers(keep_bytes),
                              worker_info=dict(slots=processes, instance=self.instance, host=self.host,
+                                              resources=resources or {},
                                               max_message_size=max_message_size,
                                               keep_bytes=0 if direct else keep_bytes))
 
@@ -295,6 +297,7 @@ class Supervisor:
                     instance=self.instance, host=self.host, pid=os.getpid(),
                     security="CurveZMQ" if self.guard is not None else "none",
                     kept_bytes=router.kept.size, keep_bytes=router.kept.budget,
+                    resources=router.relay.resources, resources_in_use=router.relay.in_use,
                     **{f"kept_{name}": count for name, count in router.kept.counts.items()})
 
     def request_drain(self, why: str) -> bool:
