@@ -108,3 +108,22 @@ def test_a_run_leaves_no_report_of_an_earlier_run_in_its_folder(tmp_path) -> Non
     assert not (tmp_path / "scaling.png").exists()  # this run measured no scaling
     assert "an earlier run's" not in (tmp_path / "summary.rst").read_text()
     assert "| process |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("how", [[], ["--dial"]], ids=["bound", "dial-in"])
+def test_a_simulated_fleet_serves_a_real_client_and_reports_both_sides(how, keys) -> None:
+    # 50 workers of 2 slots answering 1 ms tasks; with keys, over CurveZMQ.
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.fleet", "measure", "--workers", "50", "--slots", "2", "--task-ms", "1",
+         "--tasks", "2000", "--idle", "0.5", "--curve", str(keys), *how],
+        cwd=ROOT, capture_output=True, text=True, timeout=280, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["workers"] == 50 and result["curve"] and result["dial"] == bool(how)
+    assert 0 < result["connected_s"] <= result["first_result_s"] < 60
+    # 2,000 tasks of 1 ms on 100 slots cannot take less than 20 ms; the fleet answered each once.
+    assert 0 < result["tasks_per_s"] < 100_000
+    assert result["fleet_answered"] == 2001  # the burst and the first task, each once
+    assert result["client_us_per_task"] > 0 and result["fleet_us_per_task"] > 0
+    assert result["idle_core_percent"] >= 0 and result["client_kib_per_worker"] > 0
