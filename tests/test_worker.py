@@ -656,3 +656,37 @@ def test_a_worker_that_keeps_nothing_still_runs_every_task(start_worker) -> None
         data = numpy.ones(500_000)
         assert list(ex.map(functools.partial(first_plus_value, data), range(4))) == [1.0 + x for x in range(4)]
     assert kept_counts(worker.endpoint) == (0, 0, 0)
+
+
+def raises_value_error(x: int) -> int:
+    raise ValueError(x)
+
+
+def test_status_json_is_one_document_that_agrees_with_what_the_executor_sees(start_worker) -> None:
+    import json
+
+    worker = start_worker(processes=2, extra=["--resources", "gpu=1"])
+    nobody = f"tcp://127.0.0.1:{free_port()}"
+    with ZMQExecutor([worker.endpoint]) as ex:
+        assert list(ex.map(abs, [-1, -2, -3])) == [1, 2, 3]
+        with pytest.raises(ValueError):
+            ex.submit(raises_value_error, 1).result(timeout=30)
+        (seen,) = ex.workers()
+        done = subprocess.run([sys.executable, "-m", "zmqexecutor", "status", "--json", "--timeout", "2",
+                               worker.endpoint, nobody], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1  # one of the two did not answer
+    document = json.loads(done.stdout)
+    assert document["schema_version"] == 1 and document["command"] == "status"
+    answered, silent = document["workers"]
+    assert answered["endpoint"] == worker.endpoint and answered["state"] == "ready" and answered["error"] is None
+    assert (answered["host"], answered["pid"], answered["instance"], answered["slots"]) == \
+        (seen.host, seen.pid, seen.instance, seen.slots)
+    assert answered["resources"] == seen.resources == {"gpu": 1.0}
+    assert answered["tasks"]["done"] == 3 and answered["tasks"]["failed"] == 1
+    assert answered["clients"] == 1 and answered["round_trip_ms"] > 0
+    assert set(answered["versions"]) == {"zmqexecutor", "python", "cloudpickle", "protocol"}
+    assert set(answered["cache"]) >= {"kept_bytes", "budget_bytes", "received", "reused", "missing", "refused"}
+    assert silent == {"endpoint": nobody, "state": "unreachable", "error": "no answer within 2 s"}
+    ping = subprocess.run([sys.executable, "-m", "zmqexecutor", "ping", "--json", worker.endpoint],
+                          capture_output=True, text=True, timeout=60)
+    assert ping.returncode == 0 and json.loads(ping.stdout)["workers"][0]["state"] == "ready"

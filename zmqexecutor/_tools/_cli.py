@@ -6,6 +6,7 @@ Runs in the process of the ``zmqexecutor`` command (its main thread); ``worker``
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -129,6 +130,9 @@ def _add_queries(commands: Any) -> None:
         command.add_argument("--keys", metavar="DIR", help="the client key folder for secured workers "
                              "(default: $ZMQEXECUTOR_KEYS)")
         command.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each (default 5)")
+        command.add_argument("--json", action="store_true",
+                             help="one JSON document on stdout, for programs (schema in the README: "
+                                  "'zmqexecutor status --json')")
         command.add_argument("--insecure", action="store_true",
                              help="talk plain text to workers on this host started with --insecure (without "
                                   "it, loopback TCP uses your own key store)")
@@ -298,7 +302,7 @@ def run_status(args: argparse.Namespace) -> int:
     from .._wire._errors import SecurityError
     from .._wire._protocol import local_versions, version_mismatch
     from .._wire._security import client_keys
-    from ._status import query
+    from ._status import STATUS_SCHEMA_VERSION, query, worker_document
 
     for endpoint in args.endpoints:
         try:
@@ -312,14 +316,19 @@ def run_status(args: argparse.Namespace) -> int:
         sys.stderr.write(f"zmqexecutor {args.command}: {exc}\n")
         return 2
     answered = 0
+    documented = []
     for endpoint in args.endpoints:
         status, seconds, problem = query(endpoint, keys, args.timeout, drain=args.command == "drain")
+        # A worker that answers but that this Python cannot use is not "ok".
+        mismatch = None if status is None else version_mismatch(local_versions(), status, us="this client",
+                                                                   them=f"worker {endpoint}")
+        answered += status is not None and mismatch is None
+        if args.json:
+            documented.append(worker_document(endpoint, status, seconds, problem or mismatch))
+            continue
         if status is None:
             sys.stdout.write(f"{endpoint}  unreachable: {problem}\n")
             continue
-        # A worker that answers but that this Python cannot use is not "ok".
-        mismatch = version_mismatch(local_versions(), status, us="this client", them=f"worker {endpoint}")
-        answered += mismatch is None
         verdict = "ok" if mismatch is None else f"INCOMPATIBLE ({mismatch})"
         if args.command == "ping":
             sys.stdout.write(f"{endpoint}  {verdict}  {seconds * 1000:.1f} ms\n")
@@ -347,6 +356,9 @@ def run_status(args: argparse.Namespace) -> int:
             in_use = in_use if isinstance(in_use, dict) else {}
             sys.stdout.write("    resources " + "  ".join(
                 f"{name} {in_use.get(name, 0):g} of {amount:g} in use" for name, amount in sorted(offered.items())) + "\n")
+    if args.json:
+        sys.stdout.write(json.dumps({"schema_version": STATUS_SCHEMA_VERSION, "command": args.command,
+                                     "workers": documented}, indent=2) + "\n")
     return 0 if answered == len(args.endpoints) else 1
 
 

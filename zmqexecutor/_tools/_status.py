@@ -21,6 +21,35 @@ from .._wire._curve import (
 from .._wire._sockets import monitor_events
 
 
+# The version of the document ``zmqexecutor status --json`` prints: raised when a field changes
+# meaning or goes away; new fields may appear without it.
+STATUS_SCHEMA_VERSION = 1
+
+
+def worker_document(endpoint: str, status: Optional[dict[str, Any]], seconds: float,
+                    problem: Optional[str]) -> dict[str, Any]:
+    """One worker in ``--json``'s document: what it answered, in the documented schema (the README's
+    "zmqexecutor status --json"), or why it did not."""
+    if status is None:
+        return {"endpoint": endpoint, "state": "unreachable", "error": problem}
+    state = "incompatible" if problem else "draining" if status.get("draining") else "ready"
+    kept = {name[len("kept_"):]: value for name, value in status.items()
+            if name.startswith("kept_") and name != "kept_bytes"}
+    return {
+        "endpoint": endpoint, "state": state, "error": problem or None,
+        "round_trip_ms": round(seconds * 1000, 3),
+        "versions": {name: status.get(name) for name in ("zmqexecutor", "python", "cloudpickle", "protocol")},
+        "host": status.get("host"), "pid": status.get("pid"), "instance": status.get("instance"),
+        "uptime_s": status.get("uptime"), "security": status.get("security"),
+        "slots": status.get("slots"), "busy": status.get("busy"), "queued": status.get("queued"),
+        "clients": status.get("clients"),
+        "tasks": {"done": status.get("done"), "failed": status.get("failed"), "crashed": status.get("crashed"),
+                  "timed_out": status.get("timed_out", 0), "killed_on_request": status.get("cancelled", 0)},
+        "cache": {"kept_bytes": status.get("kept_bytes"), "budget_bytes": status.get("keep_bytes"), **kept},
+        "resources": status.get("resources") or {}, "resources_in_use": status.get("resources_in_use") or {},
+    }
+
+
 def query(endpoint: str, keys: Optional[ClientKeys], timeout: float, *, drain: bool = False
           ) -> tuple[Optional[dict[str, Any]], float, str]:
     """(status, round-trip seconds, problem): status is None and problem says why when no answer came.
