@@ -690,3 +690,21 @@ def test_status_json_is_one_document_that_agrees_with_what_the_executor_sees(sta
     ping = subprocess.run([sys.executable, "-m", "zmqexecutor", "ping", "--json", worker.endpoint],
                           capture_output=True, text=True, timeout=60)
     assert ping.returncode == 0 and json.loads(ping.stdout)["workers"][0]["state"] == "ready"
+
+
+def test_a_worker_logs_json_lines_with_its_endpoint_and_the_client_and_task_they_concern(start_worker) -> None:
+    import json
+
+    worker = start_worker(processes=1, extra=["--log-format", "json"])
+    with ZMQExecutor([worker.endpoint], max_retries=0) as ex:
+        with pytest.raises(BrokenProcessPool):
+            ex.submit(os._exit, 3).result(timeout=30)
+    assert wait_until(lambda: "dropped its session" in worker.log(), timeout=15)
+    lines = [json.loads(line) for line in worker.log().splitlines()]  # every line is one object
+    assert all({"time", "level", "logger", "message", "host", "pid", "endpoint"} <= set(line) for line in lines)
+    assert all(line["pid"] == worker.pid for line in lines)
+    connected = next(line for line in lines if "connected" in line["message"])
+    crashed = next(line for line in lines if "went with task process" in line["message"])
+    assert connected["level"] == "INFO" and connected["client"].startswith("zx-")
+    assert crashed["client"] == connected["client"] and isinstance(crashed["task"], int)
+    assert next(line for line in lines if "worker ready" in line["message"])["endpoint"] == "tcp://127.0.0.1:*"

@@ -114,6 +114,9 @@ def _add_worker(commands: Any) -> None:
                              "(default: 30)")
     worker.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: INFO")
+    worker.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="json: one JSON object per line (time, level, message, host, pid, endpoint, client) "
+                             "for log collectors; default: text")
     worker.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     # The embedded worker: task processes exchange tasks with the client at this ipc:// address.
     worker.add_argument("--direct", default=None, help=argparse.SUPPRESS)
@@ -202,11 +205,9 @@ def check_bind(endpoint: str, insecure: bool = False, secured: bool = False) -> 
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=getattr(logging, args.log_level),
-        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    from ._logs import configure
+
+    configure(args.log_level, args.log_format, args.bind or args.connect)
     log = logging.getLogger("zmqexecutor.worker")
     from .._wire._features import local_workers_unsupported
     unsupported = local_workers_unsupported()

@@ -64,7 +64,8 @@ class Router:
             try:
                 self.handle_client_message(client, frames)
             except proto.ProtocolError as exc:
-                logger.warning("dropped a malformed message from client %r: %s", client, exc)
+                logger.warning("dropped a malformed message from client %r: %s", client, exc,
+                               extra={"client": client.decode(errors="replace")})
 
     def handle_client_message(self, client: bytes, frames: list[Any]) -> None:
         proto.expect_frames(frames, 1)
@@ -136,9 +137,10 @@ class Router:
         if info is not None:
             self.sessions.open(client, init_blob, info)
             logger.info("client %s connected (host %s, pid %s)", client.decode(errors="replace"),
-                        info.get("host"), info.get("pid"))
+                        info.get("host"), info.get("pid"), extra={"client": client.decode(errors="replace")})
         else:
-            logger.warning("refused client %r: %s", client, proto.decode_json(welcome[1]).get("reason"))
+            logger.warning("refused client %r: %s", client, proto.decode_json(welcome[1]).get("reason"),
+                           extra={"client": client.decode(errors="replace")})
         self.send(client, welcome)
         if info is not None and self.draining:
             self.send(client, proto.encode_bare(Kind.DRAINING))
@@ -152,7 +154,7 @@ class Router:
         self.outbox.pop(client, None)
         self.kept.forget(client)
         logger.info("client %s %s; dropped its session and %d queued task(s)",
-                    client.decode(errors="replace"), why, dropped)
+                    client.decode(errors="replace"), why, dropped, extra={"client": client.decode(errors="replace")})
         # Nobody waits for what its running tasks return anymore: stop them, freeing their slots.
         self.stop_running_tasks_of(client, signal.SIGTERM, "because its client's session ended")
         self.relay.forget_client(client)
@@ -247,7 +249,11 @@ class Router:
             for to, item in ended.replies:
                 for client in [session.client for session in self.sessions] if to is None else [to]:
                     if self.sessions.get(client) is not None:
-                        self.tally["crashed"] += item.kind == Kind.CRASHED
+                        if item.kind == Kind.CRASHED:
+                            self.tally["crashed"] += 1
+                            name = client.decode(errors="replace")
+                            logger.info("task %d of client %s went with task process %s", item.ident, name,
+                                        proc.process.pid, extra={"client": name, "task": item.ident})
                         self.reply(client, item)
             self.queue.extendleft(reversed(ended.unstarted))
             if self.pool.startup_failures >= MAX_STARTUP_FAILURES:
