@@ -1340,3 +1340,30 @@ def test_an_unordered_map_times_out_raises_a_tasks_error_and_refuses_a_bad_flag(
         with pytest.raises(TypeError, match="ordered must be True or False"):
             executor.map(abs, [1], ordered="no")  # type: ignore[arg-type]
         assert list(executor.options(task_timeout=10).map(abs, [-1, -2], ordered=False)) in ([1, 2], [2, 1])
+
+
+@pytest.mark.parametrize("with_tqdm", [True, False], ids=["tqdm", "plain"])
+def test_a_map_with_progress_counts_its_results_on_stderr_and_changes_nothing_else(tmp_path, with_tqdm) -> None:
+    script = tmp_path / "progress.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        if not {with_tqdm}:
+            sys.modules["tqdm"] = None  # as where tqdm is not installed
+        from zmqexecutor import ZMQExecutor
+
+        def square(x):
+            return x * x
+
+        if __name__ == "__main__":
+            with ZMQExecutor(max_workers=2) as ex:
+                print(list(ex.map(square, range(10), progress=True)))
+                print(sorted(ex.options(task_timeout=30).map(square, range(5), ordered=False, progress=True)))
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [str([x * x for x in range(10)]), str([x * x for x in range(5)])]
+    if with_tqdm:
+        assert "10/10" in done.stderr and "5/5" in done.stderr and "100%" in done.stderr
+    else:
+        assert re.search(r"10/10 results, \d+/s\n", done.stderr) and re.search(r"5/5 results, \d+/s\n", done.stderr)

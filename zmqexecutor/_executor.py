@@ -13,6 +13,7 @@ import logging
 import os
 import queue
 import signal
+import sys
 import time
 import weakref
 from concurrent.futures import Executor, Future, _base
@@ -525,6 +526,7 @@ class ZMQExecutor(Executor):
         chunksize: int = 1,
         buffersize: Optional[int] = None,
         ordered: bool = True,
+        progress: bool = False,
     ) -> Iterator[_T]:
         """Return an iterator equivalent to ``map(fn, *iterables)`` whose calls run on the workers.
 
@@ -536,8 +538,12 @@ class ZMQExecutor(Executor):
                 iterables are read lazily as results are consumed. None submits everything at once.
             ordered: False yields each result as soon as its task is done, whatever the order of the
                 inputs (``imap_unordered``); the items of one chunk stay together, in their order.
+            progress: show the results taken so far on stderr as they are taken: a ``tqdm`` bar
+                where tqdm is installed, else a line of text redrawn twice a second.
         """
-        return _map_calls(weakref.ref(self), fn, iterables, timeout, chunksize, buffersize, self._per_task, ordered)
+        results = _map_calls(weakref.ref(self), fn, iterables, timeout, chunksize, buffersize, self._per_task,
+                             ordered)
+        return _with_progress(results, iterables) if progress else results
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting tasks and release the workers once submitted tasks are done.
@@ -600,11 +606,13 @@ class TaskOptions:
         return self._executor._submit(fn, args, kwargs, self._per)
 
     def map(self, fn: Callable[..., _T], *iterables: Iterable[Any], timeout: Optional[float] = None,
-            chunksize: int = 1, buffersize: Optional[int] = None, ordered: bool = True) -> Iterator[_T]:
+            chunksize: int = 1, buffersize: Optional[int] = None, ordered: bool = True,
+            progress: bool = False) -> Iterator[_T]:
         """As ``ZMQExecutor.map``, with these options (``timeout`` is still map's own: how long to
         wait for each next result)."""
-        return _map_calls(weakref.ref(self._executor), fn, iterables, timeout, chunksize, buffersize, self._per,
-                          ordered)
+        results = _map_calls(weakref.ref(self._executor), fn, iterables, timeout, chunksize, buffersize, self._per,
+                             ordered)
+        return _with_progress(results, iterables) if progress else results
 
     def __repr__(self) -> str:
         needs = "" if self._per.needs is None else f" resources={self.resources!r}"
@@ -698,6 +706,44 @@ def _results(executor_ref: "weakref.ref[ZMQExecutor]", fn: Callable[..., _T], ar
                 future.cancel()
 
     return result_iterator()
+
+
+# Without tqdm, the progress line is redrawn at most this often (seconds): more often costs a write
+# to the terminal per result of a fast map.
+PROGRESS_REDRAW = 0.5
+
+
+def _with_progress(results: Iterator[_T], iterables: tuple[Iterable[Any], ...]) -> Iterator[_T]:
+    """``results``, counted on stderr as they are taken (map's ``progress=True``)."""
+    sizes = [len(it) for it in iterables if hasattr(it, "__len__")]  # type: ignore[arg-type]
+    total = min(sizes) if len(sizes) == len(iterables) and sizes else None
+    try:
+        from tqdm import tqdm  # type: ignore[import-untyped]
+    except ImportError:
+        return _counted(results, total)
+    return iter(tqdm(results, total=total, unit="task"))
+
+
+def _counted(results: Iterator[_T], total: Optional[int]) -> Iterator[_T]:
+    started = drawn = time.monotonic()
+    done = 0
+    of = "" if total is None else f"/{total}"
+
+    def draw() -> None:
+        rate = done / max(time.monotonic() - started, 1e-9)
+        sys.stderr.write(f"\r{done}{of} results, {rate:.0f}/s")
+        sys.stderr.flush()
+
+    try:
+        for result in results:
+            done += 1
+            if time.monotonic() - drawn >= PROGRESS_REDRAW:
+                draw()
+                drawn = time.monotonic()
+            yield result
+    finally:
+        draw()
+        sys.stderr.write("\n")
 
 
 def _flatten(chunks: Iterator[list[_T]]) -> Iterator[_T]:
