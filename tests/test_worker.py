@@ -8,6 +8,7 @@ import itertools
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -708,3 +709,45 @@ def test_a_worker_logs_json_lines_with_its_endpoint_and_the_client_and_task_they
     assert connected["level"] == "INFO" and connected["client"].startswith("zx-")
     assert crashed["client"] == connected["client"] and isinstance(crashed["task"], int)
     assert next(line for line in lines if "worker ready" in line["message"])["endpoint"] == "tcp://127.0.0.1:*"
+
+
+def nap_for(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def test_a_worker_serves_prometheus_metrics_during_and_after_a_map(start_worker) -> None:
+    import re as regex
+    import urllib.request
+
+    parser = pytest.importorskip("prometheus_client.parser")
+    worker = start_worker(processes=2, extra=["--metrics-port", "0", "--metrics-address", "127.0.0.1",
+                                              "--resources", "gpu=1"])
+    assert wait_until(lambda: "Prometheus metrics at" in worker.log(), timeout=15)
+    url = regex.search(r"Prometheus metrics at (http://\S+)", worker.log()).group(1)
+
+    def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in parser.text_string_to_metric_families(text) for sample in family.samples}
+
+    with ZMQExecutor([worker.endpoint]) as ex:
+        results = ex.map(nap_for, [0.3] * 8)
+        assert wait_until(lambda: scrape()[("zmqexecutor_slots", (("state", "busy"),))] == 2, timeout=15)
+        during = scrape()
+        assert during[("zmqexecutor_clients", ())] == 1
+        assert during[("zmqexecutor_queued_tasks", ())] + during[("zmqexecutor_slots", (("state", "busy"),))] >= 2
+        assert list(results) == [0.3] * 8
+        with pytest.raises(ValueError):
+            ex.submit(raises_value_error, 2).result(timeout=30)
+        assert wait_until(lambda: scrape()[("zmqexecutor_tasks_total", (("outcome", "failed"),))] == 1, timeout=15)
+        after = scrape()
+    assert after[("zmqexecutor_tasks_total", (("outcome", "done"),))] == 8
+    assert after[("zmqexecutor_task_duration_seconds_count", ())] == 9
+    assert 8 * 0.3 <= after[("zmqexecutor_task_duration_seconds_sum", ())] < 30
+    assert after[("zmqexecutor_task_duration_seconds_bucket", (("le", "0.1"),))] == 1  # the failed one was quick
+    assert after[("zmqexecutor_received_bytes_total", ())] > 0 and after[("zmqexecutor_sent_bytes_total", ())] > 0
+    assert after[("zmqexecutor_resources", (("name", "gpu"),))] == 1.0
+    assert after[("zmqexecutor_uptime_seconds", ())] > 0
+    info = next(labels for (name, labels) in after if name == "zmqexecutor_worker_info")
+    assert dict(info)["host"] == socket.gethostname()

@@ -6,6 +6,7 @@ Runs in the process of the ``zmqexecutor`` command (its main thread); ``worker``
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -114,6 +115,11 @@ def _add_worker(commands: Any) -> None:
                              "(default: 30)")
     worker.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: INFO")
+    worker.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                        help="serve Prometheus metrics at http://ADDRESS:PORT/metrics (0: a free port, logged); "
+                             "needs prometheus_client: pip install 'zmqexecutor[metrics]'")
+    worker.add_argument("--metrics-address", default="0.0.0.0", metavar="ADDRESS",
+                        help="the address the metrics endpoint binds (default 0.0.0.0)")
     worker.add_argument("--log-format", default="text", choices=["text", "json"],
                         help="json: one JSON object per line (time, level, message, host, pid, endpoint, client) "
                              "for log collectors; default: text")
@@ -296,7 +302,22 @@ def run_supervisor(args: argparse.Namespace, *, bind: Optional[str], **where: An
         memory_per_child=args.max_memory_per_child, memory_limit=args.memory_limit,
         resources=args.resources,
     )
+    if args.metrics_port is not None:
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            logging.getLogger("zmqexecutor.worker").error(
+                "--metrics-port needs the prometheus_client library: pip install 'zmqexecutor[metrics]'")
+            return 2
+        supervisor.when_ready = functools.partial(_serve_metrics, supervisor, args.metrics_port, args.metrics_address)
     return supervisor.run()
+
+
+def _serve_metrics(supervisor: Any, port: int, address: str) -> None:
+    from ._metrics import serve
+
+    bound = serve(supervisor, port, address)
+    logging.getLogger("zmqexecutor.worker").info("Prometheus metrics at http://%s:%d/metrics", address, bound)
 
 
 def run_status(args: argparse.Namespace) -> int:

@@ -45,6 +45,23 @@ class Assignment(NamedTuple):
     task_id: int  # the client's id; the process knows the task by the supervisor's own id
     frames: Any
     needs: Optional[Amounts] = None
+    given_at: float = 0.0  # when its process was given it (monotonic)
+
+
+class Durations:
+    """How long tasks ran, as the buckets of a histogram (``--metrics-port``): from when a task's
+    process was free to start it (given it, or done with the one before) to its reply."""
+
+    # Upper bounds in seconds: from the tiniest tasks a relay sees to the ones time limits are for.
+    BOUNDS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, float("inf"))
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(self.BOUNDS)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.sum += seconds
+        self.counts[next(i for i, bound in enumerate(self.BOUNDS) if seconds <= bound)] += 1
 
 
 class Handed(NamedTuple):
@@ -91,6 +108,7 @@ class Relay:
         self.service: Optional[float] = None  # estimated seconds per task
         self.ids = 0  # the supervisor's own task ids, unique across clients
         self.resources: Amounts = dict(resources or {})  # what --resources offers
+        self.durations = Durations()
         # What the tasks given to processes hold of them, from when they are given until they end:
         # several clients may send needy tasks, and each client counts only its own.
         self.in_use: Amounts = {}
@@ -158,7 +176,7 @@ class Relay:
         self.ids += 1
         if not held.assigned:
             held.last_event = now
-        held.assigned[self.ids] = Assignment(held.given, task.client, task.task_id, task.frames, task.needs)
+        held.assigned[self.ids] = Assignment(held.given, task.client, task.task_id, task.frames, task.needs, now)
         held.given += 1
         first = task.client not in held.initialized
         held.initialized.add(task.client)
@@ -178,6 +196,7 @@ class Relay:
         assignment = held.assigned.pop(ident, None)
         if assignment is not None:
             self.release(assignment)
+            self.durations.observe(max(0.0, now - max(assignment.given_at, held.last_event)))
             self.service = _pacing.smoothed(self.service, now - held.last_event)
             held.last_event = now
         return assignment

@@ -57,10 +57,13 @@ class Router:
         self.draining = False  # then tasks go back (RETURNED), and new sessions hear DRAINING
         self.drain_told_at: Optional[float] = None  # when every client was told DRAINING
         self.tally = {"done": 0, "failed": 0, "crashed": 0, "cancelled": 0}
+        self.bytes_received = 0  # from clients, every frame of every message
+        self.bytes_sent = 0
 
     def receive_from_clients(self) -> None:
         assert self.front is not None
         for client, frames in self.front.messages():
+            self.bytes_received += frames_size(frames)
             try:
                 self.handle_client_message(client, frames)
             except proto.ProtocolError as exc:
@@ -192,6 +195,7 @@ class Router:
 
     def send(self, client: bytes, frames: list[Any]) -> None:
         assert self.front is not None
+        self.bytes_sent += frames_size(frames)
         self.front.send(client, frames)
 
     def reply(self, client: bytes, item: Item) -> None:

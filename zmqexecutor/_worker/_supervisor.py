@@ -65,7 +65,7 @@ import sys
 import tempfile
 import time
 import uuid
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import zmq
 import zmq.utils.garbage as zmq_garbage
@@ -89,6 +89,10 @@ logger = logging.getLogger("zmqexecutor.worker")
 # How often the supervisor looks for a vanished parent and silent sessions when nothing happens.
 PARENT_CHECK_INTERVAL = 0.5
 
+# With a metrics endpoint, the loop renews the snapshot it serves at most this often (seconds): a
+# scrape sees numbers at most this old (or PARENT_CHECK_INTERVAL, when the worker is idle); each
+# renewal costs the loop a status report.
+METRICS_INTERVAL = 0.25
 
 # How long a draining worker waits for its running tasks by default, before it stops them.
 DEFAULT_DRAIN_TIMEOUT = 30.0
@@ -147,6 +151,10 @@ class Supervisor:
         self.drain_deadline: Optional[float] = None  # draining since: until then
         self.orphaned = False
         self.started = time.monotonic()
+        # What the metrics endpoint serves, renewed by the loop; None: no endpoint (--metrics-port).
+        self.snapshot: Optional[dict[str, Any]] = None
+        # Called once the worker is ready, its first processes started (threads may start then).
+        self.when_ready: Optional[Callable[[], None]] = None
         self.router = Router(self.pool, DirectTasks() if direct else Relay(resources), host=self.host, status=self.status,
                              on_drain=self.asked_to_drain, kept=KeptBuffers(keep_bytes),
                              worker_info=dict(slots=processes, instance=self.instance, host=self.host,
@@ -204,6 +212,8 @@ class Supervisor:
         logger.info("zmqexecutor worker ready: %s=%s processes=%d instance=%s pid=%d security=%s",
                     "connect" if self.connect else "endpoint", self.endpoint, self.processes, self.instance,
                     os.getpid(), security)
+        if self.when_ready is not None:
+            self.when_ready()
 
     def serve(self, signal_fd: int) -> None:
         poller = zmq.Poller()
@@ -212,7 +222,7 @@ class Supervisor:
             if sock is not None:
                 poller.register(sock, zmq.POLLIN)
         registered: set[int] = set()
-        next_check = 0.0
+        next_check = next_snapshot = 0.0
         limits_due: Optional[float] = None
         while not self.stopping:
             self.sync_sentinels(poller, registered)
@@ -236,6 +246,9 @@ class Supervisor:
             self.drain()
             router.dispatch_tasks()
             router.send_replies()
+            if self.snapshot is not None and time.monotonic() >= next_snapshot:
+                next_snapshot = time.monotonic() + METRICS_INTERVAL
+                self.publish_metrics()
             limits_due = self.pool.enforce_limits(time.monotonic())
             if self.drain_deadline is not None and (
                     (not self.router.busy() and self.router.clients_caught_up())
@@ -299,6 +312,16 @@ class Supervisor:
                     kept_bytes=router.kept.size, keep_bytes=router.kept.budget,
                     resources=router.relay.resources, resources_in_use=router.relay.in_use,
                     **{f"kept_{name}": count for name, count in router.kept.counts.items()})
+
+    def publish_metrics(self) -> None:
+        """Make a fresh ``snapshot`` for the metrics endpoint (``--metrics-port``), which reads it from
+        its own thread: a copy made here, in the loop thread, is never read while it changes."""
+        router = self.router
+        durations = router.relay.durations
+        self.snapshot = dict(self.status(), resources=dict(router.relay.resources),
+                             resources_in_use=dict(router.relay.in_use), bytes_received=router.bytes_received,
+                             bytes_sent=router.bytes_sent, duration_counts=list(durations.counts),
+                             duration_sum=durations.sum, duration_bounds=durations.BOUNDS)
 
     def request_drain(self, why: str) -> bool:
         """Begin draining (the loop does it), unless already asked or embedded; False then."""
