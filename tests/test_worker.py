@@ -751,3 +751,27 @@ def test_a_worker_serves_prometheus_metrics_during_and_after_a_map(start_worker)
     assert after[("zmqexecutor_uptime_seconds", ())] > 0
     info = next(labels for (name, labels) in after if name == "zmqexecutor_worker_info")
     assert dict(info)["host"] == socket.gethostname()
+
+
+def test_a_client_serves_its_own_metrics_on_request(start_worker) -> None:
+    import urllib.request
+
+    parser = pytest.importorskip("prometheus_client.parser")
+    from zmqexecutor.metrics import serve_metrics
+
+    worker = start_worker(processes=2)
+    with ZMQExecutor([worker.endpoint, f"tcp://127.0.0.1:{free_port()}"]) as ex:
+        url = serve_metrics(ex)
+        assert list(ex.map(nap_for, [0.05] * 6)) == [0.05] * 6
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+    samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+               for family in parser.text_string_to_metric_families(text) for sample in family.samples}
+    assert samples[("zmqexecutor_client_submitted_tasks_total", ())] == 6
+    assert samples[("zmqexecutor_client_in_flight_tasks", ())] == 0
+    assert samples[("zmqexecutor_client_retried_tasks_total", ())] == 0
+    assert samples[("zmqexecutor_client_workers", (("state", "ready"),))] == 1
+    assert samples[("zmqexecutor_client_workers", (("state", "connecting"),))] == 1  # nothing listens there
+    assert samples[("zmqexecutor_client_slots", ())] == 2
+    assert samples[("zmqexecutor_client_round_trip_seconds_count", ())] == 6
+    assert samples[("zmqexecutor_client_round_trip_seconds_bucket", (("le", "0.01"),))] == 0  # each slept 50 ms
+    assert 6 * 0.05 <= samples[("zmqexecutor_client_round_trip_seconds_sum", ())] < 10

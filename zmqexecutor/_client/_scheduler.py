@@ -25,6 +25,7 @@ from typing import Any, Iterable, Optional
 
 from .._wire import _resources
 from .._wire._batching import BATCH_ITEMS, is_full
+from .._wire._histogram import Histogram
 from .._wire._pacing import TO_WORKERS, smoothed
 from .._wire._resources import Amounts
 
@@ -34,7 +35,7 @@ NEEDY_LOOKAHEAD = 256
 
 class Task:
     __slots__ = ("ident", "future", "frames", "size", "queued_at", "started", "lost_on", "keepable",
-                 "function_at", "missed", "needs")
+                 "function_at", "missed", "needs", "sent_at")
 
     def __init__(self, ident: int, future: "Future[Any]", frames: list[Any], size: int,
                  keepable: tuple[tuple[int, bytes], ...] = (), function_at: Optional[int] = None,
@@ -53,6 +54,7 @@ class Task:
         self.queued_at = time.monotonic()
         self.started = False  # set_running_or_notify_cancel() has been called
         self.lost_on: list[str] = []
+        self.sent_at = 0.0  # when it last went to a worker (monotonic)
 
     def apply(self, engine: Any) -> None:
         """Taken in by the I/O thread, like the other submissions (_handle's requests): queued."""
@@ -133,10 +135,16 @@ class Scheduler:
         self.attached: dict[Load, None] = {}  # the workers that may hold tasks in flight, in order
         # No task in the backlog has waited since before this (None: the backlog is empty).
         self.waiting_since: Optional[float] = None
+        # For zmqexecutor.metrics, read from its own thread (a copy of plain counters): tasks taken in,
+        # tasks sent again after their worker was lost, and round trips (sent to answered).
+        self.added = 0
+        self.retried = 0
+        self.round_trips = Histogram()
 
     # Tasks in -----------------------------------------------------------------------------------------
 
     def add(self, task: Task) -> None:
+        self.added += 1
         if task.needs is not None:
             self.needy.append(task)
             return
@@ -215,6 +223,7 @@ class Scheduler:
             else:
                 task.queued_at = now
                 retried.append(task)
+        self.retried += len(retried)
         self.put_first(retried)
         return failed
 
@@ -268,6 +277,7 @@ class Scheduler:
                     load.busy_since = now
                 for task in batch:
                     load.hold(task)
+                    task.sent_at = now
                 if room is not None:
                     room -= len(batch)
                 if load.quota is not None:
@@ -372,6 +382,7 @@ class Scheduler:
         if task is None:
             return None
         load.completed += 1
+        self.round_trips.observe(max(0.0, now - task.sent_at))
         if saturated:
             # With every slot busy since the last reply, slots x gap is one task's duration; replies
             # that arrive together give gaps of zero, which the average spreads over the batch.

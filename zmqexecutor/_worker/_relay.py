@@ -23,6 +23,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 from .._wire import _pacing, _resources
 from .._wire import _protocol as proto
 from .._wire._protocol import Item, Kind
+from .._wire._histogram import Histogram
 from .._wire._resources import Amounts
 from ._sessions import Sessions
 from ._taskprocess import FINISHED, RETIRED, STARTED
@@ -46,22 +47,6 @@ class Assignment(NamedTuple):
     frames: Any
     needs: Optional[Amounts] = None
     given_at: float = 0.0  # when its process was given it (monotonic)
-
-
-class Durations:
-    """How long tasks ran, as the buckets of a histogram (``--metrics-port``): from when a task's
-    process was free to start it (given it, or done with the one before) to its reply."""
-
-    # Upper bounds in seconds: from the tiniest tasks a relay sees to the ones time limits are for.
-    BOUNDS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, float("inf"))
-
-    def __init__(self) -> None:
-        self.counts = [0] * len(self.BOUNDS)
-        self.sum = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.sum += seconds
-        self.counts[next(i for i, bound in enumerate(self.BOUNDS) if seconds <= bound)] += 1
 
 
 class Handed(NamedTuple):
@@ -108,7 +93,9 @@ class Relay:
         self.service: Optional[float] = None  # estimated seconds per task
         self.ids = 0  # the supervisor's own task ids, unique across clients
         self.resources: Amounts = dict(resources or {})  # what --resources offers
-        self.durations = Durations()
+        # How long tasks ran: from when a task's process was free to start it (given it, or done with
+        # the one before) to its reply (--metrics-port).
+        self.durations = Histogram()
         # What the tasks given to processes hold of them, from when they are given until they end:
         # several clients may send needy tasks, and each client counts only its own.
         self.in_use: Amounts = {}

@@ -320,8 +320,8 @@ class Supervisor:
         durations = router.relay.durations
         self.snapshot = dict(self.status(), resources=dict(router.relay.resources),
                              resources_in_use=dict(router.relay.in_use), bytes_received=router.bytes_received,
-                             bytes_sent=router.bytes_sent, duration_counts=list(durations.counts),
-                             duration_sum=durations.sum, duration_bounds=durations.BOUNDS)
+                             bytes_sent=router.bytes_sent, duration_buckets=durations.cumulative(),
+                             duration_sum=durations.sum)
 
     def request_drain(self, why: str) -> bool:
         """Begin draining (the loop does it), unless already asked or embedded; False then."""
