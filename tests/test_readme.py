@@ -167,7 +167,7 @@ def test_the_command_line_synopsis_lists_every_option() -> None:
             command = None  # "python -m zmqexecutor worker ...": the same command, another spelling
         if command:
             documented.setdefault(command, set()).update(re.findall(r"--[a-z][a-z-]*", line))
-    assert set(documented) == {"worker", "keygen", "status", "ping", "drain", "ssh", "slurm"}
+    assert set(documented) == {"worker", "keygen", "status", "ping", "drain", "top", "ssh", "slurm"}
     for command, options in documented.items():
         usage = subprocess.run([sys.executable, "-m", "zmqexecutor", command, "--help"], capture_output=True,
                                text=True, timeout=30).stdout

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_worker(commands)
     _add_queries(commands)
+    _add_top(commands)
     _add_keygen(commands)
     _add_launchers(commands)
     return parser
@@ -145,6 +146,42 @@ def _add_queries(commands: Any) -> None:
         command.add_argument("--insecure", action="store_true",
                              help="talk plain text to workers on this host started with --insecure (without "
                                   "it, loopback TCP uses your own key store)")
+
+
+def _add_top(commands: Any) -> None:
+    text = "watch the workers live: slots, busy, queued, tasks/s, errors, memory (needs rich)"
+    top = commands.add_parser("top", help=text, description=text[0].upper() + text[1:] + "; Ctrl-C quits.")
+    top.add_argument("endpoints", nargs="+", metavar="ENDPOINT")
+    top.add_argument("--keys", metavar="DIR", help="the client key folder for secured workers (default: "
+                     "$ZMQEXECUTOR_KEYS)")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between redraws (default 1)")
+    top.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each worker (default 2)")
+    top.add_argument("--insecure", action="store_true", help="as for zmqexecutor status")
+
+
+def run_top(args: argparse.Namespace) -> int:
+    from .._wire._errors import SecurityError
+    from .._wire._security import client_keys
+
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        sys.stderr.write("zmqexecutor top needs the rich library: pip install 'zmqexecutor[top]'\n")
+        return 2
+    for endpoint in args.endpoints:
+        try:
+            parse(endpoint)
+        except (TypeError, ValueError) as exc:
+            sys.stderr.write(f"zmqexecutor top: {exc}\n")
+            return 2
+    try:
+        keys = client_keys(args.keys, None, args.endpoints, insecure=args.insecure)
+    except SecurityError as exc:
+        sys.stderr.write(f"zmqexecutor top: {exc}\n")
+        return 2
+    from ._top import run
+
+    return run(args.endpoints, keys, args.interval, args.timeout)
 
 
 def _add_keygen(commands: Any) -> None:
@@ -470,6 +507,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run_worker(args)
     if args.command == "keygen":
         return run_keygen(args)
+    if args.command == "top":
+        return run_top(args)
     if args.command in ("status", "ping", "drain"):
         return run_status(args)
     if args.command in ("ssh", "slurm"):

@@ -47,6 +47,7 @@ def worker_document(endpoint: str, status: Optional[dict[str, Any]], seconds: fl
                   "timed_out": status.get("timed_out", 0), "killed_on_request": status.get("cancelled", 0)},
         "cache": {"kept_bytes": status.get("kept_bytes"), "budget_bytes": status.get("keep_bytes"), **kept},
         "resources": status.get("resources") or {}, "resources_in_use": status.get("resources_in_use") or {},
+        "memory_bytes": status.get("memory_bytes"),
     }
 
 

@@ -73,7 +73,7 @@ import zmq.utils.garbage as zmq_garbage
 from .._wire import _features
 from .._wire import _protocol as proto
 from .._wire._errors import SecurityError
-from .._wire._memory import watches_others
+from .._wire._memory import resident_bytes, watches_others
 from .._wire._protocol import Kind
 from .._wire._curve import DialKeys, Guard
 from .._wire._security import worker_guard
@@ -311,7 +311,15 @@ class Supervisor:
                     security="CurveZMQ" if self.guard is not None else "none",
                     kept_bytes=router.kept.size, keep_bytes=router.kept.budget,
                     resources=router.relay.resources, resources_in_use=router.relay.in_use,
+                    memory_bytes=self.memory_bytes(),
                     **{f"kept_{name}": count for name, count in router.kept.counts.items()})
+
+    def memory_bytes(self) -> Optional[int]:
+        """The resident memory of the supervisor and its task processes together, where known."""
+        sizes = [resident_bytes(proc.process.pid) for proc in self.pool.procs() if proc.process.pid is not None]
+        if any(size is None for size in sizes):
+            return None
+        return sum(size for size in sizes if size is not None) + (resident_bytes() or 0)
 
     def publish_metrics(self) -> None:
         """Make a fresh ``snapshot`` for the metrics endpoint (``--metrics-port``), which reads it from
