@@ -1,7 +1,8 @@
-"""Every example in README.rst, run.
+"""Every example in README.rst and in the documentation (docs/*.rst), run.
 
-Each code block in the README is preceded by a ``.. test: HOW`` comment naming how it is run here; a
-block without one (other than ``text`` output) fails the first test, so no example goes unchecked.
+Each code block there is preceded by a ``.. test: HOW`` comment naming how it is run here; a block
+without one (other than ``text`` output) fails the first test, so no example goes unchecked. The
+documentation builds with Sphinx, warnings as errors.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ from conftest import ROOT, alive, children_of, free_port, wait_until
 from zmqexecutor import ZMQExecutor
 
 README = ROOT / "README.rst"
+# The README and every page of the documentation: what the tests below read as "the docs".
+PAGES = [README, *sorted((ROOT / "docs").glob("*.rst"))]
+
+
+def _all_text() -> str:
+    return "\n".join(page.read_text() for page in PAGES)
 RUN = "python"
 RUN_WITH_WORKERS = "python, with a worker at each tcp://127.0.0.1 endpoint"
 TAGS = {
@@ -40,11 +47,18 @@ class Block(NamedTuple):
     tag: str | None
     language: str
     text: str
-    line: int
+    line: str  # page:line
 
 
 def _blocks() -> list[Block]:
-    lines = README.read_text().splitlines()
+    found = []
+    for page in PAGES:
+        found += _blocks_of(page)
+    return found
+
+
+def _blocks_of(page: Path) -> list[Block]:
+    lines = page.read_text().splitlines()
     found = []
     for number, line in enumerate(lines):
         directive = re.match(r"(\s*)\.\. code-block:: (\S+)\s*$", line)
@@ -59,7 +73,7 @@ def _blocks() -> list[Block]:
                 break
             body.append(text)
         found.append(Block(comment.group(1).strip() if comment else None, directive.group(2),
-                           textwrap.dedent("\n".join(body)).strip() + "\n", number + 1))
+                           textwrap.dedent("\n".join(body)).strip() + "\n", f"{page.name}:{number + 1}"))
     return found
 
 
@@ -73,18 +87,22 @@ def _only(tag: str) -> Block:
 
 def test_every_code_block_says_how_it_is_tested() -> None:
     assert len(BLOCKS) > 10
-    untested = [f"line {b.line}" for b in BLOCKS if b.tag is None and b.language != "text"]
-    assert not untested, f"README code blocks without a '.. test:' comment: {untested}"
-    unknown = [f"line {b.line}: {b.tag}" for b in BLOCKS if b.tag is not None and b.tag not in TAGS]
+    untested = [b.line for b in BLOCKS if b.tag is None and b.language != "text"]
+    assert not untested, f"code blocks without a '.. test:' comment: {untested}"
+    unknown = [f"{b.line}: {b.tag}" for b in BLOCKS if b.tag is not None and b.tag not in TAGS]
     assert not unknown, f"README code blocks tagged with no known test: {unknown}"
 
 
 def test_every_file_the_readme_names_is_in_the_repository() -> None:
     """Images and files the README points at must be tracked: on a clone or a package page, an
     ignored or uncommitted file is a broken link."""
-    text = README.read_text()
-    named = set(re.findall(r"^\.\. (?:image|figure):: (\S+)", text, re.M))
-    named |= {p for p in re.findall(r"``([\w./-]+\.(?:md|png|json|rst|py|cfg|toml))``", text) if "/" in p}
+    named: set[str] = set()
+    for page in PAGES:
+        text = page.read_text()
+        # Images are named from the page's own folder; files in ``...`` from the repository's root.
+        named |= {os.path.relpath(os.path.normpath(page.parent / image), ROOT)
+                  for image in re.findall(r"^\.\. (?:image|figure):: (\S+)", text, re.M)}
+        named |= {p for p in re.findall(r"``([\w./-]+\.(?:md|png|json|rst|py|cfg|toml))``", text) if "/" in p}
     assert named, "expected the README to name some files"
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
@@ -98,7 +116,7 @@ def test_the_api_reference_names_every_public_name_and_option() -> None:
 
     import zmqexecutor
 
-    text = README.read_text()
+    text = _all_text()
     missing = [name for name in zmqexecutor.__all__ if f"``{name}``" not in text]
     assert not missing, f"public names the README does not document: {missing}"
     signature = inspect.signature(ZMQExecutor)
@@ -117,12 +135,12 @@ def _run_example(text: str, tmp_path: Path, env: dict[str, str] | None = None) -
     return done.stdout
 
 
-@pytest.mark.parametrize("block", [b for b in BLOCKS if b.tag == RUN], ids=lambda b: f"line {b.line}")
+@pytest.mark.parametrize("block", [b for b in BLOCKS if b.tag == RUN], ids=lambda b: b.line)
 def test_python_example_runs(block: Block, tmp_path: Path) -> None:
     _run_example(block.text, tmp_path)
 
 
-@pytest.mark.parametrize("block", [b for b in BLOCKS if b.tag == RUN_WITH_WORKERS], ids=lambda b: f"line {b.line}")
+@pytest.mark.parametrize("block", [b for b in BLOCKS if b.tag == RUN_WITH_WORKERS], ids=lambda b: b.line)
 def test_python_example_runs_against_real_workers(block: Block, tmp_path: Path, start_worker) -> None:
     text = block.text
     ports = sorted(set(re.findall(r"tcp://127\.0\.0\.1:(\d+)", text)))
@@ -429,3 +447,23 @@ def test_the_kubernetes_manifest_command_starts_a_worker_that_dials_in(tmp_path:
         finally:
             pod.send_signal(signal.SIGTERM)  # what Kubernetes sends: it drains and exits 0
             assert pod.wait(40) == 0, pod.stderr.read() if pod.stderr else ""
+
+
+@pytest.mark.slow  # the same on every Python
+def test_the_documentation_builds_with_sphinx_warnings_as_errors(tmp_path: Path) -> None:
+    pytest.importorskip("sphinx")
+    built = subprocess.run([sys.executable, "-m", "sphinx", "-W", "-q", "-b", "html", str(ROOT / "docs"),
+                            str(tmp_path / "html")], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    index = (tmp_path / "html" / "index.html").read_text()
+    assert "Quick start: one machine" in index  # the README's quick start, included
+    reference = (tmp_path / "html" / "reference.html").read_text()
+    assert "ResourcesUnavailableError" in reference and "wait_for_workers" in reference
+    assert len(list((tmp_path / "html").glob("*.html"))) >= 17
+
+
+def test_the_readme_stays_short_and_points_at_every_page() -> None:
+    text = README.read_text()
+    assert len(text.splitlines()) < 300
+    pages = {page.name for page in PAGES if page != README and page.name != "index.rst"}
+    assert {name for name in re.findall(r"``docs/([\w-]+\.rst)``", text)} == pages

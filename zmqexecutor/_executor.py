@@ -581,7 +581,9 @@ class ZMQExecutor(Executor):
 
 
 class TaskOptions:
-    """``submit`` and ``map`` of one executor, for tasks with options of their own (``ZMQExecutor.options``)::
+    """``submit`` and ``map`` of one executor, for tasks with options of their own (``ZMQExecutor.options``).
+
+    For example::
 
         quick = ex.options(task_timeout=5)
         futures = [quick.submit(probe, host) for host in hosts]
