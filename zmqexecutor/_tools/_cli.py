@@ -160,28 +160,36 @@ def _add_top(commands: Any) -> None:
 
 
 def run_top(args: argparse.Namespace) -> int:
-    from .._wire._errors import SecurityError
-    from .._wire._security import client_keys
-
     try:
         import rich  # noqa: F401
     except ImportError:
         sys.stderr.write("zmqexecutor top needs the rich library: pip install 'zmqexecutor[top]'\n")
         return 2
+    keys = _query_keys(args)
+    if isinstance(keys, int):
+        return keys
+    from ._top import run
+
+    return run(args.endpoints, keys, args.interval, args.timeout)
+
+
+def _query_keys(args: argparse.Namespace) -> Any:
+    """The client keys for asking ``args.endpoints`` (None: plain), or the exit status of a usage
+    error, said on stderr."""
+    from .._wire._errors import SecurityError
+    from .._wire._security import client_keys
+
     for endpoint in args.endpoints:
         try:
             parse(endpoint)
         except (TypeError, ValueError) as exc:
-            sys.stderr.write(f"zmqexecutor top: {exc}\n")
+            sys.stderr.write(f"zmqexecutor {args.command}: {exc}\n")
             return 2
     try:
-        keys = client_keys(args.keys, None, args.endpoints, insecure=args.insecure)
+        return client_keys(args.keys, None, args.endpoints, insecure=args.insecure)
     except SecurityError as exc:
-        sys.stderr.write(f"zmqexecutor top: {exc}\n")
+        sys.stderr.write(f"zmqexecutor {args.command}: {exc}\n")
         return 2
-    from ._top import run
-
-    return run(args.endpoints, keys, args.interval, args.timeout)
 
 
 def _add_keygen(commands: Any) -> None:
@@ -358,22 +366,12 @@ def _serve_metrics(supervisor: Any, port: int, address: str) -> None:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from .._wire._errors import SecurityError
     from .._wire._protocol import local_versions, version_mismatch
-    from .._wire._security import client_keys
-    from ._status import STATUS_SCHEMA_VERSION, query, worker_document
+    from ._status import STATUS_SCHEMA_VERSION, duration_text, query, worker_document
 
-    for endpoint in args.endpoints:
-        try:
-            parse(endpoint)
-        except (TypeError, ValueError) as exc:
-            sys.stderr.write(f"zmqexecutor {args.command}: {exc}\n")
-            return 2
-    try:
-        keys = client_keys(args.keys, None, args.endpoints, insecure=args.insecure)
-    except SecurityError as exc:
-        sys.stderr.write(f"zmqexecutor {args.command}: {exc}\n")
-        return 2
+    keys = _query_keys(args)
+    if isinstance(keys, int):
+        return keys
     answered = 0
     documented = []
     for endpoint in args.endpoints:
@@ -400,7 +398,7 @@ def run_status(args: argparse.Namespace) -> int:
             f"{endpoint}  {verdict}  zmqexecutor {status.get('zmqexecutor')}, Python {status.get('python')}, "
             f"cloudpickle {status.get('cloudpickle')}, security {status.get('security')}\n"
             f"    host {status.get('host')} pid {status.get('pid')} instance {status.get('instance')} "
-            f"up {_duration(status.get('uptime'))}\n"
+            f"up {duration_text(status.get('uptime'))}\n"
             f"    slots {status.get('slots')}  busy {status.get('busy')}  queued {status.get('queued')}  "
             f"clients {status.get('clients')}{'  DRAINING' if status.get('draining') else ''}\n"
             f"    tasks done {status.get('done')}  failed {status.get('failed')}  crashed {status.get('crashed')}  "
@@ -423,14 +421,6 @@ def run_status(args: argparse.Namespace) -> int:
 
 def _mib(size: object) -> str:
     return f"{size / (1 << 20):.1f}" if isinstance(size, (int, float)) else "?"
-
-
-def _duration(seconds: object) -> str:
-    if not isinstance(seconds, (int, float)):
-        return "?"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
 def run_keygen(args: argparse.Namespace) -> int:

@@ -51,6 +51,15 @@ def worker_document(endpoint: str, status: Optional[dict[str, Any]], seconds: fl
     }
 
 
+def duration_text(seconds: object) -> str:
+    """``3m12s``, ``2h05m09s``; ``?`` for what is not a number."""
+    if not isinstance(seconds, (int, float)):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
 def query(endpoint: str, keys: Optional[ClientKeys], timeout: float, *, drain: bool = False
           ) -> tuple[Optional[dict[str, Any]], float, str]:
     """(status, round-trip seconds, problem): status is None and problem says why when no answer came.

@@ -11,7 +11,7 @@ import time
 from typing import Any, Optional
 
 from .._wire._curve import ClientKeys
-from ._status import query
+from ._status import duration_text, query
 
 # Columns: header, and how a worker's row fills it.
 COLUMNS = ("endpoint", "state", "slots", "busy", "queued", "tasks/s", "done", "failed", "crashed", "clients",
@@ -51,16 +51,8 @@ def row(endpoint: str, sample: Sample, problem: str) -> list[str]:
         str(status.get("busy")), str(status.get("queued")),
         "" if sample.rate is None else f"{sample.rate:.1f}", str(status.get("done")), str(status.get("failed")),
         str(status.get("crashed")), str(status.get("clients")),
-        "?" if not isinstance(memory, int) else f"{memory / 2**20:.0f} MiB", _duration(status.get("uptime")),
+        "?" if not isinstance(memory, int) else f"{memory / 2**20:.0f} MiB", duration_text(status.get("uptime")),
     ]
-
-
-def _duration(seconds: Any) -> str:
-    if not isinstance(seconds, (int, float)):
-        return "?"
-    minutes, second = divmod(int(seconds), 60)
-    hours, minute = divmod(minutes, 60)
-    return f"{hours}h{minute:02d}m" if hours else f"{minute}m{second:02d}s"
 
 
 def run(endpoints: list[str], keys: Optional[ClientKeys], interval: float, timeout: float) -> int:

@@ -14,6 +14,8 @@ import resource
 import sys
 from typing import Optional, Union
 
+from ._cgroups import CGROUP_ROOT, own_groups
+
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "ki": 1024, "kib": 1024, "m": 1000**2, "mb": 1000**2,
           "mi": 1024**2, "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gi": 1024**3, "gib": 1024**3,
           "t": 1000**4, "tb": 1000**4, "ti": 1024**4, "tib": 1024**4}
@@ -67,7 +69,6 @@ class OomKills:
 
     def __init__(self) -> None:
         self.path = _oom_counter_path()
-        self.count = self.read()
 
     def read(self) -> int:
         if self.path is None:
@@ -82,29 +83,14 @@ class OomKills:
             pass
         return 0
 
-    def rose(self) -> bool:
-        """Whether it took one since this was last asked (or since this object was made)."""
-        count = self.read()
-        rose, self.count = count > self.count, count
-        return rose
-
 
 def _oom_counter_path() -> Optional[str]:
-    try:
-        with open("/proc/self/cgroup") as groups:
-            lines = groups.read().splitlines()
-    except OSError:
-        return None
     candidates = []
-    for line in lines:
-        fields = line.split(":", 2)
-        if len(fields) != 3:
-            continue
-        controllers, path = fields[1], fields[2]
+    for controllers, path in own_groups():
         if controllers == "":
-            root, name = "/sys/fs/cgroup", "memory.events"
+            root, name = CGROUP_ROOT, "memory.events"
         elif "memory" in controllers.split(","):
-            root, name = "/sys/fs/cgroup/memory", "memory.oom_control"
+            root, name = f"{CGROUP_ROOT}/memory", "memory.oom_control"
         else:
             continue
         # In a container the hierarchy is mounted from the container's own group down, while the

@@ -10,8 +10,7 @@ import os
 from typing import Optional
 
 from .._wire import _features
-
-CGROUP_ROOT = "/sys/fs/cgroup"
+from .._wire._cgroups import CGROUP_ROOT, own_groups
 
 
 def available_cpus() -> int:
@@ -29,15 +28,8 @@ def available_cpus() -> int:
 
 
 def _cgroup_cpu_quota() -> Optional[int]:
-    try:
-        with open("/proc/self/cgroup") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
     quotas = []
-    for line in lines:
-        _, _, rest = line.partition(":")
-        controllers, _, path = rest.partition(":")
+    for controllers, path in own_groups():
         if controllers == "":  # cgroup v2: "QUOTA PERIOD", or "max PERIOD" for none, in cpu.max
             for folder in _ancestors(CGROUP_ROOT, path):
                 fields = _read(os.path.join(folder, "cpu.max")).split()
