@@ -115,3 +115,18 @@ def test_errors_generators_timeouts_and_nesting_behave_as_with_joblibs_own_backe
         assert time.monotonic() - started < 10  # the runaway task was stopped, not waited for
         # Inside a task, joblib runs sequentially: the task process is the parallelism already.
         assert Parallel(n_jobs=2)(delayed(nested_backend)(0) for _ in range(2)) == ["SequentialBackend [0, 1, 4]"] * 2
+
+
+def blas_threads(_: int) -> int:
+    import numpy  # noqa: F401  (loads its BLAS)
+    from threadpoolctl import threadpool_info
+
+    return max((pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"), default=-1)
+
+
+def test_native_thread_pools_in_a_task_are_held_to_one_thread_unless_asked() -> None:
+    pytest.importorskip("threadpoolctl")
+    with parallel_config(backend="zmqexecutor", max_workers=2):
+        assert set(Parallel(n_jobs=2)(delayed(blas_threads)(i) for i in range(4))) == {1}
+    with parallel_config(backend="zmqexecutor", max_workers=2, inner_max_num_threads=2):
+        assert set(Parallel(n_jobs=2)(delayed(blas_threads)(i) for i in range(4))) == {2}

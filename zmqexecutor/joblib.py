@@ -34,10 +34,16 @@ NAME = "zmqexecutor"
 FIRST_WORKER_WAIT = 30.0
 
 
-def _sequentially(batch: Callable[[], Any]) -> Any:
-    """Run a batch in a task process, with joblib calls inside it sequential: the task process is the
-    parallelism already, and a nested pool there would oversubscribe the worker's CPUs."""
-    with _parallel_config(backend="sequential"):
+def _sequentially(batch: Callable[[], Any], threads: int) -> Any:
+    """Run a batch in a task process, with joblib calls inside it sequential and native thread pools
+    (BLAS, OpenMP) held to ``threads``: the task processes are the parallelism already, and pools of
+    their own in each would oversubscribe the worker's CPUs (joblib's loky backend limits them too)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # scikit-learn brings it; without it, the pools are left as they are
+        with _parallel_config(backend="sequential"):
+            return batch()
+    with threadpool_limits(limits=threads), _parallel_config(backend="sequential"):
         return batch()
 
 
@@ -51,6 +57,7 @@ class ZMQExecutorBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignor
     """
 
     supports_retrieve_callback = True
+    supports_inner_max_num_threads = True
     default_n_jobs = -1
 
     def __init__(self, executor: Optional[ZMQExecutor] = None, nesting_level: Optional[int] = None,
@@ -100,7 +107,7 @@ class ZMQExecutorBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignor
         return self.effective_n_jobs(n_jobs)
 
     def submit(self, func: Callable[[], Any], callback: Optional[Callable[[Any], None]] = None) -> Any:
-        future = self.executor().submit(_sequentially, func)
+        future = self.executor().submit(_sequentially, func, self.inner_max_num_threads or 1)
         self._futures.add(future)
         if callback is not None:
             future.add_done_callback(callback)
