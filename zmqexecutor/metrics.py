@@ -59,6 +59,6 @@ def serve_metrics(executor: ZMQExecutor, port: int = 0, address: str = "127.0.0.
     from prometheus_client import CollectorRegistry, start_http_server
 
     registry = CollectorRegistry()
-    registry.register(ClientCollector(executor))  # type: ignore[arg-type]
+    registry.register(ClientCollector(executor))
     server, _ = start_http_server(port, address, registry=registry)
     return f"http://{address}:{server.server_port}/metrics"

@@ -74,7 +74,7 @@ def serve(supervisor: Any, port: int, address: str) -> int:
     from prometheus_client import CollectorRegistry, start_http_server
 
     registry = CollectorRegistry()
-    registry.register(WorkerCollector(supervisor))  # type: ignore[arg-type]
+    registry.register(WorkerCollector(supervisor))
     supervisor.publish_metrics()
     server, _ = start_http_server(port, address, registry=registry)
     bound: int = server.server_port
