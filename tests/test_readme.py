@@ -241,7 +241,9 @@ def test_the_memory_limits_example_serves_and_replaces_a_leaking_process(keys: P
     command = command.replace("tcp://0.0.0.0:5555", f"tcp://127.0.0.1:{port}").replace("keys/worker", str(keys / "worker"))
     # 2 GiB is the example's; this test's leak is smaller.
     command = command.replace("--max-memory-per-child 2GiB", "--max-memory-per-child 100MiB")
-    worker = subprocess.Popen(shlex.split(command), stderr=subprocess.PIPE, text=True,
+    # This Python's zmqexecutor, whichever the PATH would find first.
+    argv = [sys.executable, "-m", "zmqexecutor", *shlex.split(command)[1:]]
+    worker = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True,
                               env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)])))
     try:
         with ZMQExecutor([f"tcp://127.0.0.1:{port}"], keys=keys / "client") as ex:
