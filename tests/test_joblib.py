@@ -7,7 +7,7 @@ import os
 import time
 
 import pytest
-from conftest import children_of
+from conftest import children_of, wait_until
 
 joblib = pytest.importorskip("joblib")
 sklearn = pytest.importorskip("sklearn")
@@ -99,11 +99,23 @@ def test_n_jobs_minus_one_is_every_slot_and_an_executor_of_ones_own_stays_open(t
         ZMQExecutorBackend(executor=ex).effective_n_jobs(0)
 
 
+def both_processes_serve(ex: ZMQExecutor) -> bool:
+    # An error stops the failed call's running batches (their processes are killed and replaced, as
+    # loky does); the unordered check below needs two processes at work.
+    return len({f.result() for f in [ex.submit(nap_then_pid, 0.2) for _ in range(2)]}) == 2
+
+
+def nap_then_pid(x: float) -> int:
+    time.sleep(x)
+    return os.getpid()
+
+
 def test_errors_generators_timeouts_and_nesting_behave_as_with_joblibs_own_backends() -> None:
-    with parallel_config(backend="zmqexecutor", max_workers=2):
+    with ZMQExecutor(max_workers=2) as ex, parallel_config(backend="zmqexecutor", executor=ex):
         with pytest.raises(ValueError, match="no [345]") as caught:
             Parallel(n_jobs=2)(delayed(fails)(i) for i in range(3, 6))
         assert isinstance(caught.value.__cause__, RemoteTraceback)
+        assert wait_until(lambda: both_processes_serve(ex), timeout=60)
         unordered = Parallel(n_jobs=2, batch_size=1, return_as="generator_unordered")(
             delayed(nap_then)(x) for x in (1.0, 0.05))
         assert next(unordered) == 0.05 and list(unordered) == [1.0]
