@@ -194,6 +194,19 @@ def test_worker_reports_a_port_in_use(start_worker) -> None:
     assert out.returncode == 1 and f"cannot bind {first.endpoint}" in out.stderr
 
 
+def test_worker_reports_a_metrics_port_in_use() -> None:
+    pytest.importorskip("prometheus_client")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "zmqexecutor", "worker", "--bind", "tcp://127.0.0.1:*",
+                              "--processes", "1", "--metrics-port", str(port), "--metrics-address", "127.0.0.1"],
+                             capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stderr
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in out.stderr and "Traceback" not in out.stderr
+
+
 @pytest.mark.parametrize("argv, message", [
     (["worker"], "one of the arguments --bind --connect is required"),
     (["worker", "--bind", "tcp://127.0.0.1:1", "--processes", "0"], "must be at least 1"),

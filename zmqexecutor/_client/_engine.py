@@ -76,6 +76,10 @@ Threads, and what each may touch:
   ``zmqexecutor-readiness`` (_readiness.WatchedSet), which only polls the lanes' sockets and makes a
   pipe readable. The caller path is closed then. Helper threads of a digest (_serialize.digest, for a
   buffer of 8 MiB or more): started and joined within that one call, each hashes its own pieces.
+* **The metrics HTTP thread** (``zmqexecutor.metrics.serve_metrics``, only when asked for): at each
+  scrape it asks for ``workers()`` like any user thread and reads the scheduler's plain counters
+  (``added``, ``retried``, the ``round_trips`` histogram) without a lock: a scrape may be one task
+  behind, never torn, since each is one int or a list copied whole.
 
 Locks, in the order they may be taken (never the other way round):
 

@@ -91,11 +91,6 @@ class Load:
         self.resources: Amounts = {}  # what it offers (--resources)
         self.in_use: Amounts = {}  # what this executor's tasks in flight there hold of them
 
-    def takes(self, task: Task) -> bool:
-        """Whether its free resources cover what ``task`` needs."""
-        assert task.needs is not None
-        return _resources.covers(_resources.free_of(self.resources, self.in_use), task.needs)
-
     def could_take(self, needs: Amounts) -> bool:
         """Whether it offers enough for ``needs`` at all."""
         return _resources.covers(self.resources, needs)

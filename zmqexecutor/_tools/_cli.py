@@ -359,9 +359,14 @@ def run_supervisor(args: argparse.Namespace, *, bind: Optional[str], **where: An
 
 
 def _serve_metrics(supervisor: Any, port: int, address: str) -> None:
+    from .._worker._router import GiveUp
     from ._metrics import serve
 
-    bound = serve(supervisor, port, address)
+    try:
+        bound = serve(supervisor, port, address)
+    except OSError as exc:
+        # As for a worker endpoint that cannot be bound: one line and exit status 1, not a traceback.
+        raise GiveUp(f"cannot serve metrics on {address}:{port}: {exc.strerror or exc}") from None
     logging.getLogger("zmqexecutor.worker").info("Prometheus metrics at http://%s:%d/metrics", address, bound)
 
 

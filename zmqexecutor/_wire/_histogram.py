@@ -7,6 +7,8 @@ metrics thread only copies the counts.
 
 from __future__ import annotations
 
+import bisect
+
 
 class Histogram:
     """Counts of durations (seconds) at or under each bound, and their sum."""
@@ -22,7 +24,7 @@ class Histogram:
 
     def observe(self, seconds: float) -> None:
         self.sum += seconds
-        self.counts[next(i for i, bound in enumerate(self.BOUNDS) if seconds <= bound)] += 1
+        self.counts[bisect.bisect_left(self.BOUNDS, seconds)] += 1
 
     def cumulative(self) -> list[tuple[str, int]]:
         """Prometheus's buckets: (upper bound as text, count at or under it)."""

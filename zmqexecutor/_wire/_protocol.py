@@ -452,23 +452,9 @@ def decode_exception(frames: Sequence[Frame], *, endpoint: str) -> BaseException
 def encode_crash(*, exitcode: int | None, signal_name: str | None, host: str, pid: int,
                  timed_out: float | None = None, **memory: Any) -> list[bytes]:
     """CRASHED: the task's process died while running it; ``timed_out``: the time limit in seconds
-    it ran past, when that is why the worker ended it; ``memory``: see ``memory_of``."""
+    it ran past, when that is why the worker ended it; ``memory``: see ``_taskpool.TaskProcess.memory_report``."""
     return [encode_json({"exitcode": exitcode, "signal": signal_name, "host": host, "pid": pid,
                          "timed_out": timed_out, **memory})]
-
-
-def memory_of(proc: Any) -> dict[str, Any]:
-    """What a crash report says of a task process's memory (a _taskpool.TaskProcess): the memory limit
-    it passed (bytes), the largest resident size seen, and whether the kernel's out-of-memory killer
-    took it; only what is known."""
-    found: dict[str, Any] = {}
-    if proc.over_limit is not None:
-        found["memory_limit"] = proc.over_limit
-    if proc.peak:
-        found["peak_memory"] = proc.peak
-    if proc.oom_killed:
-        found["oom_killed"] = True
-    return found
 
 
 def decode_crash(frames: Sequence[Frame]) -> dict[str, Any]:
@@ -647,7 +633,7 @@ def encode_exited(*, pid: int, started: int, finished: int, exitcode: int | None
     """EXITED, supervisor -> the client of a direct worker, as an item of its replies (it goes in a
     BATCH with them): a task process ended after starting ``started`` and finishing ``finished`` of the
     tasks it was sent; ``retired`` when it was told to; ``timed_out``, the time limit its running task
-    ran past when that is why it was ended; ``memory``: see ``memory_of``."""
+    ran past when that is why it was ended; ``memory``: see ``_taskpool.TaskProcess.memory_report``."""
     signal_name, _ = describe_exit(exitcode)
     return Item(Kind.EXITED, pid, [encode_json({
         "pid": pid, "started": started, "finished": finished, "exitcode": exitcode, "signal": signal_name,

@@ -256,7 +256,7 @@ class Relay:
                 replies.append((a.client, Item(Kind.LOST, a.task_id, reason)))
             elif a.seq < started:
                 crash = proto.encode_crash(exitcode=code, signal_name=signal_name, host=host, pid=pid,
-                                           timed_out=proc.timed_out, **proto.memory_of(proc))
+                                           timed_out=proc.timed_out, **proc.memory_report())
                 replies.append((a.client, Item(Kind.CRASHED, a.task_id, crash)))
                 crashed += 1
         unstarted = [Queued(a.client, a.task_id, a.frames, a.needs) for a in held.assigned.values() if a.seq >= started]
@@ -302,5 +302,5 @@ class DirectTasks(Relay):
             return Ended([], [], 0)
         exited = proto.encode_exited(pid=proc.process.pid, started=counters[STARTED], finished=counters[FINISHED],
                                      exitcode=proc.process.exitcode, retired=bool(counters[RETIRED]),
-                                     timed_out=proc.timed_out, host=host, **proto.memory_of(proc))
+                                     timed_out=proc.timed_out, host=host, **proc.memory_report())
         return Ended([(None, exited)], [], 0)

@@ -47,7 +47,9 @@ as CRASHED; the tasks it had not started yet go back to the front of the queue; 
 
 Threads: the loop above, libzmq's, pyzmq's garbage collector (relayed), and, without epoll, the
 Listener's ``zmqexecutor-readiness`` watcher (_readiness), which only polls the task processes'
-sockets and signals a pipe. A task process runs the user's code in its main thread, a thread that
+sockets and signals a pipe. With ``--metrics-port``, prometheus_client's HTTP thread, started once the
+first task processes are forked (``when_ready``), which reads only ``snapshot``, a dict the loop
+replaces whole. A task process runs the user's code in its main thread, a thread that
 forwards printed output, and, without prctl, ``zmqexecutor-parent-watch``, which ends it when the
 supervisor is gone.
 """

@@ -116,6 +116,18 @@ class TaskProcess:
             return self.kill_at
         return deadline / 1e9 if deadline else now + TIME_LIMIT_CHECK
 
+    def memory_report(self) -> dict[str, Any]:
+        """What a crash report says of its memory: the limit it passed (bytes), the largest resident size
+        seen, and whether the kernel's out-of-memory killer took it; only what is known."""
+        found: dict[str, Any] = {}
+        if self.over_limit is not None:
+            found["memory_limit"] = self.over_limit
+        if self.peak:
+            found["peak_memory"] = self.peak
+        if self.oom_killed:
+            found["oom_killed"] = True
+        return found
+
 
 class TaskProcessPool:
     """The worker's task processes: started, reaped, replaced and signalled here."""
