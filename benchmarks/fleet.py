@@ -45,7 +45,7 @@ _RESULT = proto.encode_result(None)
 class SimulatedWorker:
     """One worker of the fleet: a socket, its slots, the tasks waiting for one."""
 
-    __slots__ = ("socket", "peer", "slots", "running", "waiting", "instance", "sent", "join")
+    __slots__ = ("socket", "peer", "slots", "running", "waiting", "instance", "sent", "join", "paced")
 
     def __init__(self, sock: zmq.Socket[Any], slots: int, join: Optional[list[bytes]]) -> None:
         self.socket = sock
@@ -56,6 +56,7 @@ class SimulatedWorker:
         self.instance = uuid.uuid4().hex
         self.sent = False
         self.join = join
+        self.paced = False  # told its client how long its tasks take (PACE), as a relaying worker does
 
     def send(self, frames: list[Any]) -> None:
         if self.peer is not None:
@@ -133,6 +134,9 @@ class Fleet:
                 self.start_waiting(index, now, done)
             for index, items in done.items():
                 self.answered += sum(item.kind == Kind.RESULT for item in items)
+                if not self.workers[index].paced:
+                    self.workers[index].paced = True
+                    items.append(proto.Item(Kind.PACE, round(self.task_seconds * 1e6), []))
                 for start in range(0, len(items), 1000):
                     self.workers[index].send(proto.encode_messages(items[start:start + 1000]))
             sent_to = {index for index in candidates | set(done) if self.workers[index].sent}

@@ -1,6 +1,6 @@
 """Dial-in workers: how long until the first result with each launcher, and throughput dial-in vs bound.
 
-    python -m benchmarks.launchers [--repeats 5] [--workers 4] [--tasks 5000]
+    python -m benchmarks.launchers [--repeats 5] [--workers 4] [--tasks 5000] [--task-ms 0]
         [--ssh HOST [--ssh-option ARG]... --ssh-address tcp://HERE:0]
         [--slurm --slurm-address tcp://HERE:0]   (sbatch and friends from PATH, $SLURM_CONF)
 
@@ -9,8 +9,9 @@ plain processes) to the first task's result, with ``--workers`` workers of one t
 bound (``worker --bind`` subprocesses, then ``ZMQExecutor(endpoints)``), dial-in subprocesses
 (``worker --connect``), ``SSHWorkers`` and ``SlurmWorkers`` when their host or cluster is given.
 
-*Throughput*: no-op tasks per second and client CPU per task through ``map`` over ``--workers``
-workers, bound vs dialled in, interleaved across rounds, each round in a fresh process. Medians.
+*Throughput*: tasks per second and client CPU per task over ``--workers`` workers, bound vs dialled
+in, interleaved across rounds, each round in a fresh process. Medians. The tasks are no-ops, or sleep
+``--task-ms`` (the client's cost of keeping real workers busy: ``--workers 40 --task-ms 2``).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def first_result(how: str, workers: int, args: argparse.Namespace) -> float:
         return time.monotonic() - started
 
 
-def throughput_round(how: str, workers: int, tasks: int) -> dict[str, float]:
+def throughput_round(how: str, workers: int, tasks: int, task_ms: float = 0.0) -> dict[str, float]:
     """One round, in this (fresh) process."""
     from zmqexecutor import ZMQExecutor
 
@@ -100,7 +101,7 @@ def throughput_round(how: str, workers: int, tasks: int) -> dict[str, float]:
             ex.submit(noop).result()
         cpu = resource.getrusage(resource.RUSAGE_SELF)
         began = time.perf_counter()
-        futures = [ex.submit(noop) for _ in range(tasks)]
+        futures = [ex.submit(time.sleep, task_ms / 1000) if task_ms else ex.submit(noop) for _ in range(tasks)]
         for future in futures:
             future.result()
         elapsed = time.perf_counter() - began
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--tasks", type=int, default=5000)
+    parser.add_argument("--task-ms", type=float, default=0.0, help="tasks sleep this long (else no-ops)")
     parser.add_argument("--ssh", default=None, metavar="HOST")
     parser.add_argument("--ssh-option", action="append", default=[])
     parser.add_argument("--ssh-address", default=None)
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--round", default=None, help=argparse.SUPPRESS)  # one throughput round, for a child
     args = parser.parse_args(argv)
     if args.round:
-        print(json.dumps(throughput_round(args.round, args.workers, args.tasks)))
+        print(json.dumps(throughput_round(args.round, args.workers, args.tasks, args.task_ms)))
         return 0
     hows = ["bound", "dial-in"] + (["ssh"] if args.ssh else []) + (["slurm"] if args.slurm else [])
     firsts: dict[str, list[float]] = {how: [] for how in hows}
@@ -136,13 +138,15 @@ def main(argv: list[str] | None = None) -> int:
             firsts[how].append(first_result(how, args.workers, args))
         for how in ROUNDS_SYSTEMS:
             done = subprocess.run([sys.executable, "-m", "benchmarks.launchers", "--round", how, "--workers",
-                                   str(args.workers), "--tasks", str(args.tasks)], capture_output=True, text=True,
+                                   str(args.workers), "--tasks", str(args.tasks), "--task-ms", str(args.task_ms)],
+                                  capture_output=True, text=True,
                                   env=_env(), timeout=600, check=True)
             rounds[how].append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(f"time to first result, {args.workers} workers of 1 process, median (min-max) of {args.repeats}:")
     for how, times in firsts.items():
         print(f"  {how:8s} {statistics.median(times):6.2f} s  ({min(times):.2f}-{max(times):.2f})")
-    print(f"no-op throughput over {args.workers} workers, {args.tasks} tasks, median of {args.repeats}:")
+    what = f"{args.task_ms:g} ms" if args.task_ms else "no-op"
+    print(f"{what} throughput over {args.workers} workers, {args.tasks} tasks, median of {args.repeats}:")
     for how, results in rounds.items():
         rate = statistics.median(r["tasks_per_s"] for r in results)
         cpu = statistics.median(r["client_cpu_us"] for r in results)

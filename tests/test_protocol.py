@@ -211,6 +211,12 @@ def test_a_batch_round_trip_packs_small_frames_and_keeps_large_ones_apart() -> N
         [(Kind.TASK, 5, [b"ab", large, b""]), (Kind.RESULT, 2**64 - 1, [b"zz"])]
 
 
+def test_pace_rides_in_a_batch_with_replies_as_microseconds_in_its_ident() -> None:
+    frames = proto.encode_messages([proto.Item(Kind.RESULT, 7, [b"r"]), proto.Item(Kind.PACE, 2_500, [])])
+    got = proto.split(proto.decode_header(frames[0]), [bytes(f) for f in frames])
+    assert [(i.kind, i.ident, list(i.frames)) for i in got] == [(Kind.RESULT, 7, [b"r"]), (Kind.PACE, 2_500, [])]
+
+
 def test_a_lone_message_is_sent_as_itself() -> None:
     frames = proto.encode_messages([proto.Item(Kind.TASK, 9, [b"call"])])
     assert proto.decode_header(frames[0]) == proto.Header(Kind.TASK, 9) and frames[1:] == [b"call"]

@@ -38,6 +38,11 @@ def greet(r: Router, front: RecordingFront, client: bytes = CLIENT, **info: Any)
     assert welcome.kind == Kind.WELCOME and proto.decode_json(welcome.frames[0])["accepted"]
 
 
+def replies(front: RecordingFront) -> list[Item]:
+    """What the client was sent, but PACE, which any reply may carry along (tested on its own)."""
+    return [item for item in front.items(CLIENT) if item.kind != Kind.PACE]
+
+
 def send_tasks(r: Router, *idents: int, client: bytes = CLIENT) -> None:
     items = [Item(Kind.TASK, ident, [b"call"]) for ident in idents]
     r.handle_client_message(client, proto.encode_messages(items))
@@ -56,8 +61,28 @@ def test_tasks_of_a_session_are_queued_handed_out_and_their_replies_go_back_toge
     assert front.sent == []  # replies wait for the end of the loop turn
     r.send_replies()
     assert len(front.sent) == 1  # both in one message
-    assert sorted((i.kind, i.ident) for i in front.items(CLIENT)) == [(Kind.RESULT, 11), (Kind.RESULT, 12)]
+    assert sorted((i.kind, i.ident) for i in replies(front)) == [(Kind.RESULT, 11), (Kind.RESULT, 12)]
     assert r.tally["done"] == 2
+
+
+def test_a_client_hears_how_long_tasks_take_with_its_replies_and_again_only_when_that_moves() -> None:
+    r, front = router(processes=1)
+    greet(r, front)
+    [proc] = r.pool.procs()
+    told = []
+    for ident, started, seconds in [(1, 10.0, 0.010), (2, 20.0, 0.011), (3, 30.0, 0.050), (4, 40.0, 0.020)]:
+        send_tasks(r, ident)
+        r.dispatch_tasks()
+        r.relay.of(proc).last_event = started  # the process began this task then
+        r.finish_task(proc, Item(Kind.RESULT, ident, [b"result"]), now=started + seconds)
+        r.send_replies()
+        items = front.items(CLIENT)
+        assert [i.kind for i in items if i.kind != Kind.PACE] == [Kind.RESULT]
+        told.append([i.ident for i in items if i.kind == Kind.PACE])
+        front.sent.clear()
+    # In microseconds: the first measure; 10.1 ms (smoothed) is within PACE_CHANGE of it, 14.1 ms is not, 14.7 ms is within again.
+    assert told == [[10_000], [], [14_090], []]
+    assert round(r.relay.service * 1e6) == 14_681
 
 
 def test_a_client_without_a_session_is_rejected_and_a_goodbye_without_one_is_ignored() -> None:
@@ -81,7 +106,7 @@ def test_a_crashed_process_crashes_its_task_requeues_the_rest_and_is_replaced() 
     proc.process.exitcode = -signal.SIGKILL
     r.reap_processes([proc.process.sentinel])
     r.send_replies()
-    [crashed] = front.items(CLIENT)
+    [crashed] = replies(front)
     assert (crashed.kind, crashed.ident) == (Kind.CRASHED, 1) and r.tally["crashed"] == 1
     assert [q.task_id for q in r.queue] == [2, 3]  # first in line again
     assert len(r.pool.procs()) == 1 and r.pool.procs()[0] is not proc
@@ -96,7 +121,7 @@ def test_a_result_over_the_clients_limit_becomes_an_error() -> None:
     [ident] = r.relay.of(proc).assigned
     r.finish_task(proc, Item(Kind.RESULT, ident, [b"x" * 100]), now=1.0)
     r.send_replies()
-    [reply] = front.items(CLIENT)
+    [reply] = replies(front)
     assert reply.kind == Kind.EXCEPTION
     assert b"max_message_size=10" in b"".join(bytes(f) for f in reply.frames)
 
@@ -161,5 +186,5 @@ def test_a_process_that_could_not_map_a_kept_buffer_has_its_task_answered_missin
     [ident] = r.relay.of(proc).assigned
     r.finish_task(proc, Item(Kind.MISSING, ident, []), now=1.0)
     r.send_replies()
-    assert [(i.kind, i.ident) for i in front.items(CLIENT)] == [(Kind.MISSING, 5)]  # the client sends it again
+    assert [(i.kind, i.ident) for i in replies(front)] == [(Kind.MISSING, 5)]  # the client sends it again
     assert r.busy() == 0 and r.tally == {"done": 0, "failed": 0, "crashed": 0, "cancelled": 0}

@@ -69,6 +69,62 @@ def test_the_pace_is_learned_from_replies_while_every_slot_is_busy() -> None:
     assert w.capacity == 1
 
 
+def test_a_worker_that_tells_its_pace_is_believed_over_the_gaps_between_its_replies() -> None:
+    s = Scheduler(max_retries=2, max_in_flight=None)
+    w = ready(s, "w", slots=1)
+    for i in range(3):
+        s.add(task(i))
+    s.next_batches(10.0)
+    s.paced(w, 0.001)  # PACE: its tasks run for 1 ms
+    # A reply 0.5 s after the last: the worker waited for this client (busy with a thousand others),
+    # which says nothing of its tasks.
+    assert s.finished(w, 0, 10.5) is not None
+    assert w.service == 0.001
+    assert w.capacity == 1 + int(_pacing.TO_WORKERS.horizon / 0.001)
+
+
+def test_a_gap_counts_only_from_when_every_slot_had_a_task() -> None:
+    s = Scheduler(max_retries=2, max_in_flight=None)
+    w = ready(s, "w", slots=1)
+    w.service = 0.5  # one task at a time
+    s.add(task(1))
+    s.next_batches(10.0)
+    assert s.finished(w, 1, 10.5) is not None
+    s.add(task(2))
+    s.next_batches(12.0)  # the client came back to it 1.5 s after its reply
+    assert s.finished(w, 2, 12.5) is not None
+    assert w.service == pytest.approx(0.5)  # not 0.5 + 0.1 x (2 - 0.5)
+
+
+def test_a_worker_with_tasks_ahead_is_topped_up_once_half_of_them_ran() -> None:
+    s = Scheduler(max_retries=2, max_in_flight=None)
+    w = ready(s, "w", slots=1)
+    s.paced(w, _pacing.TO_WORKERS.horizon / 8)  # eight go ahead of its one slot
+    for i in range(40):
+        s.add(task(i))
+    batches, _ = s.next_batches(0.0)
+    assert [len(batch) for _, batch in batches] == [9]
+    topped_up = []
+    for ident in range(9):
+        s.finished(w, ident, 0.001 * ident)
+        batches, _ = s.next_batches(0.001 * ident)
+        topped_up.append(sum(len(batch) for _, batch in batches))
+    # None while more than four (half of those ahead) wait behind the running one; then four at once,
+    # not one after each reply.
+    assert topped_up == [0, 0, 0, 4, 0, 0, 0, 4, 0]
+
+
+def test_a_busy_loop_sends_more_ahead_so_a_worker_does_not_run_dry_between_its_turns() -> None:
+    s = Scheduler(max_retries=2, max_in_flight=None)
+    w = ready(s, "w", slots=1)
+    s.paced(w, 0.001)
+    quiet = w.credit(s.horizon)
+    for _ in range(100):
+        s.turn_took(0.02)  # each turn of the loop takes 20 ms
+    assert quiet == 1 + int(_pacing.TO_WORKERS.horizon / 0.001)
+    assert w.credit(s.horizon) == 1 + int(s.horizon / 0.001) > 30
+
+
 def test_batches_are_bounded_by_count_and_bytes() -> None:
     s = Scheduler(max_retries=2, max_in_flight=None)
     w = ready(s, "w", slots=2)

@@ -766,6 +766,16 @@ def test_a_worker_serves_prometheus_metrics_during_and_after_a_map(start_worker)
     assert dict(info)["host"] == socket.gethostname()
 
 
+def test_a_worker_tells_the_client_how_long_its_tasks_take(start_worker) -> None:
+    worker = start_worker(processes=1)
+    with ZMQExecutor([worker.endpoint]) as ex:
+        ex.wait_for_workers(1, timeout=30)
+        assert ex.workers()[0].task_seconds is None  # nothing ran yet
+        assert list(ex.map(nap_for, [0.03] * 6)) == [0.03] * 6
+        # Measured by the worker (PACE), from when its process began each task to its reply.
+        assert 0.03 <= ex.workers()[0].task_seconds < 0.3
+
+
 def test_a_client_serves_its_own_metrics_on_request(start_worker) -> None:
     import urllib.request
 

@@ -83,6 +83,9 @@ class WorkerInfo(NamedTuple):
     error: Optional[str]
     resources: dict[str, float] = {}  # what it offers (``--resources``)
     resources_in_use: dict[str, float] = {}  # what this executor's tasks there hold of them
+    # Seconds a task takes there, per slot: as the worker measures it, else from the gaps between its
+    # replies; None until known. How many tasks go to it ahead of its slots follows from this.
+    task_seconds: Optional[float] = None
 
 
 def connecting(address: str) -> WorkerInfo:
@@ -161,7 +164,7 @@ class Connection:
         return WorkerInfo(self.address, state, self.load.slots, in_flight, completed, self.load.lost,
                           host if isinstance(host, str) else None, pid if isinstance(pid, int) else None,
                           self.instance, None if self.error is None else str(self.error),
-                          dict(self.load.resources), dict(self.load.in_use))
+                          dict(self.load.resources), dict(self.load.in_use), self.load.service)
 
     def send_tasks(self, batch: list[Task]) -> bool:
         keep = self.info.get("keep_bytes") or 0

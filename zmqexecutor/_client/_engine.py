@@ -179,6 +179,7 @@ class Engine(threading.Thread):
         # Held by this thread except while it waits for input; a caller's thread that gets it may send
         # its own task and read replies (_caller). Taken without blocking by them, so never a wait.
         self.lock = threading.Lock()
+        self.woke = time.monotonic()  # when the loop last stopped waiting for input
         self.caller = CallerPath(self)
 
     # The loop -------------------------------------------------------------------------------------
@@ -217,6 +218,7 @@ class Engine(threading.Thread):
             self.close()
 
     def wait_for_input(self) -> None:
+        self.scheduler.turn_took(time.monotonic() - self.woke)
         self.fleet.look_at_sent()
         timeout = 0.0
         if not self.fleet.has_input():
@@ -230,6 +232,7 @@ class Engine(threading.Thread):
             ready = self.selector.select(timeout)
         finally:
             self.lock.acquire()
+        self.woke = time.monotonic()
         self.fleet.take_ready(ready)
 
     # Steps ----------------------------------------------------------------------------------------
@@ -269,6 +272,8 @@ class Engine(threading.Thread):
                 self.local.process_exited(conn, proto.decode_exited(rest), stopping=self.stopping_workers)
             elif kind == Kind.DRAINING:
                 conn.draining()
+            elif kind == Kind.PACE:
+                self.scheduler.paced(conn.load, ident / 1e6)
             elif kind != Kind.PONG:
                 raise proto.ProtocolError(f"unexpected {kind.name} from a worker")
 

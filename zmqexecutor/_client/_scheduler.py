@@ -33,6 +33,11 @@ from .._wire._resources import Amounts
 # task that fits nowhere now must not make every turn scan a long queue behind it.
 NEEDY_LOOKAHEAD = 256
 
+# A busy client returns to a worker only after a turn of its loop, which feeding a thousand workers
+# takes milliseconds: so each worker is sent at least this many turns' worth of work ahead. More hides
+# a slower loop; less keeps fewer tasks waiting at workers where another could run them sooner.
+TURNS_AHEAD = 2.0
+
 class Task:
     __slots__ = ("ident", "future", "frames", "size", "queued_at", "started", "lost_on", "keepable",
                  "function_at", "missed", "needs", "sent_at")
@@ -72,7 +77,7 @@ class Load:
     """The scheduler's view of one worker: its slots, its tasks in flight, its pace."""
 
     __slots__ = ("name", "owner", "slots", "max_task_bytes", "quota", "inflight", "ready", "in_turn", "service",
-                 "busy_since", "completed", "lost", "draining", "resources", "in_use")
+                 "busy_since", "completed", "lost", "draining", "resources", "in_use", "paced")
 
     def __init__(self, name: str, owner: Any = None) -> None:
         self.name = name
@@ -84,6 +89,7 @@ class Load:
         self.ready = False
         self.in_turn = False
         self.service: Optional[float] = None  # estimated seconds per task per slot
+        self.paced = False  # the worker tells its tasks' duration (PACE): no estimate from reply gaps
         self.busy_since = 0.0  # last reply, or when the worker last went from idle to busy
         self.completed = 0
         self.lost = 0
@@ -110,10 +116,16 @@ class Load:
     def capacity(self) -> int:
         return self.slots * (1 + TO_WORKERS.ahead(self.service))
 
-    def credit(self) -> int:
+    def credit(self, horizon: float = 0.0) -> int:
+        """How many tasks it may be sent now: none while more than half of those sent ahead of its
+        slots still wait there, so that it is topped up in fewer, fuller batches (a message costs
+        the client tens of µs, a whole one for each task when a worker is refilled task by task)."""
         if not self.ready or self.draining:
             return 0
-        credit = self.capacity - len(self.inflight)
+        ahead = self.slots * TO_WORKERS.ahead(self.service, horizon)
+        if len(self.inflight) > self.slots + ahead // 2:
+            return 0
+        credit = self.slots + ahead - len(self.inflight)
         return credit if self.quota is None else min(credit, self.quota)
 
 
@@ -135,6 +147,7 @@ class Scheduler:
         self.added = 0
         self.retried = 0
         self.round_trips = Histogram()
+        self.turn_seconds = 0.0  # how long a turn of the engine's loop takes, smoothed
 
     # Tasks in -----------------------------------------------------------------------------------------
 
@@ -230,8 +243,16 @@ class Scheduler:
         if plain and self.waiting_since is None:
             self.waiting_since = plain[0].queued_at
 
+    def turn_took(self, seconds: float) -> None:
+        """The engine's loop took ``seconds`` to go round once, not counting its wait for input."""
+        self.turn_seconds = smoothed(self.turn_seconds, seconds)
+
+    @property
+    def horizon(self) -> float:
+        return TURNS_AHEAD * self.turn_seconds
+
     def offer(self, load: Load) -> None:
-        if load.ready and not load.in_turn and load.credit() > 0:
+        if load.ready and not load.in_turn and load.credit(self.horizon) > 0:
             load.in_turn = True
             self.turns.append(load)
 
@@ -259,7 +280,7 @@ class Scheduler:
                 break
             load = self.turns.popleft()
             load.in_turn = False
-            credit = load.credit()
+            credit = load.credit(self.horizon)
             if credit <= 0:
                 continue
             # A fair share of what waits, so that the next workers in turn get some of it too.
@@ -268,7 +289,9 @@ class Scheduler:
             waited = len(self.backlog) + len(self.needy)
             batch = self.take_batch(load, limit, too_large)
             if batch:
-                if not load.inflight:
+                if len(load.inflight) < load.slots:
+                    # Its slots are all busy from now at the earliest: the time it waited for this
+                    # batch (the client's own delay, when feeding many workers) is not its tasks'.
                     load.busy_since = now
                 for task in batch:
                     load.hold(task)
@@ -378,7 +401,7 @@ class Scheduler:
             return None
         load.completed += 1
         self.round_trips.observe(max(0.0, now - task.sent_at))
-        if saturated:
+        if saturated and not load.paced:
             # With every slot busy since the last reply, slots x gap is one task's duration; replies
             # that arrive together give gaps of zero, which the average spreads over the batch.
             sample = (now - load.busy_since) * load.slots
@@ -387,6 +410,13 @@ class Scheduler:
         if not load.in_turn:
             self.offer(load)
         return task
+
+    def paced(self, load: Load, seconds: float) -> None:
+        """``load``'s worker measured how long its tasks run (PACE). Better than the gaps between its
+        replies, which count the time it waited for this client too: feeding a thousand workers, that
+        wait made short tasks look long, so that every task went in a message of its own."""
+        load.service = seconds
+        load.paced = True
 
     # Waiting ------------------------------------------------------------------------------------------
 

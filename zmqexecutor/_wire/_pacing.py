@@ -37,12 +37,14 @@ class Pace:
         self.unknown = unknown  # ahead while nothing is known of the tasks yet
         self.at_least = at_least  # ahead for any task shorter than LONG_TASK_SECONDS
 
-    def ahead(self, service: Optional[float]) -> int:
+    def ahead(self, service: Optional[float], horizon: float = 0.0) -> int:
+        """``horizon``: seconds of work to keep queued, when more than the hop's own (a busy client
+        that returns to a worker only that much later)."""
         if service is None:
             return self.unknown
         if service >= LONG_TASK_SECONDS:
             return 0
-        return max(self.at_least, min(MAX_AHEAD_PER_SLOT, int(self.horizon / max(service, 1e-9))))
+        return max(self.at_least, min(MAX_AHEAD_PER_SLOT, int(max(self.horizon, horizon) / max(service, 1e-9))))
 
 
 # Client to worker: the horizon covers a network round trip and fills batches. While nothing is

@@ -147,7 +147,10 @@ __all__ = ["ProtocolError", "OOB_MIN_BYTES", "decode_call", "dumps", "encode_ini
 #    frames of their own, after the arguments' (its reference in the call: key, pickle, count).
 # 6: what names a kept buffer or a function pickle is a BLAKE3 digest (it was SHA-256): a version-5
 #    worker would refuse every buffer a version-6 client asks it to keep.
-PROTOCOL_VERSION = 6
+# 7: PACE, a relaying worker's measure of how long its tasks run, which the client paces by: its own
+#    measure (the gaps between replies) counts the time a worker waited for it, and with a thousand
+#    workers to feed that made short tasks look long and every task a round trip of its own.
+PROTOCOL_VERSION = 7
 MAGIC = b"ZX"
 _HEADER = struct.Struct("!2sBBQ")
 HEADER_SIZE = _HEADER.size
@@ -196,6 +199,7 @@ class Kind(enum.IntEnum):
     LONE_TASK = 27
     MISSING = 28
     NEEDY_TASK = 29
+    PACE = 30
 
 
 _KINDS = {int(k): k for k in Kind}
@@ -495,9 +499,11 @@ _OWN_FRAME = 1 << 31
 # frame, which costs a copy but saves the per-frame cost of ZeroMQ and pyzmq (several microseconds).
 PACK_LIMIT = OOB_MIN_BYTES
 
-# The kinds a BATCH may carry: tasks and their replies. Control messages always go alone.
+# The kinds a BATCH may carry: tasks, their replies, and PACE, which only rides along with replies.
+# Control messages always go alone.
 BATCHED_KINDS = frozenset({Kind.TASK, Kind.NEEDY_TASK, Kind.RESULT, Kind.EXCEPTION, Kind.INIT_FAILED, Kind.CRASHED,
-                           Kind.OUTPUT, Kind.DROPPED, Kind.LOST, Kind.EXITED, Kind.RETURNED, Kind.MISSING})
+                           Kind.OUTPUT, Kind.DROPPED, Kind.LOST, Kind.EXITED, Kind.RETURNED, Kind.MISSING,
+                           Kind.PACE})
 
 # The most messages one BATCH may carry; a bigger count is malformed (senders stay far below).
 MAX_BATCH = 65536

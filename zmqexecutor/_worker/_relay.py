@@ -184,7 +184,7 @@ class Relay:
         if assignment is not None:
             self.release(assignment)
             self.durations.observe(max(0.0, now - max(assignment.given_at, held.last_event)))
-            self.service = _pacing.smoothed(self.service, now - held.last_event)
+            self.service = _pacing.smoothed(self.service, max(0.0, now - held.last_event))
             held.last_event = now
         return assignment
 

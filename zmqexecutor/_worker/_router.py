@@ -32,6 +32,10 @@ logger = logging.getLogger("zmqexecutor.worker")
 # the task was queued): its client sends the task again, whole.
 _REPLIES = frozenset({Kind.RESULT, Kind.EXCEPTION, Kind.INIT_FAILED, Kind.MISSING})
 
+# A client hears PACE again once the measured duration of a task moved by more than this fraction:
+# smaller keeps its sending closer to the truth, larger adds the item to fewer replies.
+PACE_CHANGE = 0.2
+
 
 class GiveUp(Exception):
     """Raised when the worker cannot go on (it cannot bind; its task processes keep dying at start)."""
@@ -204,8 +208,21 @@ class Router:
     def send_replies(self) -> None:
         outbox, self.outbox = self.outbox, {}
         for client, items in outbox.items():
+            self.tell_pace(client, items)
             for batch in batches(items, _size):
                 self.send(client, proto.encode_messages(batch))
+
+    def tell_pace(self, client: bytes, items: list[Item]) -> None:
+        """Add PACE to a client's replies when the relay's measure of a task's duration moved from what
+        the client was last told: the client decides how many tasks to send ahead by it."""
+        pace = self.relay.service
+        session = self.sessions.get(client)
+        if pace is None or session is None:
+            return
+        told = session.told_pace
+        if told is None or abs(pace - told) > PACE_CHANGE * told:
+            session.told_pace = pace
+            items.append(Item(Kind.PACE, round(pace * 1e6), []))
 
     def receive_from_processes(self, ending: tuple[TaskProcess, ...] = ()) -> None:
         now = time.monotonic()

@@ -17,7 +17,7 @@ SESSION_TIMEOUT_FACTOR = 3
 
 
 class Session:
-    __slots__ = ("client", "init_blob", "max_tasks_per_child", "expiry", "last_seen", "max_message_size")
+    __slots__ = ("client", "init_blob", "max_tasks_per_child", "expiry", "last_seen", "max_message_size", "told_pace")
 
     def __init__(self, client: bytes, init_blob: bytes, info: dict[str, Any]) -> None:
         self.client = client
@@ -27,6 +27,7 @@ class Session:
         self.last_seen = time.monotonic()
         limit = info.get("max_message_size")
         self.max_message_size: Optional[int] = limit if isinstance(limit, int) and limit > 0 else None
+        self.told_pace: Optional[float] = None  # the task duration it was last told (PACE), seconds
 
 
 class Sessions:
