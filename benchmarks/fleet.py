@@ -12,7 +12,8 @@ measurement in a fresh client process against a fresh fleet.
 
 Per task the fleet does no more than a worker's supervisor does (split the batch, queue, answer with a
 result pickled once), so its own CPU per task, reported beside the client's, shows whether it or the
-client is the limit.
+client is the limit. Like a relaying worker it tells the client how long its tasks take (PACE), once:
+a real worker's measure is the same, plus the microseconds of its local hop.
 """
 
 from __future__ import annotations
