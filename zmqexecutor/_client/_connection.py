@@ -164,7 +164,8 @@ class Connection:
         return WorkerInfo(self.address, state, self.load.slots, in_flight, completed, self.load.lost,
                           host if isinstance(host, str) else None, pid if isinstance(pid, int) else None,
                           self.instance, None if self.error is None else str(self.error),
-                          dict(self.load.resources), dict(self.load.in_use), self.load.service)
+                          dict(self.load.resources), dict(self.load.in_use),
+                          self.load.service if self.load.measured is None else self.load.measured)
 
     def send_tasks(self, batch: list[Task]) -> bool:
         keep = self.info.get("keep_bytes") or 0

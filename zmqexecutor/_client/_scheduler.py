@@ -5,9 +5,12 @@ Runs in the client's I/O thread, or a user thread that holds the engine's lock (
 The engine feeds it tasks, workers that become ready or are lost, and replies; it answers with
 batches to send. Tasks wait in the backlog (where ``Future.cancel()`` still works) until a ready
 worker has credit: its slots, plus tasks sent ahead so that a slot that frees up finds its next task
-already there. How many go ahead adapts to how long the worker's tasks take: many for tiny tasks (so
+already there. How many go ahead adapts to how long the worker's tasks take (as a relaying worker
+measures it and tells, PACE; else from the gaps between its replies): many for tiny tasks (so
 batches fill and the round trip is hidden), none for long ones (so no task waits behind a long one
-while a slot elsewhere sits idle). Workers take turns (round-robin); each turn sends one batch.
+while a slot elsewhere sits idle), and more while the engine's loop is slow to come round (a
+thousand workers to feed). A worker is topped up once half of what went ahead has run, so that it
+gets fewer, fuller batches. Workers take turns (round-robin); each turn sends one batch.
 
 A task that needs resources (``options(resources=...)``) waits apart (``needy``) and goes only to a
 worker whose offered amounts, less what its tasks in flight here hold, cover it: so a worker gets at
@@ -37,6 +40,7 @@ NEEDY_LOOKAHEAD = 256
 # takes milliseconds: so each worker is sent at least this many turns' worth of work ahead. More hides
 # a slower loop; less keeps fewer tasks waiting at workers where another could run them sooner.
 TURNS_AHEAD = 2.0
+
 
 class Task:
     __slots__ = ("ident", "future", "frames", "size", "queued_at", "started", "lost_on", "keepable",
@@ -77,7 +81,7 @@ class Load:
     """The scheduler's view of one worker: its slots, its tasks in flight, its pace."""
 
     __slots__ = ("name", "owner", "slots", "max_task_bytes", "quota", "inflight", "ready", "in_turn", "service",
-                 "busy_since", "completed", "lost", "draining", "resources", "in_use", "paced")
+                 "busy_since", "completed", "lost", "draining", "resources", "in_use", "measured")
 
     def __init__(self, name: str, owner: Any = None) -> None:
         self.name = name
@@ -88,9 +92,9 @@ class Load:
         self.inflight: dict[int, Task] = {}
         self.ready = False
         self.in_turn = False
-        self.service: Optional[float] = None  # estimated seconds per task per slot
-        self.paced = False  # the worker tells its tasks' duration (PACE): no estimate from reply gaps
-        self.busy_since = 0.0  # last reply, or when the worker last went from idle to busy
+        self.service: Optional[float] = None  # estimated seconds per task per slot, from reply gaps
+        self.measured: Optional[float] = None  # the same, as the worker measures it (PACE)
+        self.busy_since = 0.0  # its last reply, or when its slots last all became busy
         self.completed = 0
         self.lost = 0
         self.draining = False  # it finishes what it has and takes nothing more
@@ -113,8 +117,18 @@ class Load:
         return task
 
     @property
+    def pace(self) -> Optional[float]:
+        """Seconds per task per slot: the lower of the two estimates, since each errs high. The gaps
+        between replies count the time the worker waited for this client (long when it feeds a
+        thousand workers); the worker's measure counts each task's hop to its process, which its
+        pipelining hides (tiny tasks)."""
+        if self.measured is None or self.service is None:
+            return self.service if self.measured is None else self.measured
+        return min(self.service, self.measured)
+
+    @property
     def capacity(self) -> int:
-        return self.slots * (1 + TO_WORKERS.ahead(self.service))
+        return self.slots * (1 + TO_WORKERS.ahead(self.pace))
 
     def credit(self, horizon: float = 0.0) -> int:
         """How many tasks it may be sent now: none while more than half of those sent ahead of its
@@ -122,7 +136,7 @@ class Load:
         the client tens of µs, a whole one for each task when a worker is refilled task by task)."""
         if not self.ready or self.draining:
             return 0
-        ahead = self.slots * TO_WORKERS.ahead(self.service, horizon)
+        ahead = self.slots * TO_WORKERS.ahead(self.pace, horizon)
         if len(self.inflight) > self.slots + ahead // 2:
             return 0
         credit = self.slots + ahead - len(self.inflight)
@@ -401,7 +415,7 @@ class Scheduler:
             return None
         load.completed += 1
         self.round_trips.observe(max(0.0, now - task.sent_at))
-        if saturated and not load.paced:
+        if saturated:
             # With every slot busy since the last reply, slots x gap is one task's duration; replies
             # that arrive together give gaps of zero, which the average spreads over the batch.
             sample = (now - load.busy_since) * load.slots
@@ -412,11 +426,10 @@ class Scheduler:
         return task
 
     def paced(self, load: Load, seconds: float) -> None:
-        """``load``'s worker measured how long its tasks run (PACE). Better than the gaps between its
-        replies, which count the time it waited for this client too: feeding a thousand workers, that
-        wait made short tasks look long, so that every task went in a message of its own."""
-        load.service = seconds
-        load.paced = True
+        """``load``'s worker measured how long its tasks run (PACE). Without it, feeding a thousand
+        workers, the gaps between replies (which count the time a worker waited for this client)
+        made short tasks look long, so that every task went in a message of its own."""
+        load.measured = seconds
 
     # Waiting ------------------------------------------------------------------------------------------
 
