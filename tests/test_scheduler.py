@@ -58,23 +58,25 @@ def test_short_tasks_earn_deep_credit_and_long_ones_none_ahead() -> None:
     assert w.capacity == 2  # a long task never waits behind another
 
 
-def test_the_pace_is_learned_from_replies_while_every_slot_is_busy() -> None:
+def one_slot_sent(tasks: int, at: float) -> tuple[Scheduler, Load]:
+    """A scheduler with one single-slot worker, sent what it takes of ``tasks`` tasks at ``at``."""
     s = Scheduler(max_retries=2, max_in_flight=None)
     w = ready(s, "w", slots=1)
-    for i in range(2):
+    for i in range(tasks):
         s.add(task(i))
-    s.next_batches(10.0)
+    s.next_batches(at)
+    return s, w
+
+
+def test_the_pace_is_learned_from_replies_while_every_slot_is_busy() -> None:
+    s, w = one_slot_sent(2, at=10.0)
     assert s.finished(w, 0, 10.5) is not None
     assert w.service == pytest.approx(0.5)
     assert w.capacity == 1
 
 
 def test_the_lower_of_the_workers_measure_and_the_gaps_between_its_replies_paces_it() -> None:
-    s = Scheduler(max_retries=2, max_in_flight=None)
-    w = ready(s, "w", slots=1)
-    for i in range(3):
-        s.add(task(i))
-    s.next_batches(10.0)
+    s, w = one_slot_sent(3, at=10.0)
     s.paced(w, 0.001)  # PACE: its tasks run for 1 ms
     # A reply 0.5 s after the last: the worker waited for this client (busy with a thousand others),
     # which says nothing of its tasks.
