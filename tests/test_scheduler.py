@@ -102,9 +102,26 @@ def test_a_gap_counts_only_from_when_every_slot_had_a_task() -> None:
     assert w.service == pytest.approx(0.5)  # not 0.5 + 0.1 x (2 - 0.5)
 
 
+def test_a_worker_earns_tasks_ahead_by_finishing_tasks() -> None:
+    s = Scheduler(max_retries=2, max_in_flight=None)
+    w = ready(s, "w", slots=1)
+    s.paced(w, 1e-5)  # its first task was tiny: 500 could go ahead of its slot, were it sure
+    for i in range(100):
+        s.add(task(i))
+    sizes = []
+    for ident in range(4):
+        batches, _ = s.next_batches(0.0)
+        sizes.append(sum(len(batch) for _, batch in batches))
+        for done in list(w.inflight):
+            s.finished(w, done, 0.0)
+    # One ahead while it has finished none, then as many ahead as it has finished.
+    assert sizes == [2, 3, 6, 12]
+
+
 def test_a_worker_with_tasks_ahead_is_topped_up_once_half_of_them_ran() -> None:
     s = Scheduler(max_retries=2, max_in_flight=None)
     w = ready(s, "w", slots=1)
+    w.completed = 1_000  # past its slow start
     step = _pacing.TO_WORKERS.horizon / 8.5  # eight go ahead of its one slot
     s.paced(w, step)
     for i in range(40):
@@ -124,6 +141,7 @@ def test_a_worker_with_tasks_ahead_is_topped_up_once_half_of_them_ran() -> None:
 def test_a_busy_loop_sends_more_ahead_so_a_worker_does_not_run_dry_between_its_turns() -> None:
     s = Scheduler(max_retries=2, max_in_flight=None)
     w = ready(s, "w", slots=1)
+    w.completed = 1_000
     s.paced(w, 0.001)
     quiet = w.credit(s.horizon)
     for _ in range(100):
@@ -135,7 +153,7 @@ def test_a_busy_loop_sends_more_ahead_so_a_worker_does_not_run_dry_between_its_t
 def test_batches_are_bounded_by_count_and_bytes() -> None:
     s = Scheduler(max_retries=2, max_in_flight=None)
     w = ready(s, "w", slots=2)
-    w.service = 1e-6
+    w.service, w.completed = 1e-6, 1_000
     for i in range(_batching.BATCH_ITEMS + 5):
         s.add(task(i))
     batches, _ = s.next_batches(0.0)
@@ -143,7 +161,7 @@ def test_batches_are_bounded_by_count_and_bytes() -> None:
 
     s = Scheduler(max_retries=2, max_in_flight=None)
     w = ready(s, "w", slots=1)
-    w.service = 1e-6
+    w.service, w.completed = 1e-6, 1_000
     big = _batching.BATCH_BYTES // 2 + 1
     for i in range(3):
         s.add(task(i, size=big))

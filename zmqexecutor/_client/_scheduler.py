@@ -9,8 +9,8 @@ already there. How many go ahead adapts to how long the worker's tasks take (as 
 measures it and tells, PACE; else from the gaps between its replies): many for tiny tasks (so
 batches fill and the round trip is hidden), none for long ones (so no task waits behind a long one
 while a slot elsewhere sits idle), and more while the engine's loop is slow to come round (a
-thousand workers to feed). A worker is topped up once half of what went ahead has run, so that it
-gets fewer, fuller batches. Workers take turns (round-robin); each turn sends one batch.
+thousand workers to feed); never more than it has finished (a slow start). A worker is topped up
+once half of what went ahead has run, so that it gets fewer, fuller batches. Workers take turns (round-robin); each turn sends one batch.
 
 A task that needs resources (``options(resources=...)``) waits apart (``needy``) and goes only to a
 worker whose offered amounts, less what its tasks in flight here hold, cover it: so a worker gets at
@@ -128,6 +128,7 @@ class Load:
 
     @property
     def capacity(self) -> int:
+        """What it may hold once it has earned it (``credit``): its slots and those sent ahead."""
         return self.slots * (1 + TO_WORKERS.ahead(self.pace))
 
     def credit(self, horizon: float = 0.0) -> int:
@@ -136,7 +137,10 @@ class Load:
         the client tens of µs, a whole one for each task when a worker is refilled task by task)."""
         if not self.ready or self.draining:
             return 0
-        ahead = self.slots * TO_WORKERS.ahead(self.pace, horizon)
+        # Slow start: no more ahead than it has finished. One tiny first task must not send it all that
+        # waits (a second worker may be a moment from ready), and a pace from a few tasks is a guess.
+        ahead = min(self.slots * TO_WORKERS.ahead(self.pace, horizon),
+                    max(self.slots * TO_WORKERS.unknown, self.completed))
         if len(self.inflight) > self.slots + ahead // 2:
             return 0
         credit = self.slots + ahead - len(self.inflight)
